@@ -1,0 +1,52 @@
+# resnet-serving: every target is idempotent and sets up what it needs.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+REPO ?= model_repository
+HOST ?= 127.0.0.1
+PORT ?= 8000
+# The tritonserver binary (CPU, python backend) ships inside this wheel. Installed
+# without its dependencies: we need only the binary, not pytriton's Python API.
+PYTRITON := nvidia-pytriton==0.7.0
+
+.PHONY: help setup serve demo test lint bench clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade "pip>=24"
+	$(BIN)/pip install --quiet -e ".[export,service,triton,dev]"
+	$(BIN)/pip install --quiet --no-deps "$(PYTRITON)"
+	@touch $@
+
+setup: $(STAMP) ## create .venv and install everything (torch CPU, ONNX Runtime, tritonserver)
+
+demo: setup ## train the digits demo model into $(REPO)/ unless it already holds a model
+	@if $(BIN)/resnet-export validate --repository $(REPO) --quiet 2>/dev/null; then \
+		echo "$(REPO)/ already holds a valid model; not retraining"; \
+	else \
+		$(BIN)/resnet-export demo --repository $(REPO); \
+	fi
+
+serve: demo ## set up, build the demo model if needed, serve it with the embedded backend
+	$(BIN)/resnet-serve serve --repository $(REPO) --host $(HOST) --port $(PORT)
+
+test: setup ## set up and run the whole test suite
+	$(BIN)/python -m pytest -q
+
+lint: setup ## ruff + mypy
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+bench: setup ## measure the gateway against bare ONNX Runtime (see README)
+	$(BIN)/python -m deploy.bench
+
+clean: ## remove the virtualenv and caches (keeps model_repository/)
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,3 @@
+"""resnet-serving export: trained ResNet -> verified ONNX -> Triton model repository."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,190 @@
+"""PyTorch -> ONNX, then proof: the ONNX checker and a parity run against PyTorch.
+
+An export is not done until it is checked (timm's utils/onnx.py): tensors are named, only
+the batch axis is dynamic, ``onnx.checker`` runs with ``full_check``, and ONNX Runtime must
+reproduce PyTorch's logits on the same inputs (random tensors and real images pushed
+through the model's own preprocessing contract) before anything is published.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from export.errors import ExportError
+from service.contract import PreprocessContract
+from service.preprocess import preprocess
+
+DEFAULT_OPSET = 17
+MIN_OPSET, MAX_OPSET = 13, 21
+
+
+@dataclass(frozen=True)
+class ParityReport:
+    """How closely ONNX Runtime reproduced PyTorch on the same inputs."""
+
+    inputs_random: int
+    inputs_real: int
+    max_abs_diff: float
+    tolerance: float
+    top1_agreement: float
+    top1_disagreements_beyond_tolerance: int
+    passed: bool
+
+    def as_dict(self) -> dict[str, float | int | bool]:
+        return asdict(self)
+
+    def summary(self) -> str:
+        verdict = "PASS" if self.passed else "FAIL"
+        return (
+            f"parity {verdict}: max |onnx - torch| = {self.max_abs_diff:.3g} "
+            f"(tolerance {self.tolerance:.3g}), top-1 agreement "
+            f"{self.top1_agreement:.2%} on {self.inputs_random} random + "
+            f"{self.inputs_real} real inputs"
+        )
+
+
+def export_onnx(model: nn.Module, contract: PreprocessContract, path: Path, opset: int) -> None:
+    """Write ``model`` as ONNX with named tensors and a dynamic batch axis only."""
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise ExportError(f"--opset must be between {MIN_OPSET} and {MAX_OPSET}, got {opset}")
+    model.eval()
+    dummy = torch.zeros((2, *contract.input_shape), dtype=torch.float32)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # the legacy exporter's deprecation notice
+        torch.onnx.export(
+            model,
+            (dummy,),
+            str(path),
+            input_names=[contract.input_name],
+            output_names=[contract.output_name],
+            dynamic_axes={contract.input_name: {0: "batch"}, contract.output_name: {0: "batch"}},
+            opset_version=opset,
+            do_constant_folding=True,
+            dynamo=False,
+        )
+
+
+def check_onnx(path: Path, contract: PreprocessContract) -> None:
+    """``onnx.checker`` (full) plus: the graph's tensors are the contract's tensors."""
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except onnx.checker.ValidationError as exc:
+        raise ExportError(f"{path}: onnx.checker rejected the graph ({_first(exc)})") from exc
+    problems = graph_contract_problems(onnx.load(str(path), load_external_data=False), contract)
+    if problems:
+        raise ExportError(f"{path}: " + "; ".join(problems))
+
+
+def _first(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+
+
+def _dims(value_info: onnx.ValueInfoProto) -> list[int | str]:
+    return [
+        d.dim_param if d.dim_param else d.dim_value
+        for d in value_info.type.tensor_type.shape.dim
+    ]
+
+
+def graph_contract_problems(model: onnx.ModelProto, contract: PreprocessContract) -> list[str]:
+    """Every way in which the ONNX graph disagrees with the contract (empty if none)."""
+    problems: list[str] = []
+    initializers = {init.name for init in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in initializers]
+    outputs = list(model.graph.output)
+    if [i.name for i in inputs] != [contract.input_name]:
+        problems.append(
+            f"graph inputs {[i.name for i in inputs]} != contract input {contract.input_name!r}"
+        )
+    else:
+        dims = _dims(inputs[0])
+        if len(dims) != 4 or isinstance(dims[0], int) or tuple(dims[1:]) != contract.input_shape:
+            problems.append(
+                f"input {contract.input_name!r} has shape {dims}, expected "
+                f"[batch, {', '.join(map(str, contract.input_shape))}]"
+            )
+        if inputs[0].type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
+            problems.append(f"input {contract.input_name!r} is not float32")
+    if [o.name for o in outputs] != [contract.output_name]:
+        problems.append(
+            f"graph outputs {[o.name for o in outputs]} != contract output {contract.output_name!r}"
+        )
+    else:
+        dims = _dims(outputs[0])
+        if len(dims) != 2 or isinstance(dims[0], int) or dims[1] != contract.num_classes:
+            problems.append(
+                f"output {contract.output_name!r} has shape {dims}, expected "
+                f"[batch, {contract.num_classes}]"
+            )
+    return problems
+
+
+def real_images() -> list[bytes]:
+    """Real photographs that ship with scikit-learn (no download): china.jpg, flower.jpg."""
+    from sklearn.datasets import load_sample_images
+
+    return [Path(name).read_bytes() for name in load_sample_images().filenames]
+
+
+def parity_check(
+    model: nn.Module,
+    onnx_path: Path,
+    contract: PreprocessContract,
+    real: list[np.ndarray],
+    n_random: int = 4,
+    atol: float = 1e-4,
+    rtol: float = 1e-4,
+    seed: int = 0,
+) -> ParityReport:
+    """Run PyTorch and ONNX Runtime on the same inputs and compare logits and top-1.
+
+    ``real`` are preprocessed real images (float32 tensors of ``contract.input_shape``).
+    Top-1 disagreements only fail the check where PyTorch's own margin between its top two
+    classes exceeds the tolerance (a near-tie may legitimately flip).
+    """
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(seed)
+    batches = [rng.standard_normal((n_random, *contract.input_shape), dtype=np.float32)]
+    if real:
+        batches.append(np.stack(real).astype(np.float32))
+    x = np.concatenate(batches)
+
+    model.eval()
+    with torch.no_grad():
+        ref = model(torch.from_numpy(x)).numpy()
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    session = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+    got = np.concatenate(
+        [
+            session.run([contract.output_name], {contract.input_name: x[i : i + 8]})[0]
+            for i in range(0, len(x), 8)
+        ]
+    )
+    diff = float(np.max(np.abs(got - ref)))
+    tolerance = atol + rtol * float(np.max(np.abs(ref)))
+    agree = got.argmax(1) == ref.argmax(1)
+    top2 = np.sort(ref, axis=1)[:, -2:] if ref.shape[1] > 1 else np.zeros((len(ref), 2))
+    margin = top2[:, 1] - top2[:, 0]
+    hard = int(np.sum(~agree & (margin > tolerance)))
+    return ParityReport(
+        inputs_random=n_random,
+        inputs_real=len(real),
+        max_abs_diff=diff,
+        tolerance=tolerance,
+        top1_agreement=float(agree.mean()),
+        top1_disagreements_beyond_tolerance=hard,
+        passed=diff <= tolerance and hard == 0,
+    )
+
+
+def preprocess_real(contract: PreprocessContract, images: list[bytes]) -> list[np.ndarray]:
+    return [preprocess(data, contract) for data in images]

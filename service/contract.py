@@ -1,0 +1,109 @@
+"""The preprocessing contract: ``preprocess.json`` beside every model in the repository.
+
+Export writes it from the model's spec; the gateway (and anything else that feeds the
+model) derives its whole input pipeline from it. This module is the one definition both
+halves import, so a field cannot mean one thing to export and another to the gateway.
+
+The pipeline it describes, in order (the same as torchvision's classic eval transform):
+
+1. decode, apply EXIF orientation, convert to ``channels`` (see ``service.preprocess``);
+2. resize so the shorter side is ``resize`` pixels (aspect ratio kept, the longer side
+   truncated to an integer the way torchvision does), with ``interpolation``;
+3. center-crop ``crop`` x ``crop``;
+4. scale to 0..1, subtract ``mean``, divide by ``std`` (per channel);
+5. lay out as ``layout`` with ``dtype``; a batch axis of its own comes first.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+CONTRACT_FILENAME = "preprocess.json"
+LABELS_FILENAME = "labels.txt"
+SCHEMA_VERSION = 1
+
+
+class ContractError(ValueError):
+    """A preprocess.json that cannot be read or does not describe a usable model."""
+
+
+class PreprocessContract(BaseModel):
+    """What a model expects as input and what its output means."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    arch: str = Field(description="Registry name of the network, e.g. resnet50.")
+    input_name: str = Field(description="Name of the ONNX/Triton input tensor.")
+    output_name: str = Field(description="Name of the ONNX/Triton output tensor (logits).")
+    layout: Literal["NCHW"] = "NCHW"
+    dtype: Literal["float32"] = "float32"
+    channels: Literal["RGB", "L"] = Field(
+        description="Colour model the network was trained on: RGB (3 planes) or L (1 plane)."
+    )
+    resize: int = Field(gt=0, le=4096, description="Shorter side after resizing, in pixels.")
+    crop: int = Field(gt=0, le=4096, description="Side of the square center crop, in pixels.")
+    interpolation: Literal["nearest", "bilinear", "bicubic"] = "bilinear"
+    mean: tuple[float, ...] = Field(description="Per-channel mean, in 0..1 units.")
+    std: tuple[float, ...] = Field(description="Per-channel standard deviation, in 0..1 units.")
+    num_classes: int = Field(gt=0)
+    labels_file: str = LABELS_FILENAME
+    precision: Literal["fp32", "fp16", "int8"] = "fp32"
+    source_sha256: str | None = Field(
+        default=None, description="sha256 of the checkpoint the model was exported from."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> PreprocessContract:
+        n = len(self.channels)
+        if len(self.mean) != n or len(self.std) != n:
+            raise ValueError(
+                f"mean and std need {n} value(s) for channels {self.channels!r}, "
+                f"got {len(self.mean)} and {len(self.std)}"
+            )
+        if any(s <= 0 for s in self.std):
+            raise ValueError("std values must be positive")
+        if self.crop > self.resize:
+            raise ValueError(f"crop ({self.crop}) cannot exceed resize ({self.resize})")
+        return self
+
+    @property
+    def num_channels(self) -> int:
+        return len(self.channels)
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """Shape of one image tensor, without the batch axis."""
+        return (self.num_channels, self.crop, self.crop)
+
+    def to_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json"), indent=2) + "\n"
+
+    @classmethod
+    def load(cls, path: Path) -> PreprocessContract:
+        try:
+            return cls.model_validate_json(path.read_bytes())
+        except FileNotFoundError as exc:
+            raise ContractError(f"{path}: missing") from exc
+        except ValueError as exc:  # pydantic.ValidationError is a ValueError
+            first = str(exc).splitlines()
+            detail = "; ".join(line.strip() for line in first[1:3]) or str(exc)
+            raise ContractError(f"{path}: not a valid preprocessing contract ({detail})") from exc
+
+
+def read_labels(path: Path) -> list[str]:
+    """One class name per line; trailing newline optional, blank names are not allowed."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError as exc:
+        raise ContractError(f"{path}: missing") from exc
+    except UnicodeDecodeError as exc:
+        raise ContractError(f"{path}: not UTF-8 text") from exc
+    labels = text.splitlines()
+    if any(not label.strip() for label in labels):
+        raise ContractError(f"{path}: blank line (every class needs a name)")
+    return labels
