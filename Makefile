@@ -35,7 +35,11 @@ demo: setup ## train the digits demo model into $(REPO)/ unless it already holds
 	fi
 
 serve: demo ## set up, build the demo model if needed, serve it with the embedded backend
-	$(BIN)/resnet-serve serve --repository $(REPO) --host $(HOST) --port $(PORT)
+	@if [ -x $(BIN)/resnet-serve ]; then \
+		$(BIN)/resnet-serve serve --repository $(REPO) --host $(HOST) --port $(PORT); \
+	else \
+		echo "demo repository is ready in $(REPO)/; the gateway (resnet-serve) is not built yet"; \
+	fi
 
 test: setup ## set up and run the whole test suite
 	$(BIN)/python -m pytest -q

@@ -9,15 +9,15 @@ from __future__ import annotations
 import contextlib
 import enum
 import os
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
 import typer
+from pydantic import ValidationError
 
 from export.errors import ExportError
-from service.contract import ContractError
+from service.contract import ContractError, describe_validation_error
 
 app = typer.Typer(
     name="resnet-export",
@@ -74,7 +74,8 @@ def _errors() -> Iterator[None]:
         if os.environ.get("RESNET_EXPORT_DEBUG"):
             raise
         raise _fail(
-            f"internal error: {type(exc).__name__}: {exc} (RESNET_EXPORT_DEBUG=1 shows the traceback)"
+            f"internal error: {type(exc).__name__}: {exc} "
+            "(RESNET_EXPORT_DEBUG=1 shows the traceback)"
         ) from None
 
 
@@ -84,11 +85,12 @@ def _floats(text: str | None, option: str) -> tuple[float, ...] | None:
     try:
         return tuple(float(v) for v in text.split(","))
     except ValueError:
-        raise _fail(f"{option} takes comma-separated numbers, got {text!r}") from None
+        raise ExportError(f"{option} takes comma-separated numbers, got {text!r}") from None
 
 
 RepositoryOpt = Annotated[
-    Path, typer.Option("--repository", "-r", help="Model repository directory (created if missing).")
+    Path,
+    typer.Option("--repository", "-r", help="Model repository directory (created if missing)."),
 ]
 FlavorOption = Annotated[
     FlavorOpt,
@@ -112,13 +114,17 @@ InstanceCountOpt = Annotated[
 ]
 InstanceKindOpt = Annotated[
     KindOpt,
-    typer.Option(help="Triton instance_group kind for flavor onnxruntime (python-ort is always CPU)."),
+    typer.Option(
+        help="Triton instance_group kind for flavor onnxruntime (python-ort is always CPU)."
+    ),
 ]
 
 
 @app.command()
 def export(
-    arch: Annotated[str, typer.Option(help="Network from the registry; see `resnet-export archs`.")],
+    arch: Annotated[
+        str, typer.Option(help="Network from the registry; see `resnet-export archs`.")
+    ],
     weights: Annotated[
         str,
         typer.Option(
@@ -173,7 +179,7 @@ def export(
         from export.onnx_export import MAX_OPSET, MIN_OPSET, real_images
         from export.pipeline import default_labels, export_and_publish, read_labels_file
         from export.repository import ServingConfig, check_name, ensure_writable
-        from export.weights import IMAGENET_MEAN, IMAGENET_STD, load_weights
+        from export.weights import IMAGENET_MEAN, IMAGENET_STD, load_weights, resolve_torchvision
         from service.contract import PreprocessContract
 
         # Everything that can be checked cheaply is checked before any heavy work.
@@ -187,13 +193,9 @@ def export(
         )
         ensure_writable(repository)
 
-        if weights == "random":
-            sha, weight_set = None, None
-            typer.echo("weights: random (untrained; for benchmarks only)")
-        else:
-            loaded = load_weights(model, arch, weights)
-            sha, weight_set = loaded.sha256, loaded.weight_set
-            typer.echo(f"weights: {weights} (sha256 {sha[:12]}...)")
+        weight_set = None
+        if weights.startswith("torchvision:"):
+            weight_set = resolve_torchvision(arch, weights.split(":", 1)[1])
         default_mean = IMAGENET_MEAN if in_chans == 3 else (sum(IMAGENET_MEAN) / 3,)
         default_std = IMAGENET_STD if in_chans == 3 else (sum(IMAGENET_STD) / 3,)
         try:
@@ -208,16 +210,22 @@ def export(
                 mean=_floats(mean, "--mean") or default_mean,
                 std=_floats(std, "--std") or default_std,
                 num_classes=num_classes,
-                source_sha256=sha,
             )
-        except ValueError as exc:
-            detail = str(exc).splitlines()
-            raise ExportError("invalid preprocessing options: " + (detail[-1] if detail else "")) from None
+        except ValidationError as exc:
+            detail = describe_validation_error(exc)
+            raise ExportError(f"invalid preprocessing options: {detail}") from None
+
+        if weights == "random":
+            typer.echo("weights: random (untrained; for benchmarks only)")
+        else:
+            loaded = load_weights(model, arch, weights)
+            contract = contract.model_copy(update={"source_sha256": loaded.sha256})
+            typer.echo(f"weights: {weights} (sha256 {loaded.sha256[:12]}...)")
         serving = ServingConfig(
             max_batch_size=max_batch_size,
             max_queue_delay_us=max_queue_delay_us,
             instance_count=instance_count,
-            instance_kind=instance_kind.value,  # type: ignore[arg-type]
+            instance_kind=instance_kind.value,
         )
         result = export_and_publish(
             model=model,
@@ -225,7 +233,7 @@ def export(
             labels=class_names,
             name=name,
             repository=repository,
-            flavor=flavor.value,  # type: ignore[arg-type]
+            flavor=flavor.value,
             serving=serving,
             opset=opset,
             real_images=real_images(),
@@ -248,14 +256,14 @@ def demo(
     max_batch_size: MaxBatchOpt = 32,
     max_queue_delay_us: QueueDelayOpt = 2000,
 ) -> None:
-    """Train the demo model (ResNet-18 on scikit-learn's digits, offline) and export it as 'digits'."""
+    """Train the demo model (ResNet-18 on scikit-learn's digits, offline); export as 'digits'."""
     with _errors():
         from export.demo import run_demo
         from export.repository import ServingConfig
 
         result = run_demo(
             repository,
-            flavor=flavor.value,  # type: ignore[arg-type]
+            flavor=flavor.value,
             epochs=epochs,
             seed=seed,
             images_out=images_out,
@@ -305,4 +313,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    main()

@@ -57,12 +57,17 @@ def load_split(seed: int = 0, test_fraction: float = 0.25) -> DigitsSplit:
 
     digits = load_digits()
     x_train, x_test, y_train, y_test = train_test_split(
-        digits.data, digits.target, test_size=test_fraction, random_state=seed,
+        digits.data,
+        digits.target,
+        test_size=test_fraction,
+        random_state=seed,
         stratify=digits.target,
     )
     return DigitsSplit(
-        [digit_png(v) for v in x_train], np.asarray(y_train),
-        [digit_png(v) for v in x_test], np.asarray(y_test),
+        [digit_png(v) for v in x_train],
+        np.asarray(y_train),
+        [digit_png(v) for v in x_test],
+        np.asarray(y_test),
     )
 
 
@@ -170,7 +175,9 @@ def run_demo(
     )
     model, contract, acc = train(split, epochs, seed, log)
     if acc < MIN_ACCURACY:
-        raise ExportError(f"demo model reached only {acc:.2%} held-out accuracy (< {MIN_ACCURACY:.0%})")
+        raise ExportError(
+            f"demo model reached only {acc:.2%} held-out accuracy (< {MIN_ACCURACY:.0%})"
+        )
     result = export_and_publish(
         model=model,
         contract=contract,

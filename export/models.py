@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -187,47 +188,47 @@ def register(name: str) -> Callable[[Callable[..., ResNet]], Callable[..., ResNe
 
 
 @register("resnet18")
-def resnet18(**kw: int) -> ResNet:
+def resnet18(**kw: Any) -> ResNet:
     return ResNet(BasicBlock, (2, 2, 2, 2), **kw)
 
 
 @register("resnet34")
-def resnet34(**kw: int) -> ResNet:
+def resnet34(**kw: Any) -> ResNet:
     return ResNet(BasicBlock, (3, 4, 6, 3), **kw)
 
 
 @register("resnet50")
-def resnet50(**kw: int) -> ResNet:
+def resnet50(**kw: Any) -> ResNet:
     return ResNet(Bottleneck, (3, 4, 6, 3), **kw)
 
 
 @register("resnet101")
-def resnet101(**kw: int) -> ResNet:
+def resnet101(**kw: Any) -> ResNet:
     return ResNet(Bottleneck, (3, 4, 23, 3), **kw)
 
 
 @register("resnet152")
-def resnet152(**kw: int) -> ResNet:
+def resnet152(**kw: Any) -> ResNet:
     return ResNet(Bottleneck, (3, 8, 36, 3), **kw)
 
 
 @register("resnext50_32x4d")
-def resnext50_32x4d(**kw: int) -> ResNet:
+def resnext50_32x4d(**kw: Any) -> ResNet:
     return ResNet(Bottleneck, (3, 4, 6, 3), groups=32, width_per_group=4, **kw)
 
 
 @register("resnext101_32x8d")
-def resnext101_32x8d(**kw: int) -> ResNet:
+def resnext101_32x8d(**kw: Any) -> ResNet:
     return ResNet(Bottleneck, (3, 4, 23, 3), groups=32, width_per_group=8, **kw)
 
 
 @register("wide_resnet50_2")
-def wide_resnet50_2(**kw: int) -> ResNet:
+def wide_resnet50_2(**kw: Any) -> ResNet:
     return ResNet(Bottleneck, (3, 4, 6, 3), width_per_group=128, **kw)
 
 
 @register("wide_resnet101_2")
-def wide_resnet101_2(**kw: int) -> ResNet:
+def wide_resnet101_2(**kw: Any) -> ResNet:
     return ResNet(Bottleneck, (3, 4, 23, 3), width_per_group=128, **kw)
 
 

@@ -88,8 +88,7 @@ def _first(exc: BaseException) -> str:
 
 def _dims(value_info: onnx.ValueInfoProto) -> list[int | str]:
     return [
-        d.dim_param if d.dim_param else d.dim_value
-        for d in value_info.type.tensor_type.shape.dim
+        d.dim_param if d.dim_param else d.dim_value for d in value_info.type.tensor_type.shape.dim
     ]
 
 

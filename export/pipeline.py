@@ -20,7 +20,14 @@ from torch import nn
 
 from export.errors import ExportError
 from export.onnx_export import check_onnx, export_onnx, parity_check, preprocess_real
-from export.repository import Flavor, Publication, ServingConfig, check_name, ensure_writable, publish
+from export.repository import (
+    Flavor,
+    Publication,
+    ServingConfig,
+    check_name,
+    ensure_writable,
+    publish,
+)
 from service.contract import PreprocessContract
 
 

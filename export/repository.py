@@ -143,13 +143,19 @@ def latest_version(model_dir: Path) -> int | None:
 
 
 def ensure_writable(repository: Path) -> None:
-    """Fail early (before any work) if the repository cannot be written."""
+    """Fail early (before any work, creating nothing) if the repository cannot be written."""
+    probe_dir = repository
+    while not probe_dir.exists() and probe_dir != probe_dir.parent:
+        probe_dir = probe_dir.parent
     try:
-        repository.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=repository, prefix=".probe-"):
+        if not probe_dir.is_dir():
+            raise NotADirectoryError(20, "Not a directory", str(probe_dir))
+        with tempfile.NamedTemporaryFile(dir=probe_dir, prefix=".resnet-export-probe-"):
             pass
     except OSError as exc:
-        raise ExportError(f"repository {repository} is not writable ({exc.strerror or exc})") from exc
+        raise ExportError(
+            f"repository {repository} is not writable ({exc.strerror or exc})"
+        ) from exc
 
 
 @contextlib.contextmanager
@@ -187,11 +193,15 @@ def publish(repository: Path, pub: Publication) -> int:
     """Add ``pub`` as the next version of ``repository/pub.name``; return that version."""
     check_name(pub.name)
     if len(pub.labels) != pub.contract.num_classes:
-        raise ExportError(
-            f"{len(pub.labels)} labels for {pub.contract.num_classes} classes"
-        )
+        raise ExportError(f"{len(pub.labels)} labels for {pub.contract.num_classes} classes")
     config_text = render_config(build_config(pub.name, pub.contract, pub.flavor, pub.serving))
     ensure_writable(repository)
+    try:
+        repository.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ExportError(
+            f"repository {repository} is not writable ({exc.strerror or exc})"
+        ) from exc
     with _locked(repository):
         final = repository / pub.name
         if final.exists() and not final.is_dir():
@@ -240,9 +250,7 @@ def _swap(staging: Path, final: Path) -> None:
 
 def model_dirs(repository: Path) -> list[Path]:
     """Model directories of a repository (hidden entries and plain files are not models)."""
-    return sorted(
-        p for p in repository.iterdir() if p.is_dir() and not p.name.startswith(".")
-    )
+    return sorted(p for p in repository.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
 def validate_model(model_dir: Path, expected_name: str | None = None) -> list[str]:
@@ -273,7 +281,9 @@ def validate_model(model_dir: Path, expected_name: str | None = None) -> list[st
     try:
         labels = read_labels(model_dir / contract.labels_file)
         if len(labels) != contract.num_classes:
-            bad(f"{contract.labels_file} has {len(labels)} names for {contract.num_classes} classes")
+            bad(
+                f"{contract.labels_file} has {len(labels)} names for {contract.num_classes} classes"
+            )
     except ContractError as exc:
         bad(str(exc).replace(str(model_dir) + "/", ""))
 
@@ -292,10 +302,10 @@ def validate_model(model_dir: Path, expected_name: str | None = None) -> list[st
         if cfg_out != [(contract.output_name, [contract.num_classes])]:
             bad(f"config outputs {cfg_out} disagree with the contract")
         if cfg.output and cfg.output[0].label_filename not in ("", contract.labels_file):
-            bad(f"config label_filename {cfg.output[0].label_filename!r} is not {contract.labels_file!r}")
-        if cfg.backend == "python" and version is not None:
-            if not (model_dir / str(version) / PYTHON_MODEL_FILENAME).is_file():
-                bad(f"version {version}: {PYTHON_MODEL_FILENAME} missing (python backend)")
+            bad(f"config label_filename {cfg.output[0].label_filename!r} is not the contract's")
+        python_model = model_dir / str(version) / PYTHON_MODEL_FILENAME
+        if cfg.backend == "python" and version is not None and not python_model.is_file():
+            bad(f"version {version}: {PYTHON_MODEL_FILENAME} missing (python backend)")
     if version is not None:
         onnx_path = model_dir / str(version) / MODEL_FILENAME
         if not onnx_path.is_file():
@@ -306,7 +316,10 @@ def validate_model(model_dir: Path, expected_name: str | None = None) -> list[st
             except Exception as exc:  # onnx raises DecodeError and others for bad files
                 bad(f"version {version}: {MODEL_FILENAME} is not a readable ONNX file ({exc})")
             else:
-                problems.extend(f"{name}: version {version}: {p}" for p in graph_contract_problems(graph, contract))
+                problems.extend(
+                    f"{name}: version {version}: {p}"
+                    for p in graph_contract_problems(graph, contract)
+                )
     return problems
 
 

@@ -152,7 +152,9 @@ def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
         try:
             raw: object = load_file(str(path), device="cpu")
         except (SafetensorError, OSError, ValueError) as exc:
-            raise ExportError(f"checkpoint {path} is not a readable safetensors file ({exc})") from exc
+            raise ExportError(
+                f"checkpoint {path} is not a readable safetensors file ({exc})"
+            ) from exc
     else:
         try:
             raw = torch.load(path, map_location="cpu", weights_only=True)
@@ -162,9 +164,13 @@ def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
                     f"checkpoint {path} holds Python objects other than tensors; "
                     f"refusing to unpickle them (save a state_dict instead)"
                 ) from exc
-            raise ExportError(f"checkpoint {path} is corrupt or truncated ({_first_line(exc)})") from exc
+            raise ExportError(
+                f"checkpoint {path} is corrupt or truncated ({_first_line(exc)})"
+            ) from exc
         except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
-            raise ExportError(f"checkpoint {path} is corrupt or truncated ({_first_line(exc)})") from exc
+            raise ExportError(
+                f"checkpoint {path} is corrupt or truncated ({_first_line(exc)})"
+            ) from exc
     return _unwrap(raw, path)
 
 
@@ -195,10 +201,11 @@ def apply_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: s
     """Load ``state`` into ``model`` strictly, naming every key that does not fit."""
     expected = model.state_dict()
     fc_w = state.get("fc.weight")
-    if fc_w is not None and fc_w.shape != expected["fc.weight"].shape and fc_w.ndim == 2:
+    n_expected = expected["fc.weight"].shape[0]
+    if fc_w is not None and fc_w.ndim == 2 and fc_w.shape[0] != n_expected:
         raise ExportError(
             f"{source} has {fc_w.shape[0]} classes (fc.weight {tuple(fc_w.shape)}), "
-            f"but the model was built with {expected['fc.weight'].shape[0]}; pass --num-classes "
+            f"but the model was built with {n_expected}; pass --num-classes "
             f"{fc_w.shape[0]}"
         )
     missing = [k for k in expected if k not in state]

@@ -20,7 +20,7 @@ import json
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 CONTRACT_FILENAME = "preprocess.json"
 LABELS_FILENAME = "labels.txt"
@@ -31,12 +31,22 @@ class ContractError(ValueError):
     """A preprocess.json that cannot be read or does not describe a usable model."""
 
 
+def describe_validation_error(exc: ValidationError) -> str:
+    """pydantic's errors as one line: ``field: message; field: message``."""
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
+        parts.append(f"{where}: {msg}" if where else msg)
+    return "; ".join(parts)
+
+
 class PreprocessContract(BaseModel):
     """What a model expects as input and what its output means."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    schema_version: Literal[1] = SCHEMA_VERSION
+    schema_version: Literal[1] = 1
     arch: str = Field(description="Registry name of the network, e.g. resnet50.")
     input_name: str = Field(description="Name of the ONNX/Triton input tensor.")
     output_name: str = Field(description="Name of the ONNX/Triton output tensor (logits).")
@@ -89,9 +99,8 @@ class PreprocessContract(BaseModel):
             return cls.model_validate_json(path.read_bytes())
         except FileNotFoundError as exc:
             raise ContractError(f"{path}: missing") from exc
-        except ValueError as exc:  # pydantic.ValidationError is a ValueError
-            first = str(exc).splitlines()
-            detail = "; ".join(line.strip() for line in first[1:3]) or str(exc)
+        except ValidationError as exc:
+            detail = describe_validation_error(exc)
             raise ContractError(f"{path}: not a valid preprocessing contract ({detail})") from exc
 
 

@@ -103,7 +103,7 @@ def open_image(data: bytes, contract: PreprocessContract, limits: DecodeLimits) 
             # Pillow warns about oddities of real-world files (EXIF, ICC, palette
             # transparency as bytes); they are not errors for a classifier.
             warnings.simplefilter("ignore")
-            img = Image.open(io.BytesIO(data), formats=[fmt])
+            img: Image.Image = Image.open(io.BytesIO(data), formats=[fmt])
             width, height = img.size
             if width <= 0 or height <= 0:
                 raise InvalidImage("image has no pixels")
@@ -182,18 +182,22 @@ def resize_and_crop(img: Image.Image, contract: PreprocessContract) -> Image.Ima
     if (new_w, new_h) != (width, height):
         img = img.resize((new_w, new_h), resample=_RESAMPLE[contract.interpolation])
     crop = contract.crop
-    top = int(round((new_h - crop) / 2.0))
-    left = int(round((new_w - crop) / 2.0))
+    top = round((new_h - crop) / 2.0)  # round-half-even, as torchvision's center_crop
+    left = round((new_w - crop) / 2.0)
     return img.crop((left, top, left + crop, top + crop))
 
 
-def normalize(img: Image.Image, contract: PreprocessContract, out: np.ndarray | None = None) -> np.ndarray:
+def normalize(
+    img: Image.Image, contract: PreprocessContract, out: np.ndarray | None = None
+) -> np.ndarray:
     """uint8 image -> float32 (C, H, W), (x/255 - mean) / std per channel."""
     arr = np.asarray(img, dtype=np.float32)
     if arr.ndim == 2:
         arr = arr[:, :, None]
     scale = (1.0 / (255.0 * np.asarray(contract.std, dtype=np.float32))).reshape(1, 1, -1)
-    shift = (np.asarray(contract.mean, dtype=np.float32) / np.asarray(contract.std, dtype=np.float32)).reshape(1, 1, -1)
+    shift = (
+        np.asarray(contract.mean, dtype=np.float32) / np.asarray(contract.std, dtype=np.float32)
+    ).reshape(1, 1, -1)
     chw = (arr * scale - shift).transpose(2, 0, 1)
     if out is None:
         return np.ascontiguousarray(chw, dtype=np.float32)

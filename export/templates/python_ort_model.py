@@ -28,9 +28,7 @@ class TritonPythonModel:
         if threads > 0:
             options.intra_op_num_threads = threads
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.session = ort.InferenceSession(
-            onnx_file, options, providers=["CPUExecutionProvider"]
-        )
+        self.session = ort.InferenceSession(onnx_file, options, providers=["CPUExecutionProvider"])
 
     def execute(self, requests):
         arrays = [

@@ -1,0 +1,271 @@
+"""`resnet-export` as a user runs it: real processes, real files, one-line failures."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from export.models import build_model
+from tests.conftest import run_cli, tree_digest
+
+
+@pytest.fixture(scope="module")
+def r18_ckpt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt") / "r18_5cls.pth"
+    torch.manual_seed(0)
+    torch.save({"state_dict": build_model("resnet18", num_classes=5).state_dict()}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def labels5(tmp_path_factory):
+    path = tmp_path_factory.mktemp("labels") / "labels.txt"
+    path.write_text("apple\nbanana\ncherry\ndate\nelder\n")
+    return path
+
+
+def assert_one_line_failure(proc, *fragments):
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("resnet-export: error: ")
+    assert "Traceback" not in proc.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def test_help_explains_every_option():
+    proc = run_cli("resnet-export", "export", "--help")
+    assert proc.returncode == 0
+    for option in (
+        "--arch",
+        "--weights",
+        "--name",
+        "--repository",
+        "--num-classes",
+        "--labels",
+        "--max-batch-size",
+        "--flavor",
+        "--opset",
+        "--resize",
+        "--crop",
+        "--mean",
+    ):
+        assert option in proc.stdout
+
+
+def test_export_then_validate(tmp_path, r18_ckpt, labels5):
+    repo = tmp_path / "repo"
+    args = [
+        "resnet-export",
+        "export",
+        "--arch",
+        "resnet18",
+        "--weights",
+        str(r18_ckpt),
+        "--name",
+        "fruit",
+        "--repository",
+        str(repo),
+        "--num-classes",
+        "5",
+        "--labels",
+        str(labels5),
+        "--resize",
+        "72",
+        "--crop",
+        "64",
+        "--max-batch-size",
+        "8",
+    ]
+    proc = run_cli(*args)
+    assert proc.returncode == 0, proc.stderr
+    assert "parity PASS" in proc.stdout
+    assert "published fruit version 1" in proc.stdout
+    contract = json.loads((repo / "fruit" / "preprocess.json").read_text())
+    assert (contract["resize"], contract["crop"], contract["num_classes"]) == (72, 64, 5)
+    assert contract["source_sha256"] is not None and len(contract["source_sha256"]) == 64
+
+    proc = run_cli(*args, "--flavor", "python-ort")
+    assert proc.returncode == 0, proc.stderr
+    assert "published fruit version 2" in proc.stdout
+
+    proc = run_cli("resnet-export", "validate", "--repository", str(repo))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "ok: fruit (version 2)"
+
+    # Exported logits are PyTorch's logits.
+    import onnxruntime as ort
+
+    model = build_model("resnet18", num_classes=5).eval()
+    model.load_state_dict(torch.load(r18_ckpt, weights_only=True)["state_dict"])
+    x = np.random.default_rng(0).standard_normal((3, 3, 64, 64), dtype=np.float32)
+    sess = ort.InferenceSession(
+        str(repo / "fruit" / "2" / "model.onnx"), providers=["CPUExecutionProvider"]
+    )
+    with torch.no_grad():
+        np.testing.assert_allclose(
+            sess.run(None, {"input": x})[0], model(torch.from_numpy(x)).numpy(), atol=1e-4
+        )
+
+
+def test_imagenet_default_labels(tmp_path):
+    repo = tmp_path / "repo"
+    proc = run_cli(
+        "resnet-export",
+        "export",
+        "--arch",
+        "resnet18",
+        "--weights",
+        "random",
+        "--name",
+        "r18",
+        "--repository",
+        str(repo),
+    )
+    assert proc.returncode == 0, proc.stderr
+    labels = (repo / "r18" / "labels.txt").read_text().splitlines()
+    assert len(labels) == 1000
+    assert labels[0] == "tench" and labels[207] == "Golden Retriever"
+
+
+def test_validate_reports_problems(tmp_path, r18_ckpt, labels5):
+    repo = tmp_path / "repo"
+    run_cli(
+        "resnet-export",
+        "export",
+        "--arch",
+        "resnet18",
+        "--weights",
+        str(r18_ckpt),
+        "--name",
+        "m",
+        "--repository",
+        str(repo),
+        "--num-classes",
+        "5",
+        "--labels",
+        str(labels5),
+        "--resize",
+        "36",
+        "--crop",
+        "32",
+    )
+    (repo / "m" / "labels.txt").write_text("only\n")
+    proc = run_cli("resnet-export", "validate", "--repository", str(repo))
+    assert proc.returncode == 1
+    assert "m: labels.txt has 1 names for 5 classes" in proc.stderr
+
+
+# --- bad input: one line, exit 1, nothing written -------------------------------------------
+
+
+@pytest.fixture
+def repo(tmp_path):
+    return tmp_path / "repo"
+
+
+def _export(repo, *extra):
+    return run_cli("resnet-export", "export", "--name", "m", "--repository", str(repo), *extra)
+
+
+def test_unknown_arch(repo):
+    proc = _export(repo, "--arch", "resnet99", "--weights", "random")
+    assert_one_line_failure(proc, "unknown arch 'resnet99'", "resnet18", "wide_resnet101_2")
+    assert not repo.exists()
+
+
+def test_corrupt_checkpoint(repo, tmp_path, r18_ckpt, labels5):
+    bad = tmp_path / "cut.pth"
+    bad.write_bytes(r18_ckpt.read_bytes()[:5000])
+    proc = _export(
+        repo,
+        "--arch",
+        "resnet18",
+        "--weights",
+        str(bad),
+        "--num-classes",
+        "5",
+        "--labels",
+        str(labels5),
+    )
+    assert_one_line_failure(proc, str(bad), "corrupt or truncated")
+    assert tree_digest(repo) == {}
+
+
+def test_wrong_num_classes(repo, r18_ckpt):
+    proc = _export(repo, "--arch", "resnet18", "--weights", str(r18_ckpt))  # 1000 classes
+    assert_one_line_failure(proc, "has 5 classes", "--num-classes 5")
+    assert tree_digest(repo) == {}
+
+
+def test_unwritable_repository(tmp_path, r18_ckpt, labels5):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    proc = _export(
+        blocker / "repo",
+        "--arch",
+        "resnet18",
+        "--weights",
+        str(r18_ckpt),
+        "--num-classes",
+        "5",
+        "--labels",
+        str(labels5),
+    )
+    assert_one_line_failure(proc, "is not writable")
+    assert blocker.read_text() == "not a directory"
+
+
+def test_labels_count_mismatch(repo, tmp_path, r18_ckpt):
+    labels = tmp_path / "three.txt"
+    labels.write_text("a\nb\nc\n")
+    proc = _export(
+        repo,
+        "--arch",
+        "resnet18",
+        "--weights",
+        str(r18_ckpt),
+        "--num-classes",
+        "5",
+        "--labels",
+        str(labels),
+    )
+    assert_one_line_failure(proc, "has 3 names but the model has 5 classes")
+    assert not repo.exists()
+
+
+def test_labels_required_for_non_imagenet(repo, r18_ckpt):
+    proc = _export(repo, "--arch", "resnet18", "--weights", str(r18_ckpt), "--num-classes", "5")
+    assert_one_line_failure(proc, "--labels FILE is required for a 5-class model")
+
+
+def test_missing_checkpoint(repo):
+    proc = _export(repo, "--arch", "resnet18", "--weights", "/nonexistent/w.pth")
+    assert_one_line_failure(proc, "no such file")
+
+
+def test_bad_preprocessing_options(repo):
+    proc = _export(repo, "--arch", "resnet18", "--weights", "random", "--mean", "0.5,0.5")
+    assert_one_line_failure(proc, "mean and std need 3 value(s)")
+    proc = _export(
+        repo, "--arch", "resnet18", "--weights", "random", "--resize", "100", "--crop", "200"
+    )
+    assert_one_line_failure(proc, "crop (200) cannot exceed resize (100)")
+    proc = _export(repo, "--arch", "resnet18", "--weights", "random", "--mean", "a,b,c")
+    assert_one_line_failure(proc, "--mean takes comma-separated numbers")
+    assert not repo.exists()
+
+
+def test_bad_opset(repo):
+    proc = _export(repo, "--arch", "resnet18", "--weights", "random", "--opset", "7")
+    assert_one_line_failure(proc, "--opset must be between 13 and 21")
+
+
+def test_validate_missing_repository(tmp_path):
+    proc = run_cli("resnet-export", "validate", "--repository", str(tmp_path / "nope"))
+    assert proc.returncode == 1
+    assert "not a directory" in proc.stderr

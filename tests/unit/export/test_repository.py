@@ -1,0 +1,233 @@
+"""Repository writing: Triton-parseable configs, versions, atomic publishing, validation."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from tritonclient.grpc import model_config_pb2 as mc
+
+from export.errors import ExportError
+from export.models import build_model
+from export.onnx_export import real_images
+from export.pipeline import export_and_publish
+from export.repository import (
+    ServingConfig,
+    build_config,
+    parse_config,
+    render_config,
+    validate_model,
+    validate_repository,
+)
+from service.contract import PreprocessContract
+from tests.conftest import tree_digest
+
+LABELS = ["cat", "dog", "ship"]
+
+
+def small_contract(**kw) -> PreprocessContract:
+    base = dict(
+        arch="resnet18",
+        input_name="input",
+        output_name="logits",
+        channels="RGB",
+        resize=40,
+        crop=32,
+        mean=(0.485, 0.456, 0.406),
+        std=(0.229, 0.224, 0.225),
+        num_classes=3,
+    )
+    return PreprocessContract(**{**base, **kw})
+
+
+def publish_small(repo: Path, name: str = "tiny", flavor="onnxruntime", model=None, seed=0, **kw):
+    torch.manual_seed(seed)
+    return export_and_publish(
+        model=model or build_model("resnet18", num_classes=3),
+        contract=small_contract(),
+        labels=LABELS,
+        name=name,
+        repository=repo,
+        flavor=flavor,
+        serving=ServingConfig(max_batch_size=16),
+        opset=17,
+        real_images=real_images(),
+        source="test",
+        log=lambda _: None,
+        **kw,
+    )
+
+
+@pytest.mark.parametrize("flavor", ["onnxruntime", "python-ort"])
+def test_config_parses_with_tritons_model_config(tmp_path, flavor):
+    result = publish_small(tmp_path, flavor=flavor)
+    text = (result.model_dir / "config.pbtxt").read_text()
+    cfg = parse_config(text)  # tritonclient's model_config_pb2 + text_format
+    assert cfg.name == "tiny"
+    assert cfg.max_batch_size == 16
+    assert [(i.name, i.data_type, list(i.dims)) for i in cfg.input] == [
+        ("input", mc.TYPE_FP32, [3, 32, 32])
+    ]
+    assert [(o.name, list(o.dims), o.label_filename) for o in cfg.output] == [
+        ("logits", [3], "labels.txt")
+    ]
+    assert list(cfg.dynamic_batching.preferred_batch_size) == [4, 8, 16]
+    assert cfg.dynamic_batching.max_queue_delay_microseconds == 2000
+    assert cfg.version_policy.latest.num_versions == 1
+    assert cfg.model_warmup[0].inputs["input"].zero_data
+    assert len(cfg.instance_group) == 1
+    if flavor == "onnxruntime":
+        assert cfg.platform == "onnxruntime_onnx" and not cfg.backend
+        assert cfg.instance_group[0].kind == mc.ModelInstanceGroup.KIND_AUTO
+    else:
+        assert cfg.backend == "python" and not cfg.platform
+        assert cfg.instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU
+        assert (result.model_dir / "1" / "model.py").is_file()
+    assert (result.model_dir / "labels.txt").read_text().splitlines() == LABELS
+    contract = PreprocessContract.load(result.model_dir / "preprocess.json")
+    assert contract == small_contract()
+
+
+def test_report_records_checks(tmp_path):
+    result = publish_small(tmp_path)
+    report = json.loads((result.model_dir / "1" / "export_report.json").read_text())
+    assert report["onnx_checker"] == "pass"
+    assert report["parity"]["passed"] is True
+    assert report["parity"]["inputs_real"] == 2
+    assert report["parity"]["max_abs_diff"] <= report["parity"]["tolerance"]
+    assert report["version"] == 1
+
+
+def test_each_export_adds_a_version_and_keeps_the_old(tmp_path):
+    first = publish_small(tmp_path, seed=0)
+    v1 = tree_digest(first.model_dir / "1")
+    second = publish_small(tmp_path, seed=1)
+    assert (first.version, second.version) == (1, 2)
+    assert tree_digest(second.model_dir / "1") == v1
+    assert (second.model_dir / "2" / "model.onnx").read_bytes() != (
+        second.model_dir / "1" / "model.onnx"
+    ).read_bytes()
+    assert validate_repository(tmp_path) == (["tiny"], [])
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".") and p.is_dir()]
+
+
+def test_failed_publish_leaves_repository_untouched(tmp_path, monkeypatch):
+    publish_small(tmp_path)
+    before = tree_digest(tmp_path)
+
+    def broken_copy(src, dst, *a, **kw):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(shutil, "copyfile", broken_copy)  # dies half-way through staging
+    with pytest.raises(OSError, match="No space left"):
+        publish_small(tmp_path, seed=3)
+    assert tree_digest(tmp_path) == before
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["tiny"]
+
+
+class Noisy(torch.nn.Module):
+    """Exports fine, but ONNX Runtime's random numbers are not PyTorch's: parity must fail."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = build_model("resnet18", num_classes=3)
+
+    def forward(self, x):
+        return self.net(x) + torch.rand_like(self.net(x)) * 10
+
+
+def test_parity_failure_publishes_nothing(tmp_path):
+    publish_small(tmp_path)
+    before = tree_digest(tmp_path)
+    with pytest.raises(ExportError, match="not published: parity FAIL"):
+        publish_small(tmp_path, model=Noisy())
+    assert tree_digest(tmp_path) == before
+
+
+def test_labels_count_mismatch_refused(tmp_path):
+    with pytest.raises(ExportError, match="2 labels for 3 classes"):
+        export_and_publish(
+            model=build_model("resnet18", num_classes=3),
+            contract=small_contract(),
+            labels=["a", "b"],
+            name="x",
+            repository=tmp_path,
+            flavor="onnxruntime",
+            serving=ServingConfig(),
+            opset=17,
+            real_images=[],
+            source="t",
+            log=lambda _: None,
+        )
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("name", [".hidden", "a/b", "", "x" * 200, "sp ace"])
+def test_bad_model_names(tmp_path, name):
+    with pytest.raises(ExportError, match="model name"):
+        publish_small(tmp_path, name=name)
+
+
+def test_bad_serving_config():
+    with pytest.raises(ExportError, match="max-batch-size must be at least 1"):
+        build_config("m", small_contract(), "onnxruntime", ServingConfig(max_batch_size=0))
+    with pytest.raises(ExportError, match="exceed --max-batch-size"):
+        build_config(
+            "m",
+            small_contract(),
+            "onnxruntime",
+            ServingConfig(max_batch_size=4, preferred_batch_sizes=(8,)),
+        )
+
+
+def test_render_round_trips():
+    cfg = build_config("m", small_contract(), "python-ort", ServingConfig(max_batch_size=8))
+    assert parse_config(render_config(cfg)) == cfg
+
+
+@pytest.fixture
+def good(tmp_path) -> Path:
+    return publish_small(tmp_path).model_dir
+
+
+def test_validate_accepts_a_good_model(good):
+    assert validate_model(good) == []
+
+
+def test_validate_finds_a_broken_config(good):
+    (good / "config.pbtxt").write_text("name: 'tiny'\nmax_batch_size: lots\n")
+    assert any("does not parse as a Triton ModelConfig" in p for p in validate_model(good))
+
+
+def test_validate_finds_labels_count_mismatch(good):
+    (good / "labels.txt").write_text("a\nb\n")
+    assert validate_model(good) == ["tiny: labels.txt has 2 names for 3 classes"]
+
+
+def test_validate_finds_missing_onnx(good):
+    (good / "1" / "model.onnx").unlink()
+    assert validate_model(good) == ["tiny: version 1: model.onnx missing"]
+
+
+def test_validate_finds_contract_graph_disagreement(good):
+    data = json.loads((good / "preprocess.json").read_text())
+    data["crop"] = 28
+    (good / "preprocess.json").write_text(json.dumps(data))
+    problems = validate_model(good)
+    assert any("config inputs" in p for p in problems)
+    assert any(
+        "input 'input' has shape ['batch', 3, 32, 32], expected [batch, 3, 28, 28]" in p
+        for p in problems
+    )
+
+
+def test_validate_finds_bad_contract(good):
+    (good / "preprocess.json").write_text('{"arch": "resnet18"}')
+    assert any("not a valid preprocessing contract" in p for p in validate_model(good))
+
+
+def test_validate_empty_repository(tmp_path):
+    assert validate_repository(tmp_path) == ([], [f"{tmp_path}: holds no model"])
