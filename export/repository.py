@@ -40,9 +40,14 @@ from service.contract import (
     PreprocessContract,
     read_labels,
 )
+from service.model_store import (
+    CONFIG_FILENAME,
+    MODEL_FILENAME,
+    model_dirs,
+    numbered_versions,
+    parse_config,
+)
 
-CONFIG_FILENAME = "config.pbtxt"
-MODEL_FILENAME = "model.onnx"
 PYTHON_MODEL_FILENAME = "model.py"
 REPORT_FILENAME = "export_report.json"
 LOCK_FILENAME = ".resnet-export.lock"
@@ -124,21 +129,8 @@ def render_config(cfg: mc.ModelConfig) -> str:
     return header + text_format.MessageToString(cfg)
 
 
-def parse_config(text: str) -> mc.ModelConfig:
-    """Parse config.pbtxt with Triton's own ModelConfig protobuf."""
-    cfg = mc.ModelConfig()
-    text_format.Parse(text, cfg)
-    return cfg
-
-
-def _versions(model_dir: Path) -> list[int]:
-    if not model_dir.is_dir():
-        return []
-    return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
-
-
 def latest_version(model_dir: Path) -> int | None:
-    versions = _versions(model_dir)
+    versions = numbered_versions(model_dir)
     return versions[-1] if versions else None
 
 
@@ -209,7 +201,7 @@ def publish(repository: Path, pub: Publication) -> int:
         version = (latest_version(final) or 0) + 1
         staging = Path(tempfile.mkdtemp(dir=repository, prefix=f".{pub.name}.staging-"))
         try:
-            for v in _versions(final):
+            for v in numbered_versions(final):
                 _link_tree(final / str(v), staging / str(v))
             vdir = staging / str(version)
             vdir.mkdir()
@@ -246,11 +238,6 @@ def _swap(staging: Path, final: Path) -> None:
         retired.rename(final)
         raise
     shutil.rmtree(retired, ignore_errors=True)
-
-
-def model_dirs(repository: Path) -> list[Path]:
-    """Model directories of a repository (hidden entries and plain files are not models)."""
-    return sorted(p for p in repository.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
 def validate_model(model_dir: Path, expected_name: str | None = None) -> list[str]:

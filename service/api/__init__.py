@@ -1,0 +1,1 @@
+"""HTTP API (FastAPI): routes only; the work is in service.classifier."""

@@ -1,0 +1,131 @@
+"""Pure ASGI middleware: body-size limit, request ids, per-route metrics."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.errors import PayloadTooLarge
+from service.metrics import Metrics
+
+log = logging.getLogger("service.access")
+
+
+async def _send_error(send: Send, status: int, code: str, message: str) -> None:
+    body = json.dumps({"error": {"code": code, "message": message}}).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"connection", b"close"),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+class BodyLimit:
+    """413 before the body is read: from Content-Length, or as soon as a chunked body
+    passes the limit (the receive wrapper raises, the app's handler answers 413)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope["headers"]:
+            if name == b"content-length":
+                try:
+                    length = int(value)
+                except ValueError:
+                    await _send_error(send, 400, "invalid_request", "bad Content-Length header")
+                    return
+                if length > self.max_bytes:
+                    await _send_error(
+                        send,
+                        413,
+                        PayloadTooLarge.code,
+                        f"request body is {length} bytes; the limit is {self.max_bytes}",
+                    )
+                    return
+        seen = 0
+
+        async def limited() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise PayloadTooLarge(
+                        f"request body exceeds the limit of {self.max_bytes} bytes"
+                    )
+            return message
+
+        await self.app(scope, limited, send)
+
+
+class Observe:
+    """Request ids (X-Request-ID in and out), status/latency metrics by route template."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        request_id = (
+            next((v.decode("latin-1") for k, v in scope["headers"] if k == b"x-request-id"), None)
+            or uuid.uuid4().hex
+        )
+        request_id = request_id[:64]
+        scope.setdefault("state", {})["request_id"] = request_id
+        status = 500
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                headers = list(message.get("headers", []))
+                headers.append((b"x-request-id", request_id.encode("latin-1")))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        self.metrics.inflight.inc()
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            self.metrics.inflight.dec()
+            route = _route_template(scope)
+            elapsed = time.perf_counter() - start
+            method = scope["method"]
+            self.metrics.requests.labels(route, method, str(status)).inc()
+            self.metrics.latency.labels(route, method).observe(elapsed)
+            if route not in ("/metrics", "/healthz", "/readyz"):
+                log.info(
+                    "%s %s %s %d %.1fms id=%s",
+                    method,
+                    route,
+                    scope["path"][:200],
+                    status,
+                    elapsed * 1000,
+                    request_id,
+                )
+
+
+def _route_template(scope: Scope) -> str:
+    route = scope.get("route")
+    path = getattr(route, "path", None)
+    return path if isinstance(path, str) else "unmatched"

@@ -1,0 +1,19 @@
+"""Inference backends. Everything above :class:`Backend` is backend-agnostic."""
+
+from __future__ import annotations
+
+from service.backends.base import Backend
+from service.settings import Settings
+
+
+def make_backend(settings: Settings) -> Backend:
+    if settings.backend == "onnxruntime":
+        from service.backends.onnxruntime import OnnxRuntimeBackend
+
+        return OnnxRuntimeBackend(intra_op_threads=settings.ort_intra_op_threads)
+    from service.backends.triton import TritonBackend
+
+    return TritonBackend(settings.triton_url)
+
+
+__all__ = ["Backend", "make_backend"]

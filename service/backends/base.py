@@ -1,0 +1,40 @@
+"""The interface both backends implement: load models, run a batch, say if ready."""
+
+from __future__ import annotations
+
+import abc
+from typing import ClassVar
+
+import numpy as np
+
+from service.model_store import ModelSpec
+
+
+class Backend(abc.ABC):
+    """Runs batches of preprocessed tensors through models; knows nothing of HTTP or images.
+
+    ``infer`` receives a float32 batch shaped ``(n, *spec.contract.input_shape)`` and returns
+    the logits ``(n, num_classes)``. It raises :class:`service.errors.ServiceError`
+    subclasses (``BackendUnavailable``, ``DeadlineExceeded``...) for failures a caller
+    should see; anything else is a bug and becomes a generic 500.
+    """
+
+    name: ClassVar[str]
+    #: How many batches of one model may be in the backend at once.
+    max_inflight_batches: ClassVar[int] = 1
+
+    @abc.abstractmethod
+    async def start(self, specs: list[ModelSpec]) -> None:
+        """Load and warm up every model; raise RepositoryError if one cannot be served."""
+
+    @abc.abstractmethod
+    async def infer(self, spec: ModelSpec, batch: np.ndarray, timeout_s: float) -> np.ndarray:
+        """Logits for ``batch``."""
+
+    @abc.abstractmethod
+    def is_ready(self) -> bool:
+        """True while every model can take requests."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Release sessions, channels and threads."""

@@ -1,0 +1,91 @@
+"""The embedded backend: ONNX Runtime in this process, no server to run (the default)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import onnxruntime as ort
+
+from service.backends.base import Backend
+from service.errors import BackendUnavailable
+from service.model_store import ModelSpec, RepositoryError
+
+log = logging.getLogger(__name__)
+
+
+class OnnxRuntimeBackend(Backend):
+    name = "onnxruntime"
+
+    def __init__(self, intra_op_threads: int = 0) -> None:
+        self._threads = intra_op_threads or (os.cpu_count() or 1)
+        self._sessions: dict[str, ort.InferenceSession] = {}
+        # One thread per model runs its session: ORT parallelises inside a batch with its
+        # own intra-op threads, and the GIL is released while it does.
+        self._executors: dict[str, ThreadPoolExecutor] = {}
+        self._ready = False
+
+    def _open(self, spec: ModelSpec) -> ort.InferenceSession:
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = self._threads
+        opts.inter_op_num_threads = 1
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # Idle ORT threads spin by default, stealing the cores that decode images.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        opts.log_severity_level = 3
+        try:
+            session = ort.InferenceSession(
+                str(spec.onnx_path), opts, providers=["CPUExecutionProvider"]
+            )
+        except Exception as exc:  # ORT raises its own Fail/InvalidGraph/NoSuchFile types
+            raise RepositoryError(
+                f"model {spec.name!r}: ONNX Runtime cannot load it ({exc})"
+            ) from exc
+        inputs = [(i.name, i.shape[1:]) for i in session.get_inputs()]
+        outputs = [(o.name, o.shape[1:]) for o in session.get_outputs()]
+        c = spec.contract
+        if inputs != [(c.input_name, list(c.input_shape))] or outputs != [
+            (c.output_name, [c.num_classes])
+        ]:
+            raise RepositoryError(
+                f"model {spec.name!r}: graph tensors {inputs} -> {outputs} disagree with "
+                f"preprocess.json ({c.input_name} {list(c.input_shape)} -> "
+                f"{c.output_name} [{c.num_classes}])"
+            )
+        # Warm-up: first runs allocate arenas and pick kernels.
+        for n in sorted({1, spec.max_batch_size}):
+            session.run([c.output_name], {c.input_name: np.zeros((n, *c.input_shape), np.float32)})
+        return session
+
+    async def start(self, specs: list[ModelSpec]) -> None:
+        loop = asyncio.get_running_loop()
+        for spec in specs:
+            executor = ThreadPoolExecutor(1, thread_name_prefix=f"ort-{spec.name}")
+            self._executors[spec.name] = executor
+            self._sessions[spec.name] = await loop.run_in_executor(executor, self._open, spec)
+            log.info("onnxruntime: loaded %s version %s", spec.name, spec.version)
+        self._ready = True
+
+    async def infer(self, spec: ModelSpec, batch: np.ndarray, timeout_s: float) -> np.ndarray:
+        session = self._sessions.get(spec.name)
+        if session is None or not self._ready:
+            raise BackendUnavailable(f"model {spec.name!r} is not loaded")
+        c = spec.contract
+        loop = asyncio.get_running_loop()
+        outputs = await loop.run_in_executor(
+            self._executors[spec.name], session.run, [c.output_name], {c.input_name: batch}
+        )
+        return np.asarray(outputs[0])
+
+    def is_ready(self) -> bool:
+        return self._ready
+
+    async def close(self) -> None:
+        self._ready = False
+        for executor in self._executors.values():
+            executor.shutdown(wait=True)
+        self._sessions.clear()
+        self._executors.clear()

@@ -1,0 +1,205 @@
+"""Bounded micro-batching: concurrent requests for one model become one backend call.
+
+Per model: at most ``max_batch`` images per call, a partial batch waits at most
+``max_delay_s`` for company, at most ``max_queue`` images wait at all (past that the
+request is refused at once with 503 + Retry-After), and every image carries its request's
+deadline (504 past it; an expired image is dropped before it costs any compute).
+
+Every accepted request gets exactly one answer: a result, or the error of its batch, or
+``ShuttingDown`` if the gateway is closing before its batch could run (``close`` first
+drains what was queued).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from service.errors import DeadlineExceeded, InternalError, Overloaded, ServiceError, ShuttingDown
+from service.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+InferFn = Callable[[np.ndarray, float], Awaitable[np.ndarray]]
+
+
+@dataclass(eq=False)
+class _Item:
+    tensor: np.ndarray
+    deadline: float
+    future: asyncio.Future[np.ndarray]
+    enqueued: float = field(default_factory=time.perf_counter)
+
+
+class Batcher:
+    def __init__(
+        self,
+        model: str,
+        infer: InferFn,
+        *,
+        max_batch: int,
+        max_delay_s: float,
+        max_queue: int,
+        metrics: Metrics,
+        backend_name: str,
+        max_inflight: int = 1,
+    ) -> None:
+        self.model = model
+        self._infer = infer
+        self.max_batch = max_batch
+        self.max_delay_s = max_delay_s
+        self.max_queue = max_queue
+        self._metrics = metrics
+        self._backend = backend_name
+        self._pending: collections.deque[_Item] = collections.deque()
+        self._wakeup = asyncio.Event()
+        self._slots = asyncio.Semaphore(max_inflight)
+        self._running: set[asyncio.Task[None]] = set()
+        self._closing = False
+        self._worker: asyncio.Task[None] | None = None
+        self._batch_seconds = 0.05  # EWMA of a batch's backend time, for Retry-After
+        self.batches_run = 0
+
+    def start(self) -> None:
+        self._worker = asyncio.create_task(self._loop(), name=f"batcher-{self.model}")
+
+    @property
+    def depth(self) -> int:
+        return len(self._pending)
+
+    def retry_after_s(self) -> int:
+        waves = math.ceil((len(self._pending) + 1) / self.max_batch)
+        return max(1, math.ceil(waves * self._batch_seconds))
+
+    async def submit(self, tensors: list[np.ndarray], deadline: float) -> list[np.ndarray]:
+        """Queue ``tensors`` (one per image); return their logits rows, in order."""
+        if self._closing:
+            raise ShuttingDown("the gateway is shutting down; retry on another replica")
+        if len(self._pending) + len(tensors) > self.max_queue:
+            self._metrics.rejections.labels("queue_full").inc()
+            raise Overloaded(
+                f"model {self.model!r} has {len(self._pending)} images queued (limit "
+                f"{self.max_queue}); retry later",
+                retry_after=self.retry_after_s(),
+            )
+        loop = asyncio.get_running_loop()
+        items = [_Item(t, deadline, loop.create_future()) for t in tensors]
+        self._pending.extend(items)
+        self._metrics.queue_depth.labels(self.model).set(len(self._pending))
+        self._wakeup.set()
+        try:
+            return await asyncio.wait_for(
+                asyncio.gather(*(it.future for it in items)),
+                timeout=max(0.0, deadline - time.perf_counter()),
+            )
+        except TimeoutError:
+            self._metrics.rejections.labels("deadline").inc()
+            raise DeadlineExceeded("request deadline exceeded before inference finished") from None
+        finally:
+            for it in items:  # drop what is still queued (deadline, or a client gone)
+                if not it.future.done():
+                    it.future.cancel()
+
+    async def _loop(self) -> None:
+        while True:
+            if not self._pending:
+                if self._closing:
+                    return
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            await self._fill()
+            await self._slots.acquire()
+            batch = self._take()
+            if not batch:
+                self._slots.release()
+                continue
+            task = asyncio.create_task(self._run(batch))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+
+    async def _fill(self) -> None:
+        """Wait until a full batch is queued or the oldest image has waited max_delay."""
+        until = self._pending[0].enqueued + self.max_delay_s
+        while len(self._pending) < self.max_batch and not self._closing:
+            remaining = until - time.perf_counter()
+            if remaining <= 0:
+                return
+            self._wakeup.clear()
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), remaining)
+            except TimeoutError:
+                return
+
+    def _take(self) -> list[_Item]:
+        batch: list[_Item] = []
+        now = time.perf_counter()
+        while self._pending and len(batch) < self.max_batch:
+            it = self._pending.popleft()
+            if it.future.done():
+                continue  # cancelled: its request has already been answered
+            if it.deadline <= now:
+                it.future.set_exception(DeadlineExceeded("request deadline exceeded in queue"))
+                continue
+            batch.append(it)
+        self._metrics.queue_depth.labels(self.model).set(len(self._pending))
+        return batch
+
+    async def _run(self, batch: list[_Item]) -> None:
+        try:
+            start = time.perf_counter()
+            for it in batch:
+                self._metrics.queue_wait.labels(self.model).observe(start - it.enqueued)
+            x = np.stack([it.tensor for it in batch])
+            timeout = max(it.deadline for it in batch) - start
+            try:
+                logits = await self._infer(x, timeout)
+            except ServiceError as exc:
+                self._metrics.backend_errors.labels(self.model, self._backend, exc.code).inc()
+                self._fail(batch, exc)
+                return
+            except Exception:
+                log.exception("backend call for %s failed", self.model)
+                self._metrics.backend_errors.labels(self.model, self._backend, "internal").inc()
+                self._fail(batch, InternalError())
+                return
+            elapsed = time.perf_counter() - start
+            self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * elapsed
+            self.batches_run += 1
+            self._metrics.inference.labels(self.model, self._backend).observe(elapsed)
+            self._metrics.batch_size.labels(self.model).observe(len(batch))
+            for it, row in zip(batch, logits, strict=True):
+                if not it.future.done():
+                    it.future.set_result(row)
+        finally:
+            self._slots.release()
+
+    @staticmethod
+    def _fail(batch: list[_Item], exc: ServiceError) -> None:
+        for it in batch:
+            if not it.future.done():
+                it.future.set_exception(exc)
+
+    async def close(self, timeout_s: float = 30.0) -> None:
+        """Stop taking requests, run what is queued, then stop."""
+        self._closing = True
+        self._wakeup.set()
+        if self._worker is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._worker), timeout_s)
+                if self._running:
+                    await asyncio.wait_for(asyncio.gather(*self._running), timeout_s)
+            except TimeoutError:
+                log.warning("batcher %s: drain timed out", self.model)
+                self._worker.cancel()
+        while self._pending:  # only after a timeout: answer, never strand
+            it = self._pending.popleft()
+            if not it.future.done():
+                it.future.set_exception(ShuttingDown("the gateway shut down before this ran"))

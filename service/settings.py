@@ -1,0 +1,101 @@
+"""Every knob of the gateway, in one class. Environment: ``RESNET_SERVE_<FIELD>``.
+
+The Helm chart's values map onto these fields one to one; the CLI's options override them.
+List fields take comma-separated values (``RESNET_SERVE_MODELS=digits,resnet50``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+CommaList = Annotated[list[str], NoDecode]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="RESNET_SERVE_", extra="forbid")
+
+    # --- what to serve -------------------------------------------------------------------
+    repository: Path = Field(
+        Path("model_repository"), description="Model repository written by resnet-export."
+    )
+    models: CommaList = Field(
+        default_factory=list, description="Models to serve (default: every model found)."
+    )
+    default_model: str | None = Field(
+        None, description="Model behind /v1/classify (default: the first model by name)."
+    )
+    backend: Literal["onnxruntime", "triton"] = Field(
+        "onnxruntime", description="Embedded ONNX Runtime, or a Triton server over gRPC."
+    )
+    triton_url: str = Field("127.0.0.1:8001", description="Triton gRPC endpoint (host:port).")
+
+    # --- network ---------------------------------------------------------------------------
+    host: str = Field("127.0.0.1", description="REST bind address.")
+    port: int = Field(8000, ge=0, le=65535, description="REST port.")
+    grpc_port: int | None = Field(
+        None, ge=0, le=65535, description="gRPC port (default: no gRPC server)."
+    )
+    grpc_max_message_bytes: int = Field(
+        32 * 1024 * 1024, ge=1024, description="Largest gRPC message accepted or sent."
+    )
+    api_keys: CommaList = Field(
+        default_factory=list,
+        description="If set, classification and model routes require one of these keys "
+        "(Authorization: Bearer KEY or X-API-Key: KEY). Health and metrics stay open.",
+    )
+
+    # --- bounds ----------------------------------------------------------------------------
+    max_body_bytes: int = Field(
+        20 * 1024 * 1024, ge=1024, description="Largest request body; larger is 413."
+    )
+    max_image_pixels: int = Field(
+        40_000_000, ge=1, description="Largest image (width x height, from its header); 413."
+    )
+    max_images_per_request: int = Field(64, ge=1, description="Most images in one request.")
+    max_batch_size: int | None = Field(
+        None, ge=1, description="Cap on the batch size (default: each model's max_batch_size)."
+    )
+    max_batch_delay_ms: float = Field(
+        2.0, ge=0, le=1000, description="How long a partial batch waits for more images."
+    )
+    max_queue_images: int = Field(
+        256, ge=1, description="Images waiting per model; past this, 503 + Retry-After."
+    )
+    request_timeout_s: float = Field(
+        10.0, gt=0, le=600, description="Per-request deadline (clients may ask for less); 504."
+    )
+    default_top_k: int = Field(5, ge=1, description="top_k when the request gives none.")
+
+    # --- compute ---------------------------------------------------------------------------
+    preprocess_workers: int = Field(
+        0, ge=0, description="Threads decoding and preprocessing images (0: one per core)."
+    )
+    ort_intra_op_threads: int = Field(
+        0, ge=0, description="ONNX Runtime intra-op threads per model (0: one per core)."
+    )
+    jpeg_draft: bool = Field(
+        True,
+        description="Decode large JPEGs at reduced DCT scale (1/2..1/8) when the "
+        "result still has twice the pixels the resize needs.",
+    )
+
+    # --- lifecycle -------------------------------------------------------------------------
+    drain_seconds: float = Field(
+        0.0,
+        ge=0,
+        le=300,
+        description="On SIGTERM, report not-ready but keep serving this long (lets load "
+        "balancers stop sending), then finish in-flight work and exit.",
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info")
+
+    @field_validator("models", "api_keys", mode="before")
+    @classmethod
+    def _split(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [v.strip() for v in value.split(",") if v.strip()]
+        return value
