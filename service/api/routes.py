@@ -11,6 +11,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException
 from starlette.responses import JSONResponse, PlainTextResponse
 
@@ -115,17 +116,24 @@ async def read_images(request: Request, max_images: int) -> tuple[list[bytes], i
     if ctype == "multipart/form-data":
         try:
             form = await request.form(max_files=max_images, max_fields=max_images + 16)
-        except MultiPartException as exc:
-            raise InvalidRequest(f"malformed multipart body: {exc.message}") from exc
-        parts = form.getlist("file")
-        if not parts:
-            raise InvalidRequest("multipart body has no 'file' part")
-        images = []
-        for part in parts:
-            if not isinstance(part, UploadFile):
-                raise InvalidRequest("the 'file' parts must be files, not text fields")
-            images.append(await part.read())
-        await form.close()
+        except (MultiPartException, StarletteHTTPException) as exc:
+            detail = str(getattr(exc, "message", None) or getattr(exc, "detail", ""))
+            if "Too many files" in detail:
+                raise PayloadTooLarge(
+                    f"more than {max_images} images in one request; the limit is {max_images}"
+                ) from exc
+            raise InvalidRequest(f"malformed multipart body: {detail}") from exc
+        try:
+            parts = form.getlist("file")
+            if not parts:
+                raise InvalidRequest("multipart body has no 'file' part")
+            images = []
+            for part in parts:
+                if not isinstance(part, UploadFile):
+                    raise InvalidRequest("the 'file' parts must be files, not text fields")
+                images.append(await part.read())
+        finally:
+            await form.close()
         return images, None
     if ctype.startswith(IMAGE_TYPES):
         body = await request.body()

@@ -1,0 +1,280 @@
+"""Preprocessing: formats by magic bytes, colour models, EXIF, limits, and parity with a
+straightforward reference implementation of torchvision's eval transform."""
+
+from __future__ import annotations
+
+import io
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from service.contract import PreprocessContract
+from service.errors import InvalidImage, PayloadTooLarge, UnsupportedMediaType
+from service.preprocess import DecodeLimits, preprocess, sniff_format
+
+RGB = PreprocessContract(
+    arch="resnet50",
+    input_name="input",
+    output_name="logits",
+    channels="RGB",
+    resize=256,
+    crop=224,
+    mean=(0.485, 0.456, 0.406),
+    std=(0.229, 0.224, 0.225),
+    num_classes=1000,
+)
+GREY = RGB.model_copy(
+    update={"channels": "L", "mean": (0.5,), "std": (0.25,), "resize": 36, "crop": 32}
+)
+NO_DRAFT = DecodeLimits(jpeg_draft=False)
+
+
+def photos() -> list[bytes]:
+    from sklearn.datasets import load_sample_images
+
+    return [Path(f).read_bytes() for f in load_sample_images().filenames]
+
+
+def encode(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def reference(data: bytes, c: PreprocessContract) -> np.ndarray:
+    """The obvious implementation (torchvision's Resize(int) + CenterCrop + Normalize on PIL)."""
+    from PIL import ImageOps
+
+    img = ImageOps.exif_transpose(Image.open(io.BytesIO(data)))
+    img = img.convert(c.channels)
+    w, h = img.size
+    if w <= h:
+        size = (c.resize, int(c.resize * h / w))
+    else:
+        size = (int(c.resize * w / h), c.resize)
+    resample = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}
+    img = img.resize(size, resample[c.interpolation])
+    top = int(round((size[1] - c.crop) / 2.0))
+    left = int(round((size[0] - c.crop) / 2.0))
+    img = img.crop((left, top, left + c.crop, top + c.crop))
+    arr = np.asarray(img, dtype=np.float32) / 255.0
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    arr = (arr - np.array(c.mean, dtype=np.float32)) / np.array(c.std, dtype=np.float32)
+    return arr.transpose(2, 0, 1)
+
+
+def noise_image(w: int, h: int, mode: str = "RGB", seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    channels = {"RGB": 3, "L": 1, "RGBA": 4, "LA": 2}[mode]
+    arr = rng.integers(0, 256, (h, w, channels), dtype=np.uint8)
+    return Image.fromarray(arr[:, :, 0] if channels == 1 else arr, mode)
+
+
+# --- parity -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("index", [0, 1])
+def test_parity_with_reference_on_real_photos(index):
+    data = photos()[index]
+    got = preprocess(data, RGB, NO_DRAFT)
+    assert got.shape == (3, 224, 224) and got.dtype == np.float32 and got.flags.c_contiguous
+    np.testing.assert_allclose(got, reference(data, RGB), atol=1e-5)
+
+
+@pytest.mark.parametrize("size", [(640, 480), (480, 640), (300, 300), (257, 1000), (1001, 256)])
+@pytest.mark.parametrize("interp", ["bilinear", "bicubic", "nearest"])
+@pytest.mark.parametrize("fmt", ["PNG", "BMP", "WEBP"])
+def test_parity_with_reference_sizes_and_interpolations(size, interp, fmt):
+    c = RGB.model_copy(update={"interpolation": interp})
+    data = encode(noise_image(*size), fmt, **({"lossless": True} if fmt == "WEBP" else {}))
+    np.testing.assert_allclose(preprocess(data, c), reference(data, c), atol=1e-5)
+
+
+def test_parity_greyscale_contract_from_colour_photo():
+    data = photos()[0]
+    np.testing.assert_allclose(preprocess(data, GREY, NO_DRAFT), reference(data, GREY), atol=1e-5)
+
+
+def test_upscaling_small_images():
+    data = encode(noise_image(8, 8, "L"), "PNG")
+    np.testing.assert_allclose(preprocess(data, GREY), reference(data, GREY), atol=1e-5)
+
+
+def test_jpeg_draft_stays_close_to_full_decode_and_is_faster():
+    big = Image.open(io.BytesIO(photos()[1])).resize((4032, 3024), Image.BICUBIC)
+    data = encode(big, "JPEG", quality=92)
+    full = preprocess(data, RGB, NO_DRAFT)
+    t0 = time.perf_counter()
+    drafted = preprocess(data, RGB)
+    t_draft = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    preprocess(data, RGB, NO_DRAFT)
+    t_full = time.perf_counter() - t0
+    # Same picture: in 0..1 pixel units the mean difference is under 1%.
+    assert np.abs(full - drafted).mean() * 0.226 < 0.01
+    assert t_draft < t_full
+
+
+# --- formats ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("fmt", "kw"),
+    [("JPEG", {}), ("PNG", {}), ("WEBP", {}), ("BMP", {}), ("GIF", {}), ("TIFF", {})],
+)
+def test_every_supported_format_decodes(fmt, kw):
+    data = encode(noise_image(64, 48), fmt, **kw)
+    assert sniff_format(data) == fmt
+    assert preprocess(data, RGB).shape == (3, 224, 224)
+
+
+def test_format_comes_from_magic_bytes_not_names():
+    data = encode(noise_image(40, 40), "PNG")
+    assert sniff_format(data) == "PNG"
+    with pytest.raises(UnsupportedMediaType):
+        preprocess(b"%PDF-1.4 not an image", RGB)
+    with pytest.raises(UnsupportedMediaType):
+        preprocess(b"<svg xmlns='http://www.w3.org/2000/svg'/>", RGB)
+
+
+def test_empty_is_invalid():
+    with pytest.raises(InvalidImage, match="empty"):
+        preprocess(b"", RGB)
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "GIF"])
+def test_truncated_images_are_400(fmt):
+    data = encode(noise_image(300, 200), fmt)
+    with pytest.raises(InvalidImage, match="cannot decode"):
+        preprocess(data[: len(data) // 2], RGB)
+
+
+def test_corrupt_png_crc_is_400():
+    data = bytearray(encode(noise_image(50, 50), "PNG"))
+    data[40] ^= 0xFF  # inside the first IDAT chunk
+    with pytest.raises(InvalidImage):
+        preprocess(bytes(data), RGB)
+
+
+def test_animated_gif_uses_first_frame():
+    frames = [Image.new("RGB", (32, 32), c) for c in ((255, 0, 0), (0, 0, 255))]
+    buf = io.BytesIO()
+    frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:])
+    out = preprocess(buf.getvalue(), RGB)
+    red = (1.0 - 0.485) / 0.229
+    assert np.allclose(out[0], red, atol=0.05)
+
+
+def test_multipage_tiff_uses_first_page():
+    pages = [Image.new("L", (32, 32), v) for v in (0, 255)]
+    buf = io.BytesIO()
+    pages[0].save(buf, format="TIFF", save_all=True, append_images=pages[1:])
+    out = preprocess(buf.getvalue(), GREY)
+    assert np.allclose(out, (0.0 - 0.5) / 0.25)
+
+
+# --- colour models ---------------------------------------------------------------------------
+
+
+def _pixel(out: np.ndarray, c: PreprocessContract) -> np.ndarray:
+    """Back from normalised tensor to 0..255 values (center pixel)."""
+    mid = out[:, out.shape[1] // 2, out.shape[2] // 2]
+    return np.rint((mid * np.array(c.std) + np.array(c.mean)) * 255)
+
+
+def test_alpha_is_composited_over_white():
+    rgba = Image.new("RGBA", (40, 40), (255, 0, 0, 0))  # fully transparent red
+    assert list(_pixel(preprocess(encode(rgba, "PNG"), RGB), RGB)) == [255, 255, 255]
+    half = Image.new("RGBA", (40, 40), (0, 0, 0, 128))
+    assert list(_pixel(preprocess(encode(half, "PNG"), RGB), RGB)) == [127, 127, 127]
+    la = Image.new("LA", (40, 40), (0, 0))
+    assert list(_pixel(preprocess(encode(la, "PNG"), GREY), GREY)) == [255]
+
+
+def test_palette_with_transparency():
+    p = Image.new("P", (40, 40), 0)
+    p.putpalette([10, 20, 30] + [0] * 765)
+    p.info["transparency"] = 0
+    assert list(_pixel(preprocess(encode(p, "PNG", transparency=0), RGB), RGB)) == [255, 255, 255]
+    p2 = Image.new("P", (40, 40), 0)
+    p2.putpalette([10, 20, 30] + [0] * 765)
+    assert list(_pixel(preprocess(encode(p2, "PNG"), RGB), RGB)) == [10, 20, 30]
+
+
+def test_greyscale_is_replicated_to_rgb():
+    data = encode(Image.new("L", (40, 40), 200), "PNG")
+    assert list(_pixel(preprocess(data, RGB), RGB)) == [200, 200, 200]
+
+
+def test_cmyk_jpeg_converts():
+    data = encode(Image.new("CMYK", (40, 40), (0, 255, 255, 0)), "JPEG", quality=100)
+    r, g, b = _pixel(preprocess(data, RGB), RGB)
+    assert r > 240 and g < 15 and b < 15
+
+
+def test_16bit_greyscale_is_scaled_not_clipped():
+    arr = np.full((40, 40), 32896, dtype=np.uint16)  # 128 * 257
+    img = Image.fromarray(arr)
+    data = encode(img, "PNG")
+    assert Image.open(io.BytesIO(data)).mode.startswith("I")
+    assert list(_pixel(preprocess(data, GREY), GREY)) == [128]
+    full = encode(Image.fromarray(np.full((40, 40), 65535, dtype=np.uint16)), "PNG")
+    assert list(_pixel(preprocess(full, GREY), GREY)) == [255]
+
+
+def test_bilevel_image():
+    data = encode(Image.new("1", (40, 40), 1), "PNG")
+    assert list(_pixel(preprocess(data, RGB), RGB)) == [255, 255, 255]
+
+
+def test_exif_orientation_is_applied():
+    img = Image.new("RGB", (60, 30), (0, 0, 0))
+    img.paste((255, 255, 255), (0, 0, 30, 30))  # left half white
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 CW on display: left half becomes the top half
+    data = encode(img, "JPEG", exif=exif, quality=100)
+    c = RGB.model_copy(
+        update={"resize": 30, "crop": 30, "channels": "L", "mean": (0.0,), "std": (1.0,)}
+    )
+    out = preprocess(data, c)[0]
+    assert out[:10].mean() > 0.9 and out[-10:].mean() < 0.1
+
+
+# --- limits -----------------------------------------------------------------------------------
+
+
+def _forged_png(width: int, height: int) -> bytes:
+    """A PNG whose header claims a huge image (the bytes that follow are not that image)."""
+    import struct
+    import zlib
+
+    data = bytearray(encode(Image.new("L", (1, 1)), "PNG"))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    data[16:29] = ihdr
+    data[29:33] = struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+    return bytes(data)
+
+
+def test_forged_header_is_413_without_decoding():
+    t0 = time.perf_counter()
+    with pytest.raises(PayloadTooLarge, match="100000x100000"):
+        preprocess(_forged_png(100_000, 100_000), RGB)
+    assert time.perf_counter() - t0 < 0.5
+
+
+def test_decompression_bomb_is_413():
+    bomb = encode(Image.new("L", (8000, 6000), 0), "PNG")  # 48 Mpx in ~50 KB
+    assert len(bomb) < 200_000
+    with pytest.raises(PayloadTooLarge, match="the limit is 40000000"):
+        preprocess(bomb, RGB)
+
+
+def test_pixel_limit_is_configurable():
+    data = encode(noise_image(100, 100), "PNG")
+    with pytest.raises(PayloadTooLarge):
+        preprocess(data, RGB, DecodeLimits(max_pixels=9_999))
+    assert preprocess(data, RGB, DecodeLimits(max_pixels=10_000)).shape == (3, 224, 224)
