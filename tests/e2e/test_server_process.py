@@ -39,20 +39,9 @@ def test_heldout_accuracy_over_http_matches_pytorch(server, demo):
 
     # Concurrent requests were batched: more images than backend calls.
     metrics = httpx.get(server.url + "/metrics").text
-    count = float(
-        next(
-            l.split()[-1]
-            for l in metrics.splitlines()
-            if l.startswith('resnet_serve_batch_size_count{model="digits"}')
-        )
-    )
-    total = float(
-        next(
-            l.split()[-1]
-            for l in metrics.splitlines()
-            if l.startswith('resnet_serve_batch_size_sum{model="digits"}')
-        )
-    )
+    samples = dict(line.rsplit(" ", 1) for line in metrics.splitlines() if not line.startswith("#"))
+    count = float(samples['resnet_serve_batch_size_count{model="digits"}'])
+    total = float(samples['resnet_serve_batch_size_sum{model="digits"}'])
     assert total >= 450 and total / count > 1.5
 
 
@@ -71,7 +60,7 @@ def test_oversized_body_is_refused_before_it_is_sent(server):
 
 def _rss_mb(pid: int) -> float:
     with open(f"/proc/{pid}/status") as fh:
-        return next(int(l.split()[1]) for l in fh if l.startswith("VmRSS")) / 1024
+        return next(int(line.split()[1]) for line in fh if line.startswith("VmRSS")) / 1024
 
 
 def test_bombs_and_garbage_leave_the_server_serving_with_bounded_memory(server, demo):
