@@ -13,7 +13,7 @@ PORT ?= 8000
 # without its dependencies: we need only the binary, not pytriton's Python API.
 PYTRITON := nvidia-pytriton==0.7.0
 
-.PHONY: help setup serve demo test lint bench clean
+.PHONY: help setup serve demo test lint bench docs clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -35,11 +35,7 @@ demo: setup ## train the digits demo model into $(REPO)/ unless it already holds
 	fi
 
 serve: demo ## set up, build the demo model if needed, serve it with the embedded backend
-	@if [ -x $(BIN)/resnet-serve ]; then \
-		$(BIN)/resnet-serve serve --repository $(REPO) --host $(HOST) --port $(PORT); \
-	else \
-		echo "demo repository is ready in $(REPO)/; the gateway (resnet-serve) is not built yet"; \
-	fi
+	$(BIN)/resnet-serve serve --repository $(REPO) --host $(HOST) --port $(PORT)
 
 test: setup ## set up and run the whole test suite
 	$(BIN)/python -m pytest -q
@@ -51,6 +47,9 @@ lint: setup ## ruff + mypy
 
 bench: setup ## measure the gateway against bare ONNX Runtime (see README)
 	$(BIN)/python -m deploy.bench
+
+docs: setup ## regenerate README's settings table from service/settings.py
+	$(BIN)/python -m deploy.settings_doc
 
 clean: ## remove the virtualenv and caches (keeps model_repository/)
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -64,16 +64,13 @@ def serve(
         Path, typer.Option("--repository", "-r", help="Model repository (resnet-export output).")
     ] = Path("model_repository"),
     backend: Annotated[
-        str, typer.Option(help="onnxruntime (embedded, default) or triton.")
+        str, typer.Option(help="onnxruntime (embedded, the default) or triton.")
     ] = "onnxruntime",
     triton_url: Annotated[
-        str | None, typer.Option(help="Triton gRPC endpoint HOST:PORT (backend triton).")
+        str | None, typer.Option(help="Triton gRPC endpoint HOST:PORT (with --backend triton).")
     ] = None,
     host: Annotated[str | None, typer.Option(help="REST bind address (default 127.0.0.1).")] = None,
     port: Annotated[int | None, typer.Option(help="REST port (default 8000).")] = None,
-    grpc_port: Annotated[
-        int | None, typer.Option(help="Also serve the gRPC API on this port.")
-    ] = None,
     models: Annotated[
         str | None, typer.Option(help="Comma-separated models to serve (default: all).")
     ] = None,
@@ -91,7 +88,6 @@ def serve(
         ("triton_url", triton_url),
         ("host", host),
         ("port", port),
-        ("grpc_port", grpc_port),
         ("models", models),
         ("log_level", log_level),
     ):
@@ -135,6 +131,63 @@ def serve(
     _DrainingServer(config, fastapi_app, settings.drain_seconds).run()
     if getattr(fastapi_app.state, "startup_failed", False):
         raise typer.Exit(1)
+
+
+@app.command()
+def triton(
+    repository: Annotated[
+        Path,
+        typer.Option(
+            "--repository", "-r", help="Model repository exported with --flavor python-ort."
+        ),
+    ] = Path("model_repository"),
+    http_port: Annotated[int, typer.Option(min=1, max=65535, help="Triton HTTP port.")] = 8000,
+    grpc_port: Annotated[int, typer.Option(min=1, max=65535, help="Triton gRPC port.")] = 8001,
+    metrics_port: Annotated[
+        int, typer.Option(min=1, max=65535, help="Triton metrics port.")
+    ] = 8002,
+    ready_timeout: Annotated[
+        float, typer.Option(min=1, help="Seconds to wait for readiness.")
+    ] = 180.0,
+) -> None:
+    """Start a real tritonserver (CPU build from nvidia-pytriton, python backend) on the
+    repository, wait until it is ready, and run it until Ctrl-C or SIGTERM.
+
+    Model control mode none and strict readiness: every model in the repository loads at
+    start, and Triton is ready only when all of them are.
+    """
+    from service.model_store import RepositoryError, load_repository, parse_config
+    from service.triton_launcher import TritonError, start_triton
+
+    try:
+        specs = load_repository(repository)
+    except RepositoryError as exc:
+        raise _fail(str(exc)) from None
+    for spec in specs:
+        cfg = parse_config((repository / spec.name / "config.pbtxt").read_text())
+        if cfg.backend != "python":
+            raise _fail(
+                f"model {spec.name!r} uses {cfg.platform or cfg.backend or 'no backend'}, which "
+                "this CPU tritonserver lacks; re-export it with --flavor python-ort"
+            )
+    try:
+        server = start_triton(repository, http_port, grpc_port, metrics_port)
+        server.wait_ready(ready_timeout)
+    except TritonError as exc:
+        raise _fail(str(exc).splitlines()[0]) from None
+    typer.echo(
+        f"resnet-serve: triton ready: gRPC 127.0.0.1:{grpc_port}, HTTP 127.0.0.1:{http_port}, "
+        f"metrics 127.0.0.1:{metrics_port} ({', '.join(s.name for s in specs)})"
+    )
+
+    def forward(sig: int, frame: FrameType | None) -> None:
+        server.proc.send_signal(sig)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    code = server.proc.wait()
+    server.stop()
+    raise typer.Exit(0 if code in (0, -signal.SIGTERM, -signal.SIGINT) else code)
 
 
 def main() -> None:

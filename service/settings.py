@@ -32,16 +32,13 @@ class Settings(BaseSettings):
         "onnxruntime", description="Embedded ONNX Runtime, or a Triton server over gRPC."
     )
     triton_url: str = Field("127.0.0.1:8001", description="Triton gRPC endpoint (host:port).")
+    triton_max_retries: int = Field(
+        2, ge=0, le=10, description="Retries of a batch after a transient Triton failure."
+    )
 
     # --- network ---------------------------------------------------------------------------
     host: str = Field("127.0.0.1", description="REST bind address.")
     port: int = Field(8000, ge=0, le=65535, description="REST port.")
-    grpc_port: int | None = Field(
-        None, ge=0, le=65535, description="gRPC port (default: no gRPC server)."
-    )
-    grpc_max_message_bytes: int = Field(
-        32 * 1024 * 1024, ge=1024, description="Largest gRPC message accepted or sent."
-    )
     api_keys: CommaList = Field(
         default_factory=list,
         description="If set, classification and model routes require one of these keys "
@@ -91,7 +88,9 @@ class Settings(BaseSettings):
         description="On SIGTERM, report not-ready but keep serving this long (lets load "
         "balancers stop sending), then finish in-flight work and exit.",
     )
-    log_level: Literal["debug", "info", "warning", "error"] = Field("info")
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="Log level of the gateway and uvicorn."
+    )
 
     @field_validator("models", "api_keys", mode="before")
     @classmethod

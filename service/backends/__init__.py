@@ -13,7 +13,7 @@ def make_backend(settings: Settings) -> Backend:
         return OnnxRuntimeBackend(intra_op_threads=settings.ort_intra_op_threads)
     from service.backends.triton import TritonBackend
 
-    return TritonBackend(settings.triton_url)
+    return TritonBackend(settings.triton_url, max_retries=settings.triton_max_retries)
 
 
 __all__ = ["Backend", "make_backend"]

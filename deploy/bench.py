@@ -1,0 +1,255 @@
+"""``make bench``: the gateway against the bare model, measured in one run.
+
+ResNet-50 (random weights: speed does not depend on them) is exported once; then, on the
+same model file and the same machine, in this order:
+
+1. bare ONNX Runtime, batch 1 and batch 8 (the ceiling: no HTTP, no decoding);
+2. image preprocessing alone (500x375 JPEG; 4032x3024 JPEG with and without DCT draft);
+3. the gateway (a real process, embedded ORT backend): 16 and 1 closed-loop clients posting
+   a 500x375 JPEG, and Poisson arrivals at half the bare model's throughput.
+
+Results print as a table and are written to ``bench-results.json``. Figures are reported as
+ratios to bare ORT from the same run, because the machines are shared and noisy.
+
+    python -m deploy.bench [--seconds 20] [--out bench-results.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from deploy.loadgen import closed_loop, open_loop
+
+BIN = Path(sys.executable).parent
+NAME = "resnet50"
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_jpeg(width: int = 500, height: int = 375) -> bytes:
+    """A real photograph (scikit-learn's china.jpg) at the requested size, as JPEG."""
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    img = Image.open(load_sample_images().filenames[0]).convert("RGB")
+    img = img.resize((width, height), Image.Resampling.BICUBIC)
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def export_model(repo: Path) -> None:
+    log("exporting ResNet-50 (random weights) ...")
+    subprocess.run(
+        [
+            str(BIN / "resnet-export"),
+            "export",
+            "--arch",
+            "resnet50",
+            "--weights",
+            "random",
+            "--name",
+            NAME,
+            "--repository",
+            str(repo),
+            "--max-batch-size",
+            "16",
+        ],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+
+
+def bare_ort(onnx_path: Path, batch: int, seconds: float) -> float:
+    """Images/s of a plain ORT session (all cores, default options) at a fixed batch."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = os.cpu_count() or 1
+    session = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).standard_normal((batch, 3, 224, 224), dtype=np.float32)
+    for _ in range(2):
+        session.run(None, {"input": x})
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        session.run(None, {"input": x})
+        n += batch
+    return n / (time.perf_counter() - start)
+
+
+def preprocess_ms(repo: Path) -> dict[str, float]:
+    from service.contract import PreprocessContract
+    from service.preprocess import DecodeLimits, preprocess
+
+    contract = PreprocessContract.load(repo / NAME / "preprocess.json")
+    cases = {
+        "jpeg_500x375_ms": (test_jpeg(), DecodeLimits()),
+        "jpeg_4032x3024_draft_ms": (test_jpeg(4032, 3024), DecodeLimits()),
+        "jpeg_4032x3024_full_decode_ms": (test_jpeg(4032, 3024), DecodeLimits(jpeg_draft=False)),
+    }
+    out = {}
+    for key, (data, limits) in cases.items():
+        preprocess(data, contract, limits)
+        reps = 50 if "500" in key else 8
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            preprocess(data, contract, limits)
+        out[key] = round((time.perf_counter() - t0) / reps * 1000, 2)
+    return out
+
+
+def start_gateway(
+    repo: Path, port: int, extra_env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    import httpx
+
+    env = {**os.environ, "RESNET_SERVE_LOG_LEVEL": "warning", **(extra_env or {})}
+    proc = subprocess.Popen(
+        [str(BIN / "resnet-serve"), "serve", "--repository", str(repo), "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(
+                f"gateway exited: {proc.stderr.read().decode() if proc.stderr else ''}"
+            )
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            time.sleep(0.3)
+    proc.kill()
+    raise SystemExit("gateway did not become ready")
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def run(seconds: float, out: Path) -> dict[str, Any]:
+    results: dict[str, Any] = {"machine": {"cpus": os.cpu_count()}}
+    with tempfile.TemporaryDirectory(prefix="resnet-bench-") as tmp:
+        repo = Path(tmp)
+        export_model(repo)
+        onnx_path = repo / NAME / "1" / "model.onnx"
+        log("bare ONNX Runtime ...")
+        bare1 = bare_ort(onnx_path, 1, seconds / 2)
+        bare8 = bare_ort(onnx_path, 8, seconds)
+        results["bare_ort"] = {
+            "batch1_images_per_s": round(bare1, 2),
+            "batch8_images_per_s": round(bare8, 2),
+        }
+        log(f"  batch 1: {bare1:.1f} img/s, batch 8: {bare8:.1f} img/s")
+        log("preprocessing ...")
+        results["preprocess"] = preprocess_ms(repo)
+        log(f"  {results['preprocess']}")
+
+        body = test_jpeg()
+        port = free_port()
+        url = f"http://127.0.0.1:{port}/v1/models/{NAME}/classify?top_k=5"
+        gw = start_gateway(repo, port)
+        try:
+            asyncio.run(closed_loop(url, body, "image/jpeg", 16, 3))  # warm-up
+            log("gateway, 16 clients ...")
+            r16 = asyncio.run(closed_loop(url, body, "image/jpeg", 16, seconds))
+            log(f"  {r16.summary()}")
+            log("gateway, 1 client ...")
+            r1 = asyncio.run(closed_loop(url, body, "image/jpeg", 1, seconds / 2))
+            log(f"  {r1.summary()}")
+            rate = bare8 / 2
+            log(f"gateway, Poisson arrivals at {rate:.1f}/s (half of bare batch-8) ...")
+            rp = asyncio.run(open_loop(url, body, "image/jpeg", rate, seconds))
+            log(f"  {rp.summary()}")
+        finally:
+            stop(gw)
+        results["gateway_rest_onnxruntime"] = {
+            "clients16": r16.summary(),
+            "clients1": r1.summary(),
+            "poisson_half_bare": {"rate_per_s": round(rate, 2), **rp.summary()},
+            "ratio_vs_bare_batch8": round(r16.images_per_s / bare8, 3),
+        }
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
+def table(results: dict[str, Any]) -> str:
+    bare = results["bare_ort"]
+    gw = results["gateway_rest_onnxruntime"]
+    pre = results["preprocess"]
+    rows = [
+        ("bare ONNX Runtime, batch 1", f"{bare['batch1_images_per_s']:.1f} img/s", ""),
+        ("bare ONNX Runtime, batch 8", f"{bare['batch8_images_per_s']:.1f} img/s", "1.00x"),
+        (
+            "gateway REST (embedded ORT), 16 clients",
+            f"{gw['clients16']['images_per_s']:.1f} img/s",
+            f"{gw['ratio_vs_bare_batch8']:.2f}x",
+        ),
+        (
+            "  latency p50 / p99, 16 clients",
+            f"{gw['clients16']['p50_ms']} / {gw['clients16']['p99_ms']} ms",
+            "",
+        ),
+        (
+            "  latency p50 / p99, 1 client",
+            f"{gw['clients1']['p50_ms']} / {gw['clients1']['p99_ms']} ms",
+            "",
+        ),
+        (
+            f"  Poisson {gw['poisson_half_bare']['rate_per_s']}/s (half of bare): p50 / p99",
+            f"{gw['poisson_half_bare']['p50_ms']} / {gw['poisson_half_bare']['p99_ms']} ms",
+            "",
+        ),
+        ("preprocess 500x375 JPEG -> 224 tensor", f"{pre['jpeg_500x375_ms']} ms", ""),
+        (
+            "preprocess 4032x3024 JPEG, draft / full decode",
+            f"{pre['jpeg_4032x3024_draft_ms']} / {pre['jpeg_4032x3024_full_decode_ms']} ms",
+            "",
+        ),
+    ]
+    lines = ["| what | figure | vs bare batch 8 |", "|---|---|---|"]
+    lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--seconds", type=float, default=20.0, help="length of each measured phase")
+    parser.add_argument("--out", type=Path, default=Path("bench-results.json"))
+    args = parser.parse_args()
+    if not 1 <= args.seconds <= 120:
+        parser.error("--seconds must be between 1 and 120")
+    print(table(run(args.seconds, args.out)))
+
+
+if __name__ == "__main__":
+    main()

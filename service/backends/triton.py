@@ -1,0 +1,209 @@
+"""The production backend: NVIDIA Triton over gRPC (tritonclient's asyncio client).
+
+One long-lived channel; binary tensors; the request's remaining deadline becomes the RPC
+deadline. Transient failures (UNAVAILABLE, RESOURCE_EXHAUSTED) are retried a bounded number
+of times with jittered exponential backoff, and never past the deadline. Triton's own
+dynamic batcher batches across gateway replicas; the gateway still coalesces what it sees
+and keeps a few batches in flight per model.
+
+Readiness follows Triton: a health loop asks Triton (server and every model) once a
+second. While Triton is down requests fail at once with 503 (no hang), and when it is back
+the gateway recovers by itself. At start, each model's metadata from Triton must agree with
+its preprocess.json (tensor names, shapes, datatype, classes), or the model is refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from typing import Any
+
+import numpy as np
+from tritonclient.grpc import InferInput, InferRequestedOutput
+from tritonclient.grpc.aio import InferenceServerClient
+from tritonclient.utils import InferenceServerException
+
+from service.backends.base import Backend
+from service.errors import BackendUnavailable, DeadlineExceeded, InternalError, Overloaded
+from service.model_store import ModelSpec, RepositoryError
+
+log = logging.getLogger(__name__)
+
+TRANSIENT = ("UNAVAILABLE", "RESOURCE_EXHAUSTED")
+_MB = 1024 * 1024
+
+
+def _code(exc: InferenceServerException) -> str:
+    """'StatusCode.UNAVAILABLE' -> 'UNAVAILABLE' (empty if the client raised it itself)."""
+    return str(exc.status() or "").rsplit(".", 1)[-1]
+
+
+def metadata_problems(spec: ModelSpec, meta: dict[str, Any], max_batch: int) -> list[str]:
+    """How Triton's model metadata disagrees with the model's preprocess.json."""
+    c = spec.contract
+    problems = []
+    inputs = [
+        (i["name"], i["datatype"], [int(d) for d in i["shape"]]) for i in meta.get("inputs", [])
+    ]
+    outputs = [
+        (o["name"], o["datatype"], [int(d) for d in o["shape"]]) for o in meta.get("outputs", [])
+    ]
+    want_in = [(c.input_name, "FP32", [-1, *c.input_shape])]
+    want_out = [(c.output_name, "FP32", [-1, c.num_classes])]
+    if max_batch < 1:
+        problems.append("Triton's config has max_batch_size 0 (no batch axis)")
+    if inputs != want_in:
+        problems.append(f"Triton inputs {inputs} != preprocess.json {want_in}")
+    if outputs != want_out:
+        problems.append(f"Triton outputs {outputs} != preprocess.json {want_out}")
+    return problems
+
+
+class TritonBackend(Backend):
+    name = "triton"
+    max_inflight_batches = 4
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        max_retries: int = 2,
+        backoff_s: float = 0.05,
+        health_interval_s: float = 1.0,
+        max_message_bytes: int = 64 * _MB,
+    ) -> None:
+        self.url = url
+        self.max_retries = max_retries
+        self.backoff_s = backoff_s
+        self.health_interval_s = health_interval_s
+        self._client = InferenceServerClient(
+            url,
+            channel_args=[
+                ("grpc.max_send_message_length", max_message_bytes),
+                ("grpc.max_receive_message_length", max_message_bytes),
+                ("grpc.keepalive_time_ms", 30_000),
+                ("grpc.keepalive_timeout_ms", 10_000),
+                ("grpc.keepalive_permit_without_calls", 1),
+                ("grpc.http2.max_pings_without_data", 0),
+                # Reconnect quickly once Triton is back.
+                ("grpc.initial_reconnect_backoff_ms", 200),
+                ("grpc.min_reconnect_backoff_ms", 200),
+                ("grpc.max_reconnect_backoff_ms", 2000),
+            ],
+        )
+        self._specs: dict[str, ModelSpec] = {}
+        self._verified: set[str] = set()
+        self._ready = False
+        self._health: asyncio.Task[None] | None = None
+
+    async def _verify(self, spec: ModelSpec) -> None:
+        meta = await self._client.get_model_metadata(spec.name, as_json=True, client_timeout=5)
+        cfg = (await self._client.get_model_config(spec.name, as_json=True, client_timeout=5))[
+            "config"
+        ]
+        problems = metadata_problems(spec, meta, int(cfg.get("max_batch_size", 0)))
+        if problems:
+            raise RepositoryError(
+                f"model {spec.name!r}: Triton at {self.url} serves something else than "
+                f"preprocess.json describes: " + "; ".join(problems)
+            )
+        self._verified.add(spec.name)
+        log.info("triton: %s verified against preprocess.json", spec.name)
+
+    async def start(self, specs: list[ModelSpec]) -> None:
+        self._specs = {s.name: s for s in specs}
+        try:
+            for spec in specs:
+                await self._verify(spec)
+            await self._check()
+        except InferenceServerException as exc:
+            if _code(exc) in (
+                "NOT_FOUND",
+                "INVALID_ARGUMENT",
+            ) or "Request for unknown model" in str(exc):
+                raise RepositoryError(
+                    f"Triton at {self.url} does not serve the models: {exc.message()}"
+                ) from exc
+            log.warning(
+                "triton at %s not reachable yet (%s); not ready until it is", self.url, _code(exc)
+            )
+        self._health = asyncio.create_task(self._health_loop(), name="triton-health")
+
+    async def _check(self) -> None:
+        ready = await self._client.is_server_ready(client_timeout=2)
+        for name in self._specs:
+            if not ready:
+                break
+            if name not in self._verified:
+                await self._verify(self._specs[name])
+            ready = await self._client.is_model_ready(name, client_timeout=2)
+        if ready != self._ready:
+            log.warning("triton at %s is %s", self.url, "ready" if ready else "NOT ready")
+        self._ready = ready
+
+    async def _health_loop(self) -> None:
+        while True:
+            try:
+                await self._check()
+            except (InferenceServerException, RepositoryError) as exc:
+                if self._ready:
+                    log.warning("triton at %s is NOT ready: %s", self.url, exc)
+                self._ready = False
+            await asyncio.sleep(self.health_interval_s)
+
+    async def infer(self, spec: ModelSpec, batch: np.ndarray, timeout_s: float) -> np.ndarray:
+        if not self._ready:
+            raise BackendUnavailable("the inference server is not ready; retry later")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        c = spec.contract
+        inp = InferInput(c.input_name, list(batch.shape), "FP32")
+        inp.set_data_from_numpy(batch)
+        out = InferRequestedOutput(c.output_name)
+        attempt = 0
+        while True:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise DeadlineExceeded("request deadline exceeded waiting for the inference server")
+            try:
+                result = await self._client.infer(
+                    spec.name, [inp], outputs=[out], client_timeout=remaining
+                )
+                logits = result.as_numpy(c.output_name)
+                if logits is None:
+                    raise InternalError()
+                return logits
+            except InferenceServerException as exc:
+                code = _code(exc)
+                if code == "DEADLINE_EXCEEDED":
+                    raise DeadlineExceeded("the inference server did not answer in time") from exc
+                if code not in TRANSIENT:
+                    log.error("triton refused a batch of %s: %s %s", spec.name, code, exc.message())
+                    raise BackendUnavailable(
+                        f"the inference server failed the request ({code or 'error'})"
+                    ) from exc
+                backoff = self.backoff_s * (2**attempt) * random.uniform(0.5, 1.5)
+                if attempt >= self.max_retries or loop.time() + backoff >= deadline:
+                    if code == "UNAVAILABLE":
+                        self._ready = False  # fail the next requests fast; health loop restores
+                        raise BackendUnavailable(
+                            "the inference server is unavailable; retry later"
+                        ) from exc
+                    raise Overloaded(
+                        "the inference server is overloaded; retry later", retry_after=1
+                    ) from exc
+                attempt += 1
+                await asyncio.sleep(backoff)
+
+    def is_ready(self) -> bool:
+        return self._ready
+
+    async def close(self) -> None:
+        self._ready = False
+        if self._health is not None:
+            self._health.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._health
+        await self._client.close()
