@@ -13,7 +13,7 @@ PORT ?= 8000
 # without its dependencies: we need only the binary, not pytriton's Python API.
 PYTRITON := nvidia-pytriton==0.7.0
 
-.PHONY: help setup serve demo test lint bench docs clean
+.PHONY: help setup serve demo test lint bench docs proto clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -50,6 +50,10 @@ bench: setup ## measure the gateway against bare ONNX Runtime (see README)
 
 docs: setup ## regenerate README's settings table from service/settings.py
 	$(BIN)/python -m deploy.settings_doc
+
+proto: setup ## regenerate service/grpc/classifier_pb2*.py from classifier.proto
+	$(BIN)/python -m grpc_tools.protoc -I . --python_out=. --grpc_python_out=. --pyi_out=. \
+		service/grpc/classifier.proto
 
 clean: ## remove the virtualenv and caches (keeps model_repository/)
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

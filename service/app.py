@@ -18,13 +18,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse
 
 from service import __version__
+from service.api.kserve import v2, v2_models
 from service.api.middleware import BodyLimit, Observe
 from service.api.routes import api, ops
 from service.backends import Backend, make_backend
 from service.classifier import Classifier
 from service.errors import InternalError, ServiceError
 from service.metrics import Metrics
-from service.model_store import load_repository
+from service.model_store import RepositoryError, load_repository
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -78,10 +79,15 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        specs = load_repository(settings.repository, settings.models or None)
         be = backend or make_backend(settings)
-        await be.start(specs)
-        clf = Classifier(specs, be, settings, metrics)
+        try:
+            specs = load_repository(settings.repository, settings.models or None)
+            await be.start(specs)
+            clf = Classifier(specs, be, settings, metrics)
+        except (RepositoryError, ValueError) as exc:
+            app.state.startup_error = str(exc)
+            await be.close()
+            raise
         clf.start()
         for spec in specs:
             metrics.model_info.labels(
@@ -89,6 +95,26 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
             ).set(1)
         app.state.classifier = clf
         app.state.draining = False
+        grpc_server = None
+        if settings.grpc_port is not None:
+            from service.grpc.server import GrpcServer
+
+            grpc_server = GrpcServer(
+                clf,
+                metrics,
+                app.state.api_key_hashes,
+                lambda: bool(app.state.draining),
+                settings.grpc_max_message_bytes,
+            )
+            try:
+                app.state.grpc_port = await grpc_server.start(settings.host, settings.grpc_port)
+            except (OSError, RuntimeError) as exc:
+                app.state.startup_error = (
+                    f"cannot serve gRPC on {settings.host}:{settings.grpc_port} ({exc})"
+                )
+                await clf.close()
+                await be.close()
+                raise
         log.info(
             "serving %s with %s (default model %s)",
             ", ".join(f"{s.name} v{s.version}" for s in specs),
@@ -99,6 +125,8 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
             yield
         finally:
             app.state.draining = True
+            if grpc_server is not None:
+                await grpc_server.stop(grace_s=settings.request_timeout_s)
             await clf.close()
             await be.close()
             log.info("gateway stopped")
@@ -114,10 +142,13 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
     app.state.metrics = metrics
     app.state.classifier = None
     app.state.draining = False
+    app.state.startup_error = None
     app.state.api_key_hashes = [hashlib.sha256(k.encode()).digest() for k in settings.api_keys]
     install_error_handlers(app, metrics)
     app.include_router(api)
     app.include_router(ops)
+    app.include_router(v2)
+    app.include_router(v2_models)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(Observe, metrics=metrics)
     return app

@@ -102,7 +102,9 @@ class Classifier:
         name = name or self.default_model
         spec = self.specs.get(name)
         if spec is None:
-            raise ModelNotFound(f"model {name!r} is not served; see GET /v1/models")
+            raise ModelNotFound(
+                f"model {name!r} is not served (GET /v1/models or ListModels lists them)"
+            )
         return spec
 
     def resolve_top_k(self, spec: ModelSpec, top_k_: int | None) -> int:
@@ -120,26 +122,22 @@ class Classifier:
         self.metrics.preprocess.labels(spec.name).observe(time.perf_counter() - start)
         return tensor
 
-    async def classify(
-        self,
-        model: str | None,
-        images: list[bytes],
-        top_k_: int | None = None,
-        timeout_s: float | None = None,
-    ) -> Classification:
-        spec = self.spec(model)
-        k = self.resolve_top_k(spec, top_k_)
-        if not images:
-            raise InvalidRequest("no image in the request")
-        if len(images) > self.settings.max_images_per_request:
-            raise PayloadTooLarge(
-                f"{len(images)} images in one request; the limit is "
-                f"{self.settings.max_images_per_request}"
-            )
+    def deadline(self, timeout_s: float | None) -> float:
         budget = self.settings.request_timeout_s
         if timeout_s is not None:
             budget = min(budget, timeout_s)
-        deadline = time.perf_counter() + budget
+        return time.perf_counter() + budget
+
+    def check_count(self, n: int) -> None:
+        if n == 0:
+            raise InvalidRequest("no image in the request")
+        if n > self.settings.max_images_per_request:
+            raise PayloadTooLarge(
+                f"{n} images in one request; the limit is {self.settings.max_images_per_request}"
+            )
+
+    async def preprocess_images(self, spec: ModelSpec, images: list[bytes]) -> list[np.ndarray]:
+        """Decode and preprocess in the thread pool; the first bad image is the error."""
         loop = asyncio.get_running_loop()
         results = await asyncio.gather(
             *(loop.run_in_executor(self._executor, self._preprocess_one, spec, d) for d in images),
@@ -152,9 +150,28 @@ class Classifier:
                 raise res
             if isinstance(res, BaseException):
                 raise res
-        tensors = [r for r in results if isinstance(r, np.ndarray)]
-        logits = np.stack(await self.batchers[spec.name].submit(tensors, deadline))
-        self.metrics.images.labels(spec.name).inc(len(images))
+        return [r for r in results if isinstance(r, np.ndarray)]
+
+    async def logits(
+        self, spec: ModelSpec, tensors: list[np.ndarray], deadline: float
+    ) -> np.ndarray:
+        """Run preprocessed tensors through the model's batcher; (n, num_classes) logits."""
+        out = np.stack(await self.batchers[spec.name].submit(tensors, deadline))
+        self.metrics.images.labels(spec.name).inc(len(tensors))
+        return out
+
+    async def classify(
+        self,
+        model: str | None,
+        images: list[bytes],
+        top_k_: int | None = None,
+        timeout_s: float | None = None,
+    ) -> Classification:
+        spec = self.spec(model)
+        k = self.resolve_top_k(spec, top_k_)
+        self.check_count(len(images))
+        deadline = self.deadline(timeout_s)
+        logits = await self.logits(spec, await self.preprocess_images(spec, images), deadline)
         idx, probs = top_k(logits, k)
         labels = spec.labels
         return Classification(

@@ -31,6 +31,32 @@ def _fail(message: str) -> typer.Exit:
     return typer.Exit(1)
 
 
+class _OneLineStartupErrors:
+    """ASGI wrapper: when the lifespan fails with a known cause (app.state.startup_error),
+    uvicorn reports that one line instead of a traceback, and the process exits 1."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "lifespan":
+            await self.app(scope, receive, send)
+            return
+
+        async def quiet_send(message: Any) -> None:
+            reason = getattr(self.app.state, "startup_error", None)
+            if message["type"] == "lifespan.startup.failed" and reason:
+                message = {**message, "message": f"resnet-serve: error: {reason}"}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, quiet_send)
+        except BaseException:
+            if getattr(self.app.state, "startup_error", None):
+                return  # already reported in one line
+            raise
+
+
 class _DrainingServer:
     """uvicorn.Server whose SIGTERM first marks the app not-ready for ``drain_seconds``
     (load balancers stop routing to it), then shuts down gracefully: the listening socket
@@ -54,8 +80,13 @@ class _DrainingServer:
 
         self.server = Server(config)
 
-    def run(self) -> None:
-        self.server.run()
+    def run(self) -> bool:
+        """Serve until shutdown; False if the app never started."""
+        try:
+            self.server.run()
+        except SystemExit:  # uvicorn exits 3 when the lifespan fails; we exit 1
+            return False
+        return bool(self.server.started)
 
 
 @app.command()
@@ -71,6 +102,9 @@ def serve(
     ] = None,
     host: Annotated[str | None, typer.Option(help="REST bind address (default 127.0.0.1).")] = None,
     port: Annotated[int | None, typer.Option(help="REST port (default 8000).")] = None,
+    grpc_port: Annotated[
+        int | None, typer.Option(help="Also serve the gRPC API on this port.")
+    ] = None,
     models: Annotated[
         str | None, typer.Option(help="Comma-separated models to serve (default: all).")
     ] = None,
@@ -86,6 +120,7 @@ def serve(
     overrides: dict[str, Any] = {"repository": repository, "backend": backend}
     for key, value in (
         ("triton_url", triton_url),
+        ("grpc_port", grpc_port),
         ("host", host),
         ("port", port),
         ("models", models),
@@ -114,7 +149,7 @@ def serve(
     )
     fastapi_app = create_app(settings)
     config = uvicorn.Config(
-        fastapi_app,
+        _OneLineStartupErrors(fastapi_app),
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
@@ -126,10 +161,11 @@ def serve(
     )
     typer.echo(
         f"resnet-serve: {', '.join(s.name for s in specs)} on http://{settings.host}:{settings.port} "
-        f"(backend {settings.backend}; docs at /docs)"
+        f"(backend {settings.backend}; docs at /docs"
+        + (f"; gRPC on port {settings.grpc_port}" if settings.grpc_port is not None else "")
+        + ")"
     )
-    _DrainingServer(config, fastapi_app, settings.drain_seconds).run()
-    if getattr(fastapi_app.state, "startup_failed", False):
+    if not _DrainingServer(config, fastapi_app, settings.drain_seconds).run():
         raise typer.Exit(1)
 
 

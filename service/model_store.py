@@ -7,10 +7,11 @@ serve the same specs.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from google.protobuf import text_format
+from google.protobuf import json_format, text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from service.contract import (
@@ -54,6 +55,10 @@ class ModelSpec:
     labels: tuple[str, ...]
     max_batch_size: int
     onnx_path: Path
+    #: Triton's platform or backend for the model ("onnxruntime_onnx", "python").
+    platform: str = ""
+    #: config.pbtxt as Triton's JSON (GET /v2/models/{m}/config).
+    config: dict[str, Any] = field(default_factory=dict)
 
     @property
     def precision(self) -> str:
@@ -88,6 +93,8 @@ def load_spec(model_dir: Path) -> ModelSpec:
         labels=tuple(labels),
         max_batch_size=max(1, cfg.max_batch_size),
         onnx_path=onnx_path,
+        platform=cfg.platform or cfg.backend,
+        config=json_format.MessageToDict(cfg, preserving_proto_field_name=True),
     )
 
 

@@ -39,6 +39,12 @@ class Settings(BaseSettings):
     # --- network ---------------------------------------------------------------------------
     host: str = Field("127.0.0.1", description="REST bind address.")
     port: int = Field(8000, ge=0, le=65535, description="REST port.")
+    grpc_port: int | None = Field(
+        None, ge=0, le=65535, description="gRPC API port (default: no gRPC server)."
+    )
+    grpc_max_message_bytes: int = Field(
+        32 * 1024 * 1024, ge=1024, description="Largest gRPC message accepted or sent."
+    )
     api_keys: CommaList = Field(
         default_factory=list,
         description="If set, classification and model routes require one of these keys "

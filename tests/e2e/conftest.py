@@ -89,3 +89,53 @@ def server(demo, tmp_path_factory) -> Iterator[Server]:
     s = start_server(tmp_path_factory.mktemp("srv"), "--repository", str(demo.repository))
     yield s
     stop(s)
+
+
+@pytest.fixture(scope="session")
+def triton_repo(demo, tmp_path_factory) -> Path:
+    """The demo's ONNX file published as flavor python-ort (what the CPU tritonserver runs)."""
+    import json
+
+    from export.repository import Publication, ServingConfig, publish
+    from service.contract import PreprocessContract, read_labels
+
+    repo = tmp_path_factory.mktemp("triton") / "repo"
+    src = demo.model_dir
+    publish(
+        repo,
+        Publication(
+            "digits",
+            PreprocessContract.load(src / "preprocess.json"),
+            read_labels(src / "labels.txt"),
+            src / "1" / "model.onnx",
+            "python-ort",
+            ServingConfig(max_batch_size=32, instance_kind="cpu"),
+            json.loads((src / "1" / "export_report.json").read_text()),
+        ),
+    )
+    return repo
+
+
+@dataclass
+class TritonPorts:
+    http: int
+    grpc: int
+    metrics: int
+
+
+def start_real_triton(repo: Path, ports: TritonPorts, log: Path):
+    from service.triton_launcher import start_triton
+
+    server = start_triton(repo, ports.http, ports.grpc, ports.metrics, log_path=log)
+    server.wait_ready(180)
+    return server
+
+
+@pytest.fixture(scope="module")
+def triton(triton_repo, tmp_path_factory):
+    """A real tritonserver on free ports; fails fast (with its log) if it dies."""
+    ports = TritonPorts(free_port(), free_port(), free_port())
+    server = start_real_triton(triton_repo, ports, tmp_path_factory.mktemp("tlog") / "triton.log")
+    server.ports = ports  # type: ignore[attr-defined]
+    yield server
+    server.stop()

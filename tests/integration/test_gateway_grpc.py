@@ -1,0 +1,249 @@
+"""The gRPC API in process: same classifier as REST; status codes; health; reflection."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from fastapi.testclient import TestClient
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from service.app import create_app
+from service.grpc import classifier_pb2 as pb
+from service.grpc import classifier_pb2_grpc as pbg
+from service.settings import Settings
+from tests.integration.test_gateway_http import SlowBackend
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def serve(demo, backend=None, **kw):
+    settings = Settings(repository=demo.repository, grpc_port=0, **kw)
+    return TestClient(create_app(settings, backend=backend))
+
+
+@pytest.fixture(scope="module")
+def gateway(demo):
+    with serve(demo, grpc_max_message_bytes=200_000) as client:
+        channel = grpc.insecure_channel(f"127.0.0.1:{client.app.state.grpc_port}")
+        yield client, pbg.ClassifierStub(channel), channel
+        channel.close()
+
+
+@pytest.fixture(scope="module")
+def pngs(demo):
+    return [(p.read_bytes(), label) for p, label in demo.pngs()[::50]]
+
+
+def code_of(call):
+    with pytest.raises(grpc.RpcError) as info:
+        call()
+    return info.value.code(), info.value.details()
+
+
+def test_classify_matches_rest(gateway, pngs):
+    client, stub, _ = gateway
+    images = [d for d, _ in pngs]
+    reply = stub.Classify(pb.ClassifyRequest(model="digits", images=images, top_k=3), timeout=30)
+    assert (reply.model, reply.model_version) == ("digits", "1")
+    assert [r.predictions[0].index for r in reply.results] == [label for _, label in pngs]
+    assert all(len(r.predictions) == 3 for r in reply.results)
+    rest = client.post(
+        "/v1/classify?top_k=3", files=[("file", ("a.png", images[0], "image/png"))]
+    ).json()
+    assert [p["index"] for p in rest["predictions"][0]] == [
+        p.index for p in reply.results[0].predictions
+    ]
+    assert abs(rest["predictions"][0][0]["score"] - reply.results[0].predictions[0].score) < 1e-6
+    default = stub.Classify(
+        pb.ClassifyRequest(images=images[:1]), timeout=30
+    )  # default model, top_k 5
+    assert len(default.results[0].predictions) == 5
+
+
+def test_list_models(gateway):
+    _, stub, _ = gateway
+    models = stub.ListModels(pb.ListModelsRequest(), timeout=5).models
+    assert [(m.name, m.num_classes, m.is_default) for m in models] == [("digits", 10, True)]
+
+
+@pytest.mark.parametrize(
+    ("request_kw", "code", "fragment"),
+    [
+        ({"model": "nope", "images": [b"x"]}, grpc.StatusCode.NOT_FOUND, "'nope'"),
+        ({"images": []}, grpc.StatusCode.INVALID_ARGUMENT, "no image"),
+        ({"images": [b"junk"]}, grpc.StatusCode.INVALID_ARGUMENT, "unsupported image format"),
+        ({"images": [b"\x89PNG\r\n\x1a\n\x00"]}, grpc.StatusCode.INVALID_ARGUMENT, "cannot decode"),
+        ({"images": ["PNG"], "top_k": 11}, grpc.StatusCode.INVALID_ARGUMENT, "top_k"),
+        ({"images": ["PNG"], "top_k": -2}, grpc.StatusCode.INVALID_ARGUMENT, "top_k"),
+        ({"images": ["BOMB"]}, grpc.StatusCode.INVALID_ARGUMENT, "pixels"),
+    ],
+)
+def test_bad_input_maps_to_status_codes(gateway, pngs, request_kw, code, fragment):
+    _, stub, _ = gateway
+    import io
+
+    from PIL import Image
+
+    bomb = io.BytesIO()
+    Image.new("L", (7000, 7000)).save(bomb, format="PNG")
+    images = [
+        {"PNG": pngs[0][0], "BOMB": bomb.getvalue()}.get(i, i) if isinstance(i, str) else i
+        for i in request_kw.pop("images")
+    ]
+    got, details = code_of(
+        lambda: stub.Classify(pb.ClassifyRequest(images=images, **request_kw), timeout=10)
+    )
+    assert got == code and fragment in details
+
+
+def test_max_message_size_is_enforced(gateway):
+    _, stub, _ = gateway
+    got, _ = code_of(
+        lambda: stub.Classify(
+            pb.ClassifyRequest(images=[b"\xff\xd8\xff" + b"0" * 300_000]), timeout=10
+        )
+    )
+    assert got == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_health_and_reflection(gateway):
+    client, _, channel = gateway
+    health = health_pb2_grpc.HealthStub(channel)
+    for service in ("", "resnet_serving.v1.Classifier"):
+        reply = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    refl = reflection_pb2_grpc.ServerReflectionStub(channel)
+    reply = next(
+        refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+    )
+    names = {s.name for s in reply.list_services_response.service}
+    assert {"resnet_serving.v1.Classifier", "grpc.health.v1.Health"} <= names
+    text = client.get("/metrics").text
+    assert 'resnet_serve_grpc_requests_total{code="OK",method="Classify"}' in text
+
+
+def test_draining_is_unavailable_and_not_serving(demo, pngs):
+    with serve(demo) as client:
+        channel = grpc.insecure_channel(f"127.0.0.1:{client.app.state.grpc_port}")
+        stub = pbg.ClassifierStub(channel)
+        client.app.state.draining = True
+        got, details = code_of(
+            lambda: stub.Classify(pb.ClassifyRequest(images=[pngs[0][0]]), timeout=5)
+        )
+        assert got == grpc.StatusCode.UNAVAILABLE and "shutting down" in details
+        time.sleep(1.0)
+        health = health_pb2_grpc.HealthStub(channel)
+        assert (
+            health.Check(health_pb2.HealthCheckRequest(), timeout=5).status
+            == health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        client.app.state.draining = False
+        channel.close()
+
+
+def test_api_keys_over_grpc(demo, pngs):
+    with (
+        serve(demo, api_keys=["k"]) as client,
+        grpc.insecure_channel(f"127.0.0.1:{client.app.state.grpc_port}") as channel,
+    ):
+        stub = pbg.ClassifierStub(channel)
+        req = pb.ClassifyRequest(images=[pngs[0][0]])
+        assert code_of(lambda: stub.Classify(req, timeout=5))[0] == grpc.StatusCode.UNAUTHENTICATED
+        assert (
+            code_of(lambda: stub.Classify(req, timeout=5, metadata=(("x-api-key", "no"),)))[0]
+            == grpc.StatusCode.UNAUTHENTICATED
+        )
+        assert stub.Classify(req, timeout=5, metadata=(("authorization", "Bearer k"),)).results
+
+
+def test_overload_and_deadline_codes(demo, pngs):
+    backend = SlowBackend(0.4)
+    with (
+        serve(
+            demo, backend=backend, max_queue_images=1, max_batch_size=1, max_batch_delay_ms=0
+        ) as client,
+        grpc.insecure_channel(f"127.0.0.1:{client.app.state.grpc_port}") as channel,
+    ):
+        stub = pbg.ClassifierStub(channel)
+        req = pb.ClassifyRequest(images=[pngs[0][0]])
+        codes = []
+
+        def call():
+            try:
+                stub.Classify(req, timeout=20)
+                codes.append(grpc.StatusCode.OK)
+            except grpc.RpcError as exc:
+                codes.append(exc.code())
+
+        threads = [threading.Thread(target=call) for _ in range(5)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert grpc.StatusCode.OK in codes and grpc.StatusCode.RESOURCE_EXHAUSTED in codes, codes
+        assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}
+        assert (
+            code_of(lambda: stub.Classify(req, timeout=0.1))[0] == grpc.StatusCode.DEADLINE_EXCEEDED
+        )
+
+
+def test_generated_code_matches_the_proto(tmp_path):
+    """service/grpc/*_pb2*.py are generated from classifier.proto (make proto) and current."""
+    out = tmp_path / "gen"
+    (out / "service" / "grpc").mkdir(parents=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "grpc_tools.protoc",
+            "-I",
+            str(ROOT),
+            f"--python_out={out}",
+            f"--grpc_python_out={out}",
+            f"--pyi_out={out}",
+            str(ROOT / "service/grpc/classifier.proto"),
+        ],
+        check=True,
+    )
+    for name in ("classifier_pb2.py", "classifier_pb2_grpc.py", "classifier_pb2.pyi"):
+        assert (out / "service/grpc" / name).read_text() == (
+            ROOT / "service/grpc" / name
+        ).read_text(), name
+
+
+def test_example_client(demo, gateway, tmp_path):
+    client, _, _ = gateway
+    png = demo.pngs()[0]
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "service.grpc.example_client",
+            "--target",
+            f"127.0.0.1:{client.app.state.grpc_port}",
+            "--top-k",
+            "2",
+            str(png[0]),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith(f"{png[0]}: {png[1]} (")
+    proc = subprocess.run(
+        [sys.executable, "-m", "service.grpc.example_client", str(tmp_path / "none.png")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 1 and "No such file" in proc.stderr
