@@ -6,7 +6,10 @@ same model file and the same machine, in this order:
 1. bare ONNX Runtime, batch 1 and batch 8 (the ceiling: no HTTP, no decoding);
 2. image preprocessing alone (500x375 JPEG; 4032x3024 JPEG with and without DCT draft);
 3. the gateway (a real process, embedded ORT backend): 16 and 1 closed-loop clients posting
-   a 500x375 JPEG, and Poisson arrivals at half the bare model's throughput.
+   a 500x375 JPEG, and Poisson arrivals at half the bare model's throughput;
+4. the same 16 clients over the gateway's gRPC API (same process, same backend);
+5. the gateway with the Triton backend: a real tritonserver (CPU, python backend running
+   ORT on the same ONNX file), 16 REST clients.
 
 Results print as a table and are written to ``bench-results.json``. Figures are reported as
 ratios to bare ORT from the same run, because the machines are shared and noisy.
@@ -120,13 +123,13 @@ def preprocess_ms(repo: Path) -> dict[str, float]:
 
 
 def start_gateway(
-    repo: Path, port: int, extra_env: dict[str, str] | None = None
+    repo: Path, port: int, *args: str, env_extra: dict[str, str] | None = None
 ) -> subprocess.Popen[bytes]:
     import httpx
 
-    env = {**os.environ, "RESNET_SERVE_LOG_LEVEL": "warning", **(extra_env or {})}
+    env = {**os.environ, "RESNET_SERVE_LOG_LEVEL": "warning", **(env_extra or {})}
     proc = subprocess.Popen(
-        [str(BIN / "resnet-serve"), "serve", "--repository", str(repo), "--port", str(port)],
+        [str(BIN / "resnet-serve"), "serve", "--repository", str(repo), "--port", str(port), *args],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -154,7 +157,58 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
         proc.kill()
 
 
-def run(seconds: float, out: Path) -> dict[str, Any]:
+async def grpc_closed_loop(target: str, body: bytes, clients: int, duration_s: float) -> Any:
+    """``clients`` concurrent Classify calls on one channel, each re-sent when it returns."""
+    import grpc
+
+    from deploy.loadgen import LoadResult
+    from service.grpc import classifier_pb2, classifier_pb2_grpc
+
+    result = LoadResult(duration_s)
+    request = classifier_pb2.ClassifyRequest(model=NAME, images=[body], top_k=5)
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = classifier_pb2_grpc.ClassifierStub(channel)
+        end = time.perf_counter() + duration_s
+
+        async def client() -> None:
+            while time.perf_counter() < end:
+                t0 = time.perf_counter()
+                try:
+                    await stub.Classify(request, timeout=30)
+                    status = 200
+                except grpc.aio.AioRpcError as exc:
+                    status = 500 + exc.code().value[0]
+                result.latencies_s.append(time.perf_counter() - t0)
+                result.statuses[status] = result.statuses.get(status, 0) + 1
+
+        start = time.perf_counter()
+        await asyncio.gather(*(client() for _ in range(clients)))
+        result.duration_s = time.perf_counter() - start
+    return result
+
+
+def python_ort_copy(repo: Path, into: Path) -> None:
+    """The same ONNX file published as flavor python-ort, for the CPU tritonserver."""
+    from export.repository import Publication, ServingConfig, publish
+    from service.contract import PreprocessContract, read_labels
+
+    src = repo / NAME
+    report = json.loads((src / "1" / "export_report.json").read_text())
+    publish(
+        into,
+        Publication(
+            NAME,
+            PreprocessContract.load(src / "preprocess.json"),
+            read_labels(src / "labels.txt"),
+            src / "1" / "model.onnx",
+            "python-ort",
+            ServingConfig(max_batch_size=16, instance_kind="cpu"),
+            report,
+        ),
+    )
+
+
+def run(seconds: float, out: Path, triton: bool = True) -> dict[str, Any]:
     results: dict[str, Any] = {"machine": {"cpus": os.cpu_count()}}
     with tempfile.TemporaryDirectory(prefix="resnet-bench-") as tmp:
         repo = Path(tmp)
@@ -173,9 +227,9 @@ def run(seconds: float, out: Path) -> dict[str, Any]:
         log(f"  {results['preprocess']}")
 
         body = test_jpeg()
-        port = free_port()
+        port, grpc_port = free_port(), free_port()
         url = f"http://127.0.0.1:{port}/v1/models/{NAME}/classify?top_k=5"
-        gw = start_gateway(repo, port)
+        gw = start_gateway(repo, port, "--grpc-port", str(grpc_port))
         try:
             asyncio.run(closed_loop(url, body, "image/jpeg", 16, 3))  # warm-up
             log("gateway, 16 clients ...")
@@ -188,6 +242,9 @@ def run(seconds: float, out: Path) -> dict[str, Any]:
             log(f"gateway, Poisson arrivals at {rate:.1f}/s (half of bare batch-8) ...")
             rp = asyncio.run(open_loop(url, body, "image/jpeg", rate, seconds))
             log(f"  {rp.summary()}")
+            log("gateway gRPC API, 16 clients ...")
+            rg = asyncio.run(grpc_closed_loop(f"127.0.0.1:{grpc_port}", body, 16, seconds))
+            log(f"  {rg.summary()}")
         finally:
             stop(gw)
         results["gateway_rest_onnxruntime"] = {
@@ -196,8 +253,40 @@ def run(seconds: float, out: Path) -> dict[str, Any]:
             "poisson_half_bare": {"rate_per_s": round(rate, 2), **rp.summary()},
             "ratio_vs_bare_batch8": round(r16.images_per_s / bare8, 3),
         }
+        results["gateway_grpc_onnxruntime"] = {
+            "clients16": rg.summary(),
+            "ratio_vs_bare_batch8": round(rg.images_per_s / bare8, 3),
+            "ratio_vs_rest": round(rg.images_per_s / r16.images_per_s, 3),
+        }
+        if triton:
+            results["gateway_rest_triton"] = bench_triton(repo, body, seconds, bare8)
     out.write_text(json.dumps(results, indent=2) + "\n")
     return results
+
+
+def bench_triton(repo: Path, body: bytes, seconds: float, bare8: float) -> dict[str, Any]:
+    from service.triton_launcher import start_triton
+
+    trepo = repo.parent / "triton-repo"
+    python_ort_copy(repo, trepo)
+    log("starting tritonserver (CPU, python backend + ORT) ...")
+    tports = (free_port(), free_port(), free_port())
+    triton = start_triton(trepo, *tports, log_path=repo.parent / "triton.log")
+    try:
+        triton.wait_ready(180)
+        port = free_port()
+        gw = start_gateway(trepo, port, "--backend", "triton", "--triton-url", triton.grpc_url)
+        url = f"http://127.0.0.1:{port}/v1/models/{NAME}/classify?top_k=5"
+        try:
+            asyncio.run(closed_loop(url, body, "image/jpeg", 16, 3))
+            log("gateway -> Triton, 16 clients ...")
+            rt = asyncio.run(closed_loop(url, body, "image/jpeg", 16, seconds))
+            log(f"  {rt.summary()}")
+        finally:
+            stop(gw)
+    finally:
+        triton.stop()
+    return {"clients16": rt.summary(), "ratio_vs_bare_batch8": round(rt.images_per_s / bare8, 3)}
 
 
 def table(results: dict[str, Any]) -> str:
@@ -227,6 +316,34 @@ def table(results: dict[str, Any]) -> str:
             f"{gw['poisson_half_bare']['p50_ms']} / {gw['poisson_half_bare']['p99_ms']} ms",
             "",
         ),
+        (
+            "gateway gRPC API (embedded ORT), 16 clients",
+            f"{results['gateway_grpc_onnxruntime']['clients16']['images_per_s']:.1f} img/s "
+            f"({results['gateway_grpc_onnxruntime']['ratio_vs_rest']:.2f}x REST)",
+            f"{results['gateway_grpc_onnxruntime']['ratio_vs_bare_batch8']:.2f}x",
+        ),
+        (
+            "  gRPC latency p50 / p99, 16 clients",
+            f"{results['gateway_grpc_onnxruntime']['clients16']['p50_ms']} / "
+            f"{results['gateway_grpc_onnxruntime']['clients16']['p99_ms']} ms",
+            "",
+        ),
+    ]
+    if "gateway_rest_triton" in results:
+        t = results["gateway_rest_triton"]
+        rows += [
+            (
+                "gateway REST -> Triton (python backend + ORT), 16 clients",
+                f"{t['clients16']['images_per_s']:.1f} img/s",
+                f"{t['ratio_vs_bare_batch8']:.2f}x",
+            ),
+            (
+                "  latency p50 / p99, 16 clients",
+                f"{t['clients16']['p50_ms']} / {t['clients16']['p99_ms']} ms",
+                "",
+            ),
+        ]
+    rows += [
         ("preprocess 500x375 JPEG -> 224 tensor", f"{pre['jpeg_500x375_ms']} ms", ""),
         (
             "preprocess 4032x3024 JPEG, draft / full decode",
@@ -245,10 +362,11 @@ def main() -> None:
     )
     parser.add_argument("--seconds", type=float, default=20.0, help="length of each measured phase")
     parser.add_argument("--out", type=Path, default=Path("bench-results.json"))
+    parser.add_argument("--no-triton", action="store_true", help="skip the Triton phase")
     args = parser.parse_args()
     if not 1 <= args.seconds <= 120:
         parser.error("--seconds must be between 1 and 120")
-    print(table(run(args.seconds, args.out)))
+    print(table(run(args.seconds, args.out, triton=not args.no_triton)))
 
 
 if __name__ == "__main__":

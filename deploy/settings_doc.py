@@ -12,7 +12,7 @@ HEAD = "| variable | default | meaning |\n|---|---|---|\n"
 def rows() -> str:
     out = []
     for name, f in Settings.model_fields.items():
-        d = f.default if f.default_factory is None else f.default_factory()
+        d = f.get_default(call_default_factory=True)
         if isinstance(d, list):
             d = ",".join(d) or "(empty)"
         if d is None:

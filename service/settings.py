@@ -78,7 +78,18 @@ class Settings(BaseSettings):
         0, ge=0, description="Threads decoding and preprocessing images (0: one per core)."
     )
     ort_intra_op_threads: int = Field(
-        0, ge=0, description="ONNX Runtime intra-op threads per model (0: one per core)."
+        0,
+        ge=0,
+        description="ONNX Runtime intra-op threads per batch (0: the cores divided "
+        "by ORT_PARALLEL_BATCHES).",
+    )
+    ort_parallel_batches: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Batches of one model ONNX Runtime runs at once. 1: each "
+        "batch on all cores (lowest latency). 2 on a 2-core machine: one single-threaded batch "
+        "per core (more throughput when decoding competes for the cores).",
     )
     jpeg_draft: bool = Field(
         True,

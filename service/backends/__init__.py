@@ -10,7 +10,10 @@ def make_backend(settings: Settings) -> Backend:
     if settings.backend == "onnxruntime":
         from service.backends.onnxruntime import OnnxRuntimeBackend
 
-        return OnnxRuntimeBackend(intra_op_threads=settings.ort_intra_op_threads)
+        return OnnxRuntimeBackend(
+            intra_op_threads=settings.ort_intra_op_threads,
+            parallel_batches=settings.ort_parallel_batches,
+        )
     from service.backends.triton import TritonBackend
 
     return TritonBackend(settings.triton_url, max_retries=settings.triton_max_retries)

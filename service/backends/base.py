@@ -21,7 +21,7 @@ class Backend(abc.ABC):
 
     name: ClassVar[str]
     #: How many batches of one model may be in the backend at once.
-    max_inflight_batches: ClassVar[int] = 1
+    max_inflight_batches: int = 1
 
     @abc.abstractmethod
     async def start(self, specs: list[ModelSpec]) -> None:

@@ -20,11 +20,16 @@ log = logging.getLogger(__name__)
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
 
-    def __init__(self, intra_op_threads: int = 0) -> None:
-        self._threads = intra_op_threads or (os.cpu_count() or 1)
+    def __init__(self, intra_op_threads: int = 0, parallel_batches: int = 1) -> None:
+        """``parallel_batches`` runs of one session at once, each with ``intra_op_threads``
+        (default: the cores divided among them). One batch on all cores gives the lowest
+        latency; several single-threaded batches avoid stalling a whole batch whenever a
+        decoding thread takes one of its cores, which gives more throughput under load."""
+        self.max_inflight_batches = max(1, parallel_batches)
+        cores = os.cpu_count() or 1
+        self._threads = intra_op_threads or max(1, cores // self.max_inflight_batches)
         self._sessions: dict[str, ort.InferenceSession] = {}
-        # One thread per model runs its session: ORT parallelises inside a batch with its
-        # own intra-op threads, and the GIL is released while it does.
+        # Threads that call session.run (the GIL is released while ORT computes).
         self._executors: dict[str, ThreadPoolExecutor] = {}
         self._ready = False
 
@@ -63,7 +68,9 @@ class OnnxRuntimeBackend(Backend):
     async def start(self, specs: list[ModelSpec]) -> None:
         loop = asyncio.get_running_loop()
         for spec in specs:
-            executor = ThreadPoolExecutor(1, thread_name_prefix=f"ort-{spec.name}")
+            executor = ThreadPoolExecutor(
+                self.max_inflight_batches, thread_name_prefix=f"ort-{spec.name}"
+            )
             self._executors[spec.name] = executor
             self._sessions[spec.name] = await loop.run_in_executor(executor, self._open, spec)
             log.info("onnxruntime: loaded %s version %s", spec.name, spec.version)
