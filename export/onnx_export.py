@@ -19,6 +19,7 @@ from torch import nn
 
 from export.errors import ExportError
 from service.contract import PreprocessContract
+from service.errors import brief
 from service.preprocess import preprocess
 
 DEFAULT_OPSET = 17
@@ -76,14 +77,10 @@ def check_onnx(path: Path, contract: PreprocessContract) -> None:
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except onnx.checker.ValidationError as exc:
-        raise ExportError(f"{path}: onnx.checker rejected the graph ({_first(exc)})") from exc
+        raise ExportError(f"{path}: onnx.checker rejected the graph ({brief(exc)})") from exc
     problems = graph_contract_problems(onnx.load(str(path), load_external_data=False), contract)
     if problems:
         raise ExportError(f"{path}: " + "; ".join(problems))
-
-
-def _first(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
 
 
 def _dims(value_info: onnx.ValueInfoProto) -> list[int | str]:

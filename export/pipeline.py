@@ -28,7 +28,7 @@ from export.repository import (
     ensure_writable,
     publish,
 )
-from service.contract import PreprocessContract
+from service.contract import ContractError, PreprocessContract, read_labels
 
 
 @dataclass(frozen=True)
@@ -47,16 +47,11 @@ def imagenet_labels() -> list[str]:
 
 
 def read_labels_file(path: Path, num_classes: int) -> list[str]:
+    """--labels FILE: read as the gateway reads labels.txt, and matched to the class count."""
     try:
-        labels = path.read_text(encoding="utf-8").splitlines()
-    except OSError as exc:
-        raise ExportError(f"labels file {path}: {exc.strerror or exc}") from exc
-    except UnicodeDecodeError as exc:
-        raise ExportError(f"labels file {path} is not UTF-8 text") from exc
-    while labels and not labels[-1].strip():
-        labels.pop()
-    if any(not label.strip() for label in labels):
-        raise ExportError(f"labels file {path} has a blank line; every class needs a name")
+        labels = read_labels(path)
+    except ContractError as exc:
+        raise ExportError(f"labels file {exc}") from exc
     if len(labels) != num_classes:
         raise ExportError(
             f"labels file {path} has {len(labels)} names but the model has {num_classes} classes"

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from export.errors import ExportError
+from service.errors import brief
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -165,17 +166,13 @@ def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
                     f"refusing to unpickle them (save a state_dict instead)"
                 ) from exc
             raise ExportError(
-                f"checkpoint {path} is corrupt or truncated ({_first_line(exc)})"
+                f"checkpoint {path} is corrupt or truncated ({brief(exc, 160)})"
             ) from exc
         except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
             raise ExportError(
-                f"checkpoint {path} is corrupt or truncated ({_first_line(exc)})"
+                f"checkpoint {path} is corrupt or truncated ({brief(exc, 160)})"
             ) from exc
     return _unwrap(raw, path)
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
 
 
 def _unwrap(raw: object, path: Path) -> dict[str, torch.Tensor]:

@@ -7,7 +7,6 @@ pool and the batchers, and closes them in its ``finally``; routes find them on
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -21,6 +20,7 @@ from service import __version__
 from service.api.kserve import v2, v2_models
 from service.api.middleware import BodyLimit, Observe
 from service.api.routes import api, ops
+from service.auth import hash_keys
 from service.backends import Backend, make_backend
 from service.classifier import Classifier
 from service.errors import InternalError, ServiceError
@@ -99,13 +99,7 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
         if settings.grpc_port is not None:
             from service.grpc.server import GrpcServer
 
-            grpc_server = GrpcServer(
-                clf,
-                metrics,
-                app.state.api_key_hashes,
-                lambda: bool(app.state.draining),
-                settings.grpc_max_message_bytes,
-            )
+            grpc_server = GrpcServer(clf, metrics, app.state, settings.grpc_max_message_bytes)
             try:
                 app.state.grpc_port = await grpc_server.start(settings.host, settings.grpc_port)
             except (OSError, RuntimeError) as exc:
@@ -143,7 +137,7 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
     app.state.classifier = None
     app.state.draining = False
     app.state.startup_error = None
-    app.state.api_key_hashes = [hashlib.sha256(k.encode()).digest() for k in settings.api_keys]
+    app.state.api_key_hashes = hash_keys(settings.api_keys)
     install_error_handlers(app, metrics)
     app.include_router(api)
     app.include_router(ops)

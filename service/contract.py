@@ -105,14 +105,16 @@ class PreprocessContract(BaseModel):
 
 
 def read_labels(path: Path) -> list[str]:
-    """One class name per line; trailing newline optional, blank names are not allowed."""
+    """One class name per line; trailing blank lines are ignored, blank names are not allowed."""
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError as exc:
         raise ContractError(f"{path}: missing") from exc
     except UnicodeDecodeError as exc:
         raise ContractError(f"{path}: not UTF-8 text") from exc
-    labels = text.splitlines()
+    except OSError as exc:
+        raise ContractError(f"{path}: {exc.strerror or exc}") from exc
+    labels = text.rstrip().splitlines()
     if any(not label.strip() for label in labels):
         raise ContractError(f"{path}: blank line (every class needs a name)")
     return labels

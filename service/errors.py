@@ -10,6 +10,12 @@ from __future__ import annotations
 from typing import ClassVar
 
 
+def brief(exc: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message (its type if it has none), at most ``limit``."""
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:limit]
+
+
 class ServiceError(Exception):
     """Base class: a status, a stable machine-readable code, and a message for the caller."""
 

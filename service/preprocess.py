@@ -35,7 +35,7 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from service.contract import PreprocessContract
-from service.errors import InvalidImage, PayloadTooLarge, UnsupportedMediaType
+from service.errors import InvalidImage, PayloadTooLarge, UnsupportedMediaType, brief
 
 # The gateway enforces its own pixel limit per request from the header (below), before
 # decoding; Pillow's global bomb check would otherwise warn or raise with its own limit.
@@ -121,14 +121,9 @@ def open_image(data: bytes, contract: PreprocessContract, limits: DecodeLimits) 
         raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
         # Truncated data, corrupt chunks, bad CRCs, impossible headers.
-        raise InvalidImage(f"cannot decode {fmt} image: {_reason(exc)}") from exc
+        raise InvalidImage(f"cannot decode {fmt} image: {brief(exc)}") from exc
     except (Image.DecompressionBombError, MemoryError) as exc:  # pragma: no cover - guarded
         raise PayloadTooLarge("image is too large to decode") from exc
-
-
-def _reason(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:200]
 
 
 def _draft(img: Image.Image, contract: PreprocessContract, margin: float) -> None:

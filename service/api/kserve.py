@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.responses import JSONResponse
 
 from service import __version__
-from service.api.routes import classifier, require_api_key
+from service.api.routes import classifier, not_ready_reason, require_api_key
 from service.classifier import Classifier
 from service.contract import describe_validation_error
 from service.errors import (
@@ -105,9 +105,7 @@ v2_models = APIRouter(
 
 
 def _ready(request: Request) -> bool:
-    state = request.app.state
-    clf = getattr(state, "classifier", None)
-    return bool(clf is not None and not state.draining and clf.backend.is_ready())
+    return not_ready_reason(request.app.state) is None
 
 
 def _spec(clf: Classifier, model: str, version: str | None) -> ModelSpec:

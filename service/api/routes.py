@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
-import hmac
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
@@ -22,13 +20,13 @@ from service.api.schemas import (
     ModelDetail,
     ModelList,
 )
+from service.auth import check_key, key_from_headers
 from service.classifier import Classification, Classifier
 from service.contract import describe_validation_error
 from service.errors import (
     InvalidImage,
     InvalidRequest,
     PayloadTooLarge,
-    Unauthorized,
     UnsupportedMediaType,
     ValidationFailed,
 )
@@ -79,21 +77,12 @@ def require_api_key(
     authorization: Annotated[str | None, Header()] = None,
     x_api_key: Annotated[str | None, Header()] = None,
 ) -> None:
-    """Constant-time check of the caller's key against the configured keys' hashes."""
-    hashes: list[bytes] = request.app.state.api_key_hashes
-    if not hashes:
-        return
-    key = x_api_key
-    if key is None and authorization and authorization.lower().startswith("bearer "):
-        key = authorization[7:].strip()
-    if not key:
-        raise Unauthorized("an API key is required (Authorization: Bearer KEY or X-API-Key)")
-    candidate = hashlib.sha256(key.encode()).digest()
-    ok = False
-    for h in hashes:  # no early exit: the time taken does not depend on which key matched
-        ok |= hmac.compare_digest(h, candidate)
-    if not ok:
-        raise Unauthorized("invalid API key")
+    """REST side of the API-key check (service.auth)."""
+    check_key(
+        key_from_headers(authorization, x_api_key),
+        request.app.state.api_key_hashes,
+        "Authorization: Bearer KEY or X-API-Key",
+    )
 
 
 ClassifierDep = Annotated[Classifier, Depends(classifier)]
@@ -249,16 +238,22 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
+def not_ready_reason(state: Any) -> str | None:
+    """Why the gateway is not ready (None when it is): the one definition of readiness,
+    used by /readyz, /metrics, KServe's ready routes and gRPC health."""
+    if getattr(state, "draining", False):
+        return "draining"
+    clf = getattr(state, "classifier", None)
+    if clf is None:
+        return "starting"
+    if not clf.backend.is_ready():
+        return "backend not ready"
+    return None
+
+
 @ops.get("/readyz", summary="Readiness: models loaded and warm, backend ready, not draining")
 async def readyz(request: Request) -> JSONResponse:
-    state = request.app.state
-    reason = None
-    if getattr(state, "draining", False):
-        reason = "draining"
-    elif getattr(state, "classifier", None) is None:
-        reason = "starting"
-    elif not state.classifier.backend.is_ready():
-        reason = "backend not ready"
+    reason = not_ready_reason(request.app.state)
     if reason:
         return JSONResponse({"error": {"code": "not_ready", "message": reason}}, status_code=503)
     return JSONResponse({"status": "ready"})
@@ -269,11 +264,5 @@ async def metrics(request: Request) -> Response:
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
     m = request.app.state.metrics
-    state = request.app.state
-    ready = (
-        not getattr(state, "draining", False)
-        and getattr(state, "classifier", None) is not None
-        and state.classifier.backend.is_ready()
-    )
-    m.ready.set(1 if ready else 0)
+    m.ready.set(0 if not_ready_reason(request.app.state) else 1)
     return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)

@@ -8,8 +8,6 @@ Errors map from :class:`service.errors.ServiceError` to status codes in one plac
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import logging
 import time
 from collections.abc import Callable
@@ -20,8 +18,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import Counter, Histogram
 
+from service.api.routes import not_ready_reason
+from service.auth import check_key, key_from_headers
 from service.classifier import Classifier
-from service.errors import InternalError, ServiceError, ShuttingDown, Unauthorized
+from service.errors import InternalError, ServiceError, ShuttingDown
 from service.grpc import classifier_pb2, classifier_pb2_grpc
 from service.metrics import Metrics
 
@@ -59,23 +59,12 @@ class ClassifierService(classifier_pb2_grpc.ClassifierServicer):
         self.draining = draining
 
     def _authorize(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-        if not self.key_hashes:
-            return
-        md = {k.lower(): v for k, v in (context.invocation_metadata() or ())}
-        key = md.get("x-api-key")
-        auth = md.get("authorization")
-        if key is None and isinstance(auth, str) and auth.lower().startswith("bearer "):
-            key = auth[7:].strip()
-        if not key or not isinstance(key, str):
-            raise Unauthorized(
-                "an API key is required (metadata authorization: Bearer KEY or x-api-key)"
-            )
-        candidate = hashlib.sha256(key.encode()).digest()
-        ok = False
-        for h in self.key_hashes:
-            ok |= hmac.compare_digest(h, candidate)
-        if not ok:
-            raise Unauthorized("invalid API key")
+        md = {k.lower(): v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
+        check_key(
+            key_from_headers(md.get("authorization"), md.get("x-api-key")),
+            self.key_hashes,
+            "metadata authorization: Bearer KEY or x-api-key",
+        )
 
     async def _call(
         self, method: str, context: grpc.aio.ServicerContext[Any, Any], work: Callable[[], Any]
@@ -158,15 +147,11 @@ class GrpcServer:
     """grpc.aio server with the Classifier, health checking and reflection."""
 
     def __init__(
-        self,
-        classifier: Classifier,
-        metrics: Metrics,
-        api_key_hashes: list[bytes],
-        draining: Callable[[], bool],
-        max_message_bytes: int,
+        self, classifier: Classifier, metrics: Metrics, app_state: Any, max_message_bytes: int
     ) -> None:
+        """``app_state``: the FastAPI app's state (API keys, draining flag, readiness)."""
         self.clf = classifier
-        self.draining = draining
+        self.state = app_state
         options = [
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
@@ -174,7 +159,12 @@ class GrpcServer:
         ]
         self.server = grpc.aio.server(options=options)
         classifier_pb2_grpc.add_ClassifierServicer_to_server(
-            ClassifierService(classifier, GrpcMetrics(metrics), api_key_hashes, draining),
+            ClassifierService(
+                classifier,
+                GrpcMetrics(metrics),
+                app_state.api_key_hashes,
+                lambda: bool(app_state.draining),
+            ),
             self.server,
         )
         self.health = health.aio.HealthServicer()
@@ -199,7 +189,7 @@ class GrpcServer:
         serving = health_pb2.HealthCheckResponse.SERVING
         not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
         while True:
-            ok = self.clf.backend.is_ready() and not self.draining()
+            ok = not_ready_reason(self.state) is None
             for name in ("", SERVICE_NAME):
                 await self.health.set(name, serving if ok else not_serving)
             await asyncio.sleep(0.5)
