@@ -1,0 +1,189 @@
+"""TritonBackend's failure policy: retries only transient codes, bounded, within the deadline.
+
+A real Triton cannot be made to fail on cue, so this serves Triton's own gRPC protocol
+(tritonclient's service definitions) from a scripted server on a real socket: it answers
+ModelInfer with the status codes a test lines up, then with real logits.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent import futures
+
+import grpc
+import numpy as np
+import pytest
+from tritonclient.grpc import model_config_pb2 as mc
+from tritonclient.grpc import service_pb2 as pb
+from tritonclient.grpc import service_pb2_grpc as pbg
+
+from service.backends.triton import TritonBackend
+from service.contract import PreprocessContract
+from service.errors import BackendUnavailable, DeadlineExceeded, Overloaded
+from service.model_store import ModelSpec, RepositoryError
+
+CONTRACT = PreprocessContract(
+    arch="resnet18",
+    input_name="input",
+    output_name="logits",
+    channels="L",
+    resize=8,
+    crop=8,
+    mean=(0.5,),
+    std=(0.5,),
+    num_classes=3,
+)
+SPEC = ModelSpec("m", "1", CONTRACT, ("a", "b", "c"), 8, onnx_path=None)  # type: ignore[arg-type]
+
+
+class ScriptedTriton(pbg.GRPCInferenceServiceServicer):
+    def __init__(self) -> None:
+        self.failures: list[grpc.StatusCode] = []
+        self.calls = 0
+        self.delay = 0.0
+        self.input_shape = [-1, 1, 8, 8]
+
+    def ServerReady(self, request, context):  # noqa: N802
+        return pb.ServerReadyResponse(ready=True)
+
+    def ModelReady(self, request, context):  # noqa: N802
+        return pb.ModelReadyResponse(ready=True)
+
+    def ModelMetadata(self, request, context):  # noqa: N802
+        return pb.ModelMetadataResponse(
+            name="m",
+            versions=["1"],
+            platform="python",
+            inputs=[
+                pb.ModelMetadataResponse.TensorMetadata(
+                    name="input", datatype="FP32", shape=self.input_shape
+                )
+            ],
+            outputs=[
+                pb.ModelMetadataResponse.TensorMetadata(
+                    name="logits", datatype="FP32", shape=[-1, 3]
+                )
+            ],
+        )
+
+    def ModelConfig(self, request, context):  # noqa: N802
+        return pb.ModelConfigResponse(config=mc.ModelConfig(name="m", max_batch_size=8))
+
+    def ModelInfer(self, request, context):  # noqa: N802
+        self.calls += 1
+        if self.delay:
+            time.sleep(self.delay)
+        if self.failures:
+            context.abort(self.failures.pop(0), "scripted failure")
+        n = request.inputs[0].shape[0]
+        x = np.frombuffer(request.raw_input_contents[0], dtype="<f4").reshape(n, -1)
+        logits = np.stack([x.sum(1), -x.sum(1), np.zeros(n, np.float32)], axis=1).astype("<f4")
+        return pb.ModelInferResponse(
+            model_name="m",
+            model_version="1",
+            outputs=[
+                pb.ModelInferResponse.InferOutputTensor(
+                    name="logits", datatype="FP32", shape=[n, 3]
+                )
+            ],
+            raw_output_contents=[logits.tobytes()],
+        )
+
+
+@pytest.fixture
+def scripted():
+    servicer = ScriptedTriton()
+    server = grpc.server(futures.ThreadPoolExecutor(4))
+    pbg.add_GRPCInferenceServiceServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield servicer, f"127.0.0.1:{port}"
+    server.stop(0)
+
+
+async def started(url: str, **kw) -> TritonBackend:
+    backend = TritonBackend(url, backoff_s=0.01, **kw)
+    await backend.start([SPEC])
+    assert backend.is_ready()
+    return backend
+
+
+BATCH = np.ones((2, 1, 8, 8), np.float32)
+
+
+async def test_transient_failures_are_retried(scripted):
+    servicer, url = scripted
+    backend = await started(url, max_retries=2)
+    servicer.failures = [grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED]
+    logits = await backend.infer(SPEC, BATCH, timeout_s=5)
+    assert servicer.calls == 3
+    np.testing.assert_allclose(logits[:, 0], [64, 64])
+    await backend.close()
+
+
+async def test_retries_are_bounded(scripted):
+    servicer, url = scripted
+    backend = await started(url, max_retries=1)
+    servicer.failures = [grpc.StatusCode.UNAVAILABLE] * 5
+    with pytest.raises(BackendUnavailable):
+        await backend.infer(SPEC, BATCH, timeout_s=5)
+    assert servicer.calls == 2
+    assert not backend.is_ready()  # the next requests fail fast until health says otherwise
+    await backend.close()
+
+
+async def test_exhausted_is_overloaded(scripted):
+    servicer, url = scripted
+    backend = await started(url, max_retries=0)
+    servicer.failures = [grpc.StatusCode.RESOURCE_EXHAUSTED]
+    with pytest.raises(Overloaded):
+        await backend.infer(SPEC, BATCH, timeout_s=5)
+    await backend.close()
+
+
+async def test_other_errors_are_not_retried(scripted):
+    servicer, url = scripted
+    backend = await started(url, max_retries=3)
+    servicer.failures = [grpc.StatusCode.INTERNAL]
+    with pytest.raises(BackendUnavailable, match="INTERNAL"):
+        await backend.infer(SPEC, BATCH, timeout_s=5)
+    assert servicer.calls == 1
+    await backend.close()
+
+
+async def test_deadline_is_the_rpc_deadline(scripted):
+    servicer, url = scripted
+    backend = await started(url, max_retries=3)
+    servicer.delay = 1.0
+    t0 = time.perf_counter()
+    with pytest.raises(DeadlineExceeded):
+        await backend.infer(SPEC, BATCH, timeout_s=0.2)
+    assert time.perf_counter() - t0 < 0.8
+    await backend.close()
+
+
+async def test_metadata_disagreement_refused(scripted):
+    servicer, url = scripted
+    servicer.input_shape = [-1, 3, 8, 8]
+    backend = TritonBackend(url)
+    with pytest.raises(
+        RepositoryError, match=r"Triton inputs \[\('input', 'FP32', \[-1, 3, 8, 8\]\)\]"
+    ):
+        await backend.start([SPEC])
+    await backend.close()
+
+
+async def test_unreachable_at_start_is_not_ready_and_fails_fast(scripted):
+    """Triton not up yet: the gateway starts not-ready and answers 503 at once (recovery: see
+    tests/e2e/test_triton.py, which kills and restarts a real Triton)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    backend = TritonBackend(f"127.0.0.1:{port}", health_interval_s=0.1)
+    await backend.start([SPEC])
+    assert not backend.is_ready()
+    with pytest.raises(BackendUnavailable):
+        await backend.infer(SPEC, BATCH, timeout_s=1)
+    await backend.close()
