@@ -24,7 +24,7 @@ from torch import nn
 from export.errors import ExportError
 from export.models import build_model
 from export.pipeline import ExportResult, export_and_publish
-from export.repository import Flavor, ServingConfig
+from export.repository import Flavor, ServingConfig, ensure_writable
 from service.contract import PreprocessContract
 from service.preprocess import preprocess
 
@@ -165,9 +165,7 @@ def run_demo(
     serving: ServingConfig | None = None,
     log: Callable[[str], None] = print,
 ) -> ExportResult:
-    from export.repository import ensure_writable
-
-    ensure_writable(repository)
+    ensure_writable(repository)  # before a minute of training, not after
     split = load_split(seed)
     log(
         f"digits: {len(split.train_png)} training / {len(split.test_png)} held-out images, "

@@ -42,8 +42,7 @@ def install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
 
     @app.exception_handler(ServiceError)
     async def service_error(request: Request, exc: ServiceError) -> JSONResponse:
-        if exc.http_status < 500:  # 503/504 are counted where they happen (batcher)
-            metrics.rejections.labels(exc.code).inc()
+        metrics.rejected(exc.code, exc.http_status)
         headers = {}
         if exc.retry_after is not None:
             headers["Retry-After"] = str(int(exc.retry_after))
@@ -57,7 +56,7 @@ def install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
                 str(p) for p in err.get("loc", ()) if p not in ("query", "header", "path")
             )
             parts.append(f"{where}: {err.get('msg', 'invalid')}")
-        metrics.rejections.labels("validation_failed").inc()
+        metrics.rejected("validation_failed", 422)
         return _error(422, "validation_failed", "; ".join(parts) or "invalid request")
 
     @app.exception_handler(StarletteHTTPException)

@@ -75,3 +75,9 @@ class Metrics:
             registry=r,
         )
         self.ready = Gauge(p + "ready", "1 when the gateway is ready to serve.", registry=r)
+
+    def rejected(self, code: str, http_status: int) -> None:
+        """Count a request refused for its own sake (4xx). 503/504 are counted where they
+        happen (queue_full, deadline in the batcher; backend errors by code)."""
+        if http_status < 500:
+            self.rejections.labels(code).inc()

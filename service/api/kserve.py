@@ -60,11 +60,13 @@ class KServeRoute(APIRoute):
             try:
                 return await handler(request)
             except ServiceError as exc:
+                request.app.state.metrics.rejected(exc.code, exc.http_status)
                 resp = kserve_error(exc.http_status, exc.message, exc.code)
                 if exc.retry_after is not None:
                     resp.headers["Retry-After"] = str(int(exc.retry_after))
                 return resp
             except RequestValidationError as exc:
+                request.app.state.metrics.rejected("validation_failed", 422)
                 msg = "; ".join(str(e.get("msg", "invalid")) for e in exc.errors())
                 return kserve_error(422, msg or "invalid request", "validation_failed")
 
@@ -294,9 +296,10 @@ async def _infer(request: Request, clf: Classifier, spec: ModelSpec) -> Response
         data = None
     timeout_us = req.parameters.get("timeout")
     timeout_s = timeout_us / 1e6 if isinstance(timeout_us, int | float) and timeout_us > 0 else None
+    deadline = clf.deadline(timeout_s)
 
     tensors = await _input_tensors(clf, spec, tensor, data)
-    logits = await clf.logits(spec, tensors, clf.deadline(timeout_s))
+    logits = await clf.logits(spec, tensors, deadline)
 
     c = spec.contract
     default_binary = bool(req.parameters.get("binary_data_output", False))

@@ -77,6 +77,7 @@ class ClassifierService(classifier_pb2_grpc.ClassifierServicer):
             self._authorize(context)
             return await work()
         except ServiceError as exc:
+            self.clf.metrics.rejected(exc.code, exc.http_status)
             code = grpc.StatusCode[exc.grpc_status]
             if exc.retry_after is not None:
                 context.set_trailing_metadata((("retry-after", str(int(exc.retry_after))),))

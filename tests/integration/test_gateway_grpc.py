@@ -247,3 +247,10 @@ def test_example_client(demo, gateway, tmp_path):
         cwd=ROOT,
     )
     assert proc.returncode == 1 and "No such file" in proc.stderr
+
+
+def test_grpc_rejections_are_counted_like_rest(gateway):
+    client, stub, _ = gateway
+    code_of(lambda: stub.Classify(pb.ClassifyRequest(model="not-here", images=[b"x"]), timeout=5))
+    text = client.get("/metrics").text
+    assert 'resnet_serve_rejections_total{reason="model_not_found"}' in text

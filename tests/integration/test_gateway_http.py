@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import json
 import re
 import threading
 
@@ -447,3 +448,58 @@ def test_settings_from_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("RESNET_SERVE_MAX_QUEUE_IMAGES", "0")
     with pytest.raises(ValueError, match="max_queue_images"):
         Settings()
+
+
+# --- KServe v2 in process (tritonclient against a real Triton: tests/e2e/test_triton.py) ------
+
+
+def test_kserve_json_infer_and_errors(client, demo, digit):
+    from service.contract import PreprocessContract
+    from service.preprocess import preprocess
+
+    contract = PreprocessContract.load(demo.model_dir / "preprocess.json")
+    x = preprocess(digit[0][0], contract)[None]
+    body = {
+        "id": "r1",
+        "inputs": [
+            {
+                "name": "input",
+                "shape": [1, 1, 32, 32],
+                "datatype": "FP32",
+                "data": x.ravel().tolist(),
+            }
+        ],
+    }
+    resp = client.post("/v2/models/digits/infer", json=body)
+    assert resp.status_code == 200, resp.text
+    out = resp.json()
+    assert out["id"] == "r1" and out["model_name"] == "digits" and out["model_version"] == "1"
+    assert out["outputs"][0]["shape"] == [1, 10]
+    assert int(np.argmax(out["outputs"][0]["data"])) == digit[0][1]
+    assert client.get("/v2/health/ready").status_code == 200
+    assert client.get("/v2/models/digits/versions/9/ready").status_code == 404
+
+    bad = {**body, "inputs": [{**body["inputs"][0], "shape": [1, 3, 32, 32]}]}
+    resp = client.post("/v2/models/digits/infer", json=bad)
+    assert resp.status_code == 400
+    assert resp.json() == {
+        "error": "input 'input' has shape [1, 3, 32, 32]; expected [n, 1, 32, 32]",
+        "code": "invalid_request",
+    }
+    nan = {**body, "inputs": [{**body["inputs"][0], "data": [float("nan")] * 1024}]}
+    resp = client.post(
+        "/v2/models/digits/infer",
+        content=json.dumps(nan),
+        headers={"content-type": "application/json"},
+    )
+    assert resp.status_code == 400 and "NaN" in resp.json()["error"]
+    resp = client.post(
+        "/v2/models/digits/infer", content=b"{", headers={"content-type": "application/json"}
+    )
+    assert resp.status_code == 400 and resp.json()["code"] == "invalid_request"
+    resp = client.post(
+        "/v2/models/digits/infer", content=b"{}", headers={"inference-header-content-length": "99"}
+    )
+    assert resp.status_code == 400 and "does not fit" in resp.json()["error"]
+    assert client.get("/v2/models/nope").status_code == 404
+    assert 'resnet_serve_rejections_total{reason="invalid_request"}' in client.get("/metrics").text
