@@ -65,14 +65,9 @@ class Batcher:
         self._closing = False
         self._worker: asyncio.Task[None] | None = None
         self._batch_seconds = 0.05  # EWMA of a batch's backend time, for Retry-After
-        self.batches_run = 0
 
     def start(self) -> None:
         self._worker = asyncio.create_task(self._loop(), name=f"batcher-{self.model}")
-
-    @property
-    def depth(self) -> int:
-        return len(self._pending)
 
     def retry_after_s(self) -> int:
         waves = math.ceil((len(self._pending) + 1) / self.max_batch)
@@ -172,7 +167,6 @@ class Batcher:
                 return
             elapsed = time.perf_counter() - start
             self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * elapsed
-            self.batches_run += 1
             self._metrics.inference.labels(self.model, self._backend).observe(elapsed)
             self._metrics.batch_size.labels(self.model).observe(len(batch))
             for it, row in zip(batch, logits, strict=True):

@@ -24,7 +24,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 CONTRACT_FILENAME = "preprocess.json"
 LABELS_FILENAME = "labels.txt"
-SCHEMA_VERSION = 1
 
 
 class ContractError(ValueError):
