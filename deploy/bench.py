@@ -24,7 +24,6 @@ import asyncio
 import io
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -35,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from deploy.loadgen import closed_loop, open_loop
+from service.testing import GatewayProcess, free_port
 
 BIN = Path(sys.executable).parent
 NAME = "resnet50"
@@ -42,12 +42,6 @@ NAME = "resnet50"
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_jpeg(width: int = 500, height: int = 375) -> bytes:
@@ -102,10 +96,10 @@ def bare_ort(onnx_path: Path, batch: int, seconds: float) -> float:
 
 
 def preprocess_ms(repo: Path) -> dict[str, float]:
-    from service.contract import PreprocessContract
     from service.preprocess import DecodeLimits, preprocess
+    from service.repository import load_spec
 
-    contract = PreprocessContract.load(repo / NAME / "preprocess.json")
+    contract = load_spec(repo / NAME).contract
     cases = {
         "jpeg_500x375_ms": (test_jpeg(), DecodeLimits()),
         "jpeg_4032x3024_draft_ms": (test_jpeg(4032, 3024), DecodeLimits()),
@@ -122,39 +116,16 @@ def preprocess_ms(repo: Path) -> dict[str, float]:
     return out
 
 
-def start_gateway(
-    repo: Path, port: int, *args: str, env_extra: dict[str, str] | None = None
-) -> subprocess.Popen[bytes]:
-    import httpx
-
-    env = {**os.environ, "RESNET_SERVE_LOG_LEVEL": "warning", **(env_extra or {})}
-    proc = subprocess.Popen(
-        [str(BIN / "resnet-serve"), "serve", "--repository", str(repo), "--port", str(port), *args],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+def start_gateway(repo: Path, *args: str, grpc: bool = False) -> GatewayProcess:
+    log_file = Path(tempfile.mkdtemp(prefix="resnet-bench-gw-")) / "gateway.log"
+    return GatewayProcess.start(
+        log_file,
+        "--repository",
+        str(repo),
+        *args,
+        grpc=grpc,
+        env={"RESNET_SERVE_LOG_LEVEL": "warning"},
     )
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(
-                f"gateway exited: {proc.stderr.read().decode() if proc.stderr else ''}"
-            )
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            time.sleep(0.3)
-    proc.kill()
-    raise SystemExit("gateway did not become ready")
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    proc.terminate()
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
 
 
 async def grpc_closed_loop(target: str, body: bytes, clients: int, duration_s: float) -> Any:
@@ -187,27 +158,6 @@ async def grpc_closed_loop(target: str, body: bytes, clients: int, duration_s: f
     return result
 
 
-def python_ort_copy(repo: Path, into: Path) -> None:
-    """The same ONNX file published as flavor python-ort, for the CPU tritonserver."""
-    from export.repository import Publication, ServingConfig, publish
-    from service.contract import PreprocessContract, read_labels
-
-    src = repo / NAME
-    report = json.loads((src / "1" / "export_report.json").read_text())
-    publish(
-        into,
-        Publication(
-            NAME,
-            PreprocessContract.load(src / "preprocess.json"),
-            read_labels(src / "labels.txt"),
-            src / "1" / "model.onnx",
-            "python-ort",
-            ServingConfig(max_batch_size=16, instance_kind="cpu"),
-            report,
-        ),
-    )
-
-
 def run(seconds: float, out: Path, triton: bool = True) -> dict[str, Any]:
     results: dict[str, Any] = {"machine": {"cpus": os.cpu_count()}}
     with tempfile.TemporaryDirectory(prefix="resnet-bench-") as tmp:
@@ -227,9 +177,8 @@ def run(seconds: float, out: Path, triton: bool = True) -> dict[str, Any]:
         log(f"  {results['preprocess']}")
 
         body = test_jpeg()
-        port, grpc_port = free_port(), free_port()
-        url = f"http://127.0.0.1:{port}/v1/models/{NAME}/classify?top_k=5"
-        gw = start_gateway(repo, port, "--grpc-port", str(grpc_port))
+        gw = start_gateway(repo, grpc=True)
+        url = f"{gw.url}/v1/models/{NAME}/classify?top_k=5"
         try:
             asyncio.run(closed_loop(url, body, "image/jpeg", 16, 3))  # warm-up
             log("gateway, 16 clients ...")
@@ -243,10 +192,10 @@ def run(seconds: float, out: Path, triton: bool = True) -> dict[str, Any]:
             rp = asyncio.run(open_loop(url, body, "image/jpeg", rate, seconds))
             log(f"  {rp.summary()}")
             log("gateway gRPC API, 16 clients ...")
-            rg = asyncio.run(grpc_closed_loop(f"127.0.0.1:{grpc_port}", body, 16, seconds))
+            rg = asyncio.run(grpc_closed_loop(gw.grpc_target, body, 16, seconds))
             log(f"  {rg.summary()}")
         finally:
-            stop(gw)
+            gw.stop()
         results["gateway_rest_onnxruntime"] = {
             "clients16": r16.summary(),
             "clients1": r1.summary(),
@@ -265,25 +214,25 @@ def run(seconds: float, out: Path, triton: bool = True) -> dict[str, Any]:
 
 
 def bench_triton(repo: Path, body: bytes, seconds: float, bare8: float) -> dict[str, Any]:
+    from export.repository import republish
     from service.triton_launcher import start_triton
 
     trepo = repo.parent / "triton-repo"
-    python_ort_copy(repo, trepo)
+    republish(repo / NAME, trepo, "python-ort")
     log("starting tritonserver (CPU, python backend + ORT) ...")
     tports = (free_port(), free_port(), free_port())
     triton = start_triton(trepo, *tports, log_path=repo.parent / "triton.log")
     try:
         triton.wait_ready(180)
-        port = free_port()
-        gw = start_gateway(trepo, port, "--backend", "triton", "--triton-url", triton.grpc_url)
-        url = f"http://127.0.0.1:{port}/v1/models/{NAME}/classify?top_k=5"
+        gw = start_gateway(trepo, "--backend", "triton", "--triton-url", triton.grpc_url)
+        url = f"{gw.url}/v1/models/{NAME}/classify?top_k=5"
         try:
             asyncio.run(closed_loop(url, body, "image/jpeg", 16, 3))
             log("gateway -> Triton, 16 clients ...")
             rt = asyncio.run(closed_loop(url, body, "image/jpeg", 16, seconds))
             log(f"  {rt.summary()}")
         finally:
-            stop(gw)
+            gw.stop()
     finally:
         triton.stop()
     return {"clients16": rt.summary(), "ratio_vs_bare_batch8": round(rt.images_per_s / bare8, 3)}

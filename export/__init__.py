@@ -1,3 +1,5 @@
 """resnet-serving export: trained ResNet -> verified ONNX -> Triton model repository."""
 
-__version__ = "0.1.0"
+from service import __version__
+
+__all__ = ["__version__"]

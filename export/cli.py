@@ -50,6 +50,24 @@ class KindOpt(enum.StrEnum):
     gpu = "gpu"
 
 
+def _version(value: bool) -> None:
+    if value:
+        from export import __version__
+
+        typer.echo(f"resnet-export {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the version."),
+    ] = False,
+) -> None:
+    """Export trained ResNets to verified ONNX and write a Triton model repository."""
+
+
 def _fail(message: str) -> typer.Exit:
     typer.echo(f"resnet-export: error: {message}", err=True)
     return typer.Exit(1)
@@ -62,6 +80,8 @@ def _errors() -> Iterator[None]:
 
     try:
         yield
+    except (typer.Exit, typer.Abort):
+        raise  # a deliberate exit (validate's status), not a failure of ours
     except (ExportError, UnknownArch, ContractError) as exc:
         raise _fail(str(exc)) from None
     except KeyboardInterrupt:
@@ -285,7 +305,8 @@ def validate(
 ) -> None:
     """Check every model: config parses, files exist, contract agrees with the ONNX graph."""
     with _errors():
-        from export.repository import latest_version, validate_repository
+        from export.repository import validate_repository
+        from service.repository import latest_version
 
         models, problems = validate_repository(repository)
         for problem in problems:

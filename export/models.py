@@ -112,7 +112,10 @@ class ResNet(nn.Module):
         groups: int = 1,
         width_per_group: int = 64,
         zero_init_residual: bool = False,
+        channels: tuple[int, int, int, int] = (64, 128, 256, 512),
     ) -> None:
+        """``channels``: planes of the stem and the four stages (timm's name); every
+        registered arch uses torchvision's, smaller ones make tiny test models."""
         super().__init__()
         if num_classes < 1:
             raise ValueError(f"num_classes must be at least 1, got {num_classes}")
@@ -120,19 +123,21 @@ class ResNet(nn.Module):
             raise ValueError(f"in_chans must be 1 or 3, got {in_chans}")
         self.num_classes = num_classes
         self.in_chans = in_chans
-        self.inplanes = 64
+        self.inplanes = channels[0]
         self.groups = groups
         self.base_width = width_per_group
-        self.conv1 = nn.Conv2d(in_chans, 64, kernel_size=7, stride=2, padding=3, bias=False)
-        self.bn1 = nn.BatchNorm2d(64)
+        self.conv1 = nn.Conv2d(
+            in_chans, channels[0], kernel_size=7, stride=2, padding=3, bias=False
+        )
+        self.bn1 = nn.BatchNorm2d(channels[0])
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
-        self.layer1 = self._make_layer(block, 64, layers[0])
-        self.layer2 = self._make_layer(block, 128, layers[1], stride=2)
-        self.layer3 = self._make_layer(block, 256, layers[2], stride=2)
-        self.layer4 = self._make_layer(block, 512, layers[3], stride=2)
+        self.layer1 = self._make_layer(block, channels[0], layers[0])
+        self.layer2 = self._make_layer(block, channels[1], layers[1], stride=2)
+        self.layer3 = self._make_layer(block, channels[2], layers[2], stride=2)
+        self.layer4 = self._make_layer(block, channels[3], layers[3], stride=2)
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
-        self.fc = nn.Linear(512 * block.expansion, num_classes)
+        self.fc = nn.Linear(channels[3] * block.expansion, num_classes)
 
         for m in self.modules():
             if isinstance(m, nn.Conv2d):

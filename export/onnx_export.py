@@ -21,6 +21,7 @@ from export.errors import ExportError
 from service.contract import PreprocessContract
 from service.errors import brief
 from service.preprocess import preprocess
+from service.repository import TensorSig, tensor_problems
 
 DEFAULT_OPSET = 17
 MIN_OPSET, MAX_OPSET = 13, 21
@@ -78,48 +79,34 @@ def check_onnx(path: Path, contract: PreprocessContract) -> None:
         onnx.checker.check_model(str(path), full_check=True)
     except onnx.checker.ValidationError as exc:
         raise ExportError(f"{path}: onnx.checker rejected the graph ({brief(exc)})") from exc
-    problems = graph_contract_problems(onnx.load(str(path), load_external_data=False), contract)
+    problems = graph_problems(onnx.load(str(path), load_external_data=False), contract)
     if problems:
         raise ExportError(f"{path}: " + "; ".join(problems))
 
 
-def _dims(value_info: onnx.ValueInfoProto) -> list[int | str]:
-    return [
-        d.dim_param if d.dim_param else d.dim_value for d in value_info.type.tensor_type.shape.dim
-    ]
+_DATATYPES: dict[int, str] = {
+    onnx.TensorProto.FLOAT: "FP32",
+    onnx.TensorProto.FLOAT16: "FP16",
+    onnx.TensorProto.DOUBLE: "FP64",
+    onnx.TensorProto.INT8: "INT8",
+    onnx.TensorProto.UINT8: "UINT8",
+    onnx.TensorProto.INT32: "INT32",
+    onnx.TensorProto.INT64: "INT64",
+}
 
 
-def graph_contract_problems(model: onnx.ModelProto, contract: PreprocessContract) -> list[str]:
-    """Every way in which the ONNX graph disagrees with the contract (empty if none)."""
-    problems: list[str] = []
+def _sig(value_info: onnx.ValueInfoProto) -> TensorSig:
+    t = value_info.type.tensor_type
+    dims = tuple(-1 if d.dim_param or not d.dim_value else d.dim_value for d in t.shape.dim)
+    dtype = _DATATYPES.get(t.elem_type) or onnx.TensorProto.DataType.Name(t.elem_type)
+    return TensorSig(value_info.name, dtype, dims)
+
+
+def graph_problems(model: onnx.ModelProto, contract: PreprocessContract) -> list[str]:
+    """Every way in which the ONNX graph's tensors disagree with the contract (none: [])."""
     initializers = {init.name for init in model.graph.initializer}
-    inputs = [i for i in model.graph.input if i.name not in initializers]
-    outputs = list(model.graph.output)
-    if [i.name for i in inputs] != [contract.input_name]:
-        problems.append(
-            f"graph inputs {[i.name for i in inputs]} != contract input {contract.input_name!r}"
-        )
-    else:
-        dims = _dims(inputs[0])
-        if len(dims) != 4 or isinstance(dims[0], int) or tuple(dims[1:]) != contract.input_shape:
-            problems.append(
-                f"input {contract.input_name!r} has shape {dims}, expected "
-                f"[batch, {', '.join(map(str, contract.input_shape))}]"
-            )
-        if inputs[0].type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
-            problems.append(f"input {contract.input_name!r} is not float32")
-    if [o.name for o in outputs] != [contract.output_name]:
-        problems.append(
-            f"graph outputs {[o.name for o in outputs]} != contract output {contract.output_name!r}"
-        )
-    else:
-        dims = _dims(outputs[0])
-        if len(dims) != 2 or isinstance(dims[0], int) or dims[1] != contract.num_classes:
-            problems.append(
-                f"output {contract.output_name!r} has shape {dims}, expected "
-                f"[batch, {contract.num_classes}]"
-            )
-    return problems
+    inputs = [_sig(i) for i in model.graph.input if i.name not in initializers]
+    return tensor_problems(contract, inputs, [_sig(o) for o in model.graph.output], "graph")
 
 
 def real_images() -> list[bytes]:

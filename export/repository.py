@@ -1,13 +1,7 @@
-"""The Triton model repository: writing a model version atomically, and validating it.
+"""Writing the Triton model repository: one model version at a time, atomically.
 
-Layout of one model::
-
-    DIR/NAME/config.pbtxt        Triton ModelConfig (text protobuf)
-    DIR/NAME/labels.txt          one class name per line (config's label_filename)
-    DIR/NAME/preprocess.json     the preprocessing contract (service.contract)
-    DIR/NAME/<v>/model.onnx      the verified graph
-    DIR/NAME/<v>/model.py        flavor python-ort only: Triton python backend running ORT
-    DIR/NAME/<v>/export_report.json   what was checked before this version was published
+The layout, and every check that needs no graph, are ``service.repository``'s (the
+gateway reads with the same code); this module adds the ONNX graph check to validation.
 
 Publishing builds the complete new ``DIR/NAME`` beside the old one (earlier versions are
 hard-linked, not copied), then swaps it in with renames under a lock. Any failure before
@@ -33,23 +27,22 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from export.errors import ExportError
-from service.contract import (
+from service.contract import ContractError, PreprocessContract
+from service.errors import brief
+from service.repository import (
+    CONFIG_FILENAME,
     CONTRACT_FILENAME,
     LABELS_FILENAME,
-    ContractError,
-    PreprocessContract,
-    read_labels,
-)
-from service.model_store import (
-    CONFIG_FILENAME,
     MODEL_FILENAME,
+    PYTHON_MODEL_FILENAME,
+    REPORT_FILENAME,
+    latest_version,
+    load_spec,
     model_dirs,
     numbered_versions,
-    parse_config,
 )
+from service.repository import validate_model as validate_layout
 
-PYTHON_MODEL_FILENAME = "model.py"
-REPORT_FILENAME = "export_report.json"
 LOCK_FILENAME = ".resnet-export.lock"
 Flavor = Literal["onnxruntime", "python-ort"]
 InstanceKind = Literal["auto", "cpu", "gpu"]
@@ -129,11 +122,6 @@ def render_config(cfg: mc.ModelConfig) -> str:
     return header + text_format.MessageToString(cfg)
 
 
-def latest_version(model_dir: Path) -> int | None:
-    versions = numbered_versions(model_dir)
-    return versions[-1] if versions else None
-
-
 def ensure_writable(repository: Path) -> None:
     """Fail early (before any work, creating nothing) if the repository cannot be written."""
     probe_dir = repository
@@ -207,14 +195,19 @@ def publish(repository: Path, pub: Publication) -> int:
             vdir.mkdir()
             shutil.copyfile(pub.onnx_file, vdir / MODEL_FILENAME)
             if pub.flavor == "python-ort":
+                # config.pbtxt is per model: every version must be servable by the python
+                # backend, older ones (kept for rollback) too.
                 template = resources.files("export.templates").joinpath("python_ort_model.py")
-                (vdir / PYTHON_MODEL_FILENAME).write_text(template.read_text(encoding="utf-8"))
+                code = template.read_text(encoding="utf-8")
+                for v in numbered_versions(staging):
+                    target = staging / str(v) / PYTHON_MODEL_FILENAME
+                    target.unlink(missing_ok=True)  # a hard link into the live tree: replace
+                    target.write_text(code)
             report = {**pub.report, "version": version, "flavor": pub.flavor}
             (vdir / REPORT_FILENAME).write_text(json.dumps(report, indent=2) + "\n")
             (vdir / CONTRACT_FILENAME).write_text(pub.contract.to_json())
             (staging / CONFIG_FILENAME).write_text(config_text)
             (staging / LABELS_FILENAME).write_text("\n".join(pub.labels) + "\n", encoding="utf-8")
-            (staging / CONTRACT_FILENAME).write_text(pub.contract.to_json())
             problems = validate_model(staging, expected_name=pub.name)
             if problems:
                 raise ExportError("refusing to publish: " + "; ".join(problems))
@@ -223,6 +216,23 @@ def publish(repository: Path, pub: Publication) -> int:
             shutil.rmtree(staging, ignore_errors=True)
             raise
     return version
+
+
+def republish(
+    model_dir: Path, repository: Path, flavor: Flavor, serving: ServingConfig | None = None
+) -> int:
+    """Publish the newest version of ``model_dir`` (its verified graph, contract, labels and
+    report, untouched) into ``repository`` with another flavor; return the new version."""
+    spec = load_spec(model_dir)
+    cfg = spec.config
+    report = json.loads((spec.model_path.parent / REPORT_FILENAME).read_text())
+    serving = serving or ServingConfig(
+        max_batch_size=cfg.max_batch_size, instance_kind="cpu" if flavor == "python-ort" else "auto"
+    )
+    pub = Publication(
+        spec.name, spec.contract, list(spec.labels), spec.model_path, flavor, serving, report
+    )
+    return publish(repository, pub)
 
 
 def _swap(staging: Path, final: Path) -> None:
@@ -241,72 +251,32 @@ def _swap(staging: Path, final: Path) -> None:
 
 
 def validate_model(model_dir: Path, expected_name: str | None = None) -> list[str]:
-    """Every problem with one model directory, as ``"NAME: reason"`` strings."""
+    """Every problem with one model directory, as ``"NAME: reason"`` strings: the layout
+    checks of ``service.repository``, then each version's ONNX graph against its contract."""
     import onnx
 
-    from export.onnx_export import graph_contract_problems
+    from export.onnx_export import graph_problems
 
     name = expected_name or model_dir.name
-    problems: list[str] = []
-
-    def bad(msg: str) -> None:
-        problems.append(f"{name}: {msg}")
-
-    cfg_path = model_dir / CONFIG_FILENAME
-    cfg: mc.ModelConfig | None = None
-    try:
-        cfg = parse_config(cfg_path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        bad(f"{CONFIG_FILENAME} missing")
-    except (text_format.ParseError, UnicodeDecodeError) as exc:
-        bad(f"{CONFIG_FILENAME} does not parse as a Triton ModelConfig ({exc})")
-    try:
-        contract = PreprocessContract.load(model_dir / CONTRACT_FILENAME)
-    except ContractError as exc:
-        bad(str(exc).replace(str(model_dir) + "/", ""))
-        return problems
-    try:
-        labels = read_labels(model_dir / contract.labels_file)
-        if len(labels) != contract.num_classes:
-            bad(
-                f"{contract.labels_file} has {len(labels)} names for {contract.num_classes} classes"
-            )
-    except ContractError as exc:
-        bad(str(exc).replace(str(model_dir) + "/", ""))
-
-    version = latest_version(model_dir)
-    if version is None:
-        bad("no numbered version directory")
-    if cfg is not None:
-        if cfg.name and cfg.name != name:
-            bad(f"config name {cfg.name!r} differs from the directory name")
-        if cfg.max_batch_size < 1:
-            bad("config max_batch_size must be at least 1")
-        cfg_in = [(i.name, list(i.dims)) for i in cfg.input]
-        cfg_out = [(o.name, list(o.dims)) for o in cfg.output]
-        if cfg_in != [(contract.input_name, list(contract.input_shape))]:
-            bad(f"config inputs {cfg_in} disagree with the contract")
-        if cfg_out != [(contract.output_name, [contract.num_classes])]:
-            bad(f"config outputs {cfg_out} disagree with the contract")
-        if cfg.output and cfg.output[0].label_filename not in ("", contract.labels_file):
-            bad(f"config label_filename {cfg.output[0].label_filename!r} is not the contract's")
-        python_model = model_dir / str(version) / PYTHON_MODEL_FILENAME
-        if cfg.backend == "python" and version is not None and not python_model.is_file():
-            bad(f"version {version}: {PYTHON_MODEL_FILENAME} missing (python backend)")
-    if version is not None:
-        onnx_path = model_dir / str(version) / MODEL_FILENAME
+    problems = validate_layout(model_dir, name)
+    for version in numbered_versions(model_dir):
+        vdir = model_dir / str(version)
+        onnx_path = vdir / MODEL_FILENAME
         if not onnx_path.is_file():
-            bad(f"version {version}: {MODEL_FILENAME} missing")
-        else:
-            try:
-                graph = onnx.load(str(onnx_path), load_external_data=False)
-            except Exception as exc:  # onnx raises DecodeError and others for bad files
-                bad(f"version {version}: {MODEL_FILENAME} is not a readable ONNX file ({exc})")
-            else:
-                problems.extend(
-                    f"{name}: version {version}: {p}"
-                    for p in graph_contract_problems(graph, contract)
-                )
+            continue  # reported by the layout check
+        try:
+            contract = PreprocessContract.load(vdir / CONTRACT_FILENAME)
+        except ContractError:
+            continue  # reported by the layout check
+        try:
+            graph = onnx.load(str(onnx_path), load_external_data=False)
+        except Exception as exc:  # onnx raises DecodeError and others for bad files
+            problems.append(
+                f"{name}: version {version}: {MODEL_FILENAME} is not a readable ONNX file "
+                f"({brief(exc)})"
+            )
+            continue
+        problems += [f"{name}: version {version}: {p}" for p in graph_problems(graph, contract)]
     return problems
 
 

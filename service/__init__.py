@@ -3,4 +3,9 @@
 Never imports torch.
 """
 
-__version__ = "0.1.0"
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("resnet-serving")
+except PackageNotFoundError:  # a source tree that was never installed
+    __version__ = "0+unknown"

@@ -36,6 +36,19 @@ class _Item:
     deadline: float
     future: asyncio.Future[np.ndarray]
     enqueued: float = field(default_factory=time.perf_counter)
+    started: float = 0.0  # when its batch went to the backend
+    finished: float = 0.0  # when its batch came back
+
+
+@dataclass(frozen=True)
+class Batched:
+    """A request's rows of logits, and where its time went."""
+
+    rows: list[np.ndarray]
+    #: From submission until the first of its images went to the backend.
+    queued_s: float
+    #: From then until the last of its images came back (one batch, or several).
+    computed_s: float
 
 
 class Batcher:
@@ -69,16 +82,16 @@ class Batcher:
     def start(self) -> None:
         self._worker = asyncio.create_task(self._loop(), name=f"batcher-{self.model}")
 
-    def retry_after_s(self) -> int:
+    def retry_after_s(self) -> float:
+        """How long until the queue as it is now has been worked off (for Retry-After)."""
         waves = math.ceil((len(self._pending) + 1) / self.max_batch)
-        return max(1, math.ceil(waves * self._batch_seconds))
+        return waves * self._batch_seconds
 
-    async def submit(self, tensors: list[np.ndarray], deadline: float) -> list[np.ndarray]:
+    async def submit(self, tensors: list[np.ndarray], deadline: float) -> Batched:
         """Queue ``tensors`` (one per image); return their logits rows, in order."""
         if self._closing:
             raise ShuttingDown("the gateway is shutting down; retry on another replica")
         if len(self._pending) + len(tensors) > self.max_queue:
-            self._metrics.rejections.labels("queue_full").inc()
             raise Overloaded(
                 f"model {self.model!r} has {len(self._pending)} images queued (limit "
                 f"{self.max_queue}); retry later",
@@ -89,18 +102,28 @@ class Batcher:
         self._pending.extend(items)
         self._metrics.queue_depth.labels(self.model).set(len(self._pending))
         self._wakeup.set()
+        submitted = time.perf_counter()
+        futures = [it.future for it in items]
         try:
-            return await asyncio.wait_for(
-                asyncio.gather(*(it.future for it in items)),
-                timeout=max(0.0, deadline - time.perf_counter()),
+            done, pending = await asyncio.wait(
+                futures,
+                timeout=max(0.0, deadline - submitted),
+                return_when=asyncio.FIRST_EXCEPTION,
             )
-        except TimeoutError:
-            self._metrics.rejections.labels("deadline").inc()
-            raise DeadlineExceeded("request deadline exceeded before inference finished") from None
+            for fut in done:
+                if (exc := fut.exception()) is not None:
+                    raise exc
+            if pending:
+                raise DeadlineExceeded("request deadline exceeded before inference finished")
         finally:
-            for it in items:  # drop what is still queued (deadline, or a client gone)
-                if not it.future.done():
-                    it.future.cancel()
+            for fut in futures:  # drop what is still queued (deadline, or a client gone)
+                if not fut.done():
+                    fut.cancel()
+                elif not fut.cancelled():
+                    fut.exception()  # retrieved: one failure answers the request once
+        rows = [fut.result() for fut in futures]
+        started = min(it.started for it in items)
+        return Batched(rows, started - submitted, max(it.finished for it in items) - started)
 
     async def _loop(self) -> None:
         while True:
@@ -151,6 +174,7 @@ class Batcher:
         try:
             start = time.perf_counter()
             for it in batch:
+                it.started = start
                 self._metrics.queue_wait.labels(self.model).observe(start - it.enqueued)
             x = np.stack([it.tensor for it in batch])
             timeout = max(it.deadline for it in batch) - start
@@ -165,11 +189,13 @@ class Batcher:
                 self._metrics.backend_errors.labels(self.model, self._backend, "internal").inc()
                 self._fail(batch, InternalError())
                 return
-            elapsed = time.perf_counter() - start
+            finished = time.perf_counter()
+            elapsed = finished - start
             self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * elapsed
             self._metrics.inference.labels(self.model, self._backend).observe(elapsed)
             self._metrics.batch_size.labels(self.model).observe(len(batch))
             for it, row in zip(batch, logits, strict=True):
+                it.finished = finished
                 if not it.future.done():
                     it.future.set_result(row)
         finally:

@@ -21,8 +21,21 @@ app = typer.Typer(
 )
 
 
+def _version(value: bool) -> None:
+    if value:
+        from service import __version__
+
+        typer.echo(f"resnet-serve {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _root() -> None:
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the version."),
+    ] = False,
+) -> None:
     """Serve ResNet classifiers from a model repository (REST, gRPC, Prometheus)."""
 
 
@@ -58,25 +71,28 @@ class _OneLineStartupErrors:
 
 
 class _DrainingServer:
-    """uvicorn.Server whose SIGTERM first marks the app not-ready for ``drain_seconds``
-    (load balancers stop routing to it), then shuts down gracefully: the listening socket
-    closes, in-flight requests finish, the lifespan drains the batchers."""
+    """uvicorn.Server whose SIGTERM goes through the runtime's shutdown: not ready (but
+    still serving, on every transport) for ``drain_seconds`` so load balancers stop
+    routing to it; then every transport refuses new calls, in-flight ones finish, the
+    batchers drain. A second signal, or SIGINT, skips the drain."""
 
-    def __init__(self, config: Any, fastapi_app: Any, drain_seconds: float) -> None:
+    def __init__(self, config: Any, runtime: Any, drain_seconds: float) -> None:
         import uvicorn
 
         class Server(uvicorn.Server):
+            draining: asyncio.Task[None] | None = None
+
             def handle_exit(inner, sig: int, frame: FrameType | None) -> None:  # noqa: N805
-                fastapi_app.state.draining = True
-                if drain_seconds > 0 and not inner.should_exit and sig == signal.SIGTERM:
-                    logging.getLogger("service").info(
-                        "SIGTERM: not ready; draining for %.1fs before shutdown", drain_seconds
-                    )
-                    asyncio.get_event_loop().call_later(
-                        drain_seconds, lambda: setattr(inner, "should_exit", True)
-                    )
+                loop = asyncio.get_running_loop()
+                if sig == signal.SIGTERM and inner.draining is None and not inner.should_exit:
+                    inner.draining = loop.create_task(inner.drain_then_exit())
                     return
+                loop.call_soon(runtime.stop_accepting)
                 super().handle_exit(sig, frame)
+
+            async def drain_then_exit(inner) -> None:  # noqa: N805
+                await runtime.shutdown(drain_seconds)
+                inner.should_exit = True
 
         self.server = Server(config)
 
@@ -113,9 +129,8 @@ def serve(
     """Serve every model of the repository. All other settings: RESNET_SERVE_* (README)."""
     from pydantic import ValidationError
 
-    from service.contract import describe_validation_error
-    from service.model_store import RepositoryError, load_repository
-    from service.settings import Settings
+    from service.repository import RepositoryError, load_repository
+    from service.settings import Settings, describe_settings_error
 
     overrides: dict[str, Any] = {"repository": repository, "backend": backend}
     for key, value in (
@@ -131,7 +146,7 @@ def serve(
     try:
         settings = Settings(**overrides)
     except ValidationError as exc:
-        raise _fail(f"invalid settings: {describe_validation_error(exc)}") from None
+        raise _fail(f"invalid setting {describe_settings_error(exc)}") from None
     try:
         specs = load_repository(settings.repository, settings.models or None)
     except RepositoryError as exc:
@@ -165,7 +180,7 @@ def serve(
         + (f"; gRPC on port {settings.grpc_port}" if settings.grpc_port is not None else "")
         + ")"
     )
-    if not _DrainingServer(config, fastapi_app, settings.drain_seconds).run():
+    if not _DrainingServer(config, fastapi_app.state.runtime, settings.drain_seconds).run():
         raise typer.Exit(1)
 
 
@@ -177,6 +192,9 @@ def triton(
             "--repository", "-r", help="Model repository exported with --flavor python-ort."
         ),
     ] = Path("model_repository"),
+    host: Annotated[
+        str, typer.Option(help="Address Triton's HTTP, gRPC and metrics ports bind to.")
+    ] = "127.0.0.1",
     http_port: Annotated[int, typer.Option(min=1, max=65535, help="Triton HTTP port.")] = 8000,
     grpc_port: Annotated[int, typer.Option(min=1, max=65535, help="Triton gRPC port.")] = 8001,
     metrics_port: Annotated[
@@ -192,7 +210,7 @@ def triton(
     Model control mode none and strict readiness: every model in the repository loads at
     start, and Triton is ready only when all of them are.
     """
-    from service.model_store import RepositoryError, load_repository, parse_config
+    from service.repository import RepositoryError, load_repository
     from service.triton_launcher import TritonError, start_triton
 
     try:
@@ -200,20 +218,19 @@ def triton(
     except RepositoryError as exc:
         raise _fail(str(exc)) from None
     for spec in specs:
-        cfg = parse_config((repository / spec.name / "config.pbtxt").read_text())
-        if cfg.backend != "python":
+        if spec.config.backend != "python":
             raise _fail(
-                f"model {spec.name!r} uses {cfg.platform or cfg.backend or 'no backend'}, which "
+                f"model {spec.name!r} uses {spec.platform or 'no backend'}, which "
                 "this CPU tritonserver lacks; re-export it with --flavor python-ort"
             )
     try:
-        server = start_triton(repository, http_port, grpc_port, metrics_port)
+        server = start_triton(repository, http_port, grpc_port, metrics_port, host=host)
         server.wait_ready(ready_timeout)
     except TritonError as exc:
         raise _fail(str(exc).splitlines()[0]) from None
     typer.echo(
-        f"resnet-serve: triton ready: gRPC 127.0.0.1:{grpc_port}, HTTP 127.0.0.1:{http_port}, "
-        f"metrics 127.0.0.1:{metrics_port} ({', '.join(s.name for s in specs)})"
+        f"resnet-serve: triton ready: gRPC {server.grpc_url}, HTTP {server.http_url}, "
+        f"metrics {host}:{metrics_port} ({', '.join(s.name for s in specs)})"
     )
 
     def forward(sig: int, frame: FrameType | None) -> None:

@@ -1,4 +1,4 @@
-"""The preprocessing contract: ``preprocess.json`` beside every model in the repository.
+"""The preprocessing contract: ``preprocess.json`` in every model version of the repository.
 
 Export writes it from the model's spec; the gateway (and anything else that feeds the
 model) derives its whole input pipeline from it. This module is the one definition both
@@ -22,7 +22,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-CONTRACT_FILENAME = "preprocess.json"
+#: The class names file of a model (Triton's label_filename); see service.repository.
 LABELS_FILENAME = "labels.txt"
 
 

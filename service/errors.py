@@ -1,19 +1,31 @@
-"""The gateway's error hierarchy, mapped to HTTP and gRPC status in one place.
+"""The gateway's error hierarchy: every error a caller can cause or observe is one of these.
 
-Every error a caller can cause or observe is one of these. Messages are written for the
-caller: they say what was wrong with the request, never an internal name, path or
-traceback (5xx messages in particular stay generic).
+Each class carries its HTTP status, its gRPC status and a stable machine-readable
+``code``; the transports map them in one place per dialect (``service.api.errors`` for
+both HTTP dialects, ``service.grpc.server`` for gRPC), which is also where Retry-After is
+set and rejections are counted. Messages are written for the caller: they say what was
+wrong with the request, never an internal name, path or traceback (5xx messages stay
+generic; :func:`as_service_error` logs the details instead).
 """
 
 from __future__ import annotations
 
+import logging
+import math
 from typing import ClassVar
+
+log = logging.getLogger(__name__)
 
 
 def brief(exc: BaseException, limit: int = 200) -> str:
     """The first line of an exception's message (its type if it has none), at most ``limit``."""
     text = str(exc).strip() or type(exc).__name__
     return text.splitlines()[0][:limit]
+
+
+def cut(value: str, limit: int = 64) -> str:
+    """A caller's value (a model name...) as it may be echoed in a message: repr'd, short."""
+    return repr(value) if len(value) <= limit else repr(value[:limit]) + f"... ({len(value)} chars)"
 
 
 class ServiceError(Exception):
@@ -28,8 +40,9 @@ class ServiceError(Exception):
         self.message = message
         self.retry_after = retry_after
 
-    def envelope(self) -> dict[str, dict[str, str]]:
-        return {"error": {"code": self.code, "message": self.message}}
+    def retry_after_header(self) -> str | None:
+        """Retry-After in whole seconds (at least 1), or None if the caller should not retry."""
+        return None if self.retry_after is None else str(max(1, math.ceil(self.retry_after)))
 
 
 class InvalidRequest(ServiceError):
@@ -71,6 +84,20 @@ class ModelNotFound(ServiceError):
     code = "model_not_found"
 
 
+class NotFound(ServiceError):
+    """No such route."""
+
+    http_status = 404
+    grpc_status = "UNIMPLEMENTED"
+    code = "not_found"
+
+
+class MethodNotAllowed(ServiceError):
+    http_status = 405
+    grpc_status = "UNIMPLEMENTED"
+    code = "method_not_allowed"
+
+
 class Overloaded(ServiceError):
     http_status = 503
     grpc_status = "RESOURCE_EXHAUSTED"
@@ -87,10 +114,27 @@ class ShuttingDown(BackendUnavailable):
     code = "shutting_down"
 
 
+class NotReady(BackendUnavailable):
+    """Readiness probes while starting, draining, or with the backend down."""
+
+    code = "not_ready"
+
+
 class DeadlineExceeded(ServiceError):
     http_status = 504
     grpc_status = "DEADLINE_EXCEEDED"
     code = "deadline_exceeded"
+
+
+class ClientClosed(ServiceError):
+    """The caller went away before its answer (closed the connection, cancelled the call).
+
+    Nobody receives this answer; it exists so that the request is counted as what it was
+    (status 499, nginx's "client closed request"), never as a server error."""
+
+    http_status = 499
+    grpc_status = "CANCELLED"
+    code = "client_closed"
 
 
 class InternalError(ServiceError):
@@ -98,3 +142,12 @@ class InternalError(ServiceError):
 
     def __init__(self, message: str = "internal error; see the gateway log") -> None:
         super().__init__(message)
+
+
+def as_service_error(exc: BaseException, where: str) -> ServiceError:
+    """``exc`` as the caller will see it: itself if it is a ServiceError; otherwise a
+    generic InternalError, with the traceback logged here (and only here)."""
+    if isinstance(exc, ServiceError):
+        return exc
+    log.error("unhandled error in %s", where, exc_info=exc)
+    return InternalError()

@@ -60,7 +60,10 @@ class Metrics:
             p + "queue_depth", "Images waiting for a batch.", ["model"], registry=r
         )
         self.rejections = Counter(
-            p + "rejections", "Requests refused, by reason.", ["reason"], registry=r
+            p + "rejections",
+            "Requests answered with an error, by its code (one per request, every transport).",
+            ["reason"],
+            registry=r,
         )
         self.backend_errors = Counter(
             p + "backend_errors",
@@ -75,9 +78,18 @@ class Metrics:
             registry=r,
         )
         self.ready = Gauge(p + "ready", "1 when the gateway is ready to serve.", registry=r)
+        self.grpc_requests = Counter(
+            p + "grpc_requests", "gRPC calls answered.", ["method", "code"], registry=r
+        )
+        self.grpc_latency = Histogram(
+            p + "grpc_duration_seconds",
+            "gRPC call latency.",
+            ["method"],
+            buckets=_LATENCY,
+            registry=r,
+        )
 
-    def rejected(self, code: str, http_status: int) -> None:
-        """Count a request refused for its own sake (4xx). 503/504 are counted where they
-        happen (queue_full, deadline in the batcher; backend errors by code)."""
-        if http_status < 500:
-            self.rejections.labels(code).inc()
+    def rejected(self, code: str) -> None:
+        """Count one request answered with the error ``code`` (called by the error mappings
+        of HTTP and gRPC, and nowhere else)."""
+        self.rejections.labels(code).inc()

@@ -9,14 +9,27 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 CommaList = Annotated[list[str], NoDecode]
+ENV_PREFIX = "RESNET_SERVE_"
+
+
+def describe_settings_error(exc: ValidationError) -> str:
+    """pydantic's errors as one line, each naming the environment variable that sets it
+    (``RESNET_SERVE_PORT=99999: Input should be ...``)."""
+    parts = []
+    for err in exc.errors():
+        field = str(err["loc"][0]) if err["loc"] else ""
+        msg = err["msg"].removeprefix("Value error, ")
+        value = str(err.get("input", ""))[:80]
+        parts.append(f"{ENV_PREFIX}{field.upper()}={value}: {msg}" if field else msg)
+    return "; ".join(parts)
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="RESNET_SERVE_", extra="forbid")
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid")
 
     # --- what to serve -------------------------------------------------------------------
     repository: Path = Field(

@@ -87,14 +87,20 @@ class TritonProcess:
     workdir: Path
     log_path: Path | None = None
     _log_file: IO[bytes] | None = field(default=None, repr=False)
+    host: str = "127.0.0.1"
+
+    @property
+    def _reach(self) -> str:
+        """Where this machine reaches it (a wildcard bind is reached on loopback)."""
+        return "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
 
     @property
     def grpc_url(self) -> str:
-        return f"127.0.0.1:{self.grpc_port}"
+        return f"{self._reach}:{self.grpc_port}"
 
     @property
     def http_url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
+        return f"http://{self._reach}:{self.http_port}"
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -142,8 +148,11 @@ def start_triton(
     metrics_port: int = 8002,
     log_path: Path | None = None,
     extra_args: tuple[str, ...] = (),
+    host: str = "127.0.0.1",
 ) -> TritonProcess:
-    """Start tritonserver on ``repository`` (model control mode none, strict readiness)."""
+    """Start tritonserver on ``repository`` (model control mode none, strict readiness),
+    its HTTP, gRPC and metrics ports bound to ``host`` only (Triton's default is every
+    interface)."""
     if not repository.is_dir():
         raise TritonError(f"model repository {repository} is not a directory")
     home = triton_home()
@@ -156,8 +165,11 @@ def start_triton(
         "--model-control-mode=none",
         "--strict-readiness=true",
         "--exit-on-error=true",
+        f"--http-address={host}",
         f"--http-port={http_port}",
+        f"--grpc-address={host}",
         f"--grpc-port={grpc_port}",
+        f"--metrics-address={host}",
         f"--metrics-port={metrics_port}",
         "--allow-metrics=true",
         "--log-verbose=0",
@@ -171,4 +183,6 @@ def start_triton(
         stderr=subprocess.STDOUT if log_file else None,
         cwd=workdir,
     )
-    return TritonProcess(proc, http_port, grpc_port, metrics_port, workdir, log_path, log_file)
+    return TritonProcess(
+        proc, http_port, grpc_port, metrics_port, workdir, log_path, log_file, host
+    )

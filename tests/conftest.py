@@ -1,4 +1,6 @@
-"""Shared fixtures: the trained digits demo model (once per session) and small helpers."""
+"""Shared fixtures: a tiny ResNet for transport tests (kB, published through the real
+export path), the trained digits demo model for accuracy tests (once per session), and
+small helpers. Test doubles and process helpers live in ``service.testing``."""
 
 from __future__ import annotations
 
@@ -9,7 +11,11 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
+
+from service.contract import PreprocessContract
+from service.repository import load_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -50,6 +56,10 @@ class Demo:
     def model_dir(self) -> Path:
         return self.repository / "digits"
 
+    @property
+    def contract(self) -> PreprocessContract:
+        return load_spec(self.model_dir).contract
+
     def pngs(self) -> list[tuple[Path, int]]:
         return sorted((p, int(p.parent.name)) for p in self.images.rglob("*.png"))
 
@@ -62,3 +72,76 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Demo:
     proc = run_cli("resnet-export", "demo", "--repository", str(repo), "--images-out", str(images))
     assert proc.returncode == 0, proc.stderr
     return Demo(repo, images, proc.stdout)
+
+
+TINY_LABELS = [
+    "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
+]  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Tiny:
+    """A ResNet of a few kB (random weights, 10 classes, RGB 32x32): every transport test
+    runs on it in milliseconds."""
+
+    repository: Path
+    name: str = "tiny"
+
+    @property
+    def model_dir(self) -> Path:
+        return self.repository / self.name
+
+    @property
+    def contract(self) -> PreprocessContract:
+        return load_spec(self.model_dir).contract
+
+
+def image_bytes(fmt: str = "PNG", size: tuple[int, int] = (48, 40), seed: int = 0) -> bytes:
+    """A real image file: random RGB pixels, encoded by Pillow."""
+    import io
+
+    from PIL import Image
+
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels, "RGB").save(buf, format=fmt)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Tiny:
+    import torch
+
+    from export.models import BasicBlock, ResNet
+    from export.pipeline import export_and_publish
+    from export.repository import ServingConfig
+    from export.weights import IMAGENET_MEAN, IMAGENET_STD
+
+    base = tmp_path_factory.mktemp("tiny")
+    torch.manual_seed(0)
+    model = ResNet(BasicBlock, (1, 1, 1, 1), num_classes=10, channels=(4, 8, 8, 8))
+    contract = PreprocessContract(
+        arch="tiny",
+        input_name="input",
+        output_name="logits",
+        channels="RGB",
+        resize=36,
+        crop=32,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        num_classes=10,
+    )
+    export_and_publish(
+        model=model,
+        contract=contract,
+        labels=TINY_LABELS,
+        name="tiny",
+        repository=base / "repo",
+        flavor="onnxruntime",
+        serving=ServingConfig(max_batch_size=8),
+        opset=17,
+        real_images=[image_bytes(seed=s) for s in range(2)],
+        source="tests",
+        log=lambda _: None,
+    )
+    return Tiny(base / "repo")

@@ -1,1 +1,2 @@
-"""HTTP API (FastAPI): routes only; the work is in service.classifier."""
+"""HTTP APIs (FastAPI): REST /v1, KServe v2, operations. Wire formats only: the work is
+the data plane's (service.dataplane)."""

@@ -1,63 +1,54 @@
-"""Pure ASGI middleware: body-size limit, request ids, per-route metrics."""
+"""Pure ASGI middleware: body-size limit, request ids, per-route metrics, the last resort
+for errors (all answered through ``service.api.errors``)."""
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import PayloadTooLarge
+from service.api.errors import error_response
+from service.errors import InvalidRequest, PayloadTooLarge
 from service.metrics import Metrics
 
 log = logging.getLogger("service.access")
-
-
-async def _send_error(send: Send, status: int, code: str, message: str) -> None:
-    body = json.dumps({"error": {"code": code, "message": message}}).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-                (b"connection", b"close"),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
 
 
 class BodyLimit:
     """413 before the body is read: from Content-Length, or as soon as a chunked body
     passes the limit (the receive wrapper raises, the app's handler answers 413)."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, metrics: Metrics) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         for name, value in scope["headers"]:
-            if name == b"content-length":
-                try:
-                    length = int(value)
-                except ValueError:
-                    await _send_error(send, 400, "invalid_request", "bad Content-Length header")
-                    return
+            if name != b"content-length":
+                continue
+            try:
+                length = int(value)
+            except ValueError:
+                error: Exception | None = InvalidRequest("bad Content-Length header")
+            else:
+                error = None
                 if length > self.max_bytes:
-                    await _send_error(
-                        send,
-                        413,
-                        PayloadTooLarge.code,
-                        f"request body is {length} bytes; the limit is {self.max_bytes}",
+                    error = PayloadTooLarge(
+                        f"request body is {length} bytes; the limit is {self.max_bytes}"
                     )
-                    return
+            if error is not None:
+                # The body is never read: the connection cannot be reused.
+                response = error_response(
+                    error, scope["path"], self.metrics, {"connection": "close"}
+                )
+                await response(scope, receive, send)
+                return
         seen = 0
 
         async def limited() -> Message:
@@ -75,7 +66,8 @@ class BodyLimit:
 
 
 class Observe:
-    """Request ids (X-Request-ID in and out), status/latency metrics by route template."""
+    """Request ids (X-Request-ID in and out), status/latency metrics by route template,
+    the access log line, and a response for anything the routes let escape."""
 
     def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
         self.app = app
@@ -92,7 +84,7 @@ class Observe:
         )
         request_id = request_id[:64]
         scope.setdefault("state", {})["request_id"] = request_id
-        status = 500
+        status = 0
 
         async def send_wrapper(message: Message) -> None:
             nonlocal status
@@ -106,12 +98,16 @@ class Observe:
         self.metrics.inflight.inc()
         try:
             await self.app(scope, receive, send_wrapper)
+        except Exception as exc:
+            if status:  # the response has begun: nothing left to answer with
+                raise
+            await error_response(exc, scope["path"], self.metrics)(scope, receive, send_wrapper)
         finally:
             self.metrics.inflight.dec()
             route = _route_template(scope)
             elapsed = time.perf_counter() - start
             method = scope["method"]
-            self.metrics.requests.labels(route, method, str(status)).inc()
+            self.metrics.requests.labels(route, method, str(status or 500)).inc()
             self.metrics.latency.labels(route, method).observe(elapsed)
             if route not in ("/metrics", "/healthz", "/readyz"):
                 log.info(

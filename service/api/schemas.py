@@ -1,10 +1,15 @@
-"""Request and response bodies of the REST API."""
+"""Request and response bodies of the HTTP APIs (REST /v1 and KServe v2), for parsing and
+for the OpenAPI document."""
 
 from __future__ import annotations
+
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from service.contract import PreprocessContract
+
+# --- REST /v1 -----------------------------------------------------------------------------
 
 
 class ImageB64(BaseModel):
@@ -33,6 +38,7 @@ class ClassifyResponse(BaseModel):
 
 
 class ModelSummary(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
     name: str
     version: str
     arch: str
@@ -53,9 +59,70 @@ class ModelList(BaseModel):
 
 
 class ErrorBody(BaseModel):
-    code: str
+    code: str = Field(description="Stable machine-readable code (see README).")
     message: str
 
 
 class ErrorEnvelope(BaseModel):
     error: ErrorBody
+
+
+class Health(BaseModel):
+    status: str
+
+
+# --- KServe v2 ----------------------------------------------------------------------------
+
+
+class KServeError(BaseModel):
+    error: str = Field(description="What went wrong.")
+    code: str = Field(description="The same stable code as the /v1 envelope's.")
+
+
+class TensorIn(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: str
+    shape: list[int]
+    datatype: str
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    data: list[Any] | None = None
+
+
+class TensorOut(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: str
+    parameters: dict[str, Any] = Field(default_factory=dict)
+
+
+class InferRequestJSON(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    id: str | None = None
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    inputs: list[TensorIn] = Field(min_length=1)
+    outputs: list[TensorOut] | None = None
+
+
+class TensorMetadata(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int]
+
+
+class ServerMetadata(BaseModel):
+    name: str
+    version: str
+    extensions: list[str]
+
+
+class ModelMetadata(BaseModel):
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[TensorMetadata]
+    outputs: list[TensorMetadata]
+
+
+class ModelStatisticsList(BaseModel):
+    model_stats: list[dict[str, Any]] = Field(
+        description="Triton's statistics extension: one entry per model version."
+    )

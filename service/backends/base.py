@@ -7,7 +7,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from service.model_store import ModelSpec
+from service.repository import ModelSpec
 
 
 class Backend(abc.ABC):

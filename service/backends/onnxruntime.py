@@ -12,9 +12,22 @@ import onnxruntime as ort
 
 from service.backends.base import Backend
 from service.errors import BackendUnavailable
-from service.model_store import ModelSpec, RepositoryError
+from service.repository import ModelSpec, RepositoryError, TensorSig, tensor_problems
 
 log = logging.getLogger(__name__)
+
+
+def _sigs(args: list[ort.NodeArg]) -> list[TensorSig]:
+    """ORT's view of a graph's tensors ("tensor(float)", symbolic dims) in protocol terms."""
+    types = {"tensor(float)": "FP32", "tensor(float16)": "FP16", "tensor(double)": "FP64"}
+    return [
+        TensorSig(
+            a.name,
+            types.get(a.type, a.type),
+            tuple(d if isinstance(d, int) else -1 for d in a.shape),
+        )
+        for a in args
+    ]
 
 
 class OnnxRuntimeBackend(Backend):
@@ -43,23 +56,18 @@ class OnnxRuntimeBackend(Backend):
         opts.log_severity_level = 3
         try:
             session = ort.InferenceSession(
-                str(spec.onnx_path), opts, providers=["CPUExecutionProvider"]
+                str(spec.model_path), opts, providers=["CPUExecutionProvider"]
             )
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph/NoSuchFile types
             raise RepositoryError(
                 f"model {spec.name!r}: ONNX Runtime cannot load it ({exc})"
             ) from exc
-        inputs = [(i.name, i.shape[1:]) for i in session.get_inputs()]
-        outputs = [(o.name, o.shape[1:]) for o in session.get_outputs()]
         c = spec.contract
-        if inputs != [(c.input_name, list(c.input_shape))] or outputs != [
-            (c.output_name, [c.num_classes])
-        ]:
-            raise RepositoryError(
-                f"model {spec.name!r}: graph tensors {inputs} -> {outputs} disagree with "
-                f"preprocess.json ({c.input_name} {list(c.input_shape)} -> "
-                f"{c.output_name} [{c.num_classes}])"
-            )
+        problems = tensor_problems(
+            c, _sigs(session.get_inputs()), _sigs(session.get_outputs()), "graph"
+        )
+        if problems:
+            raise RepositoryError(f"model {spec.name!r}: " + "; ".join(problems))
         # Warm-up: first runs allocate arenas and pick kernels.
         for n in sorted({1, spec.max_batch_size}):
             session.run([c.output_name], {c.input_name: np.zeros((n, *c.input_shape), np.float32)})

@@ -9,7 +9,7 @@ and keeps a few batches in flight per model.
 Readiness follows Triton: a health loop asks Triton (server and every model) once a
 second. While Triton is down requests fail at once with 503 (no hang), and when it is back
 the gateway recovers by itself. At start, each model's metadata from Triton must agree with
-its preprocess.json (tensor names, shapes, datatype, classes), or the model is refused.
+its contract (tensor names, shapes, datatype, classes), or the model is refused.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from tritonclient.utils import InferenceServerException
 
 from service.backends.base import Backend
 from service.errors import BackendUnavailable, DeadlineExceeded, InternalError, Overloaded
-from service.model_store import ModelSpec, RepositoryError
+from service.repository import ModelSpec, RepositoryError, TensorSig, tensor_problems
 
 log = logging.getLogger(__name__)
 
@@ -41,24 +41,17 @@ def _code(exc: InferenceServerException) -> str:
 
 
 def metadata_problems(spec: ModelSpec, meta: dict[str, Any], max_batch: int) -> list[str]:
-    """How Triton's model metadata disagrees with the model's preprocess.json."""
-    c = spec.contract
-    problems = []
-    inputs = [
-        (i["name"], i["datatype"], [int(d) for d in i["shape"]]) for i in meta.get("inputs", [])
-    ]
-    outputs = [
-        (o["name"], o["datatype"], [int(d) for d in o["shape"]]) for o in meta.get("outputs", [])
-    ]
-    want_in = [(c.input_name, "FP32", [-1, *c.input_shape])]
-    want_out = [(c.output_name, "FP32", [-1, c.num_classes])]
-    if max_batch < 1:
-        problems.append("Triton's config has max_batch_size 0 (no batch axis)")
-    if inputs != want_in:
-        problems.append(f"Triton inputs {inputs} != preprocess.json {want_in}")
-    if outputs != want_out:
-        problems.append(f"Triton outputs {outputs} != preprocess.json {want_out}")
-    return problems
+    """How Triton's model metadata disagrees with the model's contract."""
+
+    def sigs(tensors: list[dict[str, Any]]) -> list[TensorSig]:
+        return [
+            TensorSig(t["name"], t["datatype"], tuple(int(d) for d in t["shape"])) for t in tensors
+        ]
+
+    problems = ["Triton's config has max_batch_size 0 (no batch axis)"] if max_batch < 1 else []
+    return problems + tensor_problems(
+        spec.contract, sigs(meta.get("inputs", [])), sigs(meta.get("outputs", [])), "Triton"
+    )
 
 
 class TritonBackend(Backend):
@@ -78,21 +71,19 @@ class TritonBackend(Backend):
         self.max_retries = max_retries
         self.backoff_s = backoff_s
         self.health_interval_s = health_interval_s
-        self._client = InferenceServerClient(
-            url,
-            channel_args=[
-                ("grpc.max_send_message_length", max_message_bytes),
-                ("grpc.max_receive_message_length", max_message_bytes),
-                ("grpc.keepalive_time_ms", 30_000),
-                ("grpc.keepalive_timeout_ms", 10_000),
-                ("grpc.keepalive_permit_without_calls", 1),
-                ("grpc.http2.max_pings_without_data", 0),
-                # Reconnect quickly once Triton is back.
-                ("grpc.initial_reconnect_backoff_ms", 200),
-                ("grpc.min_reconnect_backoff_ms", 200),
-                ("grpc.max_reconnect_backoff_ms", 2000),
-            ],
-        )
+        self._channel_args = [
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.keepalive_time_ms", 30_000),
+            ("grpc.keepalive_timeout_ms", 10_000),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.max_pings_without_data", 0),
+            # Reconnect quickly once Triton is back.
+            ("grpc.initial_reconnect_backoff_ms", 200),
+            ("grpc.min_reconnect_backoff_ms", 200),
+            ("grpc.max_reconnect_backoff_ms", 2000),
+        ]
+        self._client_: InferenceServerClient | None = None
         self._specs: dict[str, ModelSpec] = {}
         self._verified: set[str] = set()
         self._ready = False
@@ -107,10 +98,18 @@ class TritonBackend(Backend):
         if problems:
             raise RepositoryError(
                 f"model {spec.name!r}: Triton at {self.url} serves something else than "
-                f"preprocess.json describes: " + "; ".join(problems)
+                f"its contract describes: " + "; ".join(problems)
             )
         self._verified.add(spec.name)
-        log.info("triton: %s verified against preprocess.json", spec.name)
+        log.info("triton: %s verified against its contract", spec.name)
+
+    @property
+    def _client(self) -> InferenceServerClient:
+        """The channel, opened on first use: on the event loop that serves (grpc.aio
+        binds a channel to the loop it was made on)."""
+        if self._client_ is None:
+            self._client_ = InferenceServerClient(self.url, channel_args=self._channel_args)
+        return self._client_
 
     async def start(self, specs: list[ModelSpec]) -> None:
         self._specs = {s.name: s for s in specs}
@@ -206,4 +205,5 @@ class TritonBackend(Backend):
             self._health.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._health
-        await self._client.close()
+        if self._client_ is not None:
+            await self._client_.close()

@@ -1,4 +1,5 @@
-"""The gateway as a real process on a real socket: accuracy, batching, limits, draining."""
+"""The gateway as a real process on real sockets: accuracy, limits, draining, clients that
+go away, and its command line."""
 
 from __future__ import annotations
 
@@ -10,9 +11,32 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import grpc
 import httpx
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.e2e.conftest import start_server, stop
+from service.grpc import classifier_pb2 as pb
+from service.grpc import classifier_pb2_grpc as pbg
+from service.testing import GatewayProcess, rss_mb, wait_until
+from tests.conftest import image_bytes, run_cli
+
+PNG = {"content-type": "image/png"}
+
+
+@pytest.fixture(scope="module")
+def tiny_server(tiny, tmp_path_factory):
+    log = tmp_path_factory.mktemp("tiny-srv") / "gateway.log"
+    gw = GatewayProcess.start(log, "--repository", str(tiny.repository), grpc=True)
+    yield gw
+    gw.stop()
+
+
+def _metric(url: str, name: str) -> float:
+    for line in httpx.get(url + "/metrics").text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
 
 
 def _classify_files(url: str, batch: list) -> list[int]:
@@ -22,6 +46,7 @@ def _classify_files(url: str, batch: list) -> list[int]:
     return [preds[0]["index"] for preds in resp.json()["predictions"]]
 
 
+@pytest.mark.slow
 def test_heldout_accuracy_over_http_matches_pytorch(server, demo):
     """All 450 held-out PNG files, 8 concurrent clients, through the real socket."""
     files = demo.pngs()
@@ -45,28 +70,50 @@ def test_heldout_accuracy_over_http_matches_pytorch(server, demo):
     assert total >= 450 and total / count > 1.5
 
 
-def test_oversized_body_is_refused_before_it_is_sent(server):
-    """Content-Length over the limit: 413 arrives while the client has sent no body at all."""
-    host, port = server.url.removeprefix("http://").split(":")
+@pytest.mark.parametrize("path", ["/v1/classify", "/v2/models/tiny/infer"])
+def test_oversized_body_is_refused_before_it_is_sent(tiny_server, path):
+    """Content-Length over the limit: 413 in the route's dialect, while no body was sent."""
+    host, port = tiny_server.url.removeprefix("http://").split(":")
+    before = _metric(tiny_server.url, 'resnet_serve_rejections_total{reason="payload_too_large"}')
     with socket.create_connection((host, int(port)), timeout=5) as sock:
         sock.sendall(
-            b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
-            b"Content-Length: 500000000\r\n\r\n"
+            f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
+            "Content-Length: 500000000\r\n\r\n".encode()
         )
         chunks = []
         while chunk := sock.recv(4096):  # the server closes the connection after answering
             chunks.append(chunk)
         reply = b"".join(chunks).decode()
     assert reply.startswith("HTTP/1.1 413")
-    assert '"code": "payload_too_large"' in reply or '"code":"payload_too_large"' in reply
+    body = json.loads(reply.split("\r\n\r\n", 1)[1])
+    if path.startswith("/v2"):
+        assert body["code"] == "payload_too_large" and "limit" in body["error"]
+    else:
+        assert body["error"]["code"] == "payload_too_large"
+    after = _metric(tiny_server.url, 'resnet_serve_rejections_total{reason="payload_too_large"}')
+    assert after == before + 1
 
 
-def _rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as fh:
-        return next(int(line.split()[1]) for line in fh if line.startswith("VmRSS")) / 1024
+def test_client_gone_mid_body_is_counted_as_such_not_as_a_500(tiny_server):
+    url = tiny_server.url
+    host, port = url.removeprefix("http://").split(":")
+    for _ in range(3):
+        with socket.create_connection((host, int(port)), timeout=5) as sock:
+            sock.sendall(
+                b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+                b"Content-Length: 100000\r\n\r\n" + b"\x89PNG" * 10
+            )
+    wait_until(
+        lambda: _metric(url, 'resnet_serve_rejections_total{reason="client_closed"}') >= 3,
+        10,
+        "client_closed not counted",
+    )
+    metrics = httpx.get(url + "/metrics").text
+    assert 'status="500"' not in metrics and 'reason="internal"' not in metrics
+    assert "Traceback" not in tiny_server.output()
 
 
-def test_bombs_and_garbage_leave_the_server_serving_with_bounded_memory(server, demo):
+def test_bombs_and_garbage_leave_the_server_serving_with_bounded_memory(tiny_server):
     import io
 
     from PIL import Image
@@ -74,7 +121,7 @@ def test_bombs_and_garbage_leave_the_server_serving_with_bounded_memory(server, 
     buf = io.BytesIO()
     Image.new("L", (10000, 10000)).save(buf, format="PNG")
     bomb = buf.getvalue()
-    before = _rss_mb(server.proc.pid)
+    before = rss_mb(tiny_server.proc.pid)
     payloads = [
         bomb,
         b"\x89PNG\r\n\x1a\n" + os.urandom(3000),
@@ -86,81 +133,147 @@ def test_bombs_and_garbage_leave_the_server_serving_with_bounded_memory(server, 
         for data in payloads:
             codes.add(
                 httpx.post(
-                    server.url + "/v1/classify", content=data, headers={"content-type": "image/png"}
+                    tiny_server.url + "/v1/classify",
+                    content=data,
+                    headers={"content-type": "image/png"},
                 ).status_code
             )
     assert codes <= {400, 413, 415}, codes
-    assert _rss_mb(server.proc.pid) - before < 200
-    good = demo.pngs()[0][0].read_bytes()
-    assert (
-        httpx.post(
-            server.url + "/v1/classify", content=good, headers={"content-type": "image/png"}
-        ).status_code
-        == 200
+    assert rss_mb(tiny_server.proc.pid) - before < 200
+    resp = httpx.post(
+        tiny_server.url + "/v1/classify",
+        content=image_bytes(),
+        headers={"content-type": "image/png"},
     )
-    assert server.proc.poll() is None
+    assert resp.status_code == 200
+    assert tiny_server.proc.poll() is None
 
 
-def test_sigterm_drains_every_accepted_request(demo, tmp_path):
-    """SIGTERM: readiness goes false at once, accepted work finishes, the process exits 0."""
-    srv = start_server(
-        tmp_path, "--repository", str(demo.repository), env={"RESNET_SERVE_DRAIN_SECONDS": "1.5"}
+def test_sigterm_drains_rest_and_grpc_alike(tiny, tmp_path):
+    """SIGTERM: during DRAIN_SECONDS readiness is false on HTTP and gRPC health, while REST and
+    gRPC calls that still arrive are served; then new calls are refused, every accepted call
+    is answered, and the process exits 0."""
+    gw = GatewayProcess.start(
+        tmp_path / "gw.log",
+        "--repository",
+        str(tiny.repository),
+        grpc=True,
+        env={"RESNET_SERVE_DRAIN_SECONDS": "2"},
     )
+    image = image_bytes()
+    # Each client's answers, in order; a client stops at its first refusal.
+    results: dict[str, list[str]] = {"rest-1": [], "rest-2": [], "grpc-1": [], "grpc-2": []}
+    stop_clients = threading.Event()
+
+    def rest_client(answers: list[str]) -> None:
+        with httpx.Client(timeout=30) as c:
+            while not stop_clients.is_set():
+                try:
+                    r = c.post(gw.url + "/v1/classify", content=image, headers=PNG)
+                except httpx.TransportError:
+                    answers.append("refused")
+                    return  # the listener closed after the drain: never accepted
+                answers.append(str(r.status_code))
+                if r.status_code != 200:
+                    return
+
+    def grpc_client(answers: list[str]) -> None:
+        with grpc.insecure_channel(gw.grpc_target) as channel:
+            stub = pbg.ClassifierStub(channel)
+            while not stop_clients.is_set():
+                try:
+                    stub.Classify(pb.ClassifyRequest(images=[image]), timeout=10)
+                    answers.append("OK")
+                except grpc.RpcError as exc:
+                    answers.append(exc.code().name)
+                    return
+
     try:
-        data = demo.pngs()[0][0].read_bytes()
-        results: list[int] = []
-
-        def client() -> None:
-            with httpx.Client(timeout=30) as c:
-                for _ in range(15):
-                    try:
-                        r = c.post(
-                            srv.url + "/v1/classify",
-                            content=data,
-                            headers={"content-type": "image/png"},
-                        )
-                        results.append(r.status_code)
-                    except httpx.TransportError:
-                        return  # the listener closed after the drain period: never accepted
-
-        threads = [threading.Thread(target=client) for _ in range(6)]
+        threads = [
+            threading.Thread(
+                target=rest_client if name.startswith("rest") else grpc_client, args=(a,)
+            )
+            for name, a in results.items()
+        ]
         for t in threads:
             t.start()
-        time.sleep(0.3)
-        srv.proc.send_signal(signal.SIGTERM)
-        time.sleep(0.3)
-        ready = httpx.get(srv.url + "/readyz", timeout=5)
-        assert ready.status_code == 503 and ready.json()["error"]["message"] == "draining"
+        wait_until(lambda: all(len(a) > 3 for a in results.values()), 20, "warm-up")
+        signalled = time.monotonic()
+        gw.proc.send_signal(signal.SIGTERM)
+        wait_until(
+            lambda: httpx.get(gw.url + "/readyz", timeout=5).status_code == 503, 5, "not ready"
+        )
+        assert httpx.get(gw.url + "/readyz").json()["error"]["message"] == "draining"
+        with grpc.insecure_channel(gw.grpc_target) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            wait_until(
+                lambda: (
+                    health.Check(health_pb2.HealthCheckRequest(), timeout=5).status
+                    == health_pb2.HealthCheckResponse.NOT_SERVING
+                ),
+                5,
+                "gRPC health still SERVING",
+            )
+            # New calls during the drain window are still served, on both transports.
+            served_rest = httpx.post(
+                gw.url + "/v1/classify", content=image, headers=PNG, timeout=10
+            )
+            served_grpc = pbg.ClassifierStub(channel).Classify(
+                pb.ClassifyRequest(images=[image]), timeout=10
+            )
+        assert time.monotonic() - signalled < 2, "the drain window had already ended"
+        assert served_rest.status_code == 200 and served_grpc.results
+        assert gw.proc.wait(30) == 0
+        stop_clients.set()
         for t in threads:
-            t.join(60)
-        assert srv.proc.wait(30) == 0
-        assert results and set(results) <= {200}, results
-        assert "Traceback" not in srv.output()
+            t.join(30)
+        # Everything answered was a success (the drain window included, which the clients
+        # kept calling through), until the refusal that ended each client.
+        for name, answers in results.items():
+            ok = "200" if name.startswith("rest") else "OK"
+            assert answers.count(ok) > 3, (name, answers)
+            assert set(answers[:-1]) <= {ok}, (name, answers)
+            assert answers[-1] in {ok, "refused", "UNAVAILABLE", "503"}, (name, answers)
+        assert "Traceback" not in gw.output()
     finally:
-        stop(srv)
+        stop_clients.set()
+        gw.stop()
 
 
 def test_cli_refuses_a_bad_repository(tmp_path):
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    bin_ = Path(sys.executable).parent / "resnet-serve"
-    proc = subprocess.run(
-        [str(bin_), "serve", "--repository", str(tmp_path / "none")],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    proc = run_cli("resnet-serve", "serve", "--repository", str(tmp_path / "none"), timeout=60)
     assert proc.returncode == 1
     assert (
         proc.stderr.strip()
         == f"resnet-serve: error: model repository {tmp_path / 'none'} is not a directory"
     )
-    proc = subprocess.run(
-        [str(bin_), "serve", "--repository", str(tmp_path), "--backend", "tensorflow"],
-        capture_output=True,
-        text=True,
-        timeout=60,
+    proc = run_cli(
+        "resnet-serve", "serve", "--repository", str(tmp_path), "--backend", "tensorflow"
     )
-    assert proc.returncode == 1 and "backend" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "RESNET_SERVE_BACKEND=tensorflow: Input should be" in proc.stderr
+
+
+def test_cli_settings_errors_name_the_environment_variable(tiny):
+    proc = run_cli(
+        "resnet-serve",
+        "serve",
+        "--repository",
+        str(tiny.repository),
+        env={"RESNET_SERVE_MAX_QUEUE_IMAGES": "0"},
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.startswith(
+        "resnet-serve: error: invalid setting RESNET_SERVE_MAX_QUEUE_IMAGES=0"
+    )
+    assert len(proc.stderr.strip().splitlines()) == 1
+    proc = run_cli("resnet-serve", "serve", "--repository", str(tiny.repository), "--port", "99999")
+    assert proc.returncode == 1 and "RESNET_SERVE_PORT=99999" in proc.stderr
+
+
+def test_version_flags():
+    from service import __version__
+
+    for cli in ("resnet-serve", "resnet-export"):
+        proc = run_cli(cli, "--version")
+        assert proc.returncode == 0 and proc.stdout.strip() == f"{cli} {__version__}"

@@ -8,7 +8,6 @@ import numpy as np
 import onnxruntime as ort
 
 from export.repository import validate_repository
-from service.contract import PreprocessContract
 from service.preprocess import preprocess
 
 
@@ -23,7 +22,7 @@ def test_demo_trains_and_reports_progress(demo):
 
 def test_demo_labels_and_contract(demo):
     assert (demo.model_dir / "labels.txt").read_text().splitlines() == [str(i) for i in range(10)]
-    contract = PreprocessContract.load(demo.model_dir / "preprocess.json")
+    contract = demo.contract
     assert (contract.channels, contract.num_classes, contract.crop) == ("L", 10, 32)
 
 
@@ -31,7 +30,7 @@ def test_heldout_pngs_classify_through_the_contract(demo):
     """The exported ONNX model, fed the PNG files through the contract, keeps the accuracy."""
     files = demo.pngs()
     assert len(files) == 450 and len({label for _, label in files}) == 10
-    contract = PreprocessContract.load(demo.model_dir / "preprocess.json")
+    contract = demo.contract
     x = np.stack([preprocess(path.read_bytes(), contract) for path, _ in files])
     session = ort.InferenceSession(
         str(demo.model_dir / "1" / "model.onnx"), providers=["CPUExecutionProvider"]

@@ -85,13 +85,15 @@ def test_export_then_validate(tmp_path, r18_ckpt, labels5):
     assert proc.returncode == 0, proc.stderr
     assert "parity PASS" in proc.stdout
     assert "published fruit version 1" in proc.stdout
-    contract = json.loads((repo / "fruit" / "preprocess.json").read_text())
+    contract = json.loads((repo / "fruit" / "1" / "preprocess.json").read_text())
     assert (contract["resize"], contract["crop"], contract["num_classes"]) == (72, 64, 5)
     assert contract["source_sha256"] is not None and len(contract["source_sha256"]) == 64
 
     proc = run_cli(*args, "--flavor", "python-ort")
     assert proc.returncode == 0, proc.stderr
     assert "published fruit version 2" in proc.stdout
+    # The config is per model: version 1 became servable by the python backend too.
+    assert (repo / "fruit" / "1" / "model.py").is_file()
 
     proc = run_cli("resnet-export", "validate", "--repository", str(repo))
     assert proc.returncode == 0, proc.stderr
@@ -157,7 +159,10 @@ def test_validate_reports_problems(tmp_path, r18_ckpt, labels5):
     (repo / "m" / "labels.txt").write_text("only\n")
     proc = run_cli("resnet-export", "validate", "--repository", str(repo))
     assert proc.returncode == 1
-    assert "m: labels.txt has 1 names for 5 classes" in proc.stderr
+    # The problems, each on a line of its own, and nothing else (no "internal error: Exit").
+    assert proc.stderr.splitlines() == [
+        "resnet-export: invalid: m: labels.txt has 1 names for 5 classes"
+    ]
 
 
 # --- bad input: one line, exit 1, nothing written -------------------------------------------

@@ -1,11 +1,11 @@
-"""The gRPC API in process: same classifier as REST; status codes; health; reflection."""
+"""The Classifier gRPC API in process: same data plane as REST; status codes; health;
+reflection; malformed messages."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import grpc
@@ -15,30 +15,41 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from service.app import create_app
+from service.backends.onnxruntime import OnnxRuntimeBackend
 from service.grpc import classifier_pb2 as pb
 from service.grpc import classifier_pb2_grpc as pbg
 from service.settings import Settings
-from tests.integration.test_gateway_http import SlowBackend
+from service.testing import SlowBackend, wait_until
+from tests.conftest import TINY_LABELS, image_bytes
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def serve(demo, backend=None, **kw):
-    settings = Settings(repository=demo.repository, grpc_port=0, **kw)
+def serve(tiny, backend=None, **kw):
+    settings = Settings(repository=tiny.repository, grpc_port=0, **kw)
     return TestClient(create_app(settings, backend=backend))
 
 
 @pytest.fixture(scope="module")
-def gateway(demo):
-    with serve(demo, grpc_max_message_bytes=200_000) as client:
+def gateway(tiny):
+    with serve(tiny, grpc_max_message_bytes=200_000) as client:
         channel = grpc.insecure_channel(f"127.0.0.1:{client.app.state.grpc_port}")
         yield client, pbg.ClassifierStub(channel), channel
         channel.close()
 
 
 @pytest.fixture(scope="module")
-def pngs(demo):
-    return [(p.read_bytes(), label) for p, label in demo.pngs()[::50]]
+def pngs(gateway):
+    """(png, top-1 over REST) of a few real image files."""
+    client = gateway[0]
+    out = []
+    for n in range(5):
+        data = image_bytes(size=(40 + n, 36), seed=10 + n)
+        resp = client.post(
+            "/v1/classify?top_k=1", content=data, headers={"content-type": "image/png"}
+        )
+        out.append((data, resp.json()["predictions"][0][0]["index"]))
+    return out
 
 
 def code_of(call):
@@ -50,8 +61,8 @@ def code_of(call):
 def test_classify_matches_rest(gateway, pngs):
     client, stub, _ = gateway
     images = [d for d, _ in pngs]
-    reply = stub.Classify(pb.ClassifyRequest(model="digits", images=images, top_k=3), timeout=30)
-    assert (reply.model, reply.model_version) == ("digits", "1")
+    reply = stub.Classify(pb.ClassifyRequest(model="tiny", images=images, top_k=3), timeout=30)
+    assert (reply.model, reply.model_version) == ("tiny", "1")
     assert [r.predictions[0].index for r in reply.results] == [label for _, label in pngs]
     assert all(len(r.predictions) == 3 for r in reply.results)
     rest = client.post(
@@ -70,13 +81,14 @@ def test_classify_matches_rest(gateway, pngs):
 def test_list_models(gateway):
     _, stub, _ = gateway
     models = stub.ListModels(pb.ListModelsRequest(), timeout=5).models
-    assert [(m.name, m.num_classes, m.is_default) for m in models] == [("digits", 10, True)]
+    assert [(m.name, m.num_classes, m.is_default) for m in models] == [("tiny", 10, True)]
 
 
 @pytest.mark.parametrize(
     ("request_kw", "code", "fragment"),
     [
         ({"model": "nope", "images": [b"x"]}, grpc.StatusCode.NOT_FOUND, "'nope'"),
+        ({"model_version": "3", "images": [b"x"]}, grpc.StatusCode.NOT_FOUND, "version '3'"),
         ({"images": []}, grpc.StatusCode.INVALID_ARGUMENT, "no image"),
         ({"images": [b"junk"]}, grpc.StatusCode.INVALID_ARGUMENT, "unsupported image format"),
         ({"images": [b"\x89PNG\r\n\x1a\n\x00"]}, grpc.StatusCode.INVALID_ARGUMENT, "cannot decode"),
@@ -129,28 +141,45 @@ def test_health_and_reflection(gateway):
     assert 'resnet_serve_grpc_requests_total{code="OK",method="Classify"}' in text
 
 
-def test_draining_is_unavailable_and_not_serving(demo, pngs):
-    with serve(demo) as client:
+def test_draining_serves_calls_while_health_says_not_serving(tiny, pngs):
+    """Draining: not ready, still serving (the drain window); stopping: UNAVAILABLE."""
+    with serve(tiny) as client:
         channel = grpc.insecure_channel(f"127.0.0.1:{client.app.state.grpc_port}")
         stub = pbg.ClassifierStub(channel)
-        client.app.state.draining = True
-        got, details = code_of(
-            lambda: stub.Classify(pb.ClassifyRequest(images=[pngs[0][0]]), timeout=5)
-        )
-        assert got == grpc.StatusCode.UNAVAILABLE and "shutting down" in details
-        time.sleep(1.0)
         health = health_pb2_grpc.HealthStub(channel)
-        assert (
-            health.Check(health_pb2.HealthCheckRequest(), timeout=5).status
-            == health_pb2.HealthCheckResponse.NOT_SERVING
+        runtime = client.app.state.runtime
+        runtime.drain()
+        wait_until(
+            lambda: (
+                health.Check(health_pb2.HealthCheckRequest(), timeout=5).status
+                == health_pb2.HealthCheckResponse.NOT_SERVING
+            ),
+            5,
+            "health still SERVING",
         )
-        client.app.state.draining = False
+        assert stub.Classify(pb.ClassifyRequest(images=[pngs[0][0]]), timeout=5).results
+        assert client.get("/readyz").status_code == 503
+        assert (
+            client.post(
+                "/v1/classify", content=pngs[0][0], headers={"content-type": "image/png"}
+            ).status_code
+            == 200
+        )
         channel.close()
 
 
-def test_api_keys_over_grpc(demo, pngs):
+def test_malformed_message_is_invalid_argument(gateway):
+    _, _, channel = gateway
+    raw = channel.unary_unary("/resnet_serving.v1.Classifier/Classify")
+    got, details = code_of(lambda: raw(b"\xff\xff\xff\xff", timeout=5))
+    assert got == grpc.StatusCode.INVALID_ARGUMENT
+    assert details == "malformed ClassifyRequest message"
+    assert "DecodeError" not in details
+
+
+def test_api_keys_over_grpc(tiny, pngs):
     with (
-        serve(demo, api_keys=["k"]) as client,
+        serve(tiny, api_keys=["k"]) as client,
         grpc.insecure_channel(f"127.0.0.1:{client.app.state.grpc_port}") as channel,
     ):
         stub = pbg.ClassifierStub(channel)
@@ -163,11 +192,11 @@ def test_api_keys_over_grpc(demo, pngs):
         assert stub.Classify(req, timeout=5, metadata=(("authorization", "Bearer k"),)).results
 
 
-def test_overload_and_deadline_codes(demo, pngs):
-    backend = SlowBackend(0.4)
+def test_overload_and_deadline_codes(tiny, pngs):
+    backend = SlowBackend(OnnxRuntimeBackend(), 0.4)
     with (
         serve(
-            demo, backend=backend, max_queue_images=1, max_batch_size=1, max_batch_delay_ms=0
+            tiny, backend=backend, max_queue_images=1, max_batch_size=1, max_batch_delay_ms=0
         ) as client,
         grpc.insecure_channel(f"127.0.0.1:{client.app.state.grpc_port}") as channel,
     ):
@@ -218,9 +247,10 @@ def test_generated_code_matches_the_proto(tmp_path):
         ).read_text(), name
 
 
-def test_example_client(demo, gateway, tmp_path):
+def test_example_client(gateway, pngs, tmp_path):
     client, _, _ = gateway
-    png = demo.pngs()[0]
+    png = (tmp_path / "a.png", pngs[0][1])
+    png[0].write_bytes(pngs[0][0])
     proc = subprocess.run(
         [
             sys.executable,
@@ -238,7 +268,7 @@ def test_example_client(demo, gateway, tmp_path):
         cwd=ROOT,
     )
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.startswith(f"{png[0]}: {png[1]} (")
+    assert proc.stdout.startswith(f"{png[0]}: {TINY_LABELS[png[1]]} (")
     proc = subprocess.run(
         [sys.executable, "-m", "service.grpc.example_client", str(tmp_path / "none.png")],
         capture_output=True,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from concurrent import futures
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -20,7 +21,7 @@ from tritonclient.grpc import service_pb2_grpc as pbg
 from service.backends.triton import TritonBackend
 from service.contract import PreprocessContract
 from service.errors import BackendUnavailable, DeadlineExceeded, Overloaded
-from service.model_store import ModelSpec, RepositoryError
+from service.repository import ModelSpec, RepositoryError
 
 CONTRACT = PreprocessContract(
     arch="resnet18",
@@ -33,7 +34,9 @@ CONTRACT = PreprocessContract(
     std=(0.5,),
     num_classes=3,
 )
-SPEC = ModelSpec("m", "1", CONTRACT, ("a", "b", "c"), 8, onnx_path=None)  # type: ignore[arg-type]
+SPEC = ModelSpec(
+    "m", "1", CONTRACT, ("a", "b", "c"), 8, Path("none"), "python", mc.ModelConfig(name="m")
+)
 
 
 class ScriptedTriton(pbg.GRPCInferenceServiceServicer):
@@ -167,7 +170,9 @@ async def test_metadata_disagreement_refused(scripted):
     servicer.input_shape = [-1, 3, 8, 8]
     backend = TritonBackend(url)
     with pytest.raises(
-        RepositoryError, match=r"Triton inputs \[\('input', 'FP32', \[-1, 3, 8, 8\]\)\]"
+        RepositoryError,
+        match=r"Triton inputs \['input' FP32 \[-1, 3, 8, 8\]\] != preprocess.json "
+        r"\['input' FP32 \[-1, 1, 8, 8\]\]",
     ):
         await backend.start([SPEC])
     await backend.close()
@@ -176,12 +181,9 @@ async def test_metadata_disagreement_refused(scripted):
 async def test_unreachable_at_start_is_not_ready_and_fails_fast(scripted):
     """Triton not up yet: the gateway starts not-ready and answers 503 at once (recovery: see
     tests/e2e/test_triton.py, which kills and restarts a real Triton)."""
-    import socket
+    from service.testing import free_port
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    backend = TritonBackend(f"127.0.0.1:{port}", health_interval_s=0.1)
+    backend = TritonBackend(f"127.0.0.1:{free_port()}", health_interval_s=0.1)
     await backend.start([SPEC])
     assert not backend.is_ready()
     with pytest.raises(BackendUnavailable):

@@ -11,26 +11,33 @@ import torch
 from tritonclient.grpc import model_config_pb2 as mc
 
 from export.errors import ExportError
-from export.models import build_model
+from export.models import BasicBlock, ResNet
 from export.onnx_export import real_images
 from export.pipeline import export_and_publish
 from export.repository import (
     ServingConfig,
     build_config,
-    parse_config,
     render_config,
+    republish,
     validate_model,
     validate_repository,
 )
 from service.contract import PreprocessContract
+from service.repository import load_spec, parse_config
 from tests.conftest import tree_digest
+
+
+def small_model():
+    """A ResNet of a few kB: publishing tests need a real graph, not a big one."""
+    return ResNet(BasicBlock, (1, 1, 1, 1), num_classes=3, channels=(4, 8, 8, 8))
+
 
 LABELS = ["cat", "dog", "ship"]
 
 
 def small_contract(**kw) -> PreprocessContract:
     base = dict(
-        arch="resnet18",
+        arch="tiny",
         input_name="input",
         output_name="logits",
         channels="RGB",
@@ -46,7 +53,7 @@ def small_contract(**kw) -> PreprocessContract:
 def publish_small(repo: Path, name: str = "tiny", flavor="onnxruntime", model=None, seed=0, **kw):
     torch.manual_seed(seed)
     return export_and_publish(
-        model=model or build_model("resnet18", num_classes=3),
+        model=model or small_model(),
         contract=small_contract(),
         labels=LABELS,
         name=name,
@@ -87,8 +94,10 @@ def test_config_parses_with_tritons_model_config(tmp_path, flavor):
         assert cfg.instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU
         assert (result.model_dir / "1" / "model.py").is_file()
     assert (result.model_dir / "labels.txt").read_text().splitlines() == LABELS
-    contract = PreprocessContract.load(result.model_dir / "preprocess.json")
-    assert contract == small_contract()
+    # One copy of the contract, in the version it describes.
+    assert not (result.model_dir / "preprocess.json").exists()
+    contract = PreprocessContract.load(result.model_dir / "1" / "preprocess.json")
+    assert contract == small_contract() == load_spec(result.model_dir).contract
 
 
 def test_report_records_checks(tmp_path):
@@ -133,7 +142,7 @@ class Noisy(torch.nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.net = build_model("resnet18", num_classes=3)
+        self.net = small_model()
 
     def forward(self, x):
         return self.net(x) + torch.rand_like(self.net(x)) * 10
@@ -150,7 +159,7 @@ def test_parity_failure_publishes_nothing(tmp_path):
 def test_labels_count_mismatch_refused(tmp_path):
     with pytest.raises(ExportError, match="2 labels for 3 classes"):
         export_and_publish(
-            model=build_model("resnet18", num_classes=3),
+            model=small_model(),
             contract=small_contract(),
             labels=["a", "b"],
             name="x",
@@ -213,21 +222,40 @@ def test_validate_finds_missing_onnx(good):
 
 
 def test_validate_finds_contract_graph_disagreement(good):
-    data = json.loads((good / "preprocess.json").read_text())
+    data = json.loads((good / "1" / "preprocess.json").read_text())
     data["crop"] = 28
-    (good / "preprocess.json").write_text(json.dumps(data))
-    problems = validate_model(good)
-    assert any("config inputs" in p for p in problems)
-    assert any(
-        "input 'input' has shape ['batch', 3, 32, 32], expected [batch, 3, 28, 28]" in p
-        for p in problems
+    (good / "1" / "preprocess.json").write_text(json.dumps(data))
+    assert validate_model(good) == [
+        "tiny: version 1: config.pbtxt inputs ['input' FP32 [-1, 3, 32, 32]] != preprocess.json "
+        "['input' FP32 [-1, 3, 28, 28]]",
+        "tiny: version 1: graph inputs ['input' FP32 [-1, 3, 32, 32]] != preprocess.json "
+        "['input' FP32 [-1, 3, 28, 28]]",
+    ]
+
+
+def test_validate_checks_every_version(tmp_path):
+    publish_small(tmp_path, seed=0)
+    model_dir = publish_small(tmp_path, seed=1).model_dir
+    (model_dir / "1" / "preprocess.json").write_text('{"arch": "resnet18"}')
+    problems = validate_model(model_dir)
+    assert len(problems) == 1 and problems[0].startswith(
+        "tiny: version 1: preprocess.json: not a valid preprocessing contract"
     )
 
 
 def test_validate_finds_bad_contract(good):
-    (good / "preprocess.json").write_text('{"arch": "resnet18"}')
+    (good / "1" / "preprocess.json").write_text('{"arch": "resnet18"}')
     assert any("not a valid preprocessing contract" in p for p in validate_model(good))
 
 
 def test_validate_empty_repository(tmp_path):
     assert validate_repository(tmp_path) == ([], [f"{tmp_path}: holds no model"])
+
+
+def test_republish_keeps_the_verified_graph(good, tmp_path):
+    target = tmp_path / "other"
+    assert republish(good, target, "python-ort") == 1
+    spec = load_spec(target / "tiny")
+    assert spec.config.backend == "python" and spec.contract == load_spec(good).contract
+    assert spec.model_path.read_bytes() == (good / "1" / "model.onnx").read_bytes()
+    assert validate_repository(target) == (["tiny"], [])

@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from service.batching import Batcher
+from service.batching import Batched, Batcher
 from service.errors import (
     BackendUnavailable,
     DeadlineExceeded,
@@ -51,12 +51,24 @@ def far() -> float:
     return time.perf_counter() + 10
 
 
+async def until(check, timeout_s: float = 5.0) -> None:
+    """Poll a state on the event loop (never sleep-and-hope)."""
+    deadline = time.perf_counter() + timeout_s
+    while not check():
+        assert time.perf_counter() < deadline, "state not reached"
+        await asyncio.sleep(0.001)
+
+
+def queued(b: Batcher) -> float:
+    return b._metrics.queue_depth.labels(b.model)._value.get()
+
+
 async def test_two_concurrent_requests_become_one_batch():
     rec = Recorder()
     b = make(rec)
     r1, r2 = await asyncio.gather(b.submit([tensor(1)], far()), b.submit([tensor(2)], far()))
     assert rec.sizes == [2]
-    assert r1[0][0] == 2 and r2[0][0] == 4  # each request got its own row back
+    assert r1.rows[0][0] == 2 and r2.rows[0][0] == 4  # each request got its own row back
     await b.close()
 
 
@@ -64,7 +76,7 @@ async def test_results_keep_request_order_across_batches():
     rec = Recorder()
     b = make(rec, max_batch=3)
     out = await b.submit([tensor(i) for i in range(7)], far())
-    assert [float(r[0]) for r in out] == [2 * i for i in range(7)]
+    assert [float(r[0]) for r in out.rows] == [2 * i for i in range(7)]
     assert rec.sizes == [3, 3, 1]
     await b.close()
 
@@ -91,15 +103,15 @@ async def test_full_queue_rejects_at_once_with_retry_after():
     rec = Recorder(delay=0.3)
     b = make(rec, max_batch=1, max_queue=2, max_delay_s=0)
     first = asyncio.create_task(b.submit([tensor(1)], far()))
-    await asyncio.sleep(0.05)  # first is running; queue is empty again
-    queued = [asyncio.create_task(b.submit([tensor(i)], far())) for i in range(2)]
-    await asyncio.sleep(0.01)
+    await until(lambda: rec.sizes == [1])  # first is running; the queue is empty again
+    waiting = [asyncio.create_task(b.submit([tensor(i)], far())) for i in range(2)]
+    await until(lambda: queued(b) == 2)
     t0 = time.perf_counter()
     with pytest.raises(Overloaded) as info:
         await b.submit([tensor(9)], far())
     assert time.perf_counter() - t0 < 0.05  # refused, not queued
-    assert info.value.retry_after is not None and info.value.retry_after >= 1
-    await asyncio.gather(first, *queued)  # the accepted ones still get answers
+    assert int(info.value.retry_after_header() or 0) >= 1
+    await asyncio.gather(first, *waiting)  # the accepted ones still get answers
     await b.close()
 
 
@@ -114,13 +126,12 @@ async def test_deadline_is_504_and_expired_work_is_skipped():
     rec = Recorder(delay=0.2)
     b = make(rec, max_batch=1, max_delay_s=0)
     slow = asyncio.create_task(b.submit([tensor(1)], far()))
-    await asyncio.sleep(0.02)
+    await until(lambda: rec.sizes == [1])
     with pytest.raises(DeadlineExceeded):
         await b.submit([tensor(2)], time.perf_counter() + 0.05)
     await slow
-    await asyncio.sleep(0.05)
+    await b.close()  # runs whatever is still queued
     assert rec.sizes == [1]  # the expired image never reached the backend
-    await b.close()
 
 
 async def test_backend_errors_reach_every_request_of_the_batch():
@@ -144,10 +155,10 @@ async def test_close_drains_queued_work_then_refuses():
     rec = Recorder(delay=0.05)
     b = make(rec, max_batch=2, max_delay_s=0)
     tasks = [asyncio.create_task(b.submit([tensor(i)], far())) for i in range(6)]
-    await asyncio.sleep(0.01)
+    await until(lambda: rec.sizes)  # the first batch is running, the rest queued
     await b.close()
     results = await asyncio.gather(*tasks, return_exceptions=True)
-    assert all(isinstance(r, list) for r in results), results  # every accepted one answered
+    assert all(isinstance(r, Batched) for r in results), results  # every accepted one answered
     with pytest.raises(ShuttingDown):
         await b.submit([tensor(1)], far())
 
@@ -158,4 +169,15 @@ async def test_inflight_limit_allows_parallel_batches():
     t0 = time.perf_counter()
     await asyncio.gather(*(b.submit([tensor(i)], far()) for i in range(4)))
     assert time.perf_counter() - t0 < 0.3  # four 0.1 s calls overlapped
+    await b.close()
+
+
+async def test_where_a_request_spent_its_time():
+    rec = Recorder(delay=0.1)
+    b = make(rec, max_batch=1, max_delay_s=0)
+    first, second = await asyncio.gather(b.submit([tensor(1)], far()), b.submit([tensor(2)], far()))
+    assert first.queued_s < 0.05 and 0.09 < first.computed_s < 0.5
+    assert second.queued_s >= 0.09  # waited for the first batch
+    split = await b.submit([tensor(1), tensor(2)], far())  # two batches: both counted
+    assert split.computed_s >= 0.19
     await b.close()

@@ -1,0 +1,42 @@
+"""Operations routes: liveness, readiness, Prometheus. Open even when API keys are set."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from service.api.deps import RuntimeDep
+from service.api.errors import responses
+from service.api.schemas import Health
+from service.errors import NotReady
+
+ops = APIRouter(tags=["operations"])
+
+
+@ops.get("/healthz", operation_id="healthz", summary="Liveness: the process answers")
+async def healthz() -> Health:
+    return Health(status="ok")
+
+
+@ops.get(
+    "/readyz",
+    operation_id="readyz",
+    summary="Readiness: models loaded and warm, backend ready, not draining",
+    responses=responses(503),
+)
+async def readyz(rt: RuntimeDep) -> Health:
+    if reason := rt.not_ready_reason():
+        raise NotReady(reason)
+    return Health(status="ready")
+
+
+@ops.get(
+    "/metrics",
+    operation_id="metrics",
+    summary="Prometheus metrics",
+    response_class=Response,
+    responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}},
+)
+async def metrics(rt: RuntimeDep) -> Response:
+    rt.metrics.ready.set(0 if rt.not_ready_reason() else 1)
+    return Response(generate_latest(rt.metrics.registry), media_type=CONTENT_TYPE_LATEST)

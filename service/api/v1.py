@@ -1,0 +1,188 @@
+"""REST ``/v1``: HTTP only. Reads the request's images, calls the data plane, shapes JSON."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Query, Request
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.formparsers import MultiPartException
+from starlette.responses import JSONResponse
+
+from service.api.deps import API_KEY, PlaneDep, parse_json
+from service.api.errors import responses
+from service.api.schemas import (
+    ClassifyJSON,
+    ClassifyResponse,
+    ImageB64,
+    ModelDetail,
+    ModelList,
+    ModelSummary,
+)
+from service.dataplane import Classification, DataPlane
+from service.errors import InvalidImage, InvalidRequest, PayloadTooLarge, UnsupportedMediaType
+
+IMAGE_TYPES = ("image/", "application/octet-stream")
+
+_CLASSIFY_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "file": {"type": "array", "items": {"type": "string", "format": "binary"}}
+                    },
+                    "required": ["file"],
+                }
+            },
+            "image/*": {"schema": {"type": "string", "format": "binary"}},
+            "application/json": {"schema": {"$ref": "#/components/schemas/ClassifyJSON"}},
+        },
+    }
+}
+#: Schemas referred to by hand above, added to the document's components (service.app).
+EXTRA_SCHEMAS = (ClassifyJSON, ImageB64)
+
+TopK = Annotated[int | None, Query(description="Classes per image, 1..num_classes (default 5).")]
+Timeout = Annotated[
+    float | None,
+    Header(
+        alias="x-request-timeout",
+        description="Seconds this request may take (can only shorten the server's deadline).",
+    ),
+]
+
+api = APIRouter(prefix="/v1", dependencies=API_KEY, tags=["classification"])
+_CLASSIFY: dict[str, Any] = {
+    "response_model": ClassifyResponse,
+    "openapi_extra": _CLASSIFY_BODY,
+    "responses": responses(400, 401, 404, 413, 415, 422, 503, 504),
+}
+
+
+async def read_images(request: Request, max_images: int) -> tuple[list[bytes], int | None]:
+    """The images of a classify request (multipart, raw image body, or JSON base64), and
+    the JSON body's ``top_k`` if it has one."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype == "multipart/form-data":
+        try:
+            form = await request.form(max_files=max_images, max_fields=max_images + 16)
+        except (MultiPartException, StarletteHTTPException) as exc:
+            detail = str(getattr(exc, "message", None) or getattr(exc, "detail", ""))
+            if "Too many files" in detail:
+                raise PayloadTooLarge(
+                    f"more than {max_images} images in one request; the limit is {max_images}"
+                ) from exc
+            raise InvalidRequest(f"malformed multipart body: {detail}") from exc
+        try:
+            parts = form.getlist("file")
+            if not parts:
+                raise InvalidRequest("multipart body has no 'file' part")
+            if not all(isinstance(p, UploadFile) for p in parts):
+                raise InvalidRequest("the 'file' parts must be files, not text fields")
+            return [await p.read() for p in parts if isinstance(p, UploadFile)], None
+        finally:
+            await form.close()
+    if ctype.startswith(IMAGE_TYPES):
+        body = await request.body()
+        if not body:
+            raise InvalidRequest("empty request body; send an image")
+        return [body], None
+    if ctype == "application/json":
+        parsed = parse_json(ClassifyJSON, await request.body(), "JSON body")
+        if len(parsed.images) > max_images:
+            raise PayloadTooLarge(
+                f"{len(parsed.images)} images in one request; the limit is {max_images}"
+            )
+        images = []
+        for n, item in enumerate(parsed.images, 1):
+            try:
+                images.append(base64.b64decode(item.b64, validate=True))
+            except (binascii.Error, ValueError) as exc:
+                raise InvalidImage(f"image {n}: not valid base64") from exc
+        return images, parsed.top_k
+    if not ctype:
+        raise InvalidRequest("missing Content-Type; send multipart/form-data, an image, or JSON")
+    raise UnsupportedMediaType(
+        f"unsupported Content-Type {ctype[:100]!r}; send multipart/form-data (file parts), "
+        "image/* or application/octet-stream, or application/json"
+    )
+
+
+def _body(result: Classification) -> dict[str, Any]:
+    return {
+        "model": result.model,
+        "version": result.version,
+        "predictions": [
+            [{"index": p.index, "label": p.label, "score": p.score} for p in row]
+            for row in result.predictions
+        ],
+    }
+
+
+async def _classify(
+    request: Request, plane: DataPlane, model: str | None, top_k: int | None, timeout: float | None
+) -> JSONResponse:
+    plan = plane.plan(model, top_k=top_k, timeout_s=timeout)  # 404/422 before the body
+    images, body_top_k = await read_images(request, plane.settings.max_images_per_request)
+    if top_k is None and body_top_k is not None:
+        plan = plane.with_top_k(plan, body_top_k)
+    # Built directly (response_model documents it): validating our own output costs time.
+    return JSONResponse(_body(await plane.classify(plan, images)))
+
+
+@api.post(
+    "/models/{model}/classify",
+    operation_id="classify",
+    summary="Classify images with a named model",
+    **_CLASSIFY,
+)
+async def classify(
+    model: str, request: Request, plane: PlaneDep, top_k: TopK = None, timeout: Timeout = None
+) -> JSONResponse:
+    """Send images as multipart `file` parts, a raw `image/*` body, or JSON
+    `{"images": [{"b64": ...}], "top_k": 5}`. One prediction list per image, in order;
+    the query's `top_k` wins over the body's."""
+    return await _classify(request, plane, model, top_k, timeout)
+
+
+@api.post(
+    "/classify",
+    operation_id="classify_default",
+    summary="Classify images with the default model",
+    **_CLASSIFY,
+)
+async def classify_default(
+    request: Request, plane: PlaneDep, top_k: TopK = None, timeout: Timeout = None
+) -> JSONResponse:
+    """As `/v1/models/{model}/classify`, with the default model."""
+    return await _classify(request, plane, None, top_k, timeout)
+
+
+@api.get(
+    "/models",
+    operation_id="list_models",
+    response_model=ModelList,
+    summary="List served models",
+    responses=responses(401, 503),
+)
+async def list_models(plane: PlaneDep) -> ModelList:
+    return ModelList(models=[ModelSummary.model_validate(s) for s in plane.summaries()])
+
+
+@api.get(
+    "/models/{model}",
+    operation_id="get_model",
+    response_model=ModelDetail,
+    summary="One model and its preprocessing contract",
+    responses=responses(401, 404, 503),
+)
+async def get_model(model: str, plane: PlaneDep) -> ModelDetail:
+    spec = plane.spec(model)
+    summary = ModelSummary.model_validate(plane.summary(spec))
+    return ModelDetail(**summary.model_dump(), contract=spec.contract)

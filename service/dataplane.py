@@ -1,0 +1,366 @@
+"""The data plane: one transport-neutral object that every API is a thin adapter over.
+
+A request is resolved once into a :class:`Plan` (model version, ``top_k``, deadline), and
+the plan travels: decoding and preprocessing (thread pool, off the event loop), the
+model's micro-batcher and backend, top-k. REST ``/v1``, KServe v2 over HTTP and gRPC and
+the ``Classifier`` gRPC service only translate their wire formats to and from these calls;
+none of them touches a batcher, a backend or a spec's contract on its own.
+
+It also keeps each model's inference statistics in the shape of Triton's statistics
+extension (``/v2/models/{m}/stats``, ``ModelStatistics``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import math
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from service.backends.base import Backend
+from service.batching import Batcher
+from service.errors import (
+    InvalidRequest,
+    ModelNotFound,
+    PayloadTooLarge,
+    ServiceError,
+    ValidationFailed,
+    cut,
+)
+from service.metrics import Metrics
+from service.preprocess import DecodeLimits, preprocess
+from service.repository import ModelSpec, TensorSig, contract_tensors
+from service.settings import Settings
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A request resolved once: which model version, how many classes, until when."""
+
+    spec: ModelSpec
+    #: Classes per image for classification (validated against the model).
+    top_k: int
+    #: ``time.perf_counter()`` values: when the request arrived; past when it is a 504.
+    arrived: float
+    deadline: float
+
+
+@dataclass(frozen=True)
+class Prediction:
+    index: int
+    label: str
+    score: float
+
+
+@dataclass(frozen=True)
+class Classification:
+    model: str
+    version: str
+    predictions: list[list[Prediction]]
+
+
+@dataclass(frozen=True)
+class ModelSummary:
+    """What every API says about a served model."""
+
+    name: str
+    version: str
+    arch: str
+    num_classes: int
+    labels_count: int
+    max_batch_size: int
+    precision: str
+    backend: str
+    default: bool
+    platform: str
+    inputs: list[TensorSig]
+    outputs: list[TensorSig]
+
+
+def top_indices(scores: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k highest scores per row, best first (ties: lower index first)."""
+    return np.argsort(-scores, axis=1, kind="stable")[:, :k]
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
+    probs = np.exp(z)
+    return probs / probs.sum(axis=1, keepdims=True)
+
+
+class _Duration:
+    __slots__ = ("count", "ns")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.ns = 0
+
+    def add(self, seconds: float, count: int = 1) -> None:
+        self.count += count
+        self.ns += int(seconds * 1e9)
+
+    def as_dict(self) -> dict[str, int]:
+        return {"count": self.count, "ns": self.ns}
+
+
+class ModelStatistics:
+    """Cumulative counts and times of one model version, as Triton's statistics extension
+    reports them: per request (success, fail, queue, compute_input = decoding and
+    preprocessing, compute_infer = backend time, compute_output = top-k), per batch size,
+    and ``inference_count`` (images) against ``execution_count`` (backend calls)."""
+
+    KINDS = ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output")
+
+    def __init__(self, name: str, version: str) -> None:
+        self.name = name
+        self.version = version
+        self.last_inference_ms = 0
+        self.inference_count = 0
+        self.execution_count = 0
+        self.durations = {kind: _Duration() for kind in self.KINDS}
+        self.batches: dict[int, _Duration] = {}
+
+    def batch(self, size: int, seconds: float) -> None:
+        self.execution_count += 1
+        self.batches.setdefault(size, _Duration()).add(seconds)
+
+    def as_dict(self) -> dict[str, Any]:
+        zero = {"count": 0, "ns": 0}
+        return {
+            "name": self.name,
+            "version": self.version,
+            "last_inference": self.last_inference_ms,
+            "inference_count": self.inference_count,
+            "execution_count": self.execution_count,
+            "inference_stats": {
+                **{kind: d.as_dict() for kind, d in self.durations.items()},
+                "cache_hit": zero,
+                "cache_miss": zero,
+            },
+            "batch_stats": [
+                {
+                    "batch_size": size,
+                    "compute_input": zero,
+                    "compute_infer": d.as_dict(),
+                    "compute_output": zero,
+                }
+                for size, d in sorted(self.batches.items())
+            ],
+            "memory_usage": [],
+        }
+
+
+class DataPlane:
+    def __init__(
+        self, specs: list[ModelSpec], backend: Backend, settings: Settings, metrics: Metrics
+    ) -> None:
+        self.specs = {s.name: s for s in specs}
+        self.backend = backend
+        self.settings = settings
+        self.metrics = metrics
+        self.default_model = settings.default_model or sorted(self.specs)[0]
+        if self.default_model not in self.specs:
+            raise ValueError(f"default model {self.default_model!r} is not served")
+        self.limits = DecodeLimits(
+            max_pixels=settings.max_image_pixels, jpeg_draft=settings.jpeg_draft
+        )
+        self._executor = ThreadPoolExecutor(
+            settings.preprocess_workers or None, thread_name_prefix="preprocess"
+        )
+        self.stats = {s.name: ModelStatistics(s.name, s.version) for s in specs}
+        self.batchers = {s.name: self._batcher(s) for s in specs}
+
+    def _batcher(self, spec: ModelSpec) -> Batcher:
+        stats = self.stats[spec.name]
+
+        async def infer(x: np.ndarray, timeout: float) -> np.ndarray:
+            start = time.perf_counter()
+            logits = await self.backend.infer(spec, x, timeout)
+            stats.batch(len(x), time.perf_counter() - start)
+            return logits
+
+        cap = self.settings.max_batch_size or spec.max_batch_size
+        return Batcher(
+            spec.name,
+            infer,
+            max_batch=min(cap, spec.max_batch_size),
+            max_delay_s=self.settings.max_batch_delay_ms / 1000.0,
+            max_queue=self.settings.max_queue_images,
+            metrics=self.metrics,
+            backend_name=self.backend.name,
+            max_inflight=self.backend.max_inflight_batches,
+        )
+
+    def start(self) -> None:
+        for batcher in self.batchers.values():
+            batcher.start()
+
+    async def close(self) -> None:
+        await asyncio.gather(*(b.close() for b in self.batchers.values()))
+        self._executor.shutdown(wait=True)
+
+    # --- resolving a request ----------------------------------------------------------------
+
+    def spec(self, model: str | None, version: str | None = None) -> ModelSpec:
+        """The served spec of ``model`` (default model if None) at ``version`` (any if None)."""
+        name = model or self.default_model
+        spec = self.specs.get(name)
+        if spec is None:
+            raise ModelNotFound(f"model {cut(name)} is not served (GET /v1/models lists them)")
+        if version not in (None, "", spec.version):
+            raise ModelNotFound(
+                f"model {cut(name)} version {cut(version)} is not served "
+                f"(serving version {spec.version})"
+            )
+        return spec
+
+    def plan(
+        self,
+        model: str | None,
+        *,
+        version: str | None = None,
+        top_k: int | None = None,
+        timeout_s: float | None = None,
+        arrived: float | None = None,
+    ) -> Plan:
+        """Resolve a request once. ``timeout_s`` (the caller's own deadline) can only shorten
+        the server's; the deadline counts from ``arrived`` (default: now)."""
+        spec = self.spec(model, version)
+        budget = self.settings.request_timeout_s
+        if timeout_s is not None:
+            if not (math.isfinite(timeout_s) and timeout_s > 0):
+                raise ValidationFailed(
+                    f"the request timeout must be a positive number of seconds, got {timeout_s}"
+                )
+            budget = min(budget, timeout_s)
+        start = time.perf_counter() if arrived is None else arrived
+        return Plan(spec, self._top_k(spec, top_k), start, start + budget)
+
+    def with_top_k(self, plan: Plan, top_k: int | None, name: str = "top_k") -> Plan:
+        """``plan`` with a ``top_k`` that arrived after it was made (in a body; as KServe's
+        ``class_count``), validated against the same model."""
+        return dataclasses.replace(plan, top_k=self._top_k(plan.spec, top_k, name))
+
+    def _top_k(self, spec: ModelSpec, top_k: int | None, name: str = "top_k") -> int:
+        n = spec.contract.num_classes
+        if top_k is None:
+            return min(self.settings.default_top_k, n)
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= n:
+            raise ValidationFailed(
+                f"{name} must be an integer between 1 and {n} for model {cut(spec.name)}, "
+                f"got {top_k!r}"
+            )
+        return top_k
+
+    def check_count(self, n: int) -> None:
+        if n == 0:
+            raise InvalidRequest("no image in the request")
+        if n > self.settings.max_images_per_request:
+            raise PayloadTooLarge(
+                f"{n} images in one request; the limit is {self.settings.max_images_per_request}"
+            )
+
+    # --- the work ---------------------------------------------------------------------------
+
+    def _preprocess_one(self, spec: ModelSpec, data: bytes) -> np.ndarray:
+        start = time.perf_counter()
+        tensor = preprocess(data, spec.contract, self.limits)
+        self.metrics.preprocess.labels(spec.name).observe(time.perf_counter() - start)
+        return tensor
+
+    async def decode(self, plan: Plan, images: list[bytes]) -> np.ndarray:
+        """Encoded images -> the model's input batch, by its contract. The first bad image
+        is the error (named by position when there are several)."""
+        self.check_count(len(images))
+        spec = plan.spec
+        start = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        results = await asyncio.gather(
+            *(loop.run_in_executor(self._executor, self._preprocess_one, spec, d) for d in images),
+            return_exceptions=True,
+        )
+        for n, res in enumerate(results):
+            if isinstance(res, ServiceError) and len(images) > 1:
+                res.message = f"image {n + 1}: {res.message}"
+            if isinstance(res, BaseException):
+                self._failed(spec, start)
+                raise res
+        self.stats[spec.name].durations["compute_input"].add(time.perf_counter() - start)
+        return np.stack([r for r in results if isinstance(r, np.ndarray)])
+
+    async def infer(self, plan: Plan, batch: np.ndarray) -> np.ndarray:
+        """The model's logits ``(n, num_classes)`` for an input batch, through its batcher."""
+        spec = plan.spec
+        start = time.perf_counter()
+        try:
+            done = await self.batchers[spec.name].submit(list(batch), plan.deadline)
+        except BaseException:
+            self._failed(spec, start)
+            raise
+        stats = self.stats[spec.name]
+        stats.durations["queue"].add(done.queued_s)
+        stats.durations["compute_infer"].add(done.computed_s)
+        stats.inference_count += len(batch)
+        stats.last_inference_ms = int(time.time() * 1000)
+        self.metrics.images.labels(spec.name).inc(len(batch))
+        return np.stack(done.rows)
+
+    def succeeded(self, plan: Plan, output_started: float) -> None:
+        """Count a request answered: its whole time, and the time spent shaping its output."""
+        now = time.perf_counter()
+        durations = self.stats[plan.spec.name].durations
+        durations["compute_output"].add(now - output_started)
+        durations["success"].add(now - plan.arrived)
+
+    def _failed(self, spec: ModelSpec, start: float) -> None:
+        self.stats[spec.name].durations["fail"].add(time.perf_counter() - start)
+
+    async def classify(self, plan: Plan, images: list[bytes]) -> Classification:
+        """Encoded images -> the ``plan.top_k`` best classes of each, with probabilities."""
+        logits = await self.infer(plan, await self.decode(plan, images))
+        output_started = time.perf_counter()
+        idx = top_indices(logits, plan.top_k)
+        probs = np.take_along_axis(softmax(logits), idx, axis=1)
+        labels = plan.spec.labels
+        result = Classification(
+            model=plan.spec.name,
+            version=plan.spec.version,
+            predictions=[
+                [Prediction(int(i), labels[i], float(p)) for i, p in zip(row_i, row_p, strict=True)]
+                for row_i, row_p in zip(idx, probs, strict=True)
+            ],
+        )
+        self.succeeded(plan, output_started)
+        return result
+
+    # --- describing -------------------------------------------------------------------------
+
+    def summary(self, spec: ModelSpec) -> ModelSummary:
+        inputs, outputs = contract_tensors(spec.contract)
+        return ModelSummary(
+            name=spec.name,
+            version=spec.version,
+            arch=spec.contract.arch,
+            num_classes=spec.contract.num_classes,
+            labels_count=len(spec.labels),
+            max_batch_size=self.batchers[spec.name].max_batch,
+            precision=spec.precision,
+            backend=self.backend.name,
+            default=spec.name == self.default_model,
+            platform=spec.platform,
+            inputs=inputs,
+            outputs=outputs,
+        )
+
+    def summaries(self) -> list[ModelSummary]:
+        return [self.summary(s) for s in self.specs.values()]
+
+    def statistics(self, model: str | None = None, version: str | None = None) -> list[Any]:
+        """Triton-shaped statistics of one model (or of all, if ``model`` is empty)."""
+        specs = [self.spec(model, version)] if model else list(self.specs.values())
+        return [self.stats[s.name].as_dict() for s in specs]

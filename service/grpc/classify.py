@@ -1,0 +1,54 @@
+"""``resnet_serving.v1.Classifier`` (classifier.proto): the wire format only."""
+
+from __future__ import annotations
+
+from service.grpc import classifier_pb2 as pb
+from service.grpc.rpc import Context, Method, time_remaining
+from service.runtime import Runtime
+
+SERVICE = pb.DESCRIPTOR.services_by_name["Classifier"].full_name
+
+
+def methods(runtime: Runtime) -> dict[str, Method]:
+    async def classify(request: pb.ClassifyRequest, context: Context) -> pb.ClassifyResponse:
+        plane = runtime.admit()
+        plan = plane.plan(
+            request.model or None,
+            version=request.model_version or None,
+            top_k=request.top_k or None,
+            timeout_s=time_remaining(context),
+        )
+        result = await plane.classify(plan, list(request.images))
+        return pb.ClassifyResponse(
+            model=result.model,
+            model_version=result.version,
+            results=[
+                pb.Classification(
+                    predictions=[
+                        pb.Prediction(index=p.index, label=p.label, score=p.score) for p in row
+                    ]
+                )
+                for row in result.predictions
+            ],
+        )
+
+    async def list_models(request: pb.ListModelsRequest, context: Context) -> pb.ListModelsResponse:
+        return pb.ListModelsResponse(
+            models=[
+                pb.ModelInfo(
+                    name=s.name,
+                    version=s.version,
+                    arch=s.arch,
+                    num_classes=s.num_classes,
+                    max_batch_size=s.max_batch_size,
+                    precision=s.precision,
+                    is_default=s.default,
+                )
+                for s in runtime.admit().summaries()
+            ]
+        )
+
+    return {
+        "Classify": Method(pb.ClassifyRequest, classify),
+        "ListModels": Method(pb.ListModelsRequest, list_models),
+    }

@@ -1,0 +1,143 @@
+"""What every transport shares: the data plane, the lifecycle, readiness, API keys.
+
+One :class:`Runtime` per gateway, handed to the HTTP app and to the gRPC server alike, so
+"ready", "draining" and "who may call" mean the same on every port. Its phases:
+
+* ``starting``: loading the repository and warming the backend; not ready.
+* ``serving``: ready (if the backend is).
+* ``draining``: readiness says no (HTTP ``/readyz`` and the gRPC health service), so load
+  balancers stop sending, but every call that still arrives is served as usual.
+* ``stopping``: new calls are refused (503 ``shutting_down`` / ``UNAVAILABLE``) on every
+  transport; calls already accepted finish; then the batchers drain and the backend closes.
+* ``stopped``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+from collections.abc import Awaitable, Callable
+
+from service.auth import check_key, hash_keys
+from service.backends import Backend, make_backend
+from service.dataplane import DataPlane
+from service.errors import NotReady, ShuttingDown
+from service.metrics import Metrics
+from service.repository import RepositoryError, load_repository
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class Phase(enum.Enum):
+    STARTING = "starting"
+    SERVING = "serving"
+    DRAINING = "draining"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+
+
+class StartupError(RuntimeError):
+    """The gateway cannot start; the message says why, in one line."""
+
+
+class Runtime:
+    def __init__(
+        self, settings: Settings, metrics: Metrics, backend: Backend | None = None
+    ) -> None:
+        """``backend`` overrides the one ``settings`` names (tests)."""
+        self.settings = settings
+        self.metrics = metrics
+        self.backend = backend
+        self.plane: DataPlane | None = None
+        self.phase = Phase.STARTING
+        self._key_hashes = hash_keys(settings.api_keys)
+        self._stoppers: list[Callable[[], Awaitable[None]]] = []
+        self._stopping: asyncio.Future[list[None]] | None = None
+
+    async def start(self) -> None:
+        """Load the repository, start the backend and the data plane, or raise StartupError
+        (then :meth:`close` releases what was started)."""
+        backend = self.backend = self.backend or make_backend(self.settings)
+        try:
+            specs = load_repository(self.settings.repository, self.settings.models or None)
+            await backend.start(specs)
+            plane = DataPlane(specs, backend, self.settings, self.metrics)
+        except (RepositoryError, ValueError) as exc:
+            raise StartupError(str(exc)) from exc
+        plane.start()
+        for spec in specs:
+            self.metrics.model_info.labels(
+                spec.name, spec.version, spec.precision, spec.contract.arch, backend.name
+            ).set(1)
+        self.plane = plane
+        self.phase = Phase.SERVING
+        log.info(
+            "serving %s with %s (default model %s)",
+            ", ".join(f"{s.name} v{s.version}" for s in specs),
+            backend.name,
+            plane.default_model,
+        )
+
+    # --- per call ---------------------------------------------------------------------------
+
+    def admit(self) -> DataPlane:
+        """The data plane for a new call, or the error that refuses it."""
+        if self.phase in (Phase.STOPPING, Phase.STOPPED):
+            raise ShuttingDown("the gateway is shutting down; retry on another replica")
+        if self.plane is None:
+            raise NotReady("the gateway is starting")
+        return self.plane
+
+    def authorize(self, key: str | None, how: str) -> None:
+        """Raise Unauthorized unless ``key`` is a configured key (none configured: open)."""
+        check_key(key, self._key_hashes, how)
+
+    def not_ready_reason(self) -> str | None:
+        """Why the gateway should get no traffic (None when it is ready): the one definition
+        behind /readyz, /v2/health/ready, gRPC health, ServerReady and the ready metric."""
+        if self.phase is not Phase.SERVING:
+            return {Phase.STARTING: "starting", Phase.DRAINING: "draining"}.get(
+                self.phase, "shutting down"
+            )
+        if self.backend is None or not self.backend.is_ready():
+            return "backend not ready"
+        return None
+
+    # --- shutting down ----------------------------------------------------------------------
+
+    def on_stop(self, stop: Callable[[], Awaitable[None]]) -> None:
+        """Call ``stop`` when new calls must be refused (a transport's own graceful stop)."""
+        self._stoppers.append(stop)
+
+    def drain(self) -> None:
+        """Report not ready, keep serving."""
+        if self.phase is Phase.SERVING:
+            self.phase = Phase.DRAINING
+
+    def stop_accepting(self) -> None:
+        """Refuse new calls on every transport; calls already accepted go on."""
+        if self._stopping is None:
+            self.phase = Phase.STOPPING
+            self._stopping = asyncio.gather(*(stop() for stop in self._stoppers))
+
+    async def shutdown(self, drain_s: float) -> None:
+        """SIGTERM: drain for ``drain_s`` seconds, then stop accepting."""
+        self.drain()
+        if drain_s > 0:
+            log.info("draining for %.1fs: not ready, still serving", drain_s)
+            await asyncio.sleep(drain_s)
+        self.stop_accepting()
+
+    async def close(self) -> None:
+        """Stop accepting (if not yet), let the transports finish, drain and close the rest."""
+        self.stop_accepting()
+        assert self._stopping is not None
+        await self._stopping
+        if self.plane is not None:
+            await self.plane.close()
+        if self.backend is not None:
+            await self.backend.close()
+        self.phase = Phase.STOPPED
+        log.info("gateway stopped")

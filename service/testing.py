@@ -1,0 +1,152 @@
+"""Helpers for testing and benchmarking a gateway: free ports, polling a condition with a
+timeout (never sleep-and-hope), a backend made slow on purpose, and the gateway as a real
+process. Used by the project's tests and by ``deploy/bench.py``; usable in yours."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, TypeVar
+
+import numpy as np
+
+from service.backends.base import Backend
+from service.repository import ModelSpec
+
+T = TypeVar("T")
+BIN = Path(sys.executable).parent
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until(
+    check: Callable[[], T | None],
+    timeout_s: float,
+    what: str,
+    interval_s: float = 0.05,
+    alive: Callable[[], str | None] = lambda: None,
+) -> T:
+    """Poll ``check`` until it returns something truthy (returned), or fail with ``what``.
+    ``alive`` says why waiting is pointless (a dead process), to fail fast."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if (value := check()) is not None and value is not False:
+            return value
+        if (dead := alive()) is not None:
+            raise AssertionError(f"{what}: {dead}")
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"{what}: not within {timeout_s}s")
+        time.sleep(interval_s)
+
+
+class SlowBackend(Backend):
+    """Another backend with ``delay_s`` added to every batch, and each batch's size
+    recorded: queues fill and deadlines pass on cue."""
+
+    def __init__(self, inner: Backend, delay_s: float) -> None:
+        self.inner = inner
+        self.name = inner.name  # type: ignore[misc]
+        self.max_inflight_batches = inner.max_inflight_batches
+        self.delay_s = delay_s
+        self.batches: list[int] = []
+
+    async def start(self, specs: list[ModelSpec]) -> None:
+        await self.inner.start(specs)
+
+    async def infer(self, spec: ModelSpec, batch: np.ndarray, timeout_s: float) -> np.ndarray:
+        self.batches.append(len(batch))
+        await asyncio.sleep(self.delay_s)
+        return await self.inner.infer(spec, batch, timeout_s)
+
+    def is_ready(self) -> bool:
+        return self.inner.is_ready()
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
+@dataclass
+class GatewayProcess:
+    """``resnet-serve serve`` as a real process on free ports, ready when returned."""
+
+    proc: subprocess.Popen[bytes]
+    url: str
+    grpc_port: int | None
+    log: Path
+    _log_file: IO[bytes]
+
+    @classmethod
+    def start(
+        cls,
+        log: Path,
+        *args: str,
+        grpc: bool = False,
+        env: dict[str, str] | None = None,
+        timeout_s: float = 120,
+    ) -> GatewayProcess:
+        import httpx
+
+        port = free_port()
+        grpc_port = free_port() if grpc else None
+        extra = ["--grpc-port", str(grpc_port)] if grpc_port else []
+        fh = log.open("wb")
+        proc = subprocess.Popen(
+            [str(BIN / "resnet-serve"), "serve", "--port", str(port), *extra, *args],
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+        )
+        gw = cls(proc, f"http://127.0.0.1:{port}", grpc_port, log, fh)
+
+        def ready() -> bool:
+            try:
+                return httpx.get(gw.url + "/readyz", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        try:
+            wait_until(ready, timeout_s, "gateway not ready", 0.2, gw.died)
+        except BaseException:
+            gw.stop()
+            raise
+        return gw
+
+    @property
+    def grpc_target(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def died(self) -> str | None:
+        if self.proc.poll() is None:
+            return None
+        return f"exited with {self.proc.returncode}:\n{self.output()[-3000:]}"
+
+    def stop(self, timeout_s: float = 30) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log_file.close()
+        return self.proc.returncode
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of a process (Linux)."""
+    with open(f"/proc/{pid}/status") as fh:
+        return next(int(line.split()[1]) for line in fh if line.startswith("VmRSS")) / 1024

@@ -1,0 +1,229 @@
+"""One fault, four transports: REST /v1, KServe v2 over HTTP, KServe v2 over gRPC and the
+Classifier gRPC service answer each error kind with the matching status, the same code,
+and exactly one rejection counted; every HTTP status is one the OpenAPI document lists."""
+
+from __future__ import annotations
+
+import base64
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import grpc
+import pytest
+from fastapi.testclient import TestClient
+from tritonclient.grpc import service_pb2 as kpb
+
+from service.app import create_app
+from service.backends.onnxruntime import OnnxRuntimeBackend
+from service.backends.triton import TritonBackend
+from service.grpc import classifier_pb2 as cpb
+from service.openinference import serialize_bytes
+from service.settings import Settings
+from service.testing import SlowBackend, free_port, wait_until
+from tests.conftest import image_bytes
+
+GOOD = image_bytes()
+BAD_PNG = GOOD[:60]  # a truncated file
+
+
+@dataclass
+class Call:
+    """What to send: the same request in every transport's terms."""
+
+    images: list[bytes] = field(default_factory=lambda: [GOOD])
+    model: str = "tiny"
+    top_k: int | None = None
+    key: str | None = None
+
+
+@dataclass
+class Answer:
+    status: int | grpc.StatusCode
+    code: str
+    retry_after: str | None
+
+
+class Gateway:
+    def __init__(self, client: TestClient) -> None:
+        self.client = client
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{client.app.state.grpc_port}")
+
+    def rejections(self, code: str) -> float:
+        registry = self.client.app.state.runtime.metrics.registry
+        return registry.get_sample_value("resnet_serve_rejections_total", {"reason": code}) or 0
+
+    # --- the four transports ------------------------------------------------------------------
+
+    def rest(self, call: Call) -> Answer:
+        resp = self.client.post(
+            f"/v1/models/{call.model}/classify",
+            files=[("file", (f"{n}.png", d, "image/png")) for n, d in enumerate(call.images)],
+            params={} if call.top_k is None else {"top_k": call.top_k},
+            headers={"x-api-key": call.key} if call.key else {},
+        )
+        assert_documented(self.client, "/v1/models/{model}/classify", "post", resp.status_code)
+        return Answer(
+            resp.status_code, resp.json()["error"]["code"], resp.headers.get("retry-after")
+        )
+
+    def kserve_http(self, call: Call) -> Answer:
+        body: dict = {
+            "inputs": [
+                {
+                    "name": "images",
+                    "shape": [len(call.images)],
+                    "datatype": "BYTES",
+                    "data": [base64.b64encode(d).decode() for d in call.images],
+                }
+            ]
+        }
+        if call.top_k is not None:
+            body["outputs"] = [{"name": "logits", "parameters": {"classification": call.top_k}}]
+        resp = self.client.post(
+            f"/v2/models/{call.model}/infer",
+            json=body,
+            headers={"x-api-key": call.key} if call.key else {},
+        )
+        assert_documented(self.client, "/v2/models/{model}/infer", "post", resp.status_code)
+        return Answer(resp.status_code, resp.json()["code"], resp.headers.get("retry-after"))
+
+    def _grpc(self, method: str, request, call: Call) -> Answer:
+        stub = self.channel.unary_unary(method, request_serializer=type(request).SerializeToString)
+        metadata = (("x-api-key", call.key),) if call.key else ()
+        with pytest.raises(grpc.RpcError) as info:
+            stub(request, timeout=30, metadata=metadata)
+        trailers = dict(info.value.trailing_metadata() or ())
+        return Answer(
+            info.value.code(), trailers.get("error-code", ""), trailers.get("retry-after")
+        )
+
+    def kserve_grpc(self, call: Call) -> Answer:
+        request = kpb.ModelInferRequest(model_name=call.model)
+        request.inputs.add(name="images", datatype="BYTES", shape=[len(call.images)])
+        request.raw_input_contents.append(serialize_bytes(call.images))
+        if call.top_k is not None:
+            out = request.outputs.add(name="logits")
+            out.parameters["classification"].int64_param = call.top_k
+        return self._grpc("/inference.GRPCInferenceService/ModelInfer", request, call)
+
+    def classifier_grpc(self, call: Call) -> Answer:
+        request = cpb.ClassifyRequest(model=call.model, images=call.images, top_k=call.top_k or 0)
+        return self._grpc("/resnet_serving.v1.Classifier/Classify", request, call)
+
+
+def assert_documented(client: TestClient, path: str, method: str, status: int) -> None:
+    documented = client.app.openapi()["paths"][path][method]["responses"]
+    assert str(status) in documented, f"{status} not documented for {method} {path}"
+
+
+TRANSPORTS = ["rest", "kserve_http", "kserve_grpc", "classifier_grpc"]
+
+
+def gateway(tiny, backend=None, **settings) -> Iterator[Gateway]:
+    app = create_app(
+        Settings(repository=tiny.repository, grpc_port=0, max_images_per_request=4, **settings),
+        backend=backend,
+    )
+    with TestClient(app, raise_server_exceptions=False) as client:
+        gw = Gateway(client)
+        yield gw
+        gw.channel.close()
+
+
+@pytest.fixture(scope="module")
+def plain(tiny):
+    yield from gateway(tiny)
+
+
+@pytest.fixture(scope="module")
+def keyed(tiny):
+    yield from gateway(tiny, api_keys=["k"])
+
+
+@pytest.fixture(scope="module")
+def busy(tiny):
+    """One slow batch at a time and room for one image in the queue."""
+    yield from gateway(
+        tiny,
+        SlowBackend(OnnxRuntimeBackend(), 0.5),
+        max_batch_size=1,
+        max_queue_images=1,
+        max_batch_delay_ms=0,
+    )
+
+
+@pytest.fixture(scope="module")
+def late(tiny):
+    """Batches that take longer than the server's own deadline."""
+    yield from gateway(tiny, SlowBackend(OnnxRuntimeBackend(), 1.0), request_timeout_s=0.25)
+
+
+@pytest.fixture(scope="module")
+def down(tiny):
+    """The Triton backend, pointed at a port where no Triton listens."""
+    yield from gateway(tiny, TritonBackend(f"127.0.0.1:{free_port()}"))
+
+
+def fill_queue(gw: Gateway) -> Callable[[], None]:
+    """Occupy the (slow) backend with one request and the queue with another; return a join."""
+    backend: SlowBackend = gw.client.app.state.runtime.backend
+    registry = gw.client.app.state.runtime.metrics.registry
+    calls = len(backend.batches)
+
+    def classify() -> None:
+        resp = gw.client.post("/v1/classify", content=GOOD, headers={"content-type": "image/png"})
+        assert resp.status_code == 200, resp.text
+
+    running = threading.Thread(target=classify)
+    running.start()
+    wait_until(lambda: len(backend.batches) > calls, 5, "the first request never ran")
+    queued = threading.Thread(target=classify)
+    queued.start()
+    wait_until(
+        lambda: registry.get_sample_value("resnet_serve_queue_depth", {"model": "tiny"}) == 1,
+        5,
+        "the second request never queued",
+    )
+
+    def join() -> None:
+        running.join()
+        queued.join()
+
+    return join
+
+
+# (gateway fixture, the call, HTTP status, gRPC status, code)
+CASES = {
+    "400 undecodable image": ("plain", Call(images=[BAD_PNG]), 400, "INVALID_ARGUMENT", "invalid_image"),
+    "401 no API key": ("keyed", Call(), 401, "UNAUTHENTICATED", "unauthorized"),
+    "401 wrong API key": ("keyed", Call(key="nope"), 401, "UNAUTHENTICATED", "unauthorized"),
+    "404 unknown model": ("plain", Call(model="nope"), 404, "NOT_FOUND", "model_not_found"),
+    "413 too many images": ("plain", Call(images=[GOOD] * 5), 413, "INVALID_ARGUMENT", "payload_too_large"),
+    "415 not an image": ("plain", Call(images=[b"hello"]), 415, "INVALID_ARGUMENT", "unsupported_media_type"),
+    "422 top_k out of range": ("plain", Call(top_k=11), 422, "INVALID_ARGUMENT", "validation_failed"),
+    "503 overloaded": ("busy", Call(), 503, "RESOURCE_EXHAUSTED", "overloaded"),
+    "503 backend unavailable": ("down", Call(), 503, "UNAVAILABLE", "backend_unavailable"),
+    "504 deadline": ("late", Call(), 504, "DEADLINE_EXCEEDED", "deadline_exceeded"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize("case", CASES)
+def test_every_fault_maps_alike_on_every_transport(request, case, transport):
+    fixture, call, http_status, grpc_status, code = CASES[case]
+    gw: Gateway = request.getfixturevalue(fixture)
+    join = fill_queue(gw) if fixture == "busy" else None
+    before = gw.rejections(code)
+    try:
+        answer = getattr(gw, transport)(call)
+    finally:
+        if join:
+            join()
+    expected = (
+        http_status if "http" in transport or transport == "rest" else grpc.StatusCode[grpc_status]
+    )
+    assert (answer.status, answer.code) == (expected, code)
+    assert gw.rejections(code) == before + 1  # counted once, by the transport's one mapping
+    if code == "overloaded":
+        assert answer.retry_after is not None and int(answer.retry_after) >= 1
