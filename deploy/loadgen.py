@@ -123,9 +123,20 @@ async def open_loop(
 
     async def one() -> None:
         t0 = time.perf_counter()  # from arrival, connecting included (no coordinated omission)
-        conn = idle.pop() if idle else await _connection(host, port)
-        conn[1].write(request)
-        status = await _read_response(conn[0])
+        conn = idle.pop() if idle else None
+        try:
+            if conn is None:
+                raise ConnectionError
+            conn[1].write(request)
+            status = await _read_response(conn[0])
+        except (ConnectionError, asyncio.IncompleteReadError):
+            # No idle connection, or one the server closed while it sat idle (its keep-alive
+            # timeout): send on a fresh one, as HTTP clients do.
+            if conn is not None:
+                conn[1].close()
+            conn = await _connection(host, port)
+            conn[1].write(request)
+            status = await _read_response(conn[0])
         result.latencies_s.append(time.perf_counter() - t0)
         result.statuses[status] = result.statuses.get(status, 0) + 1
         idle.append(conn)

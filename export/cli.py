@@ -17,14 +17,12 @@ import typer
 from pydantic import ValidationError
 
 from export.errors import ExportError
+from service.cli_base import fail, make_app
 from service.contract import ContractError, describe_validation_error
 
-app = typer.Typer(
-    name="resnet-export",
-    help="Export trained ResNets to verified ONNX and write a Triton model repository.",
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    add_completion=False,
+app = make_app(
+    "resnet-export",
+    "Export trained ResNets to verified ONNX and write a Triton model repository.",
 )
 
 
@@ -50,27 +48,8 @@ class KindOpt(enum.StrEnum):
     gpu = "gpu"
 
 
-def _version(value: bool) -> None:
-    if value:
-        from export import __version__
-
-        typer.echo(f"resnet-export {__version__}")
-        raise typer.Exit()
-
-
-@app.callback()
-def _root(
-    version: Annotated[
-        bool,
-        typer.Option("--version", callback=_version, is_eager=True, help="Print the version."),
-    ] = False,
-) -> None:
-    """Export trained ResNets to verified ONNX and write a Triton model repository."""
-
-
 def _fail(message: str) -> typer.Exit:
-    typer.echo(f"resnet-export: error: {message}", err=True)
-    return typer.Exit(1)
+    return fail("resnet-export", message)
 
 
 @contextlib.contextmanager

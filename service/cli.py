@@ -12,36 +12,16 @@ from typing import Annotated, Any
 
 import typer
 
-app = typer.Typer(
-    name="resnet-serve",
-    help="Serve ResNet classifiers from a model repository (REST, gRPC, Prometheus).",
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    add_completion=False,
+from service.cli_base import fail, make_app
+
+app = make_app(
+    "resnet-serve",
+    "Serve ResNet classifiers from a model repository (REST, gRPC, Prometheus).",
 )
 
 
-def _version(value: bool) -> None:
-    if value:
-        from service import __version__
-
-        typer.echo(f"resnet-serve {__version__}")
-        raise typer.Exit()
-
-
-@app.callback()
-def _root(
-    version: Annotated[
-        bool,
-        typer.Option("--version", callback=_version, is_eager=True, help="Print the version."),
-    ] = False,
-) -> None:
-    """Serve ResNet classifiers from a model repository (REST, gRPC, Prometheus)."""
-
-
 def _fail(message: str) -> typer.Exit:
-    typer.echo(f"resnet-serve: error: {message}", err=True)
-    return typer.Exit(1)
+    return fail("resnet-serve", message)
 
 
 class _OneLineStartupErrors:
