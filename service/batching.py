@@ -1,9 +1,11 @@
 """Bounded micro-batching: concurrent requests for one model become one backend call.
 
 Per model: at most ``max_batch`` images per call, a partial batch waits at most
-``max_delay_s`` for company, at most ``max_queue`` images wait at all (past that the
-request is refused at once with 503 + Retry-After), and every image carries its request's
-deadline (504 past it; an expired image is dropped before it costs any compute).
+``max_delay_s`` for company, at most ``max_queue`` images wait at all, and every image
+carries its request's deadline (504 at it; an expired image is dropped before it costs
+any compute). Admission comes before any work: :meth:`Batcher.reserve` refuses a request
+at once (503 + Retry-After) when the queue is full or when the queue ahead of it could not
+be worked off before its deadline, and holds its place while its images are decoded.
 
 Every accepted request gets exactly one answer: a result, or the error of its batch, or
 ``ShuttingDown`` if the gateway is closing before its batch could run (``close`` first
@@ -77,26 +79,61 @@ class Batcher:
         self._running: set[asyncio.Task[None]] = set()
         self._closing = False
         self._worker: asyncio.Task[None] | None = None
-        self._batch_seconds = 0.05  # EWMA of a batch's backend time, for Retry-After
+        self._max_inflight = max_inflight
+        self._reserved = 0  # images admitted, still being decoded
+        self._batch_seconds = 0.05  # EWMA of a batch's backend time
 
     def start(self) -> None:
         self._worker = asyncio.create_task(self._loop(), name=f"batcher-{self.model}")
 
-    def retry_after_s(self) -> float:
-        """How long until the queue as it is now has been worked off (for Retry-After)."""
-        waves = math.ceil((len(self._pending) + 1) / self.max_batch)
-        return waves * self._batch_seconds
+    @property
+    def waiting(self) -> int:
+        """Images ahead of a new request: queued, and admitted but still decoding."""
+        return len(self._pending) + self._reserved
 
-    async def submit(self, tensors: list[np.ndarray], deadline: float) -> Batched:
-        """Queue ``tensors`` (one per image); return their logits rows, in order."""
+    def wait_s(self, images: int) -> float:
+        """Predicted time until ``images`` more images (after those waiting) are done."""
+        waves = math.ceil((self.waiting + images) / self.max_batch)
+        return waves * self._batch_seconds / self._max_inflight
+
+    def reserve(self, images: int, deadline: float, extra_s: float = 0.0) -> None:
+        """Admit a request of ``images`` images before any work is done for it, or refuse
+        it at once (503 + Retry-After): the queue is full, or what waits ahead of it (plus
+        ``extra_s`` of its own work before the queue) cannot be done by ``deadline``.
+        An admitted request's place is held until :meth:`submit` (or :meth:`release`)."""
         if self._closing:
             raise ShuttingDown("the gateway is shutting down; retry on another replica")
-        if len(self._pending) + len(tensors) > self.max_queue:
+        if self.waiting + images > self.max_queue:
             raise Overloaded(
-                f"model {self.model!r} has {len(self._pending)} images queued (limit "
+                f"model {self.model!r} has {self.waiting} images waiting (limit "
                 f"{self.max_queue}); retry later",
-                retry_after=self.retry_after_s(),
+                retry_after=self.wait_s(0),
             )
+        wait = self.wait_s(images) + extra_s
+        if time.perf_counter() + wait > deadline:
+            raise Overloaded(
+                f"model {self.model!r} is busy: this request would be answered in about "
+                f"{wait:.1f}s, after its deadline; retry later",
+                retry_after=wait,
+            )
+        self._reserved += images
+
+    def release(self, images: int) -> None:
+        """Give back a reservation whose images will never be submitted."""
+        self._reserved -= images
+
+    async def submit(
+        self, tensors: list[np.ndarray], deadline: float, reserved: bool = False
+    ) -> Batched:
+        """Queue ``tensors`` (one per image); return their logits rows, in order.
+        ``reserved``: admitted earlier by :meth:`reserve` (else admitted here)."""
+        if reserved:
+            self.release(len(tensors))
+            if self._closing:
+                raise ShuttingDown("the gateway is shutting down; retry on another replica")
+        else:
+            self.reserve(len(tensors), deadline)
+            self.release(len(tensors))
         loop = asyncio.get_running_loop()
         items = [_Item(t, deadline, loop.create_future()) for t in tensors]
         self._pending.extend(items)

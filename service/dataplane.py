@@ -15,16 +15,19 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import math
+import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
 
 from service.backends.base import Backend
 from service.batching import Batcher
+from service.decoding import DecodePool
 from service.errors import (
+    DeadlineExceeded,
     InvalidRequest,
     ModelNotFound,
     PayloadTooLarge,
@@ -169,9 +172,9 @@ class DataPlane:
         self.limits = DecodeLimits(
             max_pixels=settings.max_image_pixels, jpeg_draft=settings.jpeg_draft
         )
-        self._executor = ThreadPoolExecutor(
-            settings.preprocess_workers or None, thread_name_prefix="preprocess"
-        )
+        self.decoder = DecodePool(settings.preprocess_workers or len(os.sched_getaffinity(0)))
+        #: EWMA of one image's decode + preprocess time, per model (admission's estimate).
+        self._decode_s = {s.name: 0.005 for s in specs}
         self.stats = {s.name: ModelStatistics(s.name, s.version) for s in specs}
         self.batchers = {s.name: self._batcher(s) for s in specs}
 
@@ -202,7 +205,7 @@ class DataPlane:
 
     async def close(self) -> None:
         await asyncio.gather(*(b.close() for b in self.batchers.values()))
-        self._executor.shutdown(wait=True)
+        self.decoder.close()
 
     # --- resolving a request ----------------------------------------------------------------
 
@@ -270,35 +273,53 @@ class DataPlane:
     def _preprocess_one(self, spec: ModelSpec, data: bytes) -> np.ndarray:
         start = time.perf_counter()
         tensor = preprocess(data, spec.contract, self.limits)
-        self.metrics.preprocess.labels(spec.name).observe(time.perf_counter() - start)
+        elapsed = time.perf_counter() - start
+        self._decode_s[spec.name] += 0.1 * (elapsed - self._decode_s[spec.name])
+        self.metrics.preprocess.labels(spec.name).observe(elapsed)
         return tensor
 
     async def decode(self, plan: Plan, images: list[bytes]) -> np.ndarray:
-        """Encoded images -> the model's input batch, by its contract. The first bad image
-        is the error (named by position when there are several)."""
+        """Encoded images -> the model's input batch, by its contract, for :meth:`infer`.
+
+        Admitted first (before a byte is decoded: a refusal costs microseconds), then
+        decoded on the shared, fair, deadline-aware pool; 504 at the deadline. The first
+        bad image is the error (named by position when there are several)."""
         self.check_count(len(images))
         spec = plan.spec
+        n = len(images)
+        decode_s = self._decode_s[spec.name] * math.ceil(n / self.decoder.workers)
+        self.batchers[spec.name].reserve(n, plan.deadline, extra_s=decode_s)
         start = time.perf_counter()
-        loop = asyncio.get_running_loop()
-        results = await asyncio.gather(
-            *(loop.run_in_executor(self._executor, self._preprocess_one, spec, d) for d in images),
-            return_exceptions=True,
-        )
-        for n, res in enumerate(results):
-            if isinstance(res, ServiceError) and len(images) > 1:
-                res.message = f"image {n + 1}: {res.message}"
-            if isinstance(res, BaseException):
-                self._failed(spec, start)
-                raise res
+        jobs = [
+            self.decoder.run(spec.name, plan.deadline, partial(self._preprocess_one, spec, d))
+            for d in images
+        ]
+        try:
+            results = await asyncio.wait_for(
+                asyncio.gather(*jobs, return_exceptions=True),
+                max(0.0, plan.deadline - start),
+            )
+            for k, res in enumerate(results):
+                if isinstance(res, ServiceError) and n > 1:
+                    res.message = f"image {k + 1}: {res.message}"
+                if isinstance(res, BaseException):
+                    raise res
+        except BaseException as exc:
+            self.batchers[spec.name].release(n)
+            self._failed(spec, start)
+            if isinstance(exc, TimeoutError):
+                raise DeadlineExceeded("request deadline exceeded while decoding") from None
+            raise
         self.stats[spec.name].durations["compute_input"].add(time.perf_counter() - start)
         return np.stack([r for r in results if isinstance(r, np.ndarray)])
 
-    async def infer(self, plan: Plan, batch: np.ndarray) -> np.ndarray:
-        """The model's logits ``(n, num_classes)`` for an input batch, through its batcher."""
+    async def infer(self, plan: Plan, batch: np.ndarray, decoded: bool = False) -> np.ndarray:
+        """The model's logits ``(n, num_classes)`` for an input batch, through its batcher.
+        ``decoded``: the batch came from :meth:`decode`, which admitted it already."""
         spec = plan.spec
         start = time.perf_counter()
         try:
-            done = await self.batchers[spec.name].submit(list(batch), plan.deadline)
+            done = await self.batchers[spec.name].submit(list(batch), plan.deadline, decoded)
         except BaseException:
             self._failed(spec, start)
             raise
@@ -322,7 +343,7 @@ class DataPlane:
 
     async def classify(self, plan: Plan, images: list[bytes]) -> Classification:
         """Encoded images -> the ``plan.top_k`` best classes of each, with probabilities."""
-        logits = await self.infer(plan, await self.decode(plan, images))
+        logits = await self.infer(plan, await self.decode(plan, images), decoded=True)
         output_started = time.perf_counter()
         idx = top_indices(logits, plan.top_k)
         probs = np.take_along_axis(softmax(logits), idx, axis=1)

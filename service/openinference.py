@@ -153,13 +153,14 @@ def timeout_from_us(value: Any) -> float | None:
 # --- running it -------------------------------------------------------------------------------
 
 
-async def _input_batch(plane: DataPlane, plan: Plan, inp: InferInput) -> np.ndarray:
+async def _input_batch(plane: DataPlane, plan: Plan, inp: InferInput) -> tuple[np.ndarray, bool]:
+    """The model's input batch, and whether it was decoded (then admitted) by the plane."""
     c = plan.spec.contract
     if isinstance(inp.data, list):  # BYTES: encoded images
         n = len(inp.data)
         if inp.shape not in ([n], [n, 1]):
             raise InvalidRequest(f"BYTES input shape {inp.shape} does not match its {n} elements")
-        return await plane.decode(plan, inp.data)
+        return await plane.decode(plan, inp.data), True
     if inp.name != c.input_name:
         raise InvalidRequest(
             f"unexpected input {cut(inp.name)}: model {cut(plan.spec.name)} takes "
@@ -178,7 +179,7 @@ async def _input_batch(plane: DataPlane, plan: Plan, inp: InferInput) -> np.ndar
     batch = inp.data.reshape(inp.shape)
     if not np.isfinite(batch).all():
         raise InvalidRequest(f"input {inp.name!r} holds NaN or infinite values")
-    return batch
+    return batch, False
 
 
 def _output(plan: Plan, logits: np.ndarray, out: RequestedOutput) -> InferOutput:
@@ -211,7 +212,8 @@ async def infer(plane: DataPlane, req: InferRequest, arrived: float) -> InferRes
             )
         if out.class_count:  # the same rule as top_k everywhere: 1..num_classes
             plane.with_top_k(plan, out.class_count, "class_count")
-    logits = await plane.infer(plan, await _input_batch(plane, plan, req.inputs[0]))
+    batch, decoded = await _input_batch(plane, plan, req.inputs[0])
+    logits = await plane.infer(plan, batch, decoded=decoded)
     output_started = time.perf_counter()
     response = InferResponse(
         plan.spec.name, plan.spec.version, [_output(plan, logits, o) for o in outputs], req.id

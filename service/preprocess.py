@@ -170,15 +170,32 @@ def _composite_on_white(img: Image.Image) -> Image.Image:
     return Image.alpha_composite(background, rgba).convert("RGB")
 
 
+#: Past this many times the crop's pixels (aspect ratios beyond ~49:1 for 256/224), the
+#: resized intermediate is not materialised. At 64 it is at most ~10 MB for a 224 RGB crop.
+MAX_RESIZE_FACTOR = 64
+
+
 def resize_and_crop(img: Image.Image, contract: PreprocessContract) -> Image.Image:
-    """Resize (shorter side) and center-crop, torchvision's Resize + CenterCrop semantics."""
+    """torchvision's Resize(shorter side) + CenterCrop, with work bounded by the crop.
+
+    Every image whose resized size is at most MAX_RESIZE_FACTOR times the crop's pixels
+    (aspect ratios up to ~49:1) takes the exact path: resize the whole image, then crop.
+    Beyond that (degenerate strips: a 277-byte 1 x 1,000,000 PNG would resize to 256 x
+    256,000,000), Pillow resamples only the crop's box of the source straight to the crop:
+    bounded work, the same filter, and a result close to the exact one but not identical
+    (float rounding of the filter positions; tests/unit/service/test_preprocess.py)."""
     width, height = img.size
     new_w, new_h = resized_size(width, height, contract.resize)
-    if (new_w, new_h) != (width, height):
-        img = img.resize((new_w, new_h), resample=_RESAMPLE[contract.interpolation])
     crop = contract.crop
     top = round((new_h - crop) / 2.0)  # round-half-even, as torchvision's center_crop
     left = round((new_w - crop) / 2.0)
+    resample = _RESAMPLE[contract.interpolation]
+    if new_w * new_h > MAX_RESIZE_FACTOR * crop * crop:
+        sx, sy = width / new_w, height / new_h
+        box = (left * sx, top * sy, (left + crop) * sx, (top + crop) * sy)
+        return img.resize((crop, crop), resample=resample, box=box)
+    if (new_w, new_h) != (width, height):
+        img = img.resize((new_w, new_h), resample=resample)
     return img.crop((left, top, left + crop, top + crop))
 
 

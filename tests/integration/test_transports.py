@@ -5,13 +5,19 @@ and exactly one rejection counted; every HTTP status is one the OpenAPI document
 from __future__ import annotations
 
 import base64
+import dataclasses
+import functools
+import io
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import grpc
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from PIL import Image
 from tritonclient.grpc import service_pb2 as kpb
 
 from service.app import create_app
@@ -25,6 +31,16 @@ from tests.conftest import image_bytes
 
 GOOD = image_bytes()
 BAD_PNG = GOOD[:60]  # a truncated file
+
+
+@functools.cache
+def slow_to_decode() -> bytes:
+    """A 36-megapixel PNG of 0.5 MB, within the pixel limit: ~0.45 s to decode here."""
+    x = np.linspace(0, 255, 6000).astype(np.uint8)
+    pixels = np.stack([np.tile(x, (6000, 1))] * 3, axis=2)
+    buf = io.BytesIO()
+    Image.fromarray(pixels, "RGB").save(buf, "PNG", compress_level=1)
+    return buf.getvalue()
 
 
 @dataclass
@@ -155,8 +171,9 @@ def busy(tiny):
 
 @pytest.fixture(scope="module")
 def late(tiny):
-    """Batches that take longer than the server's own deadline."""
-    yield from gateway(tiny, SlowBackend(OnnxRuntimeBackend(), 1.0), request_timeout_s=0.25)
+    """A deadline shorter than decoding one large image takes: admitted (decoding is known
+    to be fast), then answered 504 at the deadline while the decode runs out."""
+    yield from gateway(tiny, request_timeout_s=0.2)
 
 
 @pytest.fixture(scope="module")
@@ -204,7 +221,7 @@ CASES = {
     "422 top_k out of range": ("plain", Call(top_k=11), 422, "INVALID_ARGUMENT", "validation_failed"),
     "503 overloaded": ("busy", Call(), 503, "RESOURCE_EXHAUSTED", "overloaded"),
     "503 backend unavailable": ("down", Call(), 503, "UNAVAILABLE", "backend_unavailable"),
-    "504 deadline": ("late", Call(), 504, "DEADLINE_EXCEEDED", "deadline_exceeded"),
+    "504 deadline": ("late", Call(images=["slow"]), 504, "DEADLINE_EXCEEDED", "deadline_exceeded"),
 }  # fmt: skip
 
 
@@ -213,10 +230,15 @@ CASES = {
 def test_every_fault_maps_alike_on_every_transport(request, case, transport):
     fixture, call, http_status, grpc_status, code = CASES[case]
     gw: Gateway = request.getfixturevalue(fixture)
+    call = dataclasses.replace(
+        call, images=[slow_to_decode() if i == "slow" else i for i in call.images]
+    )
     join = fill_queue(gw) if fixture == "busy" else None
     before = gw.rejections(code)
+    t0 = time.perf_counter()
     try:
         answer = getattr(gw, transport)(call)
+        elapsed = time.perf_counter() - t0
     finally:
         if join:
             join()
@@ -227,3 +249,5 @@ def test_every_fault_maps_alike_on_every_transport(request, case, transport):
     assert gw.rejections(code) == before + 1  # counted once, by the transport's one mapping
     if code == "overloaded":
         assert answer.retry_after is not None and int(answer.retry_after) >= 1
+    if code == "deadline_exceeded":
+        assert elapsed < 0.4  # at the deadline (0.2 s), not when the decode ends

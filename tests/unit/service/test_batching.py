@@ -127,8 +127,8 @@ async def test_deadline_is_504_and_expired_work_is_skipped():
     b = make(rec, max_batch=1, max_delay_s=0)
     slow = asyncio.create_task(b.submit([tensor(1)], far()))
     await until(lambda: rec.sizes == [1])
-    with pytest.raises(DeadlineExceeded):
-        await b.submit([tensor(2)], time.perf_counter() + 0.05)
+    with pytest.raises(DeadlineExceeded):  # admitted (a batch was thought to take 0.05 s)
+        await b.submit([tensor(2)], time.perf_counter() + 0.1)
     await slow
     await b.close()  # runs whatever is still queued
     assert rec.sizes == [1]  # the expired image never reached the backend
@@ -180,4 +180,29 @@ async def test_where_a_request_spent_its_time():
     assert second.queued_s >= 0.09  # waited for the first batch
     split = await b.submit([tensor(1), tensor(2)], far())  # two batches: both counted
     assert split.computed_s >= 0.19
+    await b.close()
+
+
+async def test_admission_refuses_what_cannot_finish_before_its_deadline():
+    rec = Recorder(delay=0.1)
+    b = make(rec, max_batch=2, max_delay_s=0, max_queue=100)
+    await b.submit([tensor(0), tensor(1)], far())  # learns that a batch takes ~0.1 s
+    b._batch_seconds = 0.1
+    running = asyncio.create_task(b.submit([tensor(i) for i in range(8)], far()))
+    await until(lambda: b.waiting == 6)  # one batch running, three waves queued
+    t0 = time.perf_counter()
+    with pytest.raises(Overloaded, match="after its deadline") as info:
+        b.reserve(2, time.perf_counter() + 0.3)  # 4 waves x 0.1 s > 0.3 s
+    assert time.perf_counter() - t0 < 0.01  # refused without waiting
+    assert info.value.retry_after == pytest.approx(0.4)
+    b.reserve(2, time.perf_counter() + 1.0)  # 0.4 s fits in 1 s: admitted, place held
+    assert b.waiting == 8
+    with pytest.raises(Overloaded, match="after its deadline"):
+        b.reserve(2, time.perf_counter() + 0.45)  # the held place counts: 5 waves now
+    out = await b.submit([tensor(8), tensor(9)], far(), reserved=True)
+    assert len(out.rows) == 2 and b.waiting == 0
+    await running
+    b.reserve(1, far())
+    b.release(1)  # e.g. its image did not decode
+    assert b.waiting == 0
     await b.close()

@@ -104,6 +104,46 @@ def test_upscaling_small_images():
     np.testing.assert_allclose(preprocess(data, GREY), reference(data, GREY), atol=1e-5)
 
 
+@pytest.mark.parametrize("size", [(4000, 100), (100, 4000)])
+def test_panoramas_up_to_the_bound_are_exact(size):
+    """Aspect ratio 40:1 still takes the exact path (the bound is 64x the crop's pixels)."""
+    data = encode(noise_image(*size), "PNG")
+    np.testing.assert_allclose(preprocess(data, RGB), reference(data, RGB), atol=1e-5)
+
+
+@pytest.mark.parametrize("size", [(20_000, 200), (200, 20_000)])
+def test_beyond_the_bound_only_the_crop_is_resampled_and_stays_close(size):
+    """100:1: the crop box of the source goes straight to the crop. Not bit-identical to
+    resizing the whole strip (Pillow's float rounding of filter positions): on smooth
+    content, within two 8-bit steps."""
+    x = np.linspace(0, 255, max(size)).astype(np.uint8)
+    pixels = (
+        np.tile(x, (min(size), 1)) if size[0] > size[1] else np.tile(x[:, None], (1, min(size)))
+    )
+    data = encode(Image.fromarray(pixels, "L"), "PNG")
+    diff = np.abs(preprocess(data, GREY) - reference(data, GREY)) * 255 * 0.25
+    assert diff.max() <= 2 + 1e-3, diff.max()
+
+
+@pytest.mark.parametrize("size", [(1, 20_000), (100_000, 1), (1, 1_000_000), (3, 40_000)])
+def test_extreme_aspect_ratios_cost_only_the_crop(size):
+    """A 1 x 1,000,000 PNG is 277 bytes; resized whole to 256 on its shorter side it would be
+    gigabytes. The crop is computed from the source directly: fast and small."""
+    import tracemalloc
+
+    data = encode(Image.new("L", size, 128), "PNG")
+    tracemalloc.start()
+    t0 = time.perf_counter()
+    out = preprocess(data, RGB)
+    elapsed = time.perf_counter() - t0
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert out.shape == (3, 224, 224)
+    np.testing.assert_allclose(out[0], (128 / 255 - 0.485) / 0.229, atol=1e-5)
+    assert elapsed < 1.0, elapsed
+    assert peak < 64 * 2**20, peak  # numpy's share; Pillow's buffers are bounded the same way
+
+
 def test_jpeg_draft_stays_close_to_full_decode_and_is_faster():
     big = Image.open(io.BytesIO(photos()[1])).resize((4032, 3024), Image.BICUBIC)
     data = encode(big, "JPEG", quality=92)

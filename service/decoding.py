@@ -1,0 +1,96 @@
+"""Decoding threads shared by every model, handed out fairly and never past a deadline.
+
+One thread pool (decoding is CPU work: more threads than cores only adds contention), but
+not one FIFO queue: each model has its own queue of waiting images, and a free thread goes
+to the next model in turn that has one. A flood of large images for one model therefore
+delays another model's image by at most the decodes already running, never by the whole
+flood. An image whose request's deadline has passed is never decoded; a request waiting
+for a thread gives up at its deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+from service.errors import DeadlineExceeded
+
+T = TypeVar("T")
+
+
+class DecodePool:
+    def __init__(self, workers: int) -> None:
+        self.workers = workers
+        self._executor = ThreadPoolExecutor(workers, thread_name_prefix="decode")
+        self._free = workers
+        self._queues: dict[str, collections.deque[asyncio.Future[None]]] = {}
+        self._turn: collections.deque[str] = collections.deque()  # round-robin order
+
+    def waiting(self, key: str) -> int:
+        """Images of ``key`` waiting for a thread."""
+        return sum(not f.done() for f in self._queues.get(key, ()))
+
+    async def run(self, key: str, deadline: float, fn: Callable[[], T]) -> T:
+        """Run ``fn`` on a decoding thread when ``key``'s turn comes, before ``deadline``."""
+        loop = asyncio.get_running_loop()
+        turn: asyncio.Future[None] = loop.create_future()
+        if key not in self._queues:
+            self._queues[key] = collections.deque()
+            self._turn.append(key)
+        self._queues[key].append(turn)
+        self._dispatch()
+        granted = False
+        try:
+            await asyncio.wait_for(turn, max(0.0, deadline - time.perf_counter()))
+            granted = True
+        except TimeoutError:
+            raise DeadlineExceeded("request deadline exceeded waiting to be decoded") from None
+        finally:
+            if not granted:
+                if turn.done() and not turn.cancelled():
+                    self._release()  # granted as we left: hand the thread on
+                else:
+                    turn.cancel()
+                    with contextlib.suppress(ValueError):
+                        self._queues[key].remove(turn)
+        if time.perf_counter() >= deadline:
+            self._release()
+            raise DeadlineExceeded("request deadline exceeded before decoding")
+        job = loop.run_in_executor(self._executor, fn)
+        # The thread is free when the work is done, not when a caller stops waiting for it
+        # (a request past its deadline answers 504 at once; its decode still runs out).
+        job.add_done_callback(self._finished)
+        return await asyncio.shield(job)
+
+    def _finished(self, job: asyncio.Future[Any]) -> None:
+        if not job.cancelled():
+            job.exception()  # retrieved: the caller, if still waiting, has its own copy
+        self._release()
+
+    def _release(self) -> None:
+        self._free += 1
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        """Give free threads to the waiting models in turn."""
+        while self._free > 0:
+            for _ in range(len(self._turn)):
+                key = self._turn[0]
+                self._turn.rotate(-1)
+                queue = self._queues[key]
+                while queue and queue[0].done():  # gave up waiting
+                    queue.popleft()
+                if queue:
+                    self._free -= 1
+                    queue.popleft().set_result(None)
+                    break
+            else:
+                return
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True)

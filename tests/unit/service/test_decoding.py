@@ -1,0 +1,69 @@
+"""The decoding pool: fair between models, never past a deadline, no thread lost."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from service.decoding import DecodePool
+from service.errors import DeadlineExceeded
+
+
+def far() -> float:
+    return time.perf_counter() + 10
+
+
+def job(log: list[str], name: str, seconds: float = 0.05):
+    def run() -> str:
+        log.append(name)
+        time.sleep(seconds)
+        return name
+
+    return run
+
+
+async def test_a_flood_for_one_model_does_not_starve_another():
+    pool = DecodePool(1)
+    log: list[str] = []
+    flood = [asyncio.create_task(pool.run("a", far(), job(log, f"a{i}"))) for i in range(6)]
+    await asyncio.sleep(0)  # the flood is queued first
+    other = asyncio.create_task(pool.run("b", far(), job(log, "b")))
+    assert await other == "b"
+    assert log.index("b") <= 2, log  # behind at most the decode running and one turn
+    await asyncio.gather(*flood)
+    pool.close()
+
+
+async def test_nothing_is_decoded_past_its_deadline():
+    pool = DecodePool(1)
+    log: list[str] = []
+    busy = asyncio.create_task(pool.run("a", far(), job(log, "busy", 0.3)))
+    await asyncio.sleep(0.01)
+    t0 = time.perf_counter()
+    with pytest.raises(DeadlineExceeded):
+        await pool.run("a", time.perf_counter() + 0.1, job(log, "late"))
+    assert time.perf_counter() - t0 < 0.2  # answered at its deadline, not after the wait
+    with pytest.raises(DeadlineExceeded):
+        await pool.run("a", time.perf_counter() - 1, job(log, "expired"))
+    await busy
+    assert await pool.run("a", far(), job(log, "next")) == "next"  # no thread was lost
+    assert log == ["busy", "next"]
+    pool.close()
+
+
+async def test_a_caller_that_goes_away_frees_its_turn_and_its_thread():
+    pool = DecodePool(1)
+    log: list[str] = []
+    running = asyncio.create_task(pool.run("a", far(), job(log, "running", 0.2)))
+    waiting = asyncio.create_task(pool.run("a", far(), job(log, "waiting")))
+    await asyncio.sleep(0.01)
+    running.cancel()  # the thread still finishes its image; then the slot is free again
+    waiting.cancel()
+    t0 = time.perf_counter()
+    assert await pool.run("a", far(), job(log, "after")) == "after"
+    assert time.perf_counter() - t0 >= 0.15  # not before the running decode ended
+    assert log == ["running", "after"]
+    assert pool.waiting("a") == 0
+    pool.close()
