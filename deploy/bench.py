@@ -149,8 +149,7 @@ async def grpc_closed_loop(target: str, body: bytes, clients: int, duration_s: f
                     status = 200
                 except grpc.aio.AioRpcError as exc:
                     status = 500 + exc.code().value[0]
-                result.latencies_s.append(time.perf_counter() - t0)
-                result.statuses[status] = result.statuses.get(status, 0) + 1
+                result.record(status, time.perf_counter() - t0)
 
         start = time.perf_counter()
         await asyncio.gather(*(client() for _ in range(clients)))

@@ -22,6 +22,13 @@ class LoadResult:
     latencies_s: list[float] = field(default_factory=list)
     statuses: dict[int, int] = field(default_factory=dict)
     images_per_request: int = 1
+    #: Latencies of each status's answers (a fast 503 must not flatter the 200s).
+    by_status: dict[int, list[float]] = field(default_factory=dict)
+
+    def record(self, status: int, latency_s: float) -> None:
+        self.latencies_s.append(latency_s)
+        self.statuses[status] = self.statuses.get(status, 0) + 1
+        self.by_status.setdefault(status, []).append(latency_s)
 
     @property
     def ok(self) -> int:
@@ -62,16 +69,20 @@ def build_request(url: str, body: bytes, content_type: str) -> tuple[str, int, b
     return parts.hostname, parts.port or 80, head + body
 
 
-async def _read_response(reader: asyncio.StreamReader) -> int:
+async def _read_response(reader: asyncio.StreamReader) -> tuple[int, float]:
+    """(status, Retry-After seconds or 0) of the next response; its body is skipped."""
     head = await reader.readuntil(b"\r\n\r\n")
     status = int(head[9:12])
-    length = 0
+    length, retry_after = 0, 0.0
     for line in head.split(b"\r\n")[1:]:
-        if line[:15].lower() == b"content-length:":
+        name = line[:15].lower()
+        if name == b"content-length:":
             length = int(line[15:])
+        elif name.startswith(b"retry-after:"):
+            retry_after = float(line[12:])
     if length:
         await reader.readexactly(length)
-    return status
+    return status, retry_after
 
 
 async def _connection(host: str, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -85,12 +96,17 @@ async def closed_loop(
     clients: int,
     duration_s: float,
     max_requests: int = 100_000,
+    honor_retry_after: bool = False,
 ) -> LoadResult:
-    """``clients`` connections, each sending the next request when the last one returns."""
+    """``clients`` connections, each sending the next request when the last one returns.
+    ``honor_retry_after``: after a 503, wait what the server's Retry-After says, jittered
+    by +-50% as retry policies do (gRPC's, the AWS SDKs'), so clients refused together do
+    not come back together."""
     host, port, request = build_request(url, body, content_type)
     result = LoadResult(duration_s)
     end = time.perf_counter() + duration_s
     sent = 0
+    rng = random.Random(0)
 
     async def client() -> None:
         nonlocal sent
@@ -100,9 +116,11 @@ async def closed_loop(
                 sent += 1
                 t0 = time.perf_counter()
                 writer.write(request)
-                status = await _read_response(reader)
-                result.latencies_s.append(time.perf_counter() - t0)
-                result.statuses[status] = result.statuses.get(status, 0) + 1
+                status, retry_after = await _read_response(reader)
+                result.record(status, time.perf_counter() - t0)
+                if honor_retry_after and retry_after:
+                    pause = retry_after * rng.uniform(0.5, 1.5)
+                    await asyncio.sleep(min(pause, max(0.0, end - time.perf_counter())))
         finally:
             writer.close()
 
@@ -128,7 +146,7 @@ async def open_loop(
             if conn is None:
                 raise ConnectionError
             conn[1].write(request)
-            status = await _read_response(conn[0])
+            status, _ = await _read_response(conn[0])
         except (ConnectionError, asyncio.IncompleteReadError):
             # No idle connection, or one the server closed while it sat idle (its keep-alive
             # timeout): send on a fresh one, as HTTP clients do.
@@ -136,9 +154,8 @@ async def open_loop(
                 conn[1].close()
             conn = await _connection(host, port)
             conn[1].write(request)
-            status = await _read_response(conn[0])
-        result.latencies_s.append(time.perf_counter() - t0)
-        result.statuses[status] = result.statuses.get(status, 0) + 1
+            status, _ = await _read_response(conn[0])
+        result.record(status, time.perf_counter() - t0)
         idle.append(conn)
 
     tasks = []
@@ -153,3 +170,43 @@ async def open_loop(
         writer.close()
     result.duration_s = duration_s
     return result
+
+
+def main() -> None:
+    """``python -m deploy.loadgen``: a closed loop from its own process (so that a client
+    in the measuring process does not share the server's GIL), one JSON line out."""
+    import argparse
+    import json
+    from pathlib import Path
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--url", required=True)
+    parser.add_argument("--body", type=Path, required=True, help="file sent as the body")
+    parser.add_argument("--content-type", default="application/octet-stream")
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--honor-retry-after", action="store_true")
+    args = parser.parse_args()
+    result = asyncio.run(
+        closed_loop(
+            args.url,
+            args.body.read_bytes(),
+            args.content_type,
+            args.clients,
+            args.seconds,
+            honor_retry_after=args.honor_retry_after,
+        )
+    )
+    print(
+        json.dumps(
+            {
+                "duration_s": result.duration_s,
+                "statuses": result.statuses,
+                "latencies_s": {str(k): sorted(v) for k, v in result.by_status.items()},
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -19,7 +19,7 @@ from pydantic.json_schema import models_json_schema
 from service import __version__
 from service.api.errors import install_error_handlers
 from service.api.kserve import v2, v2_models
-from service.api.middleware import BodyLimit, Observe
+from service.api.middleware import Admission, BodyLimit, Observe
 from service.api.ops import ops
 from service.api.v1 import EXTRA_SCHEMAS, api
 from service.backends import Backend
@@ -28,6 +28,8 @@ from service.runtime import Runtime, StartupError
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
+#: Routes whose requests are admitted before anything else is done (service.api.middleware).
+SHEDDABLE = {"classify", "classify_default", "model_infer", "model_version_infer"}
 
 DESCRIPTION = (
     "Image classification with ResNet models. REST `/v1` (errors: "
@@ -71,6 +73,14 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
     for router in (api, ops, v2, v2_models):
         app.include_router(router)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, metrics=metrics)
+    classify_routes = [
+        r
+        for router in (api, v2_models)
+        for r in router.routes
+        if getattr(r, "operation_id", None) in SHEDDABLE
+    ]
+    assert len(classify_routes) == len(SHEDDABLE), "a sheddable route was renamed"
+    app.add_middleware(Admission, routes=classify_routes, runtime=runtime)
     app.add_middleware(Observe, metrics=metrics)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app

@@ -15,7 +15,7 @@ drains what was queued).
 from __future__ import annotations
 
 import asyncio
-import collections
+import bisect
 import logging
 import math
 import time
@@ -30,6 +30,7 @@ from service.metrics import Metrics
 log = logging.getLogger(__name__)
 
 InferFn = Callable[[np.ndarray, float], Awaitable[np.ndarray]]
+ADMISSION_SLACK = 1.25
 
 
 @dataclass(eq=False)
@@ -65,6 +66,7 @@ class Batcher:
         metrics: Metrics,
         backend_name: str,
         max_inflight: int = 1,
+        batch_seconds: float | None = None,
     ) -> None:
         self.model = model
         self._infer = infer
@@ -73,15 +75,22 @@ class Batcher:
         self.max_queue = max_queue
         self._metrics = metrics
         self._backend = backend_name
-        self._pending: collections.deque[_Item] = collections.deque()
+        # Earliest deadline first: a request admitted with less time left is not pushed back
+        # by one that finished decoding sooner (with one timeout for all, this is arrival
+        # order). Requests' images stay together: one deadline each.
+        self._pending: list[_Item] = []
         self._wakeup = asyncio.Event()
         self._slots = asyncio.Semaphore(max_inflight)
         self._running: set[asyncio.Task[None]] = set()
+        self._started: dict[asyncio.Task[None], float] = {}  # running batch -> its start
         self._closing = False
         self._worker: asyncio.Task[None] | None = None
         self._max_inflight = max_inflight
         self._reserved = 0  # images admitted, still being decoded
-        self._batch_seconds = 0.05  # EWMA of a batch's backend time
+        # What a full batch costs: the backend's warm-up measurement if it has one, then an
+        # EWMA of live batches (seeded by the first one: a prior must not linger).
+        self._batch_seconds = batch_seconds or 0.05
+        self._measured = False
 
     def start(self) -> None:
         self._worker = asyncio.create_task(self._loop(), name=f"batcher-{self.model}")
@@ -92,15 +101,17 @@ class Batcher:
         return len(self._pending) + self._reserved
 
     def wait_s(self, images: int) -> float:
-        """Predicted time until ``images`` more images (after those waiting) are done."""
+        """Predicted time until ``images`` more images (after those waiting) are done: the
+        rest of the batch running now, then full batches."""
+        now = time.perf_counter()
+        running = max((self._batch_seconds - (now - t) for t in self._started.values()), default=0)
         waves = math.ceil((self.waiting + images) / self.max_batch)
-        return waves * self._batch_seconds / self._max_inflight
+        return max(0.0, running) + waves * self._batch_seconds / self._max_inflight
 
-    def reserve(self, images: int, deadline: float, extra_s: float = 0.0) -> None:
-        """Admit a request of ``images`` images before any work is done for it, or refuse
-        it at once (503 + Retry-After): the queue is full, or what waits ahead of it (plus
-        ``extra_s`` of its own work before the queue) cannot be done by ``deadline``.
-        An admitted request's place is held until :meth:`submit` (or :meth:`release`)."""
+    def admissible(self, images: int, deadline: float, extra_s: float = 0.0) -> None:
+        """Raise Overloaded (503 + Retry-After) unless a request of ``images`` images could
+        be taken now: the queue has room, and what waits ahead of it (plus ``extra_s`` of
+        its own work before the queue) can be done by ``deadline``."""
         if self._closing:
             raise ShuttingDown("the gateway is shutting down; retry on another replica")
         if self.waiting + images > self.max_queue:
@@ -110,17 +121,25 @@ class Batcher:
                 retry_after=self.wait_s(0),
             )
         wait = self.wait_s(images) + extra_s
-        if time.perf_counter() + wait > deadline:
+        # 25% of slack: the prediction is an average, a request admitted at the limit of its
+        # deadline would be answered 504 by any batch that runs a little late.
+        if time.perf_counter() + wait * ADMISSION_SLACK > deadline:
             raise Overloaded(
                 f"model {self.model!r} is busy: this request would be answered in about "
                 f"{wait:.1f}s, after its deadline; retry later",
                 retry_after=wait,
             )
+
+    def reserve(self, images: int, deadline: float, extra_s: float = 0.0) -> None:
+        """Admit a request (see :meth:`admissible`) before any work is done for it, and
+        hold its place until :meth:`submit` (or :meth:`release`)."""
+        self.admissible(images, deadline, extra_s)
         self._reserved += images
 
     def release(self, images: int) -> None:
-        """Give back a reservation whose images will never be submitted."""
+        """Give back a reservation (its images will never come, or are being submitted)."""
         self._reserved -= images
+        self._wakeup.set()
 
     async def submit(
         self, tensors: list[np.ndarray], deadline: float, reserved: bool = False
@@ -136,7 +155,8 @@ class Batcher:
             self.release(len(tensors))
         loop = asyncio.get_running_loop()
         items = [_Item(t, deadline, loop.create_future()) for t in tensors]
-        self._pending.extend(items)
+        at = bisect.bisect_right(self._pending, deadline, key=lambda it: it.deadline)
+        self._pending[at:at] = items
         self._metrics.queue_depth.labels(self.model).set(len(self._pending))
         self._wakeup.set()
         submitted = time.perf_counter()
@@ -178,13 +198,20 @@ class Batcher:
                 continue
             task = asyncio.create_task(self._run(batch))
             self._running.add(task)
-            task.add_done_callback(self._running.discard)
+            self._started[task] = time.perf_counter()
+            task.add_done_callback(self._ran)
 
     async def _fill(self) -> None:
-        """Wait until a full batch is queued or the oldest image has waited max_delay."""
-        until = self._pending[0].enqueued + self.max_delay_s
+        """Wait until a full batch is queued or the oldest image has waited max_delay. While
+        admitted images are still decoding (a burst), wait for them up to a quarter of what
+        a batch costs: started without them, they would wait for a whole batch."""
+        oldest = min(it.enqueued for it in self._pending)
+        until = oldest + self.max_delay_s
+        coming_until = oldest + self._batch_seconds / 4
         while len(self._pending) < self.max_batch and not self._closing:
-            remaining = until - time.perf_counter()
+            remaining = (
+                max(until, coming_until) if self._reserved else until
+            ) - time.perf_counter()
             if remaining <= 0:
                 return
             self._wakeup.clear()
@@ -196,16 +223,23 @@ class Batcher:
     def _take(self) -> list[_Item]:
         batch: list[_Item] = []
         now = time.perf_counter()
-        while self._pending and len(batch) < self.max_batch:
-            it = self._pending.popleft()
+        taken = 0
+        while taken < len(self._pending) and len(batch) < self.max_batch:
+            it = self._pending[taken]
+            taken += 1
             if it.future.done():
                 continue  # cancelled: its request has already been answered
             if it.deadline <= now:
                 it.future.set_exception(DeadlineExceeded("request deadline exceeded in queue"))
                 continue
             batch.append(it)
+        del self._pending[:taken]
         self._metrics.queue_depth.labels(self.model).set(len(self._pending))
         return batch
+
+    def _ran(self, task: asyncio.Task[None]) -> None:
+        self._running.discard(task)
+        self._started.pop(task, None)
 
     async def _run(self, batch: list[_Item]) -> None:
         try:
@@ -228,7 +262,10 @@ class Batcher:
                 return
             finished = time.perf_counter()
             elapsed = finished - start
-            self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * elapsed
+            if self._measured:
+                self._batch_seconds += 0.2 * (elapsed - self._batch_seconds)
+            else:
+                self._batch_seconds, self._measured = elapsed, True
             self._metrics.inference.labels(self.model, self._backend).observe(elapsed)
             self._metrics.batch_size.labels(self.model).observe(len(batch))
             for it, row in zip(batch, logits, strict=True):
@@ -257,6 +294,6 @@ class Batcher:
                 log.warning("batcher %s: drain timed out", self.model)
                 self._worker.cancel()
         while self._pending:  # only after a timeout: answer, never strand
-            it = self._pending.popleft()
+            it = self._pending.pop()
             if not it.future.done():
                 it.future.set_exception(ShuttingDown("the gateway shut down before this ran"))

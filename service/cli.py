@@ -85,6 +85,35 @@ class _DrainingServer:
         return bool(self.server.started)
 
 
+def uvicorn_config(asgi: Any, fastapi_app: Any, settings: Any) -> Any:
+    """uvicorn's configuration for the gateway: the one way it is served (by ``serve``, and
+    by the tests and benchmarks that run it in a thread)."""
+    import uvicorn
+
+    from service.http_guard import ConnectionLimits, guarded_protocol
+
+    limits = ConnectionLimits(
+        header_timeout_s=settings.header_timeout_s,
+        body_idle_timeout_s=settings.body_idle_timeout_s,
+        body_timeout_s=settings.body_timeout_s,
+        max_header_bytes=settings.max_header_bytes,
+        max_headers=settings.max_headers,
+        max_connections=settings.max_connections,
+    )
+    return uvicorn.Config(
+        asgi,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        access_log=False,
+        lifespan="on",
+        timeout_graceful_shutdown=int(settings.request_timeout_s) + 5,
+        timeout_keep_alive=settings.keep_alive_timeout_s,
+        loop="uvloop",
+        http=guarded_protocol(limits, fastapi_app.state.runtime.metrics),
+    )
+
+
 @app.command()
 def serve(
     repository: Annotated[
@@ -134,26 +163,16 @@ def serve(
     if settings.default_model and settings.default_model not in {s.name for s in specs}:
         raise _fail(f"default model {settings.default_model!r} is not among the served models")
 
-    import uvicorn
-
+    from service import memory
     from service.app import create_app
 
     logging.basicConfig(
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    memory.limit_arenas()  # before any thread starts
     fastapi_app = create_app(settings)
-    config = uvicorn.Config(
-        _OneLineStartupErrors(fastapi_app),
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        access_log=False,
-        lifespan="on",
-        timeout_graceful_shutdown=int(settings.request_timeout_s) + 5,
-        loop="uvloop",
-        http="httptools",
-    )
+    config = uvicorn_config(_OneLineStartupErrors(fastapi_app), fastapi_app, settings)
     typer.echo(
         f"resnet-serve: {', '.join(s.name for s in specs)} on http://{settings.host}:{settings.port} "
         f"(backend {settings.backend}; docs at /docs"

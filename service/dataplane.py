@@ -197,6 +197,7 @@ class DataPlane:
             metrics=self.metrics,
             backend_name=self.backend.name,
             max_inflight=self.backend.max_inflight_batches,
+            batch_seconds=self.backend.warm_batch_seconds(spec),
         )
 
     def start(self) -> None:
@@ -234,15 +235,24 @@ class DataPlane:
         """Resolve a request once. ``timeout_s`` (the caller's own deadline) can only shorten
         the server's; the deadline counts from ``arrived`` (default: now)."""
         spec = self.spec(model, version)
-        budget = self.settings.request_timeout_s
-        if timeout_s is not None:
-            if not (math.isfinite(timeout_s) and timeout_s > 0):
-                raise ValidationFailed(
-                    f"the request timeout must be a positive number of seconds, got {timeout_s}"
-                )
-            budget = min(budget, timeout_s)
         start = time.perf_counter() if arrived is None else arrived
-        return Plan(spec, self._top_k(spec, top_k), start, start + budget)
+        return Plan(spec, self._top_k(spec, top_k), start, start + self.budget_s(timeout_s))
+
+    def budget_s(self, timeout_s: float | None) -> float:
+        """A request's time: the server's deadline, or the caller's if that is shorter."""
+        if timeout_s is None:
+            return self.settings.request_timeout_s
+        if not (math.isfinite(timeout_s) and timeout_s > 0):
+            raise ValidationFailed(
+                f"the request timeout must be a positive number of seconds, got {timeout_s}"
+            )
+        return min(self.settings.request_timeout_s, timeout_s)
+
+    def shed(self, model: str | None, timeout_s: float | None) -> None:
+        """Raise Overloaded if ``model`` could not take even one image now (the check a
+        request gets before anything is read or routed: a refusal costs microseconds)."""
+        deadline = time.perf_counter() + self.budget_s(timeout_s)
+        self.batchers[self.spec(model).name].admissible(1, deadline)
 
     def with_top_k(self, plan: Plan, top_k: int | None, name: str = "top_k") -> Plan:
         """``plan`` with a ``top_k`` that arrived after it was made (in a body; as KServe's
@@ -287,7 +297,10 @@ class DataPlane:
         self.check_count(len(images))
         spec = plan.spec
         n = len(images)
-        decode_s = self._decode_s[spec.name] * math.ceil(n / self.decoder.workers)
+        # Its own decoding, behind what the pool already has (a burst of arrivals).
+        decode_s = self._decode_s[spec.name] * math.ceil(
+            (self.decoder.backlog + n) / self.decoder.workers
+        )
         self.batchers[spec.name].reserve(n, plan.deadline, extra_s=decode_s)
         start = time.perf_counter()
         jobs = [

@@ -35,6 +35,11 @@ class DecodePool:
         """Images of ``key`` waiting for a thread."""
         return sum(not f.done() for f in self._queues.get(key, ()))
 
+    @property
+    def backlog(self) -> int:
+        """Images decoding or waiting to, for every model."""
+        return self.workers - self._free + sum(map(self.waiting, self._queues))
+
     async def run(self, key: str, deadline: float, fn: Callable[[], T]) -> T:
         """Run ``fn`` on a decoding thread when ``key``'s turn comes, before ``deadline``."""
         loop = asyncio.get_running_loop()

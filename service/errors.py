@@ -78,6 +78,20 @@ class PayloadTooLarge(ServiceError):
     code = "payload_too_large"
 
 
+class RequestTimeout(ServiceError):
+    """The client took too long to send its request (headers or body)."""
+
+    http_status = 408
+    grpc_status = "DEADLINE_EXCEEDED"
+    code = "request_timeout"
+
+
+class HeaderTooLarge(ServiceError):
+    http_status = 431
+    grpc_status = "RESOURCE_EXHAUSTED"
+    code = "header_too_large"
+
+
 class ModelNotFound(ServiceError):
     http_status = 404
     grpc_status = "NOT_FOUND"

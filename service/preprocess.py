@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from service import memory
 from service.contract import PreprocessContract
 from service.errors import InvalidImage, PayloadTooLarge, UnsupportedMediaType, brief
 
@@ -225,4 +226,9 @@ def preprocess(
 ) -> np.ndarray:
     """Encoded image bytes -> one float32 tensor of shape ``contract.input_shape``."""
     img = open_image(data, contract, limits)
-    return normalize(resize_and_crop(img, contract), contract, out)
+    large = img.width * img.height >= memory.LARGE_IMAGE_PIXELS
+    cropped = resize_and_crop(img, contract)
+    del img  # the large buffer is free before the trim
+    if large:
+        memory.trim()
+    return normalize(cropped, contract, out)

@@ -86,6 +86,27 @@ class Settings(BaseSettings):
     )
     default_top_k: int = Field(5, ge=1, description="top_k when the request gives none.")
 
+    # --- connections (service.http_guard; an ingress in front may add its own) ------------
+    header_timeout_s: float = Field(
+        5.0, gt=0, le=300, description="Seconds a client has to send a request's headers; 408."
+    )
+    body_idle_timeout_s: float = Field(
+        5.0, gt=0, le=300, description="Longest pause allowed while a request body arrives."
+    )
+    body_timeout_s: float = Field(
+        30.0, gt=0, le=3600, description="Seconds a client has to send a whole request body."
+    )
+    keep_alive_timeout_s: float = Field(
+        5.0, gt=0, le=3600, description="An idle keep-alive connection is closed after this."
+    )
+    max_header_bytes: int = Field(
+        32 * 1024, ge=1024, description="Largest request line + headers; larger is 431."
+    )
+    max_headers: int = Field(100, ge=8, description="Most header lines in a request; 431.")
+    max_connections: int = Field(
+        1000, ge=1, description="Open HTTP connections; past this, 503 and close at once."
+    )
+
     # --- compute ---------------------------------------------------------------------------
     preprocess_workers: int = Field(
         0, ge=0, description="Threads decoding and preprocessing images (0: one per core)."

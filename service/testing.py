@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,6 +20,8 @@ import numpy as np
 
 from service.backends.base import Backend
 from service.repository import ModelSpec
+from service.runtime import Runtime
+from service.settings import Settings
 
 T = TypeVar("T")
 BIN = Path(sys.executable).parent
@@ -63,6 +66,10 @@ class SlowBackend(Backend):
 
     async def start(self, specs: list[ModelSpec]) -> None:
         await self.inner.start(specs)
+
+    def warm_batch_seconds(self, spec: ModelSpec) -> float | None:
+        inner = self.inner.warm_batch_seconds(spec)
+        return None if inner is None else inner + self.delay_s
 
     async def infer(self, spec: ModelSpec, batch: np.ndarray, timeout_s: float) -> np.ndarray:
         self.batches.append(len(batch))
@@ -150,3 +157,40 @@ def rss_mb(pid: int) -> float:
     """Resident memory of a process (Linux)."""
     with open(f"/proc/{pid}/status") as fh:
         return next(int(line.split()[1]) for line in fh if line.startswith("VmRSS")) / 1024
+
+
+class ThreadedGateway:
+    """The gateway served by uvicorn on a thread of this process, configured exactly as
+    ``resnet-serve serve`` configures it, for a backend the caller chooses: real sockets,
+    scripted costs. A context manager; ready when entered."""
+
+    def __init__(self, settings: Settings, backend: Backend | None = None) -> None:
+        import uvicorn
+
+        from service.app import create_app
+        from service.cli import uvicorn_config
+
+        self.settings = settings.model_copy(update={"host": "127.0.0.1", "port": free_port()})
+        self.app = create_app(self.settings, backend)
+        self.server = uvicorn.Server(uvicorn_config(self.app, self.app, self.settings))
+        self.thread = threading.Thread(target=self.server.run, name="gateway", daemon=True)
+        self.url = f"http://127.0.0.1:{self.settings.port}"
+
+    @property
+    def runtime(self) -> Runtime:
+        runtime: Runtime = self.app.state.runtime
+        return runtime
+
+    def __enter__(self) -> ThreadedGateway:
+        self.thread.start()
+        wait_until(
+            lambda: self.server.started,
+            60,
+            "gateway not started",
+            alive=lambda: None if self.thread.is_alive() else "the server thread ended",
+        )
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(60)

@@ -4,6 +4,7 @@ small helpers. Test doubles and process helpers live in ``service.testing``."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import subprocess
@@ -108,6 +109,22 @@ def image_bytes(fmt: str = "PNG", size: tuple[int, int] = (48, 40), seed: int = 
     return buf.getvalue()
 
 
+@functools.cache
+def slow_to_decode() -> bytes:
+    """A 36-megapixel PNG of 0.5 MB, within the default pixel limit: ~0.45 s to decode on
+    these machines, ~300 MB of memory while it is."""
+    import io
+
+    from PIL import Image
+
+    x = np.linspace(0, 255, 6000).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(np.stack([np.tile(x, (6000, 1))] * 3, axis=2), "RGB").save(
+        buf, "PNG", compress_level=1
+    )
+    return buf.getvalue()
+
+
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> Tiny:
     import torch
@@ -145,3 +162,30 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Tiny:
         log=lambda _: None,
     )
     return Tiny(base / "repo")
+
+
+@pytest.fixture(scope="session")
+def two_models(tiny, tmp_path_factory) -> Path:
+    """A repository serving the tiny model twice, as "tiny" and "other": what one model's
+    traffic does to another's."""
+    import json
+
+    from export.repository import Publication, ServingConfig, publish
+
+    repo = tmp_path_factory.mktemp("two") / "repo"
+    spec = load_spec(tiny.model_dir)
+    report = json.loads((spec.model_path.parent / "export_report.json").read_text())
+    for name in ("tiny", "other"):
+        publish(
+            repo,
+            Publication(
+                name,
+                spec.contract,
+                list(spec.labels),
+                spec.model_path,
+                "onnxruntime",
+                ServingConfig(max_batch_size=8),
+                report,
+            ),
+        )
+    return repo

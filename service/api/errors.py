@@ -24,6 +24,7 @@ from service.errors import (
     InvalidRequest,
     MethodNotAllowed,
     NotFound,
+    RequestTimeout,
     ServiceError,
     ValidationFailed,
     as_service_error,
@@ -54,7 +55,7 @@ def error_response(
     return JSONResponse(body, err.http_status, headers=headers)
 
 
-def _as_service_error(exc: Exception) -> BaseException:
+def _as_service_error(exc: Exception, request: Request) -> BaseException:
     """Starlette's and FastAPI's own exceptions as ours."""
     if isinstance(exc, RequestValidationError):
         parts = []
@@ -65,6 +66,8 @@ def _as_service_error(exc: Exception) -> BaseException:
             parts.append(f"{where}: {err.get('msg', 'invalid')}" if where else err.get("msg", ""))
         return ValidationFailed("; ".join(parts) or "invalid request")
     if isinstance(exc, ClientDisconnect):
+        if getattr(request.state, "body_timed_out", False):  # see service.http_guard
+            return RequestTimeout("request body not received in time")
         return ClientClosed("the client closed the connection before the request was read")
     if isinstance(exc, StarletteHTTPException):
         if exc.status_code == 404:
@@ -78,7 +81,7 @@ def _as_service_error(exc: Exception) -> BaseException:
 
 def install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
     async def handle(request: Request, exc: Exception) -> JSONResponse:
-        return error_response(_as_service_error(exc), request.url.path, metrics)
+        return error_response(_as_service_error(exc, request), request.url.path, metrics)
 
     # Anything else escapes the routes and is answered by the Observe middleware, through
     # error_response too (a handler for Exception would also re-raise it to the server).

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 import time
 from typing import Any
 
@@ -18,7 +19,7 @@ from fastapi import APIRouter, Request, Response
 from google.protobuf import json_format
 
 from service import openinference as oi
-from service.api.deps import API_KEY, PlaneDep, RuntimeDep, parse_json
+from service.api.deps import API_KEY, PlaneDep, RuntimeDep, off_loop, parse_json
 from service.api.errors import responses
 from service.api.schemas import (
     InferRequestJSON,
@@ -27,7 +28,7 @@ from service.api.schemas import (
     ServerMetadata,
     TensorIn,
 )
-from service.errors import InvalidRequest, UnsupportedMediaType, cut
+from service.errors import InvalidRequest, PayloadTooLarge, UnsupportedMediaType, cut
 
 HEADER_LENGTH = "inference-header-content-length"
 _STATUS = {200: {"description": "Yes"}, **responses(503, kserve=True)}
@@ -128,9 +129,25 @@ async def infer(
     if request.headers.get("content-encoding", "identity") != "identity":
         raise UnsupportedMediaType("compressed request bodies are not supported")
     header, binary = _split_body(request.headers.get(HEADER_LENGTH), await request.body())
+    # Counted before parsing: no more JSON values than the largest request of this model.
+    most = plane.settings.max_images_per_request * math.prod(plane.spec(model).contract.input_shape)
+    if header.count(b",") > most:
+        raise PayloadTooLarge(
+            f"the JSON request holds more values than {plane.settings.max_images_per_request} "
+            "images of this model; send the binary form, or fewer images"
+        )
+    request_, binary_out = await off_loop(len(header), _request, model, version, header, binary)
+    return _response(await oi.infer(plane, request_, arrived), binary_out)
+
+
+def _request(
+    model: str, version: str | None, header: bytes, binary: bytes
+) -> tuple[oi.InferRequest, bool]:
+    """The protocol's request from the wire (JSON header, binary tensor data), and whether
+    outputs go in binary unless an output says otherwise (``binary_data_output``)."""
     req = parse_json(InferRequestJSON, header, "inference request")
-    default_binary = req.parameters.get("binary_data_output", False)
-    request_ = oi.InferRequest(
+    default_binary = bool(req.parameters.get("binary_data_output", False))
+    request = oi.InferRequest(
         model=model,
         version=version,
         inputs=_inputs(req.inputs, binary),
@@ -145,8 +162,7 @@ async def infer(
         id=req.id,
         timeout_s=oi.timeout_from_us(req.parameters.get("timeout")),
     )
-    result = await oi.infer(plane, request_, arrived)
-    return _response(result, default_binary)
+    return request, default_binary
 
 
 def _split_body(header_length: str | None, body: bytes) -> tuple[bytes, bytes]:

@@ -12,7 +12,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException
 from starlette.responses import JSONResponse
 
-from service.api.deps import API_KEY, PlaneDep, parse_json
+from service.api.deps import API_KEY, PlaneDep, off_loop, parse_json
 from service.api.errors import responses
 from service.api.schemas import (
     ClassifyJSON,
@@ -94,24 +94,28 @@ async def read_images(request: Request, max_images: int) -> tuple[list[bytes], i
             raise InvalidRequest("empty request body; send an image")
         return [body], None
     if ctype == "application/json":
-        parsed = parse_json(ClassifyJSON, await request.body(), "JSON body")
-        if len(parsed.images) > max_images:
-            raise PayloadTooLarge(
-                f"{len(parsed.images)} images in one request; the limit is {max_images}"
-            )
-        images = []
-        for n, item in enumerate(parsed.images, 1):
-            try:
-                images.append(base64.b64decode(item.b64, validate=True))
-            except (binascii.Error, ValueError) as exc:
-                raise InvalidImage(f"image {n}: not valid base64") from exc
-        return images, parsed.top_k
+        body = await request.body()
+        # Counted before parsing: a flood of entries is refused without building it.
+        if (count := body.count(b'"b64"')) > max_images:
+            raise PayloadTooLarge(f"{count} images in one request; the limit is {max_images}")
+        return await off_loop(len(body), _json_images, body)
     if not ctype:
         raise InvalidRequest("missing Content-Type; send multipart/form-data, an image, or JSON")
     raise UnsupportedMediaType(
         f"unsupported Content-Type {ctype[:100]!r}; send multipart/form-data (file parts), "
         "image/* or application/octet-stream, or application/json"
     )
+
+
+def _json_images(body: bytes) -> tuple[list[bytes], int | None]:
+    parsed = parse_json(ClassifyJSON, body, "JSON body")
+    images = []
+    for n, item in enumerate(parsed.images, 1):
+        try:
+            images.append(base64.b64decode(item.b64, validate=True))
+        except (binascii.Error, ValueError) as exc:
+            raise InvalidImage(f"image {n}: not valid base64") from exc
+    return images, parsed.top_k
 
 
 def _body(result: Classification) -> dict[str, Any]:

@@ -23,6 +23,11 @@ class Backend(abc.ABC):
     #: How many batches of one model may be in the backend at once.
     max_inflight_batches: int = 1
 
+    def warm_batch_seconds(self, spec: ModelSpec) -> float | None:
+        """What a batch of ``max_batch_size`` took at warm-up, if the backend measured it
+        (the batcher's first estimate, before any live batch)."""
+        return None
+
     @abc.abstractmethod
     async def start(self, specs: list[ModelSpec]) -> None:
         """Load and warm up every model; raise RepositoryError if one cannot be served."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -45,6 +46,7 @@ class OnnxRuntimeBackend(Backend):
         # Threads that call session.run (the GIL is released while ORT computes).
         self._executors: dict[str, ThreadPoolExecutor] = {}
         self._ready = False
+        self._warm: dict[str, float] = {}
 
     def _open(self, spec: ModelSpec) -> ort.InferenceSession:
         opts = ort.SessionOptions()
@@ -68,10 +70,16 @@ class OnnxRuntimeBackend(Backend):
         )
         if problems:
             raise RepositoryError(f"model {spec.name!r}: " + "; ".join(problems))
-        # Warm-up: first runs allocate arenas and pick kernels.
-        for n in sorted({1, spec.max_batch_size}):
+        # Warm-up: first runs allocate arenas and pick kernels; the last one, timed, is what
+        # a full batch costs.
+        for n in (1, spec.max_batch_size, spec.max_batch_size):
+            start = time.perf_counter()
             session.run([c.output_name], {c.input_name: np.zeros((n, *c.input_shape), np.float32)})
+        self._warm[spec.name] = time.perf_counter() - start
         return session
+
+    def warm_batch_seconds(self, spec: ModelSpec) -> float | None:
+        return self._warm.get(spec.name)
 
     async def start(self, specs: list[ModelSpec]) -> None:
         loop = asyncio.get_running_loop()

@@ -6,18 +6,14 @@ from __future__ import annotations
 
 import base64
 import dataclasses
-import functools
-import io
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import grpc
-import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from PIL import Image
 from tritonclient.grpc import service_pb2 as kpb
 
 from service.app import create_app
@@ -27,20 +23,10 @@ from service.grpc import classifier_pb2 as cpb
 from service.openinference import serialize_bytes
 from service.settings import Settings
 from service.testing import SlowBackend, free_port, wait_until
-from tests.conftest import image_bytes
+from tests.conftest import image_bytes, slow_to_decode
 
 GOOD = image_bytes()
 BAD_PNG = GOOD[:60]  # a truncated file
-
-
-@functools.cache
-def slow_to_decode() -> bytes:
-    """A 36-megapixel PNG of 0.5 MB, within the pixel limit: ~0.45 s to decode here."""
-    x = np.linspace(0, 255, 6000).astype(np.uint8)
-    pixels = np.stack([np.tile(x, (6000, 1))] * 3, axis=2)
-    buf = io.BytesIO()
-    Image.fromarray(pixels, "RGB").save(buf, "PNG", compress_level=1)
-    return buf.getvalue()
 
 
 @dataclass

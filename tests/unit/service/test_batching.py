@@ -128,7 +128,7 @@ async def test_deadline_is_504_and_expired_work_is_skipped():
     slow = asyncio.create_task(b.submit([tensor(1)], far()))
     await until(lambda: rec.sizes == [1])
     with pytest.raises(DeadlineExceeded):  # admitted (a batch was thought to take 0.05 s)
-        await b.submit([tensor(2)], time.perf_counter() + 0.1)
+        await b.submit([tensor(2)], time.perf_counter() + 0.15)
     await slow
     await b.close()  # runs whatever is still queued
     assert rec.sizes == [1]  # the expired image never reached the backend
@@ -192,9 +192,9 @@ async def test_admission_refuses_what_cannot_finish_before_its_deadline():
     await until(lambda: b.waiting == 6)  # one batch running, three waves queued
     t0 = time.perf_counter()
     with pytest.raises(Overloaded, match="after its deadline") as info:
-        b.reserve(2, time.perf_counter() + 0.3)  # 4 waves x 0.1 s > 0.3 s
+        b.reserve(2, time.perf_counter() + 0.3)  # the running batch's rest + 4 x 0.1 s
     assert time.perf_counter() - t0 < 0.01  # refused without waiting
-    assert info.value.retry_after == pytest.approx(0.4)
+    assert 0.4 <= (info.value.retry_after or 0) <= 0.5
     b.reserve(2, time.perf_counter() + 1.0)  # 0.4 s fits in 1 s: admitted, place held
     assert b.waiting == 8
     with pytest.raises(Overloaded, match="after its deadline"):

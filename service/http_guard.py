@@ -1,0 +1,163 @@
+"""Bounds uvicorn does not have, at the HTTP protocol level: how long a client may take to
+send its headers and its body, how large its headers may be, how many connections may be
+open. uvicorn (httptools) alone holds a connection that dribbles a byte a second forever,
+and buffers an unterminated header of any size.
+
+``guarded_protocol(limits, metrics)`` returns uvicorn's httptools protocol with:
+
+* a header timeout: the request line and headers must arrive within ``header_timeout_s`` of
+  the connection opening (or of the request's first byte): else 408 and close;
+* body timeouts: no gap of more than ``body_idle_timeout_s`` between body bytes, and the
+  whole body within ``body_timeout_s``: else the connection is closed and the request is
+  answered (and counted) as ``request_timeout``;
+* a header size and count limit: more than ``max_header_bytes`` before the end of the
+  headers, or more than ``max_headers`` header lines: 431 and close, the rest unread;
+* a connection limit: past ``max_connections`` open connections, 503 + Retry-After and
+  close at once.
+
+Answers from here use the gateway's error envelope and are counted like every rejection.
+What an ingress in front adds (TLS, its own header/body timeouts, per-client rate limits)
+is README's "Guarantees and limits".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from service.errors import HeaderTooLarge, Overloaded, RequestTimeout, ServiceError
+from service.metrics import Metrics
+
+
+@dataclass(frozen=True)
+class ConnectionLimits:
+    header_timeout_s: float = 5.0
+    body_idle_timeout_s: float = 5.0
+    body_timeout_s: float = 30.0
+    max_header_bytes: int = 32 * 1024
+    max_headers: int = 100
+    max_connections: int = 1000
+
+
+def guarded_protocol(limits: ConnectionLimits, metrics: Metrics) -> type[HttpToolsProtocol]:
+    class GuardedProtocol(HttpToolsProtocol):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self._timer: asyncio.TimerHandle | None = None
+            self._body_deadline: asyncio.TimerHandle | None = None
+            self._in_headers = True
+            self._header_bytes = 0
+            self._header_count = 0
+            self._refused = False
+
+        # --- connection ---------------------------------------------------------------
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            if len(self.connections) > limits.max_connections:
+                self._refuse(Overloaded("too many open connections; retry later", retry_after=1))
+                return
+            self._arm(limits.header_timeout_s, self._headers_too_slow)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def data_received(self, data: bytes) -> None:
+            if self._refused:
+                return  # answered already; the rest is not read
+            if self._in_headers:
+                self._header_bytes += len(data)
+            super().data_received(data)
+            if self._in_headers and self._header_bytes > limits.max_header_bytes:
+                self._refuse(
+                    HeaderTooLarge(f"request headers exceed {limits.max_header_bytes} bytes")
+                )
+
+        # --- parser callbacks ---------------------------------------------------------
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            self._in_headers = True
+            self._header_count = 0
+            if self._timer is None:  # a keep-alive connection's next request
+                self._arm(limits.header_timeout_s, self._headers_too_slow)
+
+        def on_header(self, name: bytes, value: bytes) -> None:
+            self._header_count += 1
+            super().on_header(name, value)
+
+        def on_headers_complete(self) -> None:
+            self._disarm()
+            self._in_headers = False
+            self._header_bytes = 0
+            if self._header_count > limits.max_headers:
+                self._refuse(HeaderTooLarge(f"more than {limits.max_headers} header lines"))
+                return
+            super().on_headers_complete()
+            self._arm(limits.body_idle_timeout_s, self._body_too_slow)
+            self._body_deadline = self.loop.call_later(limits.body_timeout_s, self._body_too_slow)
+
+        def on_body(self, body: bytes) -> None:
+            if self._refused:
+                return  # the rest of a refused request, still in the parser's buffer
+            self._arm(limits.body_idle_timeout_s, self._body_too_slow)
+            super().on_body(body)
+
+        def on_message_complete(self) -> None:
+            if self._refused:
+                return
+            self._disarm()
+            super().on_message_complete()
+
+        # --- timers and refusals ------------------------------------------------------
+
+        def _arm(self, seconds: float, then: Any) -> None:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = self.loop.call_later(seconds, then)
+
+        def _disarm(self) -> None:
+            for timer in (self._timer, self._body_deadline):
+                if timer is not None:
+                    timer.cancel()
+            self._timer = self._body_deadline = None
+
+        def _headers_too_slow(self) -> None:
+            self._timer = None
+            if self._header_bytes == 0 and self.cycle is None:
+                self.transport.close()  # an idle connection that never asked anything
+                return
+            self._refuse(RequestTimeout("request headers not received in time"))
+
+        def _body_too_slow(self) -> None:
+            """The app is waiting for this body: mark the request as timed out and close;
+            the app sees the disconnect and answers (and counts) request_timeout."""
+            self._disarm()
+            if self.cycle is not None and not self.cycle.response_complete:
+                self.cycle.scope["state"]["body_timed_out"] = True
+            self.transport.close()
+
+        def _refuse(self, err: ServiceError) -> None:
+            """Answer before any route is known (so in the /v1 envelope) and close."""
+            self._refused = True
+            self._disarm()
+            metrics.rejected(err.code)
+            body = json.dumps({"error": {"code": err.code, "message": err.message}}).encode()
+            head = [
+                f"HTTP/1.1 {err.http_status} {http.HTTPStatus(err.http_status).phrase}",
+                "content-type: application/json",
+                f"content-length: {len(body)}",
+                "connection: close",
+            ]
+            if (retry_after := err.retry_after_header()) is not None:
+                head.append(f"retry-after: {retry_after}")
+            self.transport.write(("\r\n".join(head) + "\r\n\r\n").encode() + body)
+            self.transport.close()
+
+    return GuardedProtocol
