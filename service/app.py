@@ -17,11 +17,12 @@ from fastapi.openapi.utils import get_openapi
 from pydantic.json_schema import models_json_schema
 
 from service import __version__
+from service.api import kserve, v1
 from service.api.errors import install_error_handlers
 from service.api.kserve import v2, v2_models
 from service.api.middleware import Admission, BodyLimit, Observe
 from service.api.ops import ops
-from service.api.v1 import EXTRA_SCHEMAS, api
+from service.api.v1 import api
 from service.backends import Backend
 from service.metrics import Metrics
 from service.runtime import Runtime, StartupError
@@ -106,9 +107,19 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
             title=app.title, version=app.version, description=app.description, routes=app.routes
         )
         _, extra = models_json_schema(
-            [(m, "validation") for m in EXTRA_SCHEMAS],
+            [(m, "validation") for m in (*v1.EXTRA_SCHEMAS, *kserve.EXTRA_SCHEMAS)],
             ref_template="#/components/schemas/{model}",
         )
-        doc.setdefault("components", {}).setdefault("schemas", {}).update(extra["$defs"])
+        schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+        schemas.update(extra["$defs"])
+        # FastAPI documents a 422 of its own shape on every route with parameters; ours are
+        # declared where they happen (service.api.errors.responses), the rest never do.
+        for path in doc["paths"].values():
+            for operation in path.values():
+                answer = operation.get("responses", {}).get("422", {})
+                if "HTTPValidationError" in str(answer):
+                    del operation["responses"]["422"]
+        for unused in ("HTTPValidationError", "ValidationError"):
+            schemas.pop(unused, None)
         app.openapi_schema = doc
     return app.openapi_schema

@@ -109,9 +109,10 @@ class Batcher:
         return max(0.0, running) + waves * self._batch_seconds / self._max_inflight
 
     def admissible(self, images: int, deadline: float, extra_s: float = 0.0) -> None:
-        """Raise Overloaded (503 + Retry-After) unless a request of ``images`` images could
-        be taken now: the queue has room, and what waits ahead of it (plus ``extra_s`` of
-        its own work before the queue) can be done by ``deadline``."""
+        """Raise unless a request of ``images`` images could be taken now: Overloaded (503 +
+        Retry-After) if the queue is full or what waits ahead of it (plus ``extra_s`` of its
+        own work before the queue) cannot be done by ``deadline``; DeadlineExceeded (504,
+        at once) if not even an idle model could make the deadline."""
         if self._closing:
             raise ShuttingDown("the gateway is shutting down; retry on another replica")
         if self.waiting + images > self.max_queue:
@@ -123,12 +124,20 @@ class Batcher:
         wait = self.wait_s(images) + extra_s
         # 25% of slack: the prediction is an average, a request admitted at the limit of its
         # deadline would be answered 504 by any batch that runs a little late.
-        if time.perf_counter() + wait * ADMISSION_SLACK > deadline:
-            raise Overloaded(
-                f"model {self.model!r} is busy: this request would be answered in about "
-                f"{wait:.1f}s, after its deadline; retry later",
-                retry_after=wait,
+        left = deadline - time.perf_counter()
+        if wait * ADMISSION_SLACK <= left:
+            return
+        alone = math.ceil(images / self.max_batch) * self._batch_seconds + extra_s
+        if alone * ADMISSION_SLACK > left:  # not even an idle model: retrying cannot help
+            raise DeadlineExceeded(
+                f"the request's deadline ({max(left, 0) * 1000:.0f} ms from now) is shorter "
+                f"than model {self.model!r} needs (about {alone * 1000:.0f} ms)"
             )
+        raise Overloaded(
+            f"model {self.model!r} is busy: this request would be answered in about "
+            f"{wait:.1f}s, after its deadline; retry later",
+            retry_after=wait,
+        )
 
     def reserve(self, images: int, deadline: float, extra_s: float = 0.0) -> None:
         """Admit a request (see :meth:`admissible`) before any work is done for it, and

@@ -40,6 +40,9 @@ from service.preprocess import DecodeLimits, preprocess
 from service.repository import ModelSpec, TensorSig, contract_tensors
 from service.settings import Settings
 
+#: The shortest timeout a caller may ask for (a shorter one is a mistake, not a deadline).
+MIN_TIMEOUT_S = 0.001
+
 
 @dataclass(frozen=True)
 class Plan:
@@ -242,9 +245,9 @@ class DataPlane:
         """A request's time: the server's deadline, or the caller's if that is shorter."""
         if timeout_s is None:
             return self.settings.request_timeout_s
-        if not (math.isfinite(timeout_s) and timeout_s > 0):
+        if not (math.isfinite(timeout_s) and timeout_s >= MIN_TIMEOUT_S):
             raise ValidationFailed(
-                f"the request timeout must be a positive number of seconds, got {timeout_s}"
+                f"the request timeout must be at least {MIN_TIMEOUT_S} seconds, got {timeout_s}"
             )
         return min(self.settings.request_timeout_s, timeout_s)
 

@@ -81,7 +81,8 @@ def _as_service_error(exc: Exception, request: Request) -> BaseException:
 
 def install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
     async def handle(request: Request, exc: Exception) -> JSONResponse:
-        return error_response(_as_service_error(exc, request), request.url.path, metrics)
+        headers = getattr(exc, "headers", None)  # a 405's Allow
+        return error_response(_as_service_error(exc, request), request.url.path, metrics, headers)
 
     # Anything else escapes the routes and is answered by the Observe middleware, through
     # error_response too (a handler for Exception would also re-raise it to the server).

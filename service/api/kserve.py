@@ -28,10 +28,12 @@ from service.api.schemas import (
     ServerMetadata,
     TensorIn,
 )
-from service.errors import InvalidRequest, PayloadTooLarge, UnsupportedMediaType, cut
+from service.errors import InvalidRequest, NotReady, PayloadTooLarge, UnsupportedMediaType, cut
 
 HEADER_LENGTH = "inference-header-content-length"
-_STATUS = {200: {"description": "Yes"}, **responses(503, kserve=True)}
+# Health answers are the status alone, as the protocol says: no body.
+_YES: dict[int | str, dict[str, Any]] = {200: {"description": "Yes", "content": {}}}
+_STATUS = {**_YES, **responses(503, kserve=True)}
 
 v2 = APIRouter(prefix="/v2", tags=["KServe v2"])
 v2_models = APIRouter(prefix="/v2/models", tags=["KServe v2"], dependencies=API_KEY)
@@ -42,14 +44,28 @@ async def server_metadata() -> ServerMetadata:
     return ServerMetadata(**oi.server_metadata())
 
 
-@v2.get("/health/live", operation_id="server_live", summary="Server liveness")
+@v2.get(
+    "/health/live",
+    operation_id="server_live",
+    summary="Server liveness",
+    responses=_YES,
+    response_class=Response,
+)
 async def live() -> Response:
     return Response(status_code=200)
 
 
-@v2.get("/health/ready", operation_id="server_ready", summary="Server readiness", responses=_STATUS)
+@v2.get(
+    "/health/ready",
+    operation_id="server_ready",
+    summary="Server readiness",
+    responses=_STATUS,
+    response_class=Response,
+)
 async def ready(rt: RuntimeDep) -> Response:
-    return Response(status_code=200 if rt.not_ready_reason() is None else 503)
+    if reason := rt.not_ready_reason():
+        raise NotReady(reason)
+    return Response(status_code=200)
 
 
 @v2_models.get(
@@ -86,18 +102,26 @@ async def model_config(model: str, plane: PlaneDep, version: str | None = None) 
     return json_format.MessageToDict(config, preserving_proto_field_name=True)
 
 
-@v2_models.get("/{model}/ready", operation_id="model_ready", responses={**_STATUS, **_ONE_MODEL})
+@v2_models.get(
+    "/{model}/ready",
+    operation_id="model_ready",
+    responses={**_ONE_MODEL, **_STATUS},
+    response_class=Response,
+)
 @v2_models.get(
     "/{model}/versions/{version}/ready",
     operation_id="model_version_ready",
-    responses={**_STATUS, **_ONE_MODEL},
+    responses={**_ONE_MODEL, **_STATUS},
+    response_class=Response,
 )
 async def model_ready(
     model: str, plane: PlaneDep, rt: RuntimeDep, version: str | None = None
 ) -> Response:
     """Model readiness (404 for a model or version that is not served)."""
     plane.spec(model, version)
-    return Response(status_code=200 if rt.not_ready_reason() is None else 503)
+    if reason := rt.not_ready_reason():
+        raise NotReady(reason)
+    return Response(status_code=200)
 
 
 @v2_models.get("/{model}/stats", operation_id="model_statistics", responses=_ONE_MODEL)
@@ -113,13 +137,28 @@ async def model_statistics(
     return ModelStatisticsList(model_stats=plane.statistics(model, version))
 
 
-_INFER = responses(400, 401, 404, 413, 415, 422, 503, 504, kserve=True)
+_INFER: dict[str, Any] = {
+    "responses": responses(400, 401, 404, 413, 415, 422, 503, 504, kserve=True),
+    "openapi_extra": {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {"schema": {"$ref": "#/components/schemas/InferRequestJSON"}},
+                "application/octet-stream": {
+                    "schema": {"type": "string", "format": "binary"},
+                    "description": "The binary tensor data extension: a JSON header of "
+                    "Inference-Header-Content-Length bytes, then the tensors' bytes.",
+                },
+            },
+        }
+    },
+}
+#: Schemas referred to by hand above, added to the document's components (service.app).
+EXTRA_SCHEMAS = (InferRequestJSON,)
 
 
-@v2_models.post("/{model}/infer", operation_id="model_infer", responses=_INFER)
-@v2_models.post(
-    "/{model}/versions/{version}/infer", operation_id="model_version_infer", responses=_INFER
-)
+@v2_models.post("/{model}/infer", operation_id="model_infer", **_INFER)
+@v2_models.post("/{model}/versions/{version}/infer", operation_id="model_version_infer", **_INFER)
 async def infer(
     model: str, request: Request, plane: PlaneDep, version: str | None = None
 ) -> Response:

@@ -11,7 +11,13 @@ from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api.errors import error_response
-from service.errors import InvalidRequest, Overloaded, PayloadTooLarge, ServiceError
+from service.errors import (
+    DeadlineExceeded,
+    InvalidRequest,
+    Overloaded,
+    PayloadTooLarge,
+    ServiceError,
+)
 from service.metrics import Metrics
 from service.runtime import Runtime
 
@@ -90,7 +96,7 @@ class Admission:
                     continue
                 try:
                     plane.shed(child["path_params"].get("model"), _timeout_header(scope))
-                except Overloaded as exc:
+                except (Overloaded, DeadlineExceeded) as exc:
                     scope["route"] = route  # labels the metrics as routing would
                     response = error_response(exc, scope["path"], self.runtime.metrics)
                     await response(scope, receive, send)

@@ -14,7 +14,10 @@ from service.contract import PreprocessContract
 
 class ImageB64(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    b64: str = Field(description="The encoded image file (JPEG, PNG, ...), base64.")
+    b64: str = Field(
+        description="The encoded image file (JPEG, PNG, ...), base64.",
+        json_schema_extra={"contentEncoding": "base64", "pattern": "^[A-Za-z0-9+/]*={0,2}$"},
+    )
 
 
 class ClassifyJSON(BaseModel):

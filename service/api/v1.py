@@ -22,7 +22,7 @@ from service.api.schemas import (
     ModelList,
     ModelSummary,
 )
-from service.dataplane import Classification, DataPlane
+from service.dataplane import MIN_TIMEOUT_S, Classification, DataPlane
 from service.errors import InvalidImage, InvalidRequest, PayloadTooLarge, UnsupportedMediaType
 
 IMAGE_TYPES = ("image/", "application/octet-stream")
@@ -35,7 +35,11 @@ _CLASSIFY_BODY = {
                 "schema": {
                     "type": "object",
                     "properties": {
-                        "file": {"type": "array", "items": {"type": "string", "format": "binary"}}
+                        "file": {
+                            "type": "array",
+                            "items": {"type": "string", "format": "binary"},
+                            "minItems": 1,
+                        }
                     },
                     "required": ["file"],
                 }
@@ -48,11 +52,15 @@ _CLASSIFY_BODY = {
 #: Schemas referred to by hand above, added to the document's components (service.app).
 EXTRA_SCHEMAS = (ClassifyJSON, ImageB64)
 
-TopK = Annotated[int | None, Query(description="Classes per image, 1..num_classes (default 5).")]
+TopK = Annotated[
+    int | None, Query(ge=1, description="Classes per image, 1..num_classes (default 5).")
+]
 Timeout = Annotated[
     float | None,
     Header(
         alias="x-request-timeout",
+        ge=MIN_TIMEOUT_S,
+        allow_inf_nan=False,
         description="Seconds this request may take (can only shorten the server's deadline).",
     ),
 ]
