@@ -157,6 +157,62 @@ async def grpc_closed_loop(target: str, body: bytes, clients: int, duration_s: f
     return result
 
 
+def served(url: str) -> float:
+    """Classify requests the gateway has answered, by its own count (any status)."""
+    import httpx
+
+    total = 0.0
+    for line in httpx.get(url + "/metrics").text.splitlines():
+        if line.startswith("resnet_serve_requests_total{") and "/classify" in line:
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def pct_ms(latencies: list[float], q: float) -> float:
+    if not latencies:
+        return float("nan")
+    ordered = sorted(latencies)
+    return round(ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))] * 1000, 1)
+
+
+def overload(
+    gw_url: str, body: bytes, unloaded: float, seconds: float, timeout_s: float
+) -> dict[str, Any]:
+    """Closed loops of 2x and 10x the clients the replica can serve within ``timeout_s``
+    (its unloaded throughput x the timeout), each request with that timeout: goodput,
+    how fast refusals come, whether accepted requests keep their deadline, sent = answered.
+    Clients wait Retry-After (jittered) as retry policies do; the 10x loop also runs with
+    clients that retry at once, the worst case, reported without a target."""
+    url = f"{gw_url}/v1/models/{NAME}/classify?top_k=5"
+    capacity = max(1, round(unloaded * timeout_s))
+    headers = {"X-Request-Timeout": str(timeout_s)}
+    out: dict[str, Any] = {"timeout_s": timeout_s, "capacity_clients": capacity}
+    for name, clients, polite in (("2x", 2 * capacity, True), ("10x", 10 * capacity, True),
+                                  ("10x_no_backoff", 10 * capacity, False)):  # fmt: skip
+        log(f"overload {name}: {clients} clients, timeout {timeout_s}s ...")
+        before = served(gw_url)
+        r = asyncio.run(
+            closed_loop(url, body, "image/jpeg", clients, seconds, honor_retry_after=polite,
+                        headers=headers)
+        )  # fmt: skip
+        answered = served(gw_url) - before
+        ok = r.by_status.get(200, [])
+        row = {
+            "clients": clients,
+            "goodput_images_per_s": round(len(ok) / r.duration_s, 2),
+            "goodput_vs_unloaded": round(len(ok) / r.duration_s / unloaded, 3),
+            "refused_p50_ms": pct_ms(r.by_status.get(503, []), 50),
+            "accepted_p99_ms": pct_ms(ok, 99),
+            "late_504": r.statuses.get(504, 0),
+            "statuses": r.statuses,
+            "sent": len(r.latencies_s),
+            "answered_by_server": int(answered),
+        }
+        log(f"  {row}")
+        out[name] = row
+    return out
+
+
 def run(seconds: float, out: Path, triton: bool = True) -> dict[str, Any]:
     results: dict[str, Any] = {"machine": {"cpus": os.cpu_count()}}
     with tempfile.TemporaryDirectory(prefix="resnet-bench-") as tmp:
@@ -193,6 +249,7 @@ def run(seconds: float, out: Path, triton: bool = True) -> dict[str, Any]:
             log("gateway gRPC API, 16 clients ...")
             rg = asyncio.run(grpc_closed_loop(gw.grpc_target, body, 16, seconds))
             log(f"  {rg.summary()}")
+            results["overload"] = overload(gw.url, body, r16.images_per_s, seconds, 2.0)
         finally:
             gw.stop()
         results["gateway_rest_onnxruntime"] = {
@@ -277,6 +334,20 @@ def table(results: dict[str, Any]) -> str:
             "",
         ),
     ]
+    if "overload" in results:
+        ov = results["overload"]
+        for name in ("2x", "10x", "10x_no_backoff"):
+            row = ov[name]
+            rows.append(
+                (
+                    f"overload {name} ({row['clients']} clients, {ov['timeout_s']}s timeout): "
+                    "goodput; 503 p50; 200 p99; 504s; sent/answered",
+                    f"{row['goodput_images_per_s']} img/s; {row['refused_p50_ms']} ms; "
+                    f"{row['accepted_p99_ms']} ms; {row['late_504']}; "
+                    f"{row['sent']}/{row['answered_by_server']}",
+                    f"{row['goodput_vs_unloaded']:.2f}x unloaded",
+                )
+            )
     if "gateway_rest_triton" in results:
         t = results["gateway_rest_triton"]
         rows += [

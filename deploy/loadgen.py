@@ -57,14 +57,17 @@ class LoadResult:
         }
 
 
-def build_request(url: str, body: bytes, content_type: str) -> tuple[str, int, bytes]:
+def build_request(
+    url: str, body: bytes, content_type: str, headers: dict[str, str] | None = None
+) -> tuple[str, int, bytes]:
     parts = urlsplit(url)
     if parts.hostname not in ("127.0.0.1", "localhost", "::1"):
         raise ValueError("load tests target loopback only")
     path = parts.path + (f"?{parts.query}" if parts.query else "")
+    extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
     head = (
         f"POST {path} HTTP/1.1\r\nHost: {parts.netloc}\r\nContent-Type: {content_type}\r\n"
-        f"Content-Length: {len(body)}\r\nConnection: keep-alive\r\n\r\n"
+        f"{extra}Content-Length: {len(body)}\r\nConnection: keep-alive\r\n\r\n"
     ).encode()
     return parts.hostname, parts.port or 80, head + body
 
@@ -97,12 +100,13 @@ async def closed_loop(
     duration_s: float,
     max_requests: int = 100_000,
     honor_retry_after: bool = False,
+    headers: dict[str, str] | None = None,
 ) -> LoadResult:
     """``clients`` connections, each sending the next request when the last one returns.
     ``honor_retry_after``: after a 503, wait what the server's Retry-After says, jittered
     by +-50% as retry policies do (gRPC's, the AWS SDKs'), so clients refused together do
     not come back together."""
-    host, port, request = build_request(url, body, content_type)
+    host, port, request = build_request(url, body, content_type, headers)
     result = LoadResult(duration_s)
     end = time.perf_counter() + duration_s
     sent = 0
@@ -186,7 +190,9 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--honor-retry-after", action="store_true")
+    parser.add_argument("--header", action="append", default=[], help="NAME: VALUE")
     args = parser.parse_args()
+    headers = dict(h.split(":", 1) for h in args.header)
     result = asyncio.run(
         closed_loop(
             args.url,
@@ -195,6 +201,7 @@ def main() -> None:
             args.clients,
             args.seconds,
             honor_retry_after=args.honor_retry_after,
+            headers={k.strip(): v.strip() for k, v in headers.items()},
         )
     )
     print(

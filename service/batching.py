@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import bisect
 import logging
-import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -31,6 +30,43 @@ log = logging.getLogger(__name__)
 
 InferFn = Callable[[np.ndarray, float], Awaitable[np.ndarray]]
 ADMISSION_SLACK = 1.25
+
+
+class CostModel:
+    """What a batch of n images costs the backend: measured at warm-up where the backend
+    can (its timed runs), then learned from live batches (an EWMA per batch size); a size
+    never seen is interpolated between the nearest seen ones (linear in n, which is how a
+    CPU's batch cost grows)."""
+
+    def __init__(self, max_batch: int, warm: dict[int, float] | None = None) -> None:
+        self.max_batch = max_batch
+        self._seconds: dict[int, float] = dict(warm or {})
+
+    def observe(self, size: int, seconds: float) -> None:
+        if size in self._seconds:
+            self._seconds[size] += 0.2 * (seconds - self._seconds[size])
+        else:
+            self._seconds[size] = seconds
+
+    def cost(self, size: int) -> float:
+        """Predicted seconds for a batch of ``size`` (0.05 per batch before any is seen)."""
+        if size in self._seconds:
+            return self._seconds[size]
+        if not self._seconds:
+            return 0.05
+        below = [n for n in self._seconds if n < size]
+        above = [n for n in self._seconds if n > size]
+        if below and above:
+            lo, hi = max(below), min(above)
+            t_lo, t_hi = self._seconds[lo], self._seconds[hi]
+            return t_lo + (t_hi - t_lo) * (size - lo) / (hi - lo)
+        near = max(below) if below else min(above)
+        return self._seconds[near] * size / near  # proportional beyond what was seen
+
+    def work_s(self, images: int) -> float:
+        """Seconds of backend time for ``images`` images in full batches (the rest last)."""
+        full, rest = divmod(images, self.max_batch)
+        return full * self.cost(self.max_batch) + (self.cost(rest) if rest else 0.0)
 
 
 @dataclass(eq=False)
@@ -66,7 +102,7 @@ class Batcher:
         metrics: Metrics,
         backend_name: str,
         max_inflight: int = 1,
-        batch_seconds: float | None = None,
+        warm_costs: dict[int, float] | None = None,
     ) -> None:
         self.model = model
         self._infer = infer
@@ -82,15 +118,13 @@ class Batcher:
         self._wakeup = asyncio.Event()
         self._slots = asyncio.Semaphore(max_inflight)
         self._running: set[asyncio.Task[None]] = set()
-        self._started: dict[asyncio.Task[None], float] = {}  # running batch -> its start
+        # Running batch -> (its start, its size).
+        self._started: dict[asyncio.Task[None], tuple[float, int]] = {}
         self._closing = False
         self._worker: asyncio.Task[None] | None = None
         self._max_inflight = max_inflight
         self._reserved = 0  # images admitted, still being decoded
-        # What a full batch costs: the backend's warm-up measurement if it has one, then an
-        # EWMA of live batches (seeded by the first one: a prior must not linger).
-        self._batch_seconds = batch_seconds or 0.05
-        self._measured = False
+        self.costs = CostModel(max_batch, warm_costs)
 
     def start(self) -> None:
         self._worker = asyncio.create_task(self._loop(), name=f"batcher-{self.model}")
@@ -102,11 +136,20 @@ class Batcher:
 
     def wait_s(self, images: int) -> float:
         """Predicted time until ``images`` more images (after those waiting) are done: the
-        rest of the batch running now, then full batches."""
+        rest of the batches running now, then full batches, then the batch holding the last
+        of them: full as well if it must wait (later arrivals fill it up meanwhile), only
+        as large as it is if it can start at once."""
         now = time.perf_counter()
-        running = max((self._batch_seconds - (now - t) for t in self._started.values()), default=0)
-        waves = math.ceil((self.waiting + images) / self.max_batch)
-        return max(0.0, running) + waves * self._batch_seconds / self._max_inflight
+        running = max(
+            (self.costs.cost(n) - (now - t) for t, n in self._started.values()), default=0.0
+        )
+        full, rest = divmod(self.waiting + images, self.max_batch)
+        last = 0.0
+        if rest:
+            waits = bool(self._started) or full > 0
+            last = self.costs.cost(self.max_batch if waits else rest)
+        ahead = (full * self.costs.cost(self.max_batch) + last) / self._max_inflight
+        return max(0.0, running) + ahead
 
     def admissible(self, images: int, deadline: float, extra_s: float = 0.0) -> None:
         """Raise unless a request of ``images`` images could be taken now: Overloaded (503 +
@@ -127,7 +170,7 @@ class Batcher:
         left = deadline - time.perf_counter()
         if wait * ADMISSION_SLACK <= left:
             return
-        alone = math.ceil(images / self.max_batch) * self._batch_seconds + extra_s
+        alone = self.costs.work_s(images) + extra_s
         if alone * ADMISSION_SLACK > left:  # not even an idle model: retrying cannot help
             raise DeadlineExceeded(
                 f"the request's deadline ({max(left, 0) * 1000:.0f} ms from now) is shorter "
@@ -207,7 +250,7 @@ class Batcher:
                 continue
             task = asyncio.create_task(self._run(batch))
             self._running.add(task)
-            self._started[task] = time.perf_counter()
+            self._started[task] = (time.perf_counter(), len(batch))
             task.add_done_callback(self._ran)
 
     async def _fill(self) -> None:
@@ -216,7 +259,7 @@ class Batcher:
         a batch costs: started without them, they would wait for a whole batch."""
         oldest = min(it.enqueued for it in self._pending)
         until = oldest + self.max_delay_s
-        coming_until = oldest + self._batch_seconds / 4
+        coming_until = oldest + self.costs.cost(self.max_batch) / 4
         while len(self._pending) < self.max_batch and not self._closing:
             remaining = (
                 max(until, coming_until) if self._reserved else until
@@ -271,10 +314,7 @@ class Batcher:
                 return
             finished = time.perf_counter()
             elapsed = finished - start
-            if self._measured:
-                self._batch_seconds += 0.2 * (elapsed - self._batch_seconds)
-            else:
-                self._batch_seconds, self._measured = elapsed, True
+            self.costs.observe(len(batch), elapsed)
             self._metrics.inference.labels(self.model, self._backend).observe(elapsed)
             self._metrics.batch_size.labels(self.model).observe(len(batch))
             for it, row in zip(batch, logits, strict=True):

@@ -200,7 +200,7 @@ class DataPlane:
             metrics=self.metrics,
             backend_name=self.backend.name,
             max_inflight=self.backend.max_inflight_batches,
-            batch_seconds=self.backend.warm_batch_seconds(spec),
+            warm_costs=self.backend.warm_costs(spec),
         )
 
     def start(self) -> None:

@@ -13,7 +13,12 @@ and buffers an unterminated header of any size.
 * a header size and count limit: more than ``max_header_bytes`` before the end of the
   headers, or more than ``max_headers`` header lines: 431 and close, the rest unread;
 * a connection limit: past ``max_connections`` open connections, 503 + Retry-After and
-  close at once.
+  close at once;
+* backpressure on a client that ignores Retry-After: after a 503 on a connection, its
+  next request is not read until a good part of the Retry-After has passed (at most
+  ``MAX_PAUSE_S``). The 503 itself goes out at once; a client that waits as asked never
+  notices; one that retries at once on the same connection cannot turn refusals into a
+  flood that starves the requests being served.
 
 Answers from here use the gateway's error envelope and are counted like every rejection.
 What an ingress in front adds (TLS, its own header/body timeouts, per-client rate limits)
@@ -25,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import http
 import json
+import random
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +38,9 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from service.errors import HeaderTooLarge, Overloaded, RequestTimeout, ServiceError
 from service.metrics import Metrics
+
+#: The longest a connection is left unread after a 503 (see the module's docstring).
+MAX_PAUSE_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -54,6 +63,8 @@ def guarded_protocol(limits: ConnectionLimits, metrics: Metrics) -> type[HttpToo
             self._header_bytes = 0
             self._header_count = 0
             self._refused = False
+            self._pause_s = 0.0  # after this response: its 503's Retry-After
+            self._rng = random.Random()
 
         # --- connection ---------------------------------------------------------------
 
@@ -100,6 +111,7 @@ def guarded_protocol(limits: ConnectionLimits, metrics: Metrics) -> type[HttpToo
                 self._refuse(HeaderTooLarge(f"more than {limits.max_headers} header lines"))
                 return
             super().on_headers_complete()
+            self._watch_status()
             self._arm(limits.body_idle_timeout_s, self._body_too_slow)
             self._body_deadline = self.loop.call_later(limits.body_timeout_s, self._body_too_slow)
 
@@ -114,6 +126,36 @@ def guarded_protocol(limits: ConnectionLimits, metrics: Metrics) -> type[HttpToo
                 return
             self._disarm()
             super().on_message_complete()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if self._pause_s and not self.transport.is_closing():
+                self.transport.pause_reading()
+                # A quarter to a half of it: a client that waits as asked (even with the
+                # usual -50% jitter) comes back after the pause and never notices it.
+                pause = min(self._pause_s, MAX_PAUSE_S) * self._rng.uniform(0.25, 0.5)
+                self.loop.call_later(pause, self._resume_reading)
+            self._pause_s = 0.0
+
+        def _resume_reading(self) -> None:
+            if not self.transport.is_closing():
+                self.transport.resume_reading()
+
+        def _watch_status(self) -> None:
+            """Note a 503's Retry-After as the response starts (the request's own cycle)."""
+            cycle = self.cycle
+            if cycle is None:
+                return
+            send = cycle.send
+
+            async def watched(message: Any) -> None:
+                if message["type"] == "http.response.start" and message["status"] == 503:
+                    for name, value in message.get("headers", ()):
+                        if name.lower() == b"retry-after":
+                            self._pause_s = float(value)
+                await send(message)
+
+            cycle.send = watched  # type: ignore[method-assign]
 
         # --- timers and refusals ------------------------------------------------------
 

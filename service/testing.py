@@ -67,9 +67,8 @@ class SlowBackend(Backend):
     async def start(self, specs: list[ModelSpec]) -> None:
         await self.inner.start(specs)
 
-    def warm_batch_seconds(self, spec: ModelSpec) -> float | None:
-        inner = self.inner.warm_batch_seconds(spec)
-        return None if inner is None else inner + self.delay_s
+    def warm_costs(self, spec: ModelSpec) -> dict[int, float]:
+        return {n: t + self.delay_s for n, t in self.inner.warm_costs(spec).items()}
 
     async def infer(self, spec: ModelSpec, batch: np.ndarray, timeout_s: float) -> np.ndarray:
         self.batches.append(len(batch))

@@ -23,10 +23,10 @@ class Backend(abc.ABC):
     #: How many batches of one model may be in the backend at once.
     max_inflight_batches: int = 1
 
-    def warm_batch_seconds(self, spec: ModelSpec) -> float | None:
-        """What a batch of ``max_batch_size`` took at warm-up, if the backend measured it
-        (the batcher's first estimate, before any live batch)."""
-        return None
+    def warm_costs(self, spec: ModelSpec) -> dict[int, float]:
+        """Seconds a batch of each size took at warm-up, for the sizes the backend timed
+        (the batcher's estimates before any live batch)."""
+        return {}
 
     @abc.abstractmethod
     async def start(self, specs: list[ModelSpec]) -> None:

@@ -46,7 +46,7 @@ class OnnxRuntimeBackend(Backend):
         # Threads that call session.run (the GIL is released while ORT computes).
         self._executors: dict[str, ThreadPoolExecutor] = {}
         self._ready = False
-        self._warm: dict[str, float] = {}
+        self._warm: dict[str, dict[int, float]] = {}
 
     def _open(self, spec: ModelSpec) -> ort.InferenceSession:
         opts = ort.SessionOptions()
@@ -70,16 +70,18 @@ class OnnxRuntimeBackend(Backend):
         )
         if problems:
             raise RepositoryError(f"model {spec.name!r}: " + "; ".join(problems))
-        # Warm-up: first runs allocate arenas and pick kernels; the last one, timed, is what
-        # a full batch costs.
-        for n in (1, spec.max_batch_size, spec.max_batch_size):
+        # Warm-up: first runs allocate arenas and pick kernels; second runs, timed, are what
+        # a batch of 1 and a full batch cost.
+        sizes = sorted({1, spec.max_batch_size})
+        costs = self._warm.setdefault(spec.name, {})
+        for n in (*sizes, *sizes):
             start = time.perf_counter()
             session.run([c.output_name], {c.input_name: np.zeros((n, *c.input_shape), np.float32)})
-        self._warm[spec.name] = time.perf_counter() - start
+            costs[n] = time.perf_counter() - start
         return session
 
-    def warm_batch_seconds(self, spec: ModelSpec) -> float | None:
-        return self._warm.get(spec.name)
+    def warm_costs(self, spec: ModelSpec) -> dict[int, float]:
+        return dict(self._warm.get(spec.name, {}))
 
     async def start(self, specs: list[ModelSpec]) -> None:
         loop = asyncio.get_running_loop()

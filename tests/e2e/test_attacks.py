@@ -258,25 +258,27 @@ def test_connections_past_the_limit_are_refused_at_once(gw):
     wait_until(lambda: httpx.get(gw.url + "/healthz").status_code == 200, 5, "not serving")
 
 
-def load(url: str, body, clients: int, seconds: float) -> dict:
-    """A closed loop of well-behaved clients (they wait Retry-After, jittered) from another
-    process."""
+def load(url: str, body, clients: int, seconds: float, polite: bool = True) -> dict:
+    """A closed loop from another process, of clients that wait Retry-After (jittered), or
+    (``polite=False``) retry at once."""
     proc = subprocess.run(
         [sys.executable, "-m", "deploy.loadgen", "--url", url, "--body", str(body),
          "--content-type", "image/png", "--clients", str(clients), "--seconds", str(seconds),
-         "--honor-retry-after"],
+         *(["--honor-retry-after"] if polite else [])],
         capture_output=True, text=True, timeout=seconds + 60, check=True, cwd=ROOT,
     )  # fmt: skip
     return json.loads(proc.stdout)
 
 
-def test_overload_keeps_goodput_and_refuses_in_milliseconds(tiny, tmp_path):
+@pytest.mark.parametrize("polite", [True, False], ids=["retry-after", "no-backoff"])
+def test_overload_keeps_goodput_and_refuses_in_milliseconds(tiny, tmp_path, polite):
     """Was: 256 / 512 / 1,024 clients got 6.6 / 3.5 / 3.7 img/s of a ~20 img/s replica;
     503s took seconds; accepted requests answered 504 or 200 after their deadline.
 
     Here one batch of at most 4 images costs 0.2 s (20 img/s), each request has 1 s, so
     about 20 requests can be served within their deadline at a time; 100 closed-loop
-    clients that retry at once are 5x that."""
+    clients are 5x that; they wait Retry-After, or retry at once (the connection is then
+    not read until part of Retry-After has passed: service/http_guard.py)."""
     settings = Settings(
         repository=tiny.repository,
         max_batch_size=4,
@@ -292,7 +294,7 @@ def test_overload_keeps_goodput_and_refuses_in_milliseconds(tiny, tmp_path):
         registry = gw.runtime.metrics.registry
         load(url, body, 4, 1.0)  # warm-up
         before = registry.get_sample_value("resnet_serve_requests_total", labels)
-        result = load(url, body, 100, 5.0)  # from another process: its own GIL
+        result = load(url, body, 100, 5.0, polite)  # from another process: its own GIL
         served = registry.get_sample_value("resnet_serve_requests_total", labels) - before
     ok, refused = result["latencies_s"].get("200", []), result["latencies_s"].get("503", [])
     goodput = len(ok) / result["duration_s"]
@@ -300,8 +302,13 @@ def test_overload_keeps_goodput_and_refuses_in_milliseconds(tiny, tmp_path):
         f"goodput {goodput:.1f} req/s of 20; 503 p50 {statistics.median(refused) * 1000:.1f} ms; "
         f"accepted p99 {ok[int(0.99 * len(ok))] * 1000:.0f} ms; statuses {result['statuses']}"
     )
-    assert set(result["statuses"]) <= {"200", "503"}, result["statuses"]  # admitted = finished
+    # No 504: every admitted request was answered within its deadline (the server answers
+    # 504 at the deadline otherwise).
+    assert set(result["statuses"]) <= {"200", "503"}, result["statuses"]
     assert goodput >= 0.8 * 20
-    assert statistics.median(refused) < 0.01
-    assert max(ok) < 1.0 + 0.25  # within the deadline (plus the client's own overhead)
     assert served == len(ok)  # what the client got is what the server counted
+    if polite:  # else the client's clock includes the pause it is made to take
+        assert statistics.median(refused) < 0.01
+        assert max(ok) < 1.0 + 0.25  # the deadline, plus the client's own overhead
+    else:  # each connection is read again only after part of its Retry-After: no flood
+        assert len(refused) < 100 * 5.0 / 0.15, len(refused)  # ~20,000 without it
