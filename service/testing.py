@@ -152,6 +152,16 @@ class GatewayProcess:
         return self.proc.returncode
 
 
+def scrape(url: str, sample: str) -> float:
+    """One sample of a gateway's /metrics (``name{labels}``, as exposed), 0 if absent."""
+    import httpx
+
+    for line in httpx.get(url + "/metrics").text.splitlines():
+        if line.startswith(sample + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
 def rss_mb(pid: int) -> float:
     """Resident memory of a process (Linux)."""
     with open(f"/proc/{pid}/status") as fh:

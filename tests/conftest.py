@@ -80,6 +80,19 @@ TINY_LABELS = [
 ]  # fmt: skip
 
 
+TINY_CONTRACT = PreprocessContract(
+    arch="tiny",
+    input_name="input",
+    output_name="logits",
+    channels="RGB",
+    resize=36,
+    crop=32,
+    mean=(0.485, 0.456, 0.406),
+    std=(0.229, 0.224, 0.225),
+    num_classes=10,
+)
+
+
 @dataclass(frozen=True)
 class Tiny:
     """A ResNet of a few kB (random weights, 10 classes, RGB 32x32): every transport test
@@ -132,25 +145,13 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Tiny:
     from export.models import BasicBlock, ResNet
     from export.pipeline import export_and_publish
     from export.repository import ServingConfig
-    from export.weights import IMAGENET_MEAN, IMAGENET_STD
 
     base = tmp_path_factory.mktemp("tiny")
     torch.manual_seed(0)
     model = ResNet(BasicBlock, (1, 1, 1, 1), num_classes=10, channels=(4, 8, 8, 8))
-    contract = PreprocessContract(
-        arch="tiny",
-        input_name="input",
-        output_name="logits",
-        channels="RGB",
-        resize=36,
-        crop=32,
-        mean=IMAGENET_MEAN,
-        std=IMAGENET_STD,
-        num_classes=10,
-    )
     export_and_publish(
         model=model,
-        contract=contract,
+        contract=TINY_CONTRACT,
         labels=TINY_LABELS,
         name="tiny",
         repository=base / "repo",

@@ -19,7 +19,14 @@ from PIL import Image
 
 from service.backends.onnxruntime import OnnxRuntimeBackend
 from service.settings import Settings
-from service.testing import GatewayProcess, SlowBackend, ThreadedGateway, rss_mb, wait_until
+from service.testing import (
+    GatewayProcess,
+    SlowBackend,
+    ThreadedGateway,
+    rss_mb,
+    scrape,
+    wait_until,
+)
 from tests.conftest import ROOT, image_bytes, slow_to_decode
 
 PNG = {"content-type": "image/png"}
@@ -41,13 +48,6 @@ def gw(two_models, tmp_path_factory):
     )
     yield gw
     gw.stop()
-
-
-def metric(url: str, sample: str) -> float:
-    for line in httpx.get(url + "/metrics").text.splitlines():
-        if line.startswith(sample + " "):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
 
 
 def other_model_latency(url: str) -> float:
@@ -79,7 +79,7 @@ def test_a_bomb_batch_is_answered_at_its_deadline_and_spares_the_other_model(gw)
     """Was: 64 in-limit 36 MP PNGs with a 2 s timeout were answered after 15 s, another
     model's request waited 14.5 s behind them, RSS went to 2.8 GB and stayed."""
     baseline = rss_mb(gw.proc.pid)
-    decoded_before = metric(gw.url, 'resnet_serve_preprocess_seconds_count{model="tiny"}')
+    decoded_before = scrape(gw.url, 'resnet_serve_preprocess_seconds_count{model="tiny"}')
     bombs = [("file", (f"{n}.png", slow_to_decode(), "image/png")) for n in range(8)]
     with ThreadPoolExecutor(1) as pool:
         t0 = time.perf_counter()
@@ -92,7 +92,7 @@ def test_a_bomb_batch_is_answered_at_its_deadline_and_spares_the_other_model(gw)
         )
         wait_until(
             lambda: (
-                metric(gw.url, 'resnet_serve_preprocess_seconds_count{model="tiny"}')
+                scrape(gw.url, 'resnet_serve_preprocess_seconds_count{model="tiny"}')
                 > decoded_before
                 or bomb.done()
             ),
@@ -106,7 +106,7 @@ def test_a_bomb_batch_is_answered_at_its_deadline_and_spares_the_other_model(gw)
     assert elapsed < 1.6, elapsed  # the deadline (1 s) plus upload and one decode in flight
     assert other < 1.0, other  # behind at most the decodes running, not the whole batch
     # Images whose deadline had passed were never decoded.
-    decoded = metric(gw.url, 'resnet_serve_preprocess_seconds_count{model="tiny"}')
+    decoded = scrape(gw.url, 'resnet_serve_preprocess_seconds_count{model="tiny"}')
     assert decoded - decoded_before < 8
     # Memory comes back (arenas capped, large images followed by malloc_trim).
     wait_until(lambda: rss_mb(gw.proc.pid) < baseline + 150, 10, "RSS did not come back")
@@ -176,7 +176,7 @@ def test_slow_headers_and_slow_bodies_are_cut_off(gw):
     """Was: 250 connections dribbling headers or a body at 1 byte/s were held for 75 s."""
     head = b"POST /v1/models/tiny/classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
     body_first = head + b"Content-Length: 1000\r\n\r\n"
-    timed_out = metric(gw.url, 'resnet_serve_rejections_total{reason="request_timeout"}')
+    timed_out = scrape(gw.url, 'resnet_serve_rejections_total{reason="request_timeout"}')
     with ThreadPoolExecutor(20) as pool:
         headers = [pool.submit(_dribble, gw.url, b"", head * 100, 0.2, 10) for _ in range(10)]
         # Whole headers at once, then a body a byte every 0.5 s: never idle for 1 s, but
@@ -194,7 +194,7 @@ def test_slow_headers_and_slow_bodies_are_cut_off(gw):
     assert during < 1.0
     wait_until(
         lambda: (
-            metric(gw.url, 'resnet_serve_rejections_total{reason="request_timeout"}')
+            scrape(gw.url, 'resnet_serve_rejections_total{reason="request_timeout"}')
             >= timed_out + 15
         ),
         5,

@@ -18,7 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service.grpc import classifier_pb2 as pb
 from service.grpc import classifier_pb2_grpc as pbg
-from service.testing import GatewayProcess, rss_mb, wait_until
+from service.testing import GatewayProcess, rss_mb, scrape, wait_until
 from tests.conftest import image_bytes, run_cli
 
 PNG = {"content-type": "image/png"}
@@ -30,13 +30,6 @@ def tiny_server(tiny, tmp_path_factory):
     gw = GatewayProcess.start(log, "--repository", str(tiny.repository), grpc=True)
     yield gw
     gw.stop()
-
-
-def _metric(url: str, name: str) -> float:
-    for line in httpx.get(url + "/metrics").text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
 
 
 def _classify_files(url: str, batch: list) -> list[int]:
@@ -74,7 +67,7 @@ def test_heldout_accuracy_over_http_matches_pytorch(server, demo):
 def test_oversized_body_is_refused_before_it_is_sent(tiny_server, path):
     """Content-Length over the limit: 413 in the route's dialect, while no body was sent."""
     host, port = tiny_server.url.removeprefix("http://").split(":")
-    before = _metric(tiny_server.url, 'resnet_serve_rejections_total{reason="payload_too_large"}')
+    before = scrape(tiny_server.url, 'resnet_serve_rejections_total{reason="payload_too_large"}')
     with socket.create_connection((host, int(port)), timeout=5) as sock:
         sock.sendall(
             f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
@@ -90,7 +83,7 @@ def test_oversized_body_is_refused_before_it_is_sent(tiny_server, path):
         assert body["code"] == "payload_too_large" and "limit" in body["error"]
     else:
         assert body["error"]["code"] == "payload_too_large"
-    after = _metric(tiny_server.url, 'resnet_serve_rejections_total{reason="payload_too_large"}')
+    after = scrape(tiny_server.url, 'resnet_serve_rejections_total{reason="payload_too_large"}')
     assert after == before + 1
 
 
@@ -104,7 +97,7 @@ def test_client_gone_mid_body_is_counted_as_such_not_as_a_500(tiny_server):
                 b"Content-Length: 100000\r\n\r\n" + b"\x89PNG" * 10
             )
     wait_until(
-        lambda: _metric(url, 'resnet_serve_rejections_total{reason="client_closed"}') >= 3,
+        lambda: scrape(url, 'resnet_serve_rejections_total{reason="client_closed"}') >= 3,
         10,
         "client_closed not counted",
     )

@@ -15,21 +15,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from service.contract import PreprocessContract
 from service.errors import InvalidImage, PayloadTooLarge, UnsupportedMediaType
 from service.preprocess import DecodeLimits, preprocess
+from tests.conftest import TINY_CONTRACT
 
-CONTRACT = PreprocessContract(
-    arch="fuzz",
-    input_name="input",
-    output_name="logits",
-    channels="RGB",
-    resize=36,
-    crop=32,
-    mean=(0.5, 0.5, 0.5),
-    std=(0.25, 0.25, 0.25),
-    num_classes=2,
-)
+CONTRACT = TINY_CONTRACT
 #: Small enough that a forged header cannot make one example slow.
 LIMITS = DecodeLimits(max_pixels=2_000_000)
 CLIENT_ERRORS = (InvalidImage, PayloadTooLarge, UnsupportedMediaType)
