@@ -13,7 +13,7 @@ PORT ?= 8000
 # without its dependencies: we need only the binary, not pytriton's Python API.
 PYTRITON := nvidia-pytriton==0.7.0
 
-.PHONY: help setup serve demo test lint bench docs proto clean
+.PHONY: help setup serve demo test lint bench fuzz docs proto clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -47,6 +47,9 @@ lint: setup ## ruff + mypy
 
 bench: setup ## measure the gateway against bare ONNX Runtime (see README)
 	$(BIN)/python -m deploy.bench
+
+fuzz: setup ## fuzz the image path for longer than make test does (minutes)
+	FUZZ_EXAMPLES=20000 FUZZ_RUNS=200000 $(BIN)/python -m pytest -q -m fuzz
 
 docs: setup ## regenerate README's settings table from service/settings.py
 	$(BIN)/python -m deploy.settings_doc

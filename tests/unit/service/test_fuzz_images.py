@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from tests.fuzz.images import REGRESSIONS, check, seeds
 
+pytestmark = pytest.mark.fuzz
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "150"))
 HARNESS = Path(__file__).resolve().parents[2] / "fuzz" / "atheris_images.py"
 SEEDS = seeds()
