@@ -9,7 +9,11 @@ same model file and the same machine, in this order:
    a 500x375 JPEG, and Poisson arrivals at half the bare model's throughput;
 4. the same 16 clients over the gateway's gRPC API (same process, same backend);
 5. the gateway with the Triton backend: a real tritonserver (CPU, python backend running
-   ORT on the same ONNX file), 16 REST clients.
+   ORT on the same ONNX file), 16 REST clients;
+6. INT8: the same network quantized by ``resnet-export export --precision int8`` (calibrated
+   on crops of real photographs; the gate reports only, since random weights have no
+   accuracy to keep): bare INT8 against bare FP32 at batch 8, and the gateway serving INT8
+   against bare INT8.
 
 Results print as a table and are written to ``bench-results.json``. Figures are reported as
 ratios to bare ORT from the same run, because the machines are shared and noisy.
@@ -56,8 +60,8 @@ def test_jpeg(width: int = 500, height: int = 375) -> bytes:
     return buf.getvalue()
 
 
-def export_model(repo: Path) -> None:
-    log("exporting ResNet-50 (random weights) ...")
+def export_model(repo: Path, *args: str) -> None:
+    log(f"exporting ResNet-50 (random weights) {' '.join(args)} ...")
     subprocess.run(
         [
             str(BIN / "resnet-export"),
@@ -72,10 +76,82 @@ def export_model(repo: Path) -> None:
             str(repo),
             "--max-batch-size",
             "16",
+            *args,
         ],
         check=True,
         stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
+
+
+def calibration_images(folder: Path, count: int = 32) -> Path:
+    """Crops of scikit-learn's two photographs, as JPEG files: real image statistics."""
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    photos = [Image.open(f).convert("RGB") for f in load_sample_images().filenames]
+    for n in range(count):
+        img = photos[n % len(photos)]
+        side = int(rng.integers(200, min(img.size)))
+        x, y = (int(rng.integers(0, d - side)) for d in img.size)
+        img.crop((x, y, x + side, y + side)).save(folder / f"{n}.jpg", quality=90)
+    return folder
+
+
+def bench_int8(root: Path, body: bytes, seconds: float, bare8_fp32: float) -> dict[str, Any]:
+    repo = root / "int8"
+    calib = calibration_images(root / "calibration")
+    export_model(
+        repo,
+        "--precision",
+        "int8",
+        "--calibration-dir",
+        str(calib),
+        "--calibration-method",
+        "minmax",  # the fastest to calibrate; speed does not depend on the method
+        "--min-agreement",
+        "0",
+    )
+    onnx_path = repo / NAME / "1" / "model.onnx"
+    log("bare ONNX Runtime, INT8 ...")
+    bare1 = bare_ort(onnx_path, 1, seconds / 2)
+    bare8 = bare_ort(onnx_path, 8, seconds)
+    log(f"  batch 1: {bare1:.1f} img/s, batch 8: {bare8:.1f} img/s")
+    gw = start_gateway(repo)
+    url = f"{gw.url}/v1/models/{NAME}/classify?top_k=5"
+    try:
+        asyncio.run(closed_loop(url, body, "image/jpeg", 16, 3))
+        log("gateway INT8, 16 clients ...")
+        r16 = asyncio.run(closed_loop(url, body, "image/jpeg", 16, seconds))
+        log(f"  {r16.summary()}")
+    finally:
+        gw.stop()
+    return {
+        "bare_batch1_images_per_s": round(bare1, 2),
+        "bare_batch8_images_per_s": round(bare8, 2),
+        "bare_int8_vs_fp32_batch8": round(bare8 / bare8_fp32, 3),
+        "gateway_clients16": r16.summary(),
+        "gateway_vs_bare_int8_batch8": round(r16.images_per_s / bare8, 3),
+    }
+
+
+def cpu_flags() -> str:
+    """What decides INT8 speed on x86: VNNI (AVX-512 or AVX) or only AVX2."""
+    try:
+        flags = next(
+            line
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("flags")
+        ).split()
+    except (OSError, StopIteration):
+        return "unknown"
+    if "avx512_vnni" in flags:
+        return "AVX-512 VNNI"
+    if "avx_vnni" in flags:
+        return "AVX-VNNI"
+    return "AVX2 (no VNNI)" if "avx2" in flags else "no AVX2"
 
 
 def bare_ort(onnx_path: Path, batch: int, seconds: float) -> float:
@@ -214,7 +290,7 @@ def overload(
 
 
 def run(seconds: float, out: Path, triton: bool = True) -> dict[str, Any]:
-    results: dict[str, Any] = {"machine": {"cpus": os.cpu_count()}}
+    results: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "isa": cpu_flags()}}
     with tempfile.TemporaryDirectory(prefix="resnet-bench-") as tmp:
         repo = Path(tmp)
         export_model(repo)
@@ -265,6 +341,7 @@ def run(seconds: float, out: Path, triton: bool = True) -> dict[str, Any]:
         }
         if triton:
             results["gateway_rest_triton"] = bench_triton(repo, body, seconds, bare8)
+        results["int8"] = bench_int8(Path(tmp) / "q", body, seconds, bare8)
     out.write_text(json.dumps(results, indent=2) + "\n")
     return results
 
@@ -360,6 +437,21 @@ def table(results: dict[str, Any]) -> str:
                 "  latency p50 / p99, 16 clients",
                 f"{t['clients16']['p50_ms']} / {t['clients16']['p99_ms']} ms",
                 "",
+            ),
+        ]
+    if "int8" in results:
+        q = results["int8"]
+        rows += [
+            (
+                f"bare ONNX Runtime INT8, batch 1 / 8 ({results['machine']['isa']})",
+                f"{q['bare_batch1_images_per_s']:.1f} / {q['bare_batch8_images_per_s']:.1f} img/s",
+                f"{q['bare_int8_vs_fp32_batch8']:.2f}x (INT8 vs FP32)",
+            ),
+            (
+                "gateway REST serving INT8, 16 clients",
+                f"{q['gateway_clients16']['images_per_s']:.1f} img/s; p50 / p99 "
+                f"{q['gateway_clients16']['p50_ms']} / {q['gateway_clients16']['p99_ms']} ms",
+                f"{q['gateway_vs_bare_int8_batch8']:.2f}x bare INT8",
             ),
         ]
     rows += [

@@ -11,14 +11,19 @@ import enum
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from pydantic import ValidationError
 
 from export.errors import ExportError
+from export.gate import DEFAULT_MIN_AGREEMENT
+from export.quantize import DEFAULT_CALIBRATION_COUNT
 from service.cli_base import fail, make_app
-from service.contract import ContractError, describe_validation_error
+from service.contract import ContractError, PreprocessContract, describe_validation_error
+
+if TYPE_CHECKING:
+    from export.pipeline import Images, PrecisionPlan
 
 app = make_app(
     "resnet-export",
@@ -40,6 +45,30 @@ class InterpOpt(enum.StrEnum):
     nearest = "nearest"
     bilinear = "bilinear"
     bicubic = "bicubic"
+
+
+class WeightsKeyOpt(enum.StrEnum):
+    auto = "auto"
+    model = "model"
+    model_ema = "model_ema"
+    state_dict = "state_dict"
+
+
+class PrecisionOpt(enum.StrEnum):
+    fp32 = "fp32"
+    fp16 = "fp16"
+    int8 = "int8"
+
+
+class CalibrationOpt(enum.StrEnum):
+    percentile = "percentile"
+    minmax = "minmax"
+    entropy = "entropy"
+
+
+class FormatOpt(enum.StrEnum):
+    onnx = "onnx"
+    tensorrt = "tensorrt"
 
 
 class KindOpt(enum.StrEnum):
@@ -111,6 +140,25 @@ QueueDelayOpt = Annotated[
 InstanceCountOpt = Annotated[
     int, typer.Option(min=1, max=64, help="Triton instance_group count (model copies).")
 ]
+PrecisionOption = Annotated[
+    PrecisionOpt,
+    typer.Option(
+        help="fp32; int8: calibrated static quantization (QDQ, per-channel weights), the "
+        "CPU speed-up (2-3x on VNNI CPUs); fp16: FP16 weights and compute with FP32 inputs "
+        "and outputs, for GPU backends. Reduced precision is published only if it passes "
+        "the accuracy gate (--min-agreement)."
+    ),
+]
+MinAgreementOpt = Annotated[
+    float,
+    typer.Option(
+        min=0,
+        max=100,
+        help="Accuracy gate: the minimum top-1 agreement (percent) of a reduced-precision "
+        "model with the FP32 model on held-out images; 0 reports without refusing "
+        "(benchmarks on untrained weights).",
+    ),
+]
 InstanceKindOpt = Annotated[
     KindOpt,
     typer.Option(
@@ -171,6 +219,62 @@ def export(
     instance_kind: InstanceKindOpt = KindOpt.auto,
     flavor: FlavorOption = FlavorOpt.onnxruntime,
     opset: Annotated[int, typer.Option(help="ONNX opset (13-21).")] = 17,
+    weights_key: Annotated[
+        WeightsKeyOpt,
+        typer.Option(
+            help="Which weights of a training checkpoint to export. auto: the 'model' entry "
+            "(what torchvision's reference script evaluates unless told --model-ema), else "
+            "'state_dict', else the file itself; model_ema: the EMA weights (torchvision's "
+            "published V2 weights are EMA weights)."
+        ),
+    ] = WeightsKeyOpt.auto,
+    sample_images: Annotated[
+        Path | None,
+        typer.Option(
+            help="A folder of your own images: the parity check and the accuracy gate also "
+            "run on them (preprocessed by the model's contract)."
+        ),
+    ] = None,
+    precision: PrecisionOption = PrecisionOpt.fp32,
+    calibration_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="INT8: real images to calibrate on (any format the gateway accepts; "
+            "corrupt files are skipped). 20% are held apart for the accuracy gate unless "
+            "--sample-images is given."
+        ),
+    ] = None,
+    calibration_count: Annotated[
+        int, typer.Option(min=1, max=100_000, help="INT8: images to calibrate on, at most.")
+    ] = DEFAULT_CALIBRATION_COUNT,
+    calibration_method: Annotated[
+        CalibrationOpt,
+        typer.Option(
+            help="INT8 activation ranges. percentile (99.999th of |x|): robust to the rare "
+            "large ReLU activations that minmax spends the 256 levels on; entropy: "
+            "TensorRT's KL method, slower."
+        ),
+    ] = CalibrationOpt.percentile,
+    min_agreement: MinAgreementOpt = DEFAULT_MIN_AGREEMENT,
+    symmetric_int8: Annotated[
+        bool,
+        typer.Option(
+            "--symmetric-int8",
+            help="INT8: symmetric int8 activations, as TensorRT requires (implied by --format "
+            "tensorrt); without it, uint8 activations, ONNX Runtime's fast path on x86.",
+        ),
+    ] = False,
+    format: Annotated[
+        FormatOpt,
+        typer.Option(
+            "--format",
+            help="tensorrt: also build a TensorRT plan on this machine's GPU (needs TensorRT "
+            "and an NVIDIA GPU) and configs/tensorrt.pbtxt; see `resnet-export tensorrt-job`.",
+        ),
+    ] = FormatOpt.onnx,
+    timing_cache: Annotated[
+        Path | None, typer.Option(help="TensorRT timing cache file (read and updated).")
+    ] = None,
 ) -> None:
     """Export a trained ResNet to ONNX, verify it against PyTorch, and publish a new version."""
     with _errors():
@@ -185,6 +289,7 @@ def export(
         check_name(name)
         if not MIN_OPSET <= opset <= MAX_OPSET:
             raise ExportError(f"--opset must be between {MIN_OPSET} and {MAX_OPSET}, got {opset}")
+        _check_precision_options(precision, calibration_dir, format, flavor)
         in_chans = 3 if channels == ChannelsOpt.RGB else 1
         model = build_model(arch, num_classes=num_classes, in_chans=in_chans)
         class_names = (
@@ -217,7 +322,7 @@ def export(
         if weights == "random":
             typer.echo("weights: random (untrained; for benchmarks only)")
         else:
-            loaded = load_weights(model, arch, weights)
+            loaded = load_weights(model, arch, weights, weights_key.value)
             contract = contract.model_copy(update={"source_sha256": loaded.sha256})
             typer.echo(f"weights: {weights} (sha256 {loaded.sha256[:12]}...)")
         serving = ServingConfig(
@@ -237,9 +342,131 @@ def export(
             opset=opset,
             real_images=real_images(),
             source=weights,
+            sample=_folder(sample_images, contract, "--sample-images"),
+            plan=_precision_plan(
+                contract,
+                precision,
+                calibration_dir,
+                calibration_count,
+                calibration_method,
+                sample_images,
+                min_agreement,
+                format == FormatOpt.tensorrt,
+                symmetric_int8 or format == FormatOpt.tensorrt,
+                timing_cache,
+            ),
             log=typer.echo,
         )
         typer.echo(f"report: {result.model_dir / str(result.version) / 'export_report.json'}")
+
+
+def _check_tensorrt_int8(version_dir: Path) -> None:
+    """TensorRT takes only symmetric INT8: a graph quantized for ONNX Runtime's uint8 CPU
+    kernels cannot become an engine."""
+    import json
+
+    from service.repository import REPORT_FILENAME
+
+    report = json.loads((version_dir / REPORT_FILENAME).read_text())
+    activations = report.get("quantization", {}).get("activations", "")
+    if activations.startswith("uint8"):
+        raise ExportError(
+            f"{version_dir} is INT8 with uint8 activations (ONNX Runtime's CPU kernels); "
+            "TensorRT takes symmetric INT8 only: re-export with --symmetric-int8"
+        )
+
+
+def _warn(message: str) -> None:
+    typer.echo(f"resnet-export: {message}", err=True)
+
+
+def _check_precision_options(
+    precision: PrecisionOpt, calibration_dir: Path | None, fmt: FormatOpt, flavor: FlavorOpt
+) -> None:
+    """Option combinations that cannot work, refused before any heavy work."""
+    if precision == PrecisionOpt.int8 and calibration_dir is None:
+        raise ExportError("--precision int8 needs --calibration-dir DIR (real images)")
+    if precision != PrecisionOpt.int8 and calibration_dir is not None:
+        raise ExportError("--calibration-dir is used only with --precision int8")
+    if fmt == FormatOpt.tensorrt:
+        if flavor != FlavorOpt.onnxruntime:
+            raise ExportError("--format tensorrt needs --flavor onnxruntime (NVIDIA's Triton)")
+        from export.tensorrt import unavailable_reason
+
+        reason = unavailable_reason()
+        if reason:
+            raise ExportError(
+                f"--format tensorrt: {reason}; `resnet-export tensorrt-job` writes the "
+                "Kubernetes Job that builds the engine on the GPU node instead"
+            )
+
+
+def _folder(
+    folder: Path | None, contract: PreprocessContract, option: str, count: int | None = None
+) -> Images | None:
+    from export.images import image_files, load_images, spread
+    from export.pipeline import Images
+
+    if folder is None:
+        return None
+    files = image_files(folder, option)
+    loaded = load_images(spread(files, count or len(files)), contract, option, _warn)
+    return Images(loaded.tensors, f"images from {folder}")
+
+
+def _precision_plan(
+    contract: PreprocessContract,
+    precision: PrecisionOpt,
+    calibration_dir: Path | None,
+    calibration_count: int,
+    method: CalibrationOpt,
+    sample_images: Path | None,
+    min_agreement: float,
+    tensorrt: bool,
+    symmetric_int8: bool,
+    timing_cache: Path | None,
+) -> PrecisionPlan:
+    from export.images import image_files, load_images, split_holdout, spread
+    from export.pipeline import Images, PrecisionPlan
+
+    calibration = validation = None
+    if calibration_dir is not None:
+        files = image_files(calibration_dir, "--calibration-dir")
+        separate = (
+            sample_images is not None and sample_images.resolve() != calibration_dir.resolve()
+        )
+        if separate:
+            held: list[Path] = []
+        else:
+            files, held = split_holdout(files, calibration_dir)
+            if not held:
+                raise ExportError(
+                    f"--calibration-dir {calibration_dir}: one file cannot both calibrate and "
+                    "check the model; add images or give --sample-images DIR"
+                )
+        picked = load_images(
+            spread(files, calibration_count),
+            contract,
+            "--calibration-dir",
+            _warn,
+            "reading calibration images",
+        )
+        calibration = Images(picked.tensors, f"images from {calibration_dir}")
+        if held:
+            kept = load_images(
+                held, contract, "--calibration-dir", _warn, "reading held-out images"
+            )
+            validation = Images(kept.tensors, f"held-out images from {calibration_dir}")
+    return PrecisionPlan(
+        precision=precision.value,
+        calibration=calibration,
+        validation=validation,
+        method=method.value,
+        min_agreement=min_agreement,
+        tensorrt=tensorrt,
+        symmetric_int8=symmetric_int8,
+        timing_cache=timing_cache,
+    )
 
 
 @app.command()
@@ -254,8 +481,13 @@ def demo(
     ] = None,
     max_batch_size: MaxBatchOpt = 32,
     max_queue_delay_us: QueueDelayOpt = 2000,
+    precision: PrecisionOption = PrecisionOpt.fp32,
+    min_agreement: MinAgreementOpt = DEFAULT_MIN_AGREEMENT,
 ) -> None:
-    """Train the demo model (ResNet-18 on scikit-learn's digits, offline); export as 'digits'."""
+    """Train the demo model (ResNet-18 on scikit-learn's digits, offline); export as 'digits'.
+
+    With --precision int8 it calibrates on the training digits and gates on the held-out ones.
+    """
     with _errors():
         from export.demo import run_demo
         from export.repository import ServingConfig
@@ -271,6 +503,8 @@ def demo(
                 max_queue_delay_us=max_queue_delay_us,
                 instance_kind="cpu",
             ),
+            precision=precision.value,
+            min_agreement=min_agreement,
             log=typer.echo,
         )
         acc = result.report["training"]["heldout_accuracy_torch"]
@@ -285,7 +519,7 @@ def validate(
     """Check every model: config parses, files exist, contract agrees with the ONNX graph."""
     with _errors():
         from export.repository import validate_repository
-        from service.repository import latest_version
+        from service.repository import load_spec
 
         models, problems = validate_repository(repository)
         for problem in problems:
@@ -294,7 +528,130 @@ def validate(
             raise typer.Exit(1)
         if not quiet:
             for model in models:
-                typer.echo(f"ok: {model} (version {latest_version(repository / model)})")
+                spec = load_spec(repository / model)
+                typer.echo(f"ok: {model} (version {spec.version}, {spec.precision})")
+
+
+@app.command()
+def evaluate(
+    images: Annotated[
+        Path, typer.Option(help="Labelled images, ImageFolder layout: DIR/<label>/<image>.")
+    ],
+    model: Annotated[str, typer.Option(help="NAME or NAME:VERSION (default: the newest).")],
+    repository: Annotated[
+        Path | None,
+        typer.Option(
+            "--repository",
+            "-r",
+            help="Model repository: the model evaluated in-process (the gateway's "
+            "preprocessing, ONNX Runtime), and the labels and contract --url's images are "
+            "checked against.",
+        ),
+    ] = None,
+    url: Annotated[
+        str | None,
+        typer.Option(help="Evaluate a running gateway at this base URL instead (REST /v1)."),
+    ] = None,
+    compare: Annotated[
+        str | None,
+        typer.Option(
+            "--compare",
+            help="Also report top-1 agreement with another VERSION of the model or with an "
+            "ONNX file (e.g. the FP32 export).",
+        ),
+    ] = None,
+    api_key: Annotated[
+        str | None, typer.Option(envvar="RESNET_API_KEY", help="API key for --url.")
+    ] = None,
+    output: Annotated[Path | None, typer.Option(help="Write the JSON report here.")] = None,
+) -> None:
+    """Top-1/top-5 accuracy and per-class errors of a model on labelled images."""
+    with _errors():
+        import json
+
+        from export.evaluate import evaluate as run
+
+        report = run(
+            images,
+            model,
+            repository=repository,
+            url=url,
+            compare_with=compare,
+            api_key=api_key,
+            log=_warn,
+        )
+        line = (
+            f"{report['model']}: top-1 {report['top1_accuracy_pct']:.2f}%, top-5 "
+            f"{report['top5_accuracy_pct']:.2f}% on {report['images']} images"
+        )
+        if "agreement" in report:
+            agreement = report["agreement"]
+            line += (
+                f"; top-1 agreement with {agreement['reference']} "
+                f"{agreement['top1_agreement_pct']:.2f}%"
+            )
+        typer.echo(line)
+        worst = sorted(report["per_class"].items(), key=lambda kv: kv[1]["top1_accuracy_pct"])
+        for label, entry in worst[:5]:
+            if entry["top1_errors"]:
+                typer.echo(
+                    f"  {label}: {entry['top1_errors']}/{entry['images']} wrong, mistaken for "
+                    + ", ".join(f"{k} ({v})" for k, v in entry["mistaken_for"].items())
+                )
+        if output is not None:
+            output.write_text(json.dumps(report, indent=2) + "\n")
+            typer.echo(f"report: {output}")
+
+
+@app.command("tensorrt-job")
+def tensorrt_job(
+    repository: RepositoryOpt,
+    model: Annotated[str, typer.Option(help="NAME or NAME:VERSION (default: the newest).")],
+    output: Annotated[
+        Path | None, typer.Option(help="Write the Kubernetes Job manifest here (YAML).")
+    ] = None,
+    claim: Annotated[
+        str, typer.Option(help="PersistentVolumeClaim holding the model repository.")
+    ] = "model-repository",
+    image: Annotated[str, typer.Option(help="TensorRT container image (has trtexec).")] = "",
+    namespace: Annotated[str | None, typer.Option(help="Namespace of the Job.")] = None,
+) -> None:
+    """Print the trtexec command that builds a published model's TensorRT engine, and write
+    a Kubernetes Job that runs it on a GPU node (engines are tied to the GPU they are built
+    on, so they are built where they will be served)."""
+    with _errors():
+        from export import tensorrt as trt
+        from export.evaluate import parse_model
+        from service.repository import RepositoryError, load_spec
+
+        name, version = parse_model(model)
+        try:
+            spec = load_spec(repository / name, version)
+        except RepositoryError as exc:
+            raise ExportError(f"model {name!r} in {repository}: {exc}") from None
+        _check_tensorrt_int8(spec.model_path.parent)
+        vdir = f"/models/{name}/{spec.version}"
+        argv = trt.trtexec_command(
+            f"{vdir}/model.onnx",
+            f"{vdir}/{trt.PLAN_FILENAME}",
+            spec.contract,
+            spec.max_batch_size,
+            spec.precision,
+        )
+        typer.echo(trt.shell_command(argv))
+        if output is not None:
+            job = trt.render_build_job(
+                name,
+                int(spec.version),
+                spec.contract,
+                spec.max_batch_size,
+                spec.precision,
+                repository_claim=claim,
+                image=image or trt.TRT_IMAGE,
+                namespace=namespace,
+            )
+            output.write_text(job)
+            typer.echo(f"job: {output}")
 
 
 @app.command()

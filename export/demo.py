@@ -22,8 +22,10 @@ from PIL import Image
 from torch import nn
 
 from export.errors import ExportError
+from export.gate import DEFAULT_MIN_AGREEMENT
 from export.models import build_model
-from export.pipeline import ExportResult, export_and_publish
+from export.pipeline import ExportResult, Images, PrecisionPlan, export_and_publish
+from export.quantize import DEFAULT_CALIBRATION_COUNT, Precision
 from export.repository import Flavor, ServingConfig, ensure_writable
 from service.contract import PreprocessContract
 from service.preprocess import preprocess
@@ -163,6 +165,8 @@ def run_demo(
     seed: int = 0,
     images_out: Path | None = None,
     serving: ServingConfig | None = None,
+    precision: Precision = "fp32",
+    min_agreement: float = DEFAULT_MIN_AGREEMENT,
     log: Callable[[str], None] = print,
 ) -> ExportResult:
     ensure_writable(repository)  # before a minute of training, not after
@@ -176,6 +180,18 @@ def run_demo(
         raise ExportError(
             f"demo model reached only {acc:.2%} held-out accuracy (< {MIN_ACCURACY:.0%})"
         )
+    # INT8 calibrates on training digits and is judged on the held-out ones, which the
+    # model has never seen in any form.
+    step = max(1, len(split.train_png) // DEFAULT_CALIBRATION_COUNT)
+    calibration = _tensors(split.train_png[::step][:DEFAULT_CALIBRATION_COUNT], contract)
+    plan = PrecisionPlan(
+        precision=precision,
+        calibration=Images(calibration.numpy(), "digits training images")
+        if precision == "int8"
+        else None,
+        validation=Images(_tensors(split.test_png, contract).numpy(), "held-out digits"),
+        min_agreement=min_agreement,
+    )
     result = export_and_publish(
         model=model,
         contract=contract,
@@ -187,6 +203,7 @@ def run_demo(
         opset=17,
         real_images=split.test_png[:64],
         source="resnet-export demo (sklearn digits)",
+        plan=plan,
         extra_report={
             "training": {
                 "dataset": "sklearn.datasets.load_digits",

@@ -7,20 +7,25 @@ through exactly the checks a production export does.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 import onnxruntime
 import torch
 from torch import nn
 
 from export.errors import ExportError
+from export.gate import DEFAULT_MIN_AGREEMENT, AgreementReport, compare, run_onnx
 from export.onnx_export import check_onnx, export_onnx, parity_check, preprocess_real
+from export.quantize import CalibrationMethod, Precision, convert_fp16, quantize_int8
 from export.repository import (
+    Engine,
     Flavor,
     Publication,
     ServingConfig,
@@ -29,6 +34,35 @@ from export.repository import (
     publish,
 )
 from service.contract import ContractError, PreprocessContract, read_labels
+
+
+@dataclass(frozen=True)
+class Images:
+    """Preprocessed images and where they came from (for the report)."""
+
+    tensors: np.ndarray
+    source: str
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+
+@dataclass(frozen=True)
+class PrecisionPlan:
+    """What to publish beside (or instead of) the FP32 graph, and the proof it needs.
+
+    ``validation`` are the images the gate judges by: the user's --sample-images, or the
+    share of --calibration-dir held apart from calibration; without either, the real
+    images of the parity check."""
+
+    precision: Precision = "fp32"
+    calibration: Images | None = None
+    validation: Images | None = None
+    method: CalibrationMethod = "percentile"
+    min_agreement: float = DEFAULT_MIN_AGREEMENT
+    tensorrt: bool = False
+    symmetric_int8: bool = False
+    timing_cache: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -77,12 +111,16 @@ def export_and_publish(
     opset: int,
     real_images: list[bytes],
     source: str,
+    sample: Images | None = None,
+    plan: PrecisionPlan | None = None,
     extra_report: dict[str, Any] | None = None,
     log: Callable[[str], None] = print,
 ) -> ExportResult:
-    """Export ``model`` to ONNX, prove it, and publish it as the next version of ``name``."""
+    """Export ``model`` to ONNX, prove it, reduce its precision as ``plan`` says (proving
+    that too), and publish the result as the next version of ``name``."""
     check_name(name)
     ensure_writable(repository)
+    plan = plan or PrecisionPlan()
     if len(labels) != contract.num_classes:
         raise ExportError(f"{len(labels)} labels for {contract.num_classes} classes")
     with tempfile.TemporaryDirectory(prefix="resnet-export-") as tmp:
@@ -91,10 +129,17 @@ def export_and_publish(
         export_onnx(model, contract, onnx_path, opset)
         check_onnx(onnx_path, contract)
         log("onnx.checker (full_check): PASS; tensors match the contract")
-        parity = parity_check(model, onnx_path, contract, preprocess_real(contract, real_images))
+        real = preprocess_real(contract, real_images)
+        if sample is not None:
+            real += list(sample.tensors)
+        parity = parity_check(model, onnx_path, contract, real)
         log(parity.summary())
         if not parity.passed:
             raise ExportError(f"not published: {parity.summary()}")
+        fallback = Images(np.stack(real), "parity images") if real else None
+        validation = plan.validation or sample or fallback
+        reduced = _reduce(onnx_path, contract, plan, validation, serving.max_batch_size, log)
+        contract = contract.model_copy(update={"precision": plan.precision})
         report: dict[str, Any] = {
             "name": name,
             "arch": contract.arch,
@@ -105,6 +150,7 @@ def export_and_publish(
             "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "onnx_checker": "pass",
             "parity": parity.as_dict(),
+            **reduced.report,
             "versions": {
                 "torch": torch.__version__,
                 "onnx": onnx.__version__,
@@ -112,8 +158,134 @@ def export_and_publish(
             },
             **(extra_report or {}),
         }
-        pub = Publication(name, contract, labels, onnx_path, flavor, serving, report)
+        pub = Publication(
+            name, contract, labels, reduced.onnx, flavor, serving, report, reduced.engine
+        )
         version = publish(repository, pub)
     model_dir = repository / name
     log(f"published {name} version {version} -> {model_dir}")
     return ExportResult(name, version, model_dir, {**report, "version": version})
+
+
+@dataclass(frozen=True)
+class Reduced:
+    onnx: Path
+    engine: Engine | None
+    report: dict[str, Any]
+
+
+def _reduce(
+    fp32: Path,
+    contract: PreprocessContract,
+    plan: PrecisionPlan,
+    validation: Images | None,
+    max_batch_size: int,
+    log: Callable[[str], None],
+) -> Reduced:
+    """The graph (and engine) to publish for ``plan``, each through the accuracy gate
+    against the FP32 graph on ``validation``."""
+    if plan.precision == "fp32" and not plan.tensorrt:
+        return Reduced(fp32, None, {})
+    if validation is None or not len(validation):
+        raise ExportError("no images to check the reduced-precision model on (--sample-images DIR)")
+    reference = run_onnx(fp32, contract, validation.tensors)
+    report: dict[str, Any] = {}
+    published = fp32
+    if plan.precision != "fp32":
+        published = fp32.with_name(f"model.{plan.precision}.onnx")
+        if plan.precision == "int8":
+            if plan.calibration is None:
+                raise ExportError("--precision int8 needs --calibration-dir DIR")
+            log(
+                f"quantizing to INT8: {plan.method} calibration on {len(plan.calibration)} "
+                f"{plan.calibration.source} ..."
+            )
+            settings = quantize_int8(
+                fp32,
+                published,
+                contract,
+                plan.calibration.tensors,
+                plan.method,
+                # TensorRT takes only symmetric INT8; ORT's fast x86 path is uint8.
+                symmetric_activations=plan.symmetric_int8 or plan.tensorrt,
+            )
+            settings["calibration_source"] = plan.calibration.source
+        else:
+            log("converting to FP16 (FP32 inputs and outputs) ...")
+            settings = convert_fp16(fp32, published)
+        check_onnx(published, contract)
+        report["quantization"] = settings
+        gate = _gate(
+            reference,
+            run_onnx(published, contract, validation.tensors),
+            plan,
+            plan.precision.upper(),
+            validation,
+            log,
+        )
+        report["accuracy_gate"] = gate.as_dict()
+    engine = None
+    if plan.tensorrt:
+        engine, outputs = _engine(fp32, published, contract, plan, validation, max_batch_size, log)
+        report["tensorrt"] = {
+            **json.loads(engine.manifest),
+            "accuracy_gate": _gate(
+                reference, outputs, plan, "TensorRT engine", validation, log
+            ).as_dict(),
+        }
+    return Reduced(published, engine, report)
+
+
+def _gate(
+    reference: np.ndarray,
+    candidate: np.ndarray,
+    plan: PrecisionPlan,
+    what: str,
+    validation: Images,
+    log: Callable[[str], None],
+) -> AgreementReport:
+    gate = compare(
+        reference,
+        candidate,
+        names=(what, "FP32"),
+        images_source=validation.source,
+        min_agreement_pct=plan.min_agreement,
+    )
+    log(gate.summary())
+    if not gate.passed:
+        raise ExportError(gate.refusal())
+    return gate
+
+
+def _engine(
+    fp32: Path,
+    published: Path,
+    contract: PreprocessContract,
+    plan: PrecisionPlan,
+    validation: Images,
+    max_batch_size: int,
+    log: Callable[[str], None],
+) -> tuple[Engine, np.ndarray]:
+    """Build the TensorRT plan (FP16 from the FP32 graph, INT8 from the QDQ graph: its
+    scales are the calibrated ones) and run it on the validation images."""
+    from export import tensorrt as trt
+
+    source = published if plan.precision == "int8" else fp32
+    plan_path = fp32.with_name(trt.PLAN_FILENAME)
+    log(f"building the TensorRT engine ({plan.precision}) on this GPU ...")
+    manifest = trt.build_engine(
+        source, plan_path, contract, max_batch_size, plan.precision, plan.timing_cache, log
+    )
+    step = min(8, max_batch_size)
+    outputs = np.concatenate(
+        [
+            trt.run_engine(
+                plan_path,
+                validation.tensors[i : i + step],
+                contract.input_name,
+                contract.output_name,
+            )
+            for i in range(0, len(validation), step)
+        ]
+    )
+    return Engine(plan_path, manifest.to_json()), outputs

@@ -158,6 +158,33 @@ def _link_tree(src: Path, dst: Path) -> None:
     shutil.copytree(src, dst, copy_function=link)
 
 
+def tensorrt_config(cfg: mc.ModelConfig) -> mc.ModelConfig:
+    """The TensorRT variant of an ONNX model's config: same tensors, batching and warm-up,
+    the plan file, GPU instances. Written as ``configs/tensorrt.pbtxt`` (Triton's custom
+    model configurations: ``tritonserver --model-config-name=tensorrt`` selects it, and a
+    server started without that flag serves the ONNX graph from config.pbtxt), so that
+    serving the engine is a deployment-time choice made where the GPU is known."""
+    from export.tensorrt import PLAN_FILENAME
+
+    trt = mc.ModelConfig()
+    trt.CopyFrom(cfg)
+    trt.ClearField("backend")
+    trt.ClearField("parameters")
+    trt.platform = "tensorrt_plan"
+    trt.default_model_filename = PLAN_FILENAME
+    for group in trt.instance_group:
+        group.kind = mc.ModelInstanceGroup.KIND_GPU
+    return trt
+
+
+@dataclass(frozen=True)
+class Engine:
+    """A TensorRT plan built for one GPU model and TensorRT version, and its manifest."""
+
+    plan: Path
+    manifest: str
+
+
 @dataclass
 class Publication:
     name: str
@@ -167,6 +194,7 @@ class Publication:
     flavor: Flavor
     serving: ServingConfig
     report: dict[str, Any]
+    engine: Engine | None = None
 
 
 def publish(repository: Path, pub: Publication) -> int:
@@ -174,7 +202,8 @@ def publish(repository: Path, pub: Publication) -> int:
     check_name(pub.name)
     if len(pub.labels) != pub.contract.num_classes:
         raise ExportError(f"{len(pub.labels)} labels for {pub.contract.num_classes} classes")
-    config_text = render_config(build_config(pub.name, pub.contract, pub.flavor, pub.serving))
+    config = build_config(pub.name, pub.contract, pub.flavor, pub.serving)
+    config_text = render_config(config)
     ensure_writable(repository)
     try:
         repository.mkdir(parents=True, exist_ok=True)
@@ -207,6 +236,17 @@ def publish(repository: Path, pub: Publication) -> int:
             (vdir / REPORT_FILENAME).write_text(json.dumps(report, indent=2) + "\n")
             (vdir / CONTRACT_FILENAME).write_text(pub.contract.to_json())
             (staging / CONFIG_FILENAME).write_text(config_text)
+            if pub.engine is not None:
+                # Only the newest version is served, so the TensorRT config exists only
+                # while the newest version has an engine (a later ONNX-only version drops it).
+                from export.tensorrt import MANIFEST_FILENAME, PLAN_FILENAME, TRT_CONFIG_NAME
+
+                shutil.copyfile(pub.engine.plan, vdir / PLAN_FILENAME)
+                (vdir / MANIFEST_FILENAME).write_text(pub.engine.manifest)
+                (staging / "configs").mkdir()
+                (staging / "configs" / f"{TRT_CONFIG_NAME}.pbtxt").write_text(
+                    render_config(tensorrt_config(config))
+                )
             (staging / LABELS_FILENAME).write_text("\n".join(pub.labels) + "\n", encoding="utf-8")
             problems = validate_model(staging, expected_name=pub.name)
             if problems:
@@ -277,7 +317,28 @@ def validate_model(model_dir: Path, expected_name: str | None = None) -> list[st
             )
             continue
         problems += [f"{name}: version {version}: {p}" for p in graph_problems(graph, contract)]
-    return problems
+    return problems + [f"{name}: {p}" for p in _engine_problems(model_dir)]
+
+
+def _engine_problems(model_dir: Path) -> list[str]:
+    """configs/tensorrt.pbtxt promises a plan in the newest version (the one Triton serves),
+    with the manifest that says which GPU and TensorRT it was built for."""
+    from export.tensorrt import MANIFEST_FILENAME, PLAN_FILENAME, TRT_CONFIG_NAME, EngineManifest
+
+    config = model_dir / "configs" / f"{TRT_CONFIG_NAME}.pbtxt"
+    newest = latest_version(model_dir)
+    if not config.is_file() or newest is None:
+        return []
+    vdir = model_dir / str(newest)
+    if not (vdir / PLAN_FILENAME).is_file():
+        return [
+            f"{config.relative_to(model_dir)} serves {PLAN_FILENAME}, missing in version {newest}"
+        ]
+    try:
+        EngineManifest.load(vdir / MANIFEST_FILENAME)
+    except ExportError as exc:
+        return [f"version {newest}: {exc}"]
+    return []
 
 
 def validate_repository(repository: Path) -> tuple[list[str], list[str]]:

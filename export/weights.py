@@ -1,22 +1,32 @@
 """Loading weights: torchvision-layout checkpoints from files or torchvision's weight names.
 
 A checkpoint never runs code: ``.pth``/``.pt`` files are read with
-``torch.load(weights_only=True)``, ``.safetensors`` with safetensors. A bare state_dict or a
-dict holding one under ``state_dict`` or ``model`` is accepted; a ``module.`` prefix
-(DataParallel / DDP) is stripped.
+``torch.load(weights_only=True)``, ``.safetensors`` with safetensors. The one non-tensor
+type let through is ``argparse.Namespace``, which torchvision's reference training script
+(references/classification/train.py) saves as ``args`` beside ``model``, ``model_ema``,
+``optimizer``, ``lr_scheduler`` and ``epoch``; it holds only the command line's values, and
+is allowed by name (``torch.serialization.safe_globals``), never by turning
+``weights_only`` off. A bare state_dict or a dict holding one under ``state_dict``,
+``model`` or ``model_ema`` is accepted (``WEIGHTS_KEYS``); a ``module.`` prefix
+(DataParallel / DDP / ``AveragedModel``) is stripped and EMA bookkeeping
+(``n_averaged``) dropped.
 """
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import os
 import pickle
+import re
 import tempfile
 import urllib.error
 import urllib.request
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -27,6 +37,17 @@ from service.errors import brief
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 TORCHVISION_URL = "https://download.pytorch.org/models/"
+#: Which weight set of a checkpoint to load (``--weights-key``). ``auto``: a training
+#: checkpoint's ``model`` entry (the weights torchvision's reference script evaluates with
+#: ``--resume --test-only`` unless it is also given ``--model-ema``), else its
+#: ``state_dict`` entry (Lightning and most other trainers), else the file itself.
+WeightsKey = Literal["auto", "model", "model_ema", "state_dict"]
+WEIGHTS_KEYS: tuple[WeightsKey, ...] = ("auto", "model", "model_ema", "state_dict")
+#: Non-tensor entries of a weight set that are bookkeeping, not weights
+#: (torch.optim.swa_utils.AveragedModel counts its updates in ``n_averaged``).
+_BOOKKEEPING = frozenset({"n_averaged"})
+#: The only Python types a checkpoint may hold besides tensors and plain containers.
+_SAFE_GLOBALS: list[Callable[..., Any] | tuple[Callable[..., Any], str]] = [argparse.Namespace]
 #: Overrides TORCHVISION_URL (a mirror, or a local server in tests).
 URL_ENV = "RESNET_EXPORT_WEIGHTS_URL"
 DOWNLOAD_TIMEOUT_S = 30.0
@@ -142,8 +163,8 @@ def download_torchvision(arch: str, name: str) -> tuple[Path, WeightSet]:
     return cached, ws
 
 
-def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
-    """Read a state_dict from ``path`` without executing anything it contains."""
+def read_checkpoint(path: Path, key: WeightsKey = "auto") -> dict[str, torch.Tensor]:
+    """Read the state_dict ``key`` picks from ``path`` without executing anything in it."""
     if not path.is_file():
         raise ExportError(f"checkpoint {path}: no such file")
     if path.suffix == ".safetensors":
@@ -158,12 +179,17 @@ def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
             ) from exc
     else:
         try:
-            raw = torch.load(path, map_location="cpu", weights_only=True)
+            with torch.serialization.safe_globals(_SAFE_GLOBALS):
+                raw = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as exc:
             if "Weights only load failed" in str(exc):
+                # torch names the refused type: "Unsupported global: GLOBAL pkg.Type ..."
+                found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+                what = f"a {found.group(1)} object" if found else "Python objects"
                 raise ExportError(
-                    f"checkpoint {path} holds Python objects other than tensors; "
-                    f"refusing to unpickle them (save a state_dict instead)"
+                    f"checkpoint {path} holds {what}, which is not a tensor, a plain value "
+                    f"or argparse.Namespace; refusing to unpickle it, since unpickling can "
+                    f"run code (save the model's state_dict instead)"
                 ) from exc
             raise ExportError(
                 f"checkpoint {path} is corrupt or truncated ({brief(exc, 160)})"
@@ -172,25 +198,42 @@ def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
             raise ExportError(
                 f"checkpoint {path} is corrupt or truncated ({brief(exc, 160)})"
             ) from exc
-    return _unwrap(raw, path)
+    return _unwrap(raw, path, key)
 
 
-def _unwrap(raw: object, path: Path) -> dict[str, torch.Tensor]:
-    if isinstance(raw, dict):
-        for key in ("state_dict", "model"):
-            inner = raw.get(key)
-            if isinstance(inner, dict):
-                raw = inner
-                break
+def _is_state_dict(value: object) -> bool:
+    return (
+        isinstance(value, dict)
+        and bool(value)
+        and all(isinstance(v, torch.Tensor) for v in value.values())
+    )
+
+
+def _unwrap(raw: object, path: Path, key: WeightsKey = "auto") -> dict[str, torch.Tensor]:
     if not isinstance(raw, dict) or not raw:
         raise ExportError(f"checkpoint {path} does not hold a state_dict")
-    state: dict[str, torch.Tensor] = {}
-    for key, value in raw.items():
-        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+    if key == "auto":
+        key = next((k for k in ("model", "state_dict") if isinstance(raw.get(k), dict)), key)
+    if key != "auto" and not (key == "state_dict" and _is_state_dict(raw)):
+        if not isinstance(raw.get(key), dict):
+            held = ", ".join(repr(k) for k in list(raw)[:8])
             raise ExportError(
-                f"checkpoint {path} does not hold a state_dict (entry {key!r} is not a tensor)"
+                f"checkpoint {path} has no {key!r} weight set (--weights-key); its entries: {held}"
             )
-        state[key.removeprefix("module.")] = value
+        raw = raw[key]
+    entries: dict[Any, Any] = raw  # type: ignore[assignment]
+    state: dict[str, torch.Tensor] = {}
+    for entry, value in entries.items():
+        name = entry.removeprefix("module.") if isinstance(entry, str) else entry
+        if name in _BOOKKEEPING:
+            continue
+        if not isinstance(name, str) or not isinstance(value, torch.Tensor):
+            raise ExportError(
+                f"checkpoint {path} does not hold a state_dict (entry {name!r} is not a tensor)"
+            )
+        state[name] = value
+    if not state:
+        raise ExportError(f"checkpoint {path} does not hold a state_dict")
     return state
 
 
@@ -229,13 +272,13 @@ def _some(items: list[str], limit: int = 6) -> str:
     return head + (f" (+{len(items) - limit} more)" if len(items) > limit else "")
 
 
-def load_weights(model: nn.Module, arch: str, spec: str) -> LoadedWeights:
+def load_weights(model: nn.Module, arch: str, spec: str, key: WeightsKey = "auto") -> LoadedWeights:
     """Load ``spec`` (a file path or ``torchvision:NAME``) into ``model``."""
     weight_set = None
     if spec.startswith("torchvision:"):
         path, weight_set = download_torchvision(arch, spec.split(":", 1)[1])
     else:
         path = Path(spec)
-    state = read_checkpoint(path)
+    state = read_checkpoint(path, key)
     apply_state_dict(model, state, f"checkpoint {path}")
     return LoadedWeights(state, sha256_file(path), str(spec), weight_set)

@@ -117,6 +117,12 @@ class Settings(BaseSettings):
         description="ONNX Runtime intra-op threads per batch (0: the cores divided "
         "by ORT_PARALLEL_BATCHES).",
     )
+    ort_providers: CommaList = Field(
+        default_factory=lambda: ["CPUExecutionProvider"],
+        description="ONNX Runtime execution providers, in order of preference, e.g. "
+        "CUDAExecutionProvider,CPUExecutionProvider (needs onnxruntime-gpu in place of "
+        "onnxruntime). One that is not available stops the gateway at start.",
+    )
     ort_parallel_batches: int = Field(
         1,
         ge=1,
@@ -143,7 +149,24 @@ class Settings(BaseSettings):
         "info", description="Log level of the gateway and uvicorn."
     )
 
-    @field_validator("models", "api_keys", mode="before")
+    @field_validator("ort_providers")
+    @classmethod
+    def _providers_available(cls, value: list[str]) -> list[str]:
+        import onnxruntime
+
+        available = onnxruntime.get_available_providers()
+        missing = [p for p in value if p not in available]
+        if missing:
+            raise ValueError(
+                f"{', '.join(missing)} not available in this onnxruntime "
+                f"{onnxruntime.__version__} (available: {', '.join(available)}); a GPU "
+                "provider needs the onnxruntime-gpu package in place of onnxruntime"
+            )
+        if not value:
+            raise ValueError("name at least one provider, e.g. CPUExecutionProvider")
+        return value
+
+    @field_validator("models", "api_keys", "ort_providers", mode="before")
     @classmethod
     def _split(cls, value: object) -> object:
         if isinstance(value, str):

@@ -13,6 +13,7 @@ def make_backend(settings: Settings) -> Backend:
         return OnnxRuntimeBackend(
             intra_op_threads=settings.ort_intra_op_threads,
             parallel_batches=settings.ort_parallel_batches,
+            providers=settings.ort_providers,
         )
     from service.backends.triton import TritonBackend
 

@@ -34,12 +34,18 @@ def _sigs(args: list[ort.NodeArg]) -> list[TensorSig]:
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
 
-    def __init__(self, intra_op_threads: int = 0, parallel_batches: int = 1) -> None:
+    def __init__(
+        self,
+        intra_op_threads: int = 0,
+        parallel_batches: int = 1,
+        providers: list[str] | None = None,
+    ) -> None:
         """``parallel_batches`` runs of one session at once, each with ``intra_op_threads``
         (default: the cores divided among them). One batch on all cores gives the lowest
         latency; several single-threaded batches avoid stalling a whole batch whenever a
         decoding thread takes one of its cores, which gives more throughput under load."""
         self.max_inflight_batches = max(1, parallel_batches)
+        self._providers = providers or ["CPUExecutionProvider"]
         cores = os.cpu_count() or 1
         self._threads = intra_op_threads or max(1, cores // self.max_inflight_batches)
         self._sessions: dict[str, ort.InferenceSession] = {}
@@ -57,13 +63,18 @@ class OnnxRuntimeBackend(Backend):
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         opts.log_severity_level = 3
         try:
-            session = ort.InferenceSession(
-                str(spec.model_path), opts, providers=["CPUExecutionProvider"]
-            )
+            session = ort.InferenceSession(str(spec.model_path), opts, providers=self._providers)
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph/NoSuchFile types
             raise RepositoryError(
                 f"model {spec.name!r}: ONNX Runtime cannot load it ({exc})"
             ) from exc
+        # ORT falls back to the CPU, with only a log line, when a GPU provider fails to
+        # start (no device, missing CUDA libraries): a GPU deployment must not run on the CPU.
+        if self._providers[0] not in session.get_providers():
+            raise RepositoryError(
+                f"model {spec.name!r}: ONNX Runtime could not start {self._providers[0]} "
+                f"(it would run on {', '.join(session.get_providers())})"
+            )
         c = spec.contract
         problems = tensor_problems(
             c, _sigs(session.get_inputs()), _sigs(session.get_outputs()), "graph"

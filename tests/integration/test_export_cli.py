@@ -97,7 +97,7 @@ def test_export_then_validate(tmp_path, r18_ckpt, labels5):
 
     proc = run_cli("resnet-export", "validate", "--repository", str(repo))
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == "ok: fruit (version 2)"
+    assert proc.stdout.strip() == "ok: fruit (version 2, fp32)"
 
     # Exported logits are PyTorch's logits.
     import onnxruntime as ort

@@ -259,3 +259,42 @@ def test_republish_keeps_the_verified_graph(good, tmp_path):
     assert spec.config.backend == "python" and spec.contract == load_spec(good).contract
     assert spec.model_path.read_bytes() == (good / "1" / "model.onnx").read_bytes()
     assert validate_repository(target) == (["tiny"], [])
+
+
+def test_an_engine_is_published_with_its_tensorrt_config_until_a_newer_onnx(tmp_path):
+    """The layout of a --format tensorrt publication (the plan here is placeholder bytes:
+    building a real one needs a GPU; tests/unit/export/test_tensorrt.py builds it there)."""
+    from export.repository import Engine, Publication, ServingConfig, publish, validate_model
+    from export.tensorrt import EngineManifest
+
+    repo = tmp_path / "repo"
+    publish_small(repo)
+    spec = load_spec(repo / "tiny")
+    plan = tmp_path / "model.plan"
+    plan.write_bytes(b"engine bytes")
+    manifest = EngineManifest(
+        tensorrt_version="10.8.0", gpu_name="NVIDIA H100 80GB HBM3", compute_capability="9.0",
+        cuda_version="12.8", precision="fp32", max_batch_size=8, opt_batch_size=8,
+        onnx_sha256="0" * 64,
+    )  # fmt: skip
+    report = json.loads((spec.model_path.parent / "export_report.json").read_text())
+    pub = Publication("tiny", spec.contract, list(spec.labels), spec.model_path, "onnxruntime",
+                      ServingConfig(max_batch_size=8), report, Engine(plan, manifest.to_json()))  # fmt: skip
+    assert publish(repo, pub) == 2
+    trt = parse_config((repo / "tiny" / "configs" / "tensorrt.pbtxt").read_text())
+    onnx_cfg = parse_config((repo / "tiny" / "config.pbtxt").read_text())
+    assert (trt.platform, trt.default_model_filename) == ("tensorrt_plan", "model.plan")
+    assert onnx_cfg.platform == "onnxruntime_onnx"
+    assert trt.input == onnx_cfg.input and trt.output == onnx_cfg.output
+    assert trt.max_batch_size == onnx_cfg.max_batch_size
+    assert all(g.kind == mc.ModelInstanceGroup.KIND_GPU for g in trt.instance_group)
+    assert EngineManifest.load(repo / "tiny" / "2" / "engine.json") == manifest
+    assert validate_model(repo / "tiny") == []
+    (repo / "tiny" / "2" / "model.plan").unlink()
+    assert validate_model(repo / "tiny") == [
+        "tiny: configs/tensorrt.pbtxt serves model.plan, missing in version 2"
+    ]
+    # A newer ONNX-only version: Triton would serve it, so the TensorRT config goes.
+    pub.engine = None
+    assert publish(repo, pub) == 3
+    assert not (repo / "tiny" / "configs").exists()

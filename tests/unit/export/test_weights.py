@@ -166,3 +166,64 @@ def test_download_is_hash_checked_and_cached(tmp_path, monkeypatch, source):
     finally:
         server.shutdown()
         server.server_close()
+
+
+class Opaque:
+    """Any class but argparse.Namespace: a checkpoint holding one is refused by name."""
+
+    def __init__(self) -> None:
+        self.value = 1
+
+
+def _reference_checkpoint(source: torch.nn.Module) -> dict:
+    """The dict torchvision's references/classification/train.py saves (with --model-ema)."""
+    import argparse
+
+    model_ema = torch.optim.swa_utils.AveragedModel(source)
+    with torch.no_grad():
+        for p in model_ema.module.parameters():
+            p.add_(1.0)  # EMA weights that differ from the live ones
+    opt = torch.optim.SGD(source.parameters(), lr=0.1, momentum=0.9)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=30)
+    args = argparse.Namespace(
+        model="resnet18", lr=0.5, epochs=600, lr_steps=[16, 22], weights=None, amp=False
+    )
+    return {
+        "model": source.state_dict(),
+        "model_ema": model_ema.state_dict(),  # "module."-prefixed, plus "n_averaged"
+        "optimizer": opt.state_dict(),
+        "lr_scheduler": sched.state_dict(),
+        "epoch": 599,
+        "args": args,
+    }
+
+
+def test_reference_script_checkpoint_loads_model_and_ema(tmp_path, source):
+    path = tmp_path / "checkpoint.pth"
+    ckpt = _reference_checkpoint(source)
+    torch.save(ckpt, path)
+    live = build_model("resnet18", num_classes=10)
+    load_weights(live, "resnet18", str(path))  # auto: the "model" entry
+    assert _same(source, live)
+    ema = build_model("resnet18", num_classes=10)
+    load_weights(ema, "resnet18", str(path), key="model_ema")
+    expected = {k.removeprefix("module."): v for k, v in ckpt["model_ema"].items()}
+    assert all(torch.equal(ema.state_dict()[k], expected[k]) for k in ema.state_dict())
+    assert not torch.equal(ema.state_dict()["conv1.weight"], source.state_dict()["conv1.weight"])
+
+
+def test_checkpoint_with_any_other_object_is_refused_by_name(tmp_path, source):
+    path = tmp_path / "checkpoint.pth"
+    torch.save({"model": source.state_dict(), "args": Opaque()}, path)
+    with pytest.raises(ExportError) as info:
+        read_checkpoint(path)
+    message = str(info.value)
+    assert "test_weights.Opaque object" in message
+    assert "refusing to unpickle it" in message
+
+
+def test_missing_weights_key_lists_the_entries(tmp_path, source):
+    path = tmp_path / "checkpoint.pth"
+    torch.save({"model": source.state_dict(), "epoch": 3}, path)
+    with pytest.raises(ExportError, match=r"has no 'model_ema' weight set .*'model', 'epoch'"):
+        read_checkpoint(path, "model_ema")

@@ -1,0 +1,127 @@
+"""Folders of the user's own images, read the way the gateway reads a request.
+
+Calibration (``--calibration-dir``), the parity and agreement checks (``--sample-images``)
+and ``evaluate`` (``--images``, ImageFolder layout ``DIR/<label>/*``) all start here, so an
+image the gateway would refuse is skipped with the gateway's reason, and an image that is
+used becomes exactly the tensor the gateway would make of it (``service.preprocess``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import numpy as np
+
+from export.errors import ExportError
+from service.contract import PreprocessContract
+from service.errors import ServiceError
+from service.preprocess import preprocess
+
+T = TypeVar("T")
+#: Share of a folder held apart from calibration to judge the quantized model by, when no
+#: separate --sample-images folder is given (images calibrated on would flatter it).
+HOLDOUT_FRACTION = 0.2
+
+
+def image_files(root: Path, option: str) -> list[Path]:
+    """Every file under ``root`` (recursively, hidden ones skipped), in a stable order."""
+    if not root.is_dir():
+        what = "no such directory" if not root.exists() else "not a directory"
+        raise ExportError(f"{option} {root}: {what}")
+    files = sorted(
+        p
+        for p in root.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
+    )
+    if not files:
+        raise ExportError(f"{option} {root}: holds no files")
+    return files
+
+
+def held_out(path: Path, root: Path) -> bool:
+    """Whether ``path`` belongs to the validation share of ``root``: decided by a hash of
+    its relative path, so adding images never moves an old one across the split."""
+    digest = hashlib.sha256(str(path.relative_to(root)).encode()).digest()
+    return int.from_bytes(digest[:4], "big") < HOLDOUT_FRACTION * 2**32
+
+
+def split_holdout(files: list[Path], root: Path) -> tuple[list[Path], list[Path]]:
+    """(calibration, validation) shares of one folder; each gets at least one file where
+    the folder has two."""
+    rest = [p for p in files if not held_out(p, root)]
+    held = [p for p in files if held_out(p, root)]
+    if len(files) >= 2 and not held:
+        held, rest = rest[-1:], rest[:-1]
+    elif len(files) >= 2 and not rest:
+        rest, held = held[:1], held[1:]
+    return rest, held
+
+
+def spread(files: list[Path], count: int) -> list[Path]:
+    """``count`` of ``files`` evenly spaced through the sorted list: a folder in ImageFolder
+    layout is sorted by class, so its first ``count`` files would be one or two classes."""
+    if count >= len(files):
+        return files
+    return [files[i * len(files) // count] for i in range(count)]
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """Images that became tensors, and the files skipped (path, the gateway's reason)."""
+
+    paths: list[Path]
+    tensors: np.ndarray
+    skipped: list[tuple[Path, str]]
+
+
+def load_images(
+    files: list[Path],
+    contract: PreprocessContract,
+    option: str,
+    log: Callable[[str], None] = print,
+    label: str = "reading images",
+) -> Loaded:
+    """Preprocess ``files`` by ``contract``; corrupt or unsupported files are skipped with a
+    warning; none left is an error naming ``option``."""
+    paths: list[Path] = []
+    tensors: list[np.ndarray] = []
+    skipped: list[tuple[Path, str]] = []
+    for path in progress(files, label):
+        try:
+            tensors.append(preprocess(path.read_bytes(), contract))
+        except ServiceError as exc:  # InvalidImage, PayloadTooLarge: the gateway's 4xx
+            skipped.append((path, exc.message))
+            log(f"warning: skipping {path}: {exc.message}")
+            continue
+        except OSError as exc:
+            skipped.append((path, exc.strerror or str(exc)))
+            log(f"warning: skipping {path}: {exc.strerror or exc}")
+            continue
+        paths.append(path)
+    if not paths:
+        raise ExportError(
+            f"{option}: none of the {len(files)} files is an image the model accepts "
+            f"(first: {skipped[0][0]}: {skipped[0][1]})"
+        )
+    return Loaded(paths, np.stack(tensors), skipped)
+
+
+def progress(items: Iterable[T], label: str, total: int | None = None) -> Iterator[T]:
+    """Yield ``items`` while showing ``label n/total`` on stderr: one line redrawn on a
+    terminal, a line per tenth otherwise (logs stay short)."""
+    seq = list(items) if total is None else items
+    n = total if total is not None else len(seq)  # type: ignore[arg-type]
+    tty = sys.stderr.isatty()
+    step = max(1, n // 10)
+    for i, item in enumerate(seq, 1):
+        # Shown as each item starts: a caller that stops pulling still shows the last one.
+        if tty:
+            print(f"\r{label}: {i}/{n}", end="" if i < n else "\n", file=sys.stderr, flush=True)
+        elif i % step == 0 or i == n:
+            print(f"{label}: {i}/{n}", file=sys.stderr, flush=True)
+        yield item

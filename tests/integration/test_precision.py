@@ -1,0 +1,281 @@
+"""Reduced precision, proven: INT8 and FP16 exports pass (or fail) the accuracy gate, the
+INT8 digits model serves within 1 point of FP32, and `evaluate` measures the deployed
+path and the in-process path alike."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import httpx
+import numpy as np
+import onnx
+import pytest
+
+from export.errors import ExportError
+from export.gate import run_onnx
+from export.pipeline import Images, PrecisionPlan, export_and_publish
+from export.repository import ServingConfig
+from service.repository import load_spec
+from service.testing import GatewayProcess, scrape
+from tests.conftest import TINY_CONTRACT, TINY_LABELS, image_bytes, run_cli
+from tests.integration.test_export_cli import assert_one_line_failure
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def int8_repo(demo, tmp_path_factory):
+    """The FP32 demo model as version 1, `resnet-export demo --precision int8` as version 2."""
+    repo = tmp_path_factory.mktemp("int8") / "repo"
+    shutil.copytree(demo.model_dir, repo / "digits")
+    proc = run_cli("resnet-export", "demo", "--precision", "int8", "--repository", str(repo))
+    assert proc.returncode == 0, proc.stderr
+    assert "accuracy gate PASS: INT8 agrees with FP32" in proc.stdout
+    return repo
+
+
+def _ops(path) -> set[str]:
+    return {node.op_type for node in onnx.load(str(path)).graph.node}
+
+
+def test_int8_demo_is_published_with_its_proof(int8_repo):
+    spec = load_spec(int8_repo / "digits")
+    assert (spec.version, spec.precision) == ("2", "int8")
+    report = json.loads((spec.model_path.parent / "export_report.json").read_text())
+    gate = report["accuracy_gate"]
+    assert gate["passed"] and gate["images"] == 450 and gate["images_source"] == "held-out digits"
+    assert gate["top1_agreement_pct"] >= 99.0
+    assert report["quantization"]["calibration_images"] == 256
+    assert report["quantization"]["calibration_method"] == "percentile"
+    assert {"QuantizeLinear", "DequantizeLinear"} <= _ops(spec.model_path)
+    proc = run_cli("resnet-export", "validate", "--repository", str(int8_repo))
+    assert proc.stdout.strip() == "ok: digits (version 2, int8)", proc.stderr
+
+
+def _evaluate(*args: str, out) -> dict:
+    proc = run_cli("resnet-export", "evaluate", *args, "--output", str(out))
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(out.read_text())
+
+
+def test_int8_through_the_gateway_is_within_one_point_and_evaluate_agrees(
+    int8_repo, demo, tmp_path
+):
+    images = str(demo.images)
+    fp32 = _evaluate("--images", images, "--model", "digits:1", "-r", str(int8_repo),
+                     out=tmp_path / "fp32.json")  # fmt: skip
+    local = _evaluate("--images", images, "--model", "digits:2", "-r", str(int8_repo),
+                      "--compare", "1", out=tmp_path / "int8.json")  # fmt: skip
+    gw = GatewayProcess.start(tmp_path / "gw.log", "--repository", str(int8_repo))
+    try:
+        served = _evaluate("--images", images, "--model", "digits", "--url", gw.url,
+                           "-r", str(int8_repo), out=tmp_path / "http.json")  # fmt: skip
+        models = httpx.get(gw.url + "/v1/models").json()["models"]
+        info = 'resnet_serve_model_info{arch="resnet18",backend="onnxruntime",model="digits",'
+        info += 'precision="int8",version="2"}'
+        assert scrape(gw.url, info) == 1.0
+    finally:
+        gw.stop()
+    assert models[0]["precision"] == "int8"
+    assert served["images"] == local["images"] == fp32["images"] == 450
+    assert served["model"] == local["model"] == "digits:2"
+    assert abs(served["top1_accuracy_pct"] - fp32["top1_accuracy_pct"]) <= 1.0
+    # The deployed path and the in-process path are the same code: the same answers.
+    assert served["per_class"] == local["per_class"]
+    assert served["top1_accuracy_pct"] == local["top1_accuracy_pct"]
+    assert local["agreement"]["reference"] == "digits:1"
+    assert local["agreement"]["top1_agreement_pct"] >= 99.0
+
+
+def test_evaluate_refuses_unknown_labels_and_bad_models(int8_repo, tmp_path):
+    (tmp_path / "imgs" / "eleven").mkdir(parents=True)
+    (tmp_path / "imgs" / "eleven" / "a.png").write_bytes(image_bytes())
+    proc = run_cli("resnet-export", "evaluate", "--images", str(tmp_path / "imgs"),
+                   "--model", "digits", "-r", str(int8_repo))  # fmt: skip
+    assert_one_line_failure(proc, "folders not among digits's labels: eleven")
+    proc = run_cli("resnet-export", "evaluate", "--images", str(tmp_path / "imgs"),
+                   "--model", "digits:x", "-r", str(int8_repo))  # fmt: skip
+    assert_one_line_failure(proc, "--model takes NAME or NAME:VERSION")
+
+
+# --- the gate, on the tiny model (milliseconds per export) -----------------------------------
+
+
+def _tiny_model():
+    import torch
+
+    from export.models import BasicBlock, ResNet
+
+    torch.manual_seed(0)
+    return ResNet(BasicBlock, (1, 1, 1, 1), num_classes=10, channels=(4, 8, 8, 8))
+
+
+def _images(n: int, seed: int = 0) -> Images:
+    from service.preprocess import preprocess
+
+    tensors = [preprocess(image_bytes(seed=seed + i), TINY_CONTRACT) for i in range(n)]
+    return Images(np.stack(tensors), "test images")
+
+
+def _export(repo, plan: PrecisionPlan):
+    return export_and_publish(
+        model=_tiny_model(),
+        contract=TINY_CONTRACT,
+        labels=TINY_LABELS,
+        name="tiny",
+        repository=repo,
+        flavor="onnxruntime",
+        serving=ServingConfig(max_batch_size=8),
+        opset=17,
+        real_images=[image_bytes(seed=99)],
+        source="tests",
+        plan=plan,
+        log=lambda _: None,
+    )
+
+
+def test_fp16_keeps_fp32_inputs_and_passes_parity(tmp_path):
+    plan = PrecisionPlan(precision="fp16", validation=_images(16), min_agreement=90)
+    result = _export(tmp_path / "repo", plan)
+    spec = load_spec(result.model_dir)
+    assert spec.precision == "fp16"
+    graph = onnx.load(str(spec.model_path))
+    weights = {i.data_type for i in graph.graph.initializer}
+    assert onnx.TensorProto.FLOAT16 in weights
+    assert graph.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    gate = result.report["accuracy_gate"]
+    assert gate["passed"] and gate["images"] == 16
+    assert gate["max_abs_logit_diff"] < 0.05
+
+
+def test_the_gate_refuses_a_corrupted_quantization_and_publishes_nothing(tmp_path, monkeypatch):
+    """A quantization that went wrong (here: every weight of the last layer zeroed after
+    calibration, as a broken scale would) disagrees with FP32; nothing may be published."""
+    from export import pipeline
+
+    real = pipeline.quantize_int8
+
+    def corrupted(src, dst, *args, **kwargs):
+        settings = real(src, dst, *args, **kwargs)
+        model = onnx.load(str(dst))
+        for init in model.graph.initializer:
+            if init.data_type == onnx.TensorProto.INT8 and len(init.dims) == 2:  # fc
+                init.raw_data = bytes(len(init.raw_data))
+        onnx.save(model, str(dst))
+        return settings
+
+    monkeypatch.setattr(pipeline, "quantize_int8", corrupted)
+    repo = tmp_path / "repo"
+    plan = PrecisionPlan(precision="int8", calibration=_images(16), validation=_images(24, 50))
+    with pytest.raises(ExportError, match=r"not published: INT8 top-1 agreement with FP32 is "):
+        _export(repo, plan)
+    assert not (repo / "tiny").exists()
+    # --min-agreement 0: the same figures, reported, and published (benchmarks).
+    result = _export(repo, PrecisionPlan(
+        precision="int8", calibration=_images(16), validation=_images(24, 50), min_agreement=0
+    ))  # fmt: skip
+    assert result.report["accuracy_gate"]["top1_agreement_pct"] < 99
+
+
+def test_int8_cli_calibrates_on_a_folder_and_holds_images_apart(tmp_path, demo):
+    """`export --precision int8 --calibration-dir`: a folder with corrupt files among real
+    images; the gate judges the share held apart from calibration."""
+    import torch
+
+    ckpt = tmp_path / "digits.pth"
+    model = _digits_like()
+    torch.save(model.state_dict(), ckpt)
+    calib = tmp_path / "calib"
+    shutil.copytree(demo.images, calib)
+    (calib / "3" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    labels = tmp_path / "labels.txt"
+    labels.write_text("\n".join(str(i) for i in range(10)) + "\n")
+    repo = tmp_path / "repo"
+    proc = run_cli(
+        "resnet-export", "export", "--arch", "resnet18", "--weights", str(ckpt), "--name",
+        "d8", "--repository", str(repo), "--num-classes", "10", "--labels", str(labels),
+        "--channels", "L", "--resize", "32", "--crop", "32", "--mean", "0.2", "--std", "0.3",
+        "--precision", "int8", "--calibration-dir", str(calib), "--calibration-count", "1000",
+        "--min-agreement", "0",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "warning: skipping" in proc.stderr and "broken.png" in proc.stderr
+    report = json.loads((repo / "d8" / "1" / "export_report.json").read_text())
+    held = report["accuracy_gate"]["images"]
+    assert 45 <= held <= 135  # about a fifth of the 451 files
+    # Every readable file is used once: calibrated on, or held apart to judge by.
+    assert report["quantization"]["calibration_images"] + held == 450
+    assert report["accuracy_gate"]["images_source"].startswith("held-out images from")
+    # The published graph answers like the FP32 one on the images it was judged by.
+    assert load_spec(repo / "d8").precision == "int8"
+
+
+def _digits_like():
+    import torch
+
+    from export.models import build_model
+
+    torch.manual_seed(0)
+    return build_model("resnet18", num_classes=10, in_chans=1)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--precision", "int8"], "--precision int8 needs --calibration-dir DIR"),
+        (["--calibration-dir", "/tmp"], "--calibration-dir is used only with --precision int8"),
+        (["--precision", "int8", "--calibration-dir", "/nonexistent/dir"],
+         "--calibration-dir /nonexistent/dir: no such directory"),
+        (["--format", "tensorrt"], "--format tensorrt: "),
+    ],
+    ids=["int8-without-images", "images-without-int8", "missing-dir", "tensorrt-here"],
+)  # fmt: skip
+def test_precision_option_mistakes_are_one_line_and_write_nothing(tmp_path, extra, message):
+    from export.tensorrt import unavailable_reason
+
+    if extra[:2] == ["--format", "tensorrt"] and unavailable_reason() is None:
+        pytest.skip("TensorRT and a GPU are present here")
+    repo = tmp_path / "repo"
+    proc = run_cli(
+        "resnet-export", "export", "--arch", "resnet18", "--weights", "random", "--name", "m",
+        "--repository", str(repo), *extra,
+    )  # fmt: skip
+    assert_one_line_failure(proc, message)
+    assert not repo.exists()
+
+
+def test_empty_calibration_folder_is_one_line(tmp_path):
+    (tmp_path / "empty").mkdir()
+    proc = run_cli(
+        "resnet-export", "export", "--arch", "resnet18", "--weights", "random", "--name", "m",
+        "--repository", str(tmp_path / "repo"), "--precision", "int8",
+        "--calibration-dir", str(tmp_path / "empty"),
+    )  # fmt: skip
+    assert_one_line_failure(proc, "empty: holds no files")
+
+
+def test_tensorrt_job_for_a_published_model(int8_repo, tmp_path):
+    """The engine is built on the GPU node: the command and the Job come from the repository
+    (and an INT8 graph quantized for CPUs, with uint8 activations, is refused)."""
+    proc = run_cli("resnet-export", "tensorrt-job", "-r", str(int8_repo), "--model", "digits")
+    assert_one_line_failure(proc, "TensorRT takes symmetric INT8 only")
+    out = tmp_path / "job.yaml"
+    proc = run_cli("resnet-export", "tensorrt-job", "-r", str(int8_repo), "--model", "digits:1",
+                   "--output", str(out))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith(
+        "trtexec --onnx=/models/digits/1/model.onnx --saveEngine=/models/digits/1/model.plan "
+        "--minShapes=input:1x1x32x32 --optShapes=input:8x1x32x32 --maxShapes=input:32x1x32x32"
+    )
+    import yaml
+
+    job = yaml.safe_load(out.read_text())
+    assert job["kind"] == "Job" and job["metadata"]["name"] == "trt-digits-v1"
+
+
+def test_run_onnx_scores_in_batches(tmp_path):
+    result = _export(tmp_path / "repo", PrecisionPlan())
+    spec = load_spec(result.model_dir)
+    x = _images(11).tensors
+    assert run_onnx(spec.model_path, spec.contract, x).shape == (11, 10)
