@@ -100,6 +100,20 @@ def calibration_images(folder: Path, count: int = 32) -> Path:
     return folder
 
 
+def gateway_clients16(what: str, repo: Path, body: bytes, seconds: float, *args: str) -> Any:
+    """16 closed-loop REST clients against a gateway started on ``repo`` (3 s of warm-up)."""
+    gw = start_gateway(repo, *args)
+    url = f"{gw.url}/v1/models/{NAME}/classify?top_k=5"
+    try:
+        asyncio.run(closed_loop(url, body, "image/jpeg", 16, 3))
+        log(f"{what}, 16 clients ...")
+        result = asyncio.run(closed_loop(url, body, "image/jpeg", 16, seconds))
+        log(f"  {result.summary()}")
+    finally:
+        gw.stop()
+    return result
+
+
 def bench_int8(root: Path, body: bytes, seconds: float, bare8_fp32: float) -> dict[str, Any]:
     repo = root / "int8"
     calib = calibration_images(root / "calibration")
@@ -119,15 +133,7 @@ def bench_int8(root: Path, body: bytes, seconds: float, bare8_fp32: float) -> di
     bare1 = bare_ort(onnx_path, 1, seconds / 2)
     bare8 = bare_ort(onnx_path, 8, seconds)
     log(f"  batch 1: {bare1:.1f} img/s, batch 8: {bare8:.1f} img/s")
-    gw = start_gateway(repo)
-    url = f"{gw.url}/v1/models/{NAME}/classify?top_k=5"
-    try:
-        asyncio.run(closed_loop(url, body, "image/jpeg", 16, 3))
-        log("gateway INT8, 16 clients ...")
-        r16 = asyncio.run(closed_loop(url, body, "image/jpeg", 16, seconds))
-        log(f"  {r16.summary()}")
-    finally:
-        gw.stop()
+    r16 = gateway_clients16("gateway INT8", repo, body, seconds)
     return {
         "bare_batch1_images_per_s": round(bare1, 2),
         "bare_batch8_images_per_s": round(bare8, 2),
@@ -357,15 +363,10 @@ def bench_triton(repo: Path, body: bytes, seconds: float, bare8: float) -> dict[
     triton = start_triton(trepo, *tports, log_path=repo.parent / "triton.log")
     try:
         triton.wait_ready(180)
-        gw = start_gateway(trepo, "--backend", "triton", "--triton-url", triton.grpc_url)
-        url = f"{gw.url}/v1/models/{NAME}/classify?top_k=5"
-        try:
-            asyncio.run(closed_loop(url, body, "image/jpeg", 16, 3))
-            log("gateway -> Triton, 16 clients ...")
-            rt = asyncio.run(closed_loop(url, body, "image/jpeg", 16, seconds))
-            log(f"  {rt.summary()}")
-        finally:
-            gw.stop()
+        rt = gateway_clients16(
+            "gateway -> Triton", trepo, body, seconds, "--backend", "triton",
+            "--triton-url", triton.grpc_url,
+        )  # fmt: skip
     finally:
         triton.stop()
     return {"clients16": rt.summary(), "ratio_vs_bare_batch8": round(rt.images_per_s / bare8, 3)}

@@ -39,20 +39,12 @@ from export.tensorrt import (
     trtexec_command,
     unavailable_reason,
 )
-from service.contract import PreprocessContract
+from tests.conftest import TINY_CONTRACT
 
-CONTRACT = PreprocessContract(
-    arch="resnet50",
-    input_name="input",
-    output_name="logits",
-    channels="RGB",
-    resize=256,
-    crop=224,
-    mean=(0.485, 0.456, 0.406),
-    std=(0.229, 0.224, 0.225),
-    num_classes=1000,
+SMALL = TINY_CONTRACT
+CONTRACT = SMALL.model_copy(
+    update={"arch": "resnet50", "resize": 256, "crop": 224, "num_classes": 1000}
 )
-SMALL = CONTRACT.model_copy(update={"arch": "tiny", "resize": 36, "crop": 32, "num_classes": 10})
 DNS_1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 REASON = unavailable_reason()
 
