@@ -85,12 +85,13 @@ def _fail(message: str) -> typer.Exit:
 def _errors() -> Iterator[None]:
     """Turn every anticipated failure into one line and exit 1 (never a traceback)."""
     from export.models import UnknownArch
+    from service.repository import RepositoryError
 
     try:
         yield
     except (typer.Exit, typer.Abort):
         raise  # a deliberate exit (validate's status), not a failure of ours
-    except (ExportError, UnknownArch, ContractError) as exc:
+    except (ExportError, UnknownArch, ContractError, RepositoryError) as exc:
         raise _fail(str(exc)) from None
     except KeyboardInterrupt:
         typer.echo("resnet-export: interrupted; nothing was published", err=True)
@@ -352,7 +353,7 @@ def export(
                 sample_images,
                 min_agreement,
                 format == FormatOpt.tensorrt,
-                symmetric_int8 or format == FormatOpt.tensorrt,
+                symmetric_int8,
                 timing_cache,
             ),
             log=typer.echo,
@@ -401,16 +402,13 @@ def _check_precision_options(
             )
 
 
-def _folder(
-    folder: Path | None, contract: PreprocessContract, option: str, count: int | None = None
-) -> Images | None:
-    from export.images import image_files, load_images, spread
+def _folder(folder: Path | None, contract: PreprocessContract, option: str) -> Images | None:
+    from export.images import image_files, load_images
     from export.pipeline import Images
 
     if folder is None:
         return None
-    files = image_files(folder, option)
-    loaded = load_images(spread(files, count or len(files)), contract, option, _warn)
+    loaded = load_images(image_files(folder, option), contract, option, _warn)
     return Images(loaded.tensors, f"images from {folder}")
 
 
@@ -622,13 +620,10 @@ def tensorrt_job(
     with _errors():
         from export import tensorrt as trt
         from export.evaluate import parse_model
-        from service.repository import RepositoryError, load_spec
+        from service.repository import load_spec
 
         name, version = parse_model(model)
-        try:
-            spec = load_spec(repository / name, version)
-        except RepositoryError as exc:
-            raise ExportError(f"model {name!r} in {repository}: {exc}") from None
+        spec = load_spec(repository / name, version)
         _check_tensorrt_int8(spec.model_path.parent)
         vdir = f"/models/{name}/{spec.version}"
         argv = trt.trtexec_command(

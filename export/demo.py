@@ -23,6 +23,7 @@ from torch import nn
 
 from export.errors import ExportError
 from export.gate import DEFAULT_MIN_AGREEMENT
+from export.images import spread
 from export.models import build_model
 from export.pipeline import ExportResult, Images, PrecisionPlan, export_and_publish
 from export.quantize import DEFAULT_CALIBRATION_COUNT, Precision
@@ -180,18 +181,17 @@ def run_demo(
         raise ExportError(
             f"demo model reached only {acc:.2%} held-out accuracy (< {MIN_ACCURACY:.0%})"
         )
-    # INT8 calibrates on training digits and is judged on the held-out ones, which the
-    # model has never seen in any form.
-    step = max(1, len(split.train_png) // DEFAULT_CALIBRATION_COUNT)
-    calibration = _tensors(split.train_png[::step][:DEFAULT_CALIBRATION_COUNT], contract)
-    plan = PrecisionPlan(
-        precision=precision,
-        calibration=Images(calibration.numpy(), "digits training images")
-        if precision == "int8"
-        else None,
-        validation=Images(_tensors(split.test_png, contract).numpy(), "held-out digits"),
-        min_agreement=min_agreement,
-    )
+    plan = None
+    if precision != "fp32":
+        # INT8 calibrates on training digits and is judged on the held-out ones, which the
+        # model has never seen in any form.
+        calibration = _tensors(spread(split.train_png, DEFAULT_CALIBRATION_COUNT), contract)
+        plan = PrecisionPlan(
+            precision=precision,
+            calibration=Images(calibration.numpy(), "digits training images"),
+            validation=Images(_tensors(split.test_png, contract).numpy(), "held-out digits"),
+            min_agreement=min_agreement,
+        )
     result = export_and_publish(
         model=model,
         contract=contract,

@@ -28,19 +28,11 @@ import numpy as np
 from export.errors import ExportError
 from export.gate import compare, run_onnx
 from export.images import image_files, load_images, progress
-from service.repository import RepositoryError, load_spec
+from service.repository import ModelSpec, load_spec
 
 #: Images per HTTP request to a gateway (well under its default per-request limit).
 HTTP_BATCH = 16
 HTTP_TIMEOUT_S = 60.0
-
-
-@dataclass(frozen=True)
-class Predictions:
-    """Top-k class indices per image (best first); logits where computed in-process."""
-
-    topk: np.ndarray
-    logits: np.ndarray | None
 
 
 def labelled_images(root: Path) -> tuple[list[Path], list[str]]:
@@ -56,18 +48,6 @@ def parse_model(text: str) -> tuple[str, int | None]:
     if version and not version.isdigit():
         raise ExportError(f"--model takes NAME or NAME:VERSION, got {text!r}")
     return name, int(version) if version else None
-
-
-def local_predictions(
-    repository: Path, name: str, version: int | None, tensors: np.ndarray, top_k: int
-) -> tuple[Predictions, tuple[str, ...], str]:
-    """(predictions, labels, "name:version") of a repository model, in-process."""
-    try:
-        spec = load_spec(repository / name, version)
-    except RepositoryError as exc:
-        raise ExportError(f"model {name!r} in {repository}: {exc}") from None
-    logits = run_onnx(spec.model_path, spec.contract, tensors)
-    return Predictions(_topk(logits, top_k), logits), spec.labels, f"{name}:{spec.version}"
 
 
 def _topk(logits: np.ndarray, k: int) -> np.ndarray:
@@ -160,73 +140,73 @@ def evaluate(
         raise ExportError("--repository DIR is needed (it holds the model, or --compare's)")
     files, truth = labelled_images(images)
     report: dict[str, Any] = {"images_dir": str(images)}
-    loaded = None
+    if repository is None:  # --url alone: the gateway reads the files as they are
+        predicted, served = gateway_predictions(url or "", name, files, top_k, api_key)
+        return {**report, "model": f"{name}:{served}", "url": url,
+                **score(truth, predicted, files, images)}  # fmt: skip
+    # The repository's model (its contract and labels) decides how images are read.
+    spec = load_spec(repository / name, version)
+    reference = _reference(repository, spec, compare_with) if compare_with else None
+    unknown = sorted(set(truth) - set(spec.labels))
+    if unknown:
+        raise ExportError(
+            f"--images {images}: folders not among {name}'s labels: {', '.join(unknown[:8])}"
+        )
+    loaded = load_images(files, spec.contract, "--images", log)
+    keep = set(loaded.paths)
+    truth = [t for t, f in zip(truth, files, strict=True) if f in keep]
+    files = loaded.paths
     logits = None
-    if repository is not None:
-        # The contract (and labels) of the repository's model decide how images are read.
-        try:
-            spec = load_spec(repository / name, version)
-        except RepositoryError as exc:
-            raise ExportError(f"model {name!r} in {repository}: {exc}") from None
-        unknown = sorted(set(truth) - set(spec.labels))
-        if unknown:
-            raise ExportError(
-                f"--images {images}: folders not among {name}'s labels: {', '.join(unknown[:8])}"
-            )
-        loaded = load_images(files, spec.contract, "--images", log)
-        keep = set(loaded.paths)
-        truth = [t for t, f in zip(truth, files, strict=True) if f in keep]
-        files = loaded.paths
     if url is not None:
         predicted, served = gateway_predictions(url, name, files, top_k, api_key)
-        report["model"] = f"{name}:{served}"
-        report["url"] = url
+        report.update(model=f"{name}:{served}", url=url)
     else:
-        assert repository is not None and loaded is not None
-        preds, labels, report["model"] = local_predictions(
-            repository, name, version, loaded.tensors, top_k
-        )
-        predicted = [[labels[i] for i in row] for row in preds.topk]
-        logits = preds.logits
+        logits = run_onnx(spec.model_path, spec.contract, loaded.tensors)
+        predicted = [[spec.labels[i] for i in row] for row in _topk(logits, top_k)]
+        report["model"] = f"{name}:{spec.version}"
     report.update(score(truth, predicted, files, images))
-    if loaded is not None:
-        report["skipped"] = [{"image": str(p), "reason": r} for p, r in loaded.skipped]
-    if compare_with is not None:
-        assert repository is not None and loaded is not None
-        report["agreement"] = _agreement(
-            repository, name, version, compare_with, loaded.tensors, predicted, logits
-        )
+    report["skipped"] = [{"image": str(p), "reason": r} for p, r in loaded.skipped]
+    if reference is not None:
+        report["agreement"] = _agreement(reference, loaded.tensors, predicted, logits)
     return report
 
 
+@dataclass(frozen=True)
+class Reference:
+    """What ``--compare`` names: an ONNX graph read by a contract, with its class names."""
+
+    name: str
+    onnx: Path
+    spec: ModelSpec
+
+
+def _reference(repository: Path, spec: ModelSpec, text: str) -> Reference:
+    """``--compare VERSION|FILE.onnx``, resolved before any image is read."""
+    if text.isdigit():
+        other = load_spec(repository / spec.name, int(text))
+        return Reference(f"{spec.name}:{other.version}", other.model_path, other)
+    if Path(text).is_file():
+        return Reference(text, Path(text), spec)
+    raise ExportError(f"--compare takes a version of {spec.name} or an ONNX file, got {text!r}")
+
+
 def _agreement(
-    repository: Path,
-    name: str,
-    version: int | None,
-    reference: str,
+    reference: Reference,
     tensors: np.ndarray,
     predicted: list[list[str]],
     logits: np.ndarray | None,
 ) -> dict[str, Any]:
     """Top-1 agreement of the evaluated model's answers with the reference's (and the logit
     difference where the answers were computed in-process)."""
-    spec = load_spec(repository / name, version)
-    if reference.isdigit():
-        ref_preds, labels, ref_name = local_predictions(
-            repository, name, int(reference), tensors, 1
-        )
-        ref_logits = ref_preds.logits
-    elif Path(reference).is_file():
-        ref_logits = run_onnx(Path(reference), spec.contract, tensors)
-        labels, ref_name = spec.labels, reference
-    else:
-        raise ExportError(f"--compare takes a version of {name} or an ONNX file, got {reference!r}")
-    assert ref_logits is not None
-    ref_top1 = [labels[i] for i in ref_logits.argmax(1)]
+    ref_logits = run_onnx(reference.onnx, reference.spec.contract, tensors)
+    ref_top1 = [reference.spec.labels[i] for i in ref_logits.argmax(1)]
     agree = float(np.mean([p[0] == r for p, r in zip(predicted, ref_top1, strict=True)]))
-    result: dict[str, Any] = {"reference": ref_name, "top1_agreement_pct": round(100 * agree, 3)}
+    result: dict[str, Any] = {
+        "reference": reference.name,
+        "top1_agreement_pct": round(100 * agree, 3),
+    }
     if logits is not None:
-        gate = compare(ref_logits, logits, names=("model", ref_name), images_source="images")
+        gate = compare(ref_logits, logits, names=("model", reference.name), images_source="images")
         result["max_abs_logit_diff"] = gate.max_abs_logit_diff
         result["mean_abs_logit_diff"] = gate.mean_abs_logit_diff
     return result

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import sys
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -62,7 +62,7 @@ def split_holdout(files: list[Path], root: Path) -> tuple[list[Path], list[Path]
     return rest, held
 
 
-def spread(files: list[Path], count: int) -> list[Path]:
+def spread(files: list[T], count: int) -> list[T]:
     """``count`` of ``files`` evenly spaced through the sorted list: a folder in ImageFolder
     layout is sorted by class, so its first ``count`` files would be one or two classes."""
     if count >= len(files):
@@ -94,15 +94,14 @@ def load_images(
     for path in progress(files, label):
         try:
             tensors.append(preprocess(path.read_bytes(), contract))
+            paths.append(path)
+            continue
         except ServiceError as exc:  # InvalidImage, PayloadTooLarge: the gateway's 4xx
-            skipped.append((path, exc.message))
-            log(f"warning: skipping {path}: {exc.message}")
-            continue
+            reason = exc.message
         except OSError as exc:
-            skipped.append((path, exc.strerror or str(exc)))
-            log(f"warning: skipping {path}: {exc.strerror or exc}")
-            continue
-        paths.append(path)
+            reason = exc.strerror or str(exc)
+        skipped.append((path, reason))
+        log(f"warning: skipping {path}: {reason}")
     if not paths:
         raise ExportError(
             f"{option}: none of the {len(files)} files is an image the model accepts "
@@ -111,17 +110,17 @@ def load_images(
     return Loaded(paths, np.stack(tensors), skipped)
 
 
-def progress(items: Iterable[T], label: str, total: int | None = None) -> Iterator[T]:
-    """Yield ``items`` while showing ``label n/total`` on stderr: one line redrawn on a
+def progress(items: Sequence[T], label: str) -> Iterator[T]:
+    """Yield ``items`` while showing ``label i/n`` on stderr: one line redrawn on a
     terminal, a line per tenth otherwise (logs stay short)."""
-    seq = list(items) if total is None else items
-    n = total if total is not None else len(seq)  # type: ignore[arg-type]
+    n = len(items)
     tty = sys.stderr.isatty()
     step = max(1, n // 10)
-    for i, item in enumerate(seq, 1):
-        # Shown as each item starts: a caller that stops pulling still shows the last one.
+    for i, item in enumerate(items, 1):
+        yield item
+        # Shown once the caller is done with the item (asks for the next): a failure on the
+        # first item leaves only its own message on stderr.
         if tty:
             print(f"\r{label}: {i}/{n}", end="" if i < n else "\n", file=sys.stderr, flush=True)
         elif i % step == 0 or i == n:
             print(f"{label}: {i}/{n}", file=sys.stderr, flush=True)
-        yield item

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from export.errors import ExportError
+from export.gate import run_onnx
 from service.contract import PreprocessContract
 from service.errors import brief
 from service.preprocess import preprocess
@@ -132,8 +133,6 @@ def parity_check(
     Top-1 disagreements only fail the check where PyTorch's own margin between its top two
     classes exceeds the tolerance (a near-tie may legitimately flip).
     """
-    import onnxruntime as ort
-
     rng = np.random.default_rng(seed)
     batches = [rng.standard_normal((n_random, *contract.input_shape), dtype=np.float32)]
     if real:
@@ -143,15 +142,7 @@ def parity_check(
     model.eval()
     with torch.no_grad():
         ref = model(torch.from_numpy(x)).numpy()
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    session = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
-    got = np.concatenate(
-        [
-            session.run([contract.output_name], {contract.input_name: x[i : i + 8]})[0]
-            for i in range(0, len(x), 8)
-        ]
-    )
+    got = run_onnx(onnx_path, contract, x)
     diff = float(np.max(np.abs(got - ref)))
     tolerance = atol + rtol * float(np.max(np.abs(ref)))
     agree = got.argmax(1) == ref.argmax(1)

@@ -58,8 +58,13 @@ class _Batches:
         return len(self._batches)
 
     def set_range(self, start_index: int, end_index: int) -> None:
-        self._next, self._end = start_index, min(end_index, len(self._batches))
+        # A new pass: the previous one is done, so the progress line may count it.
         next(self._shown, None)
+        self._next, self._end = start_index, min(end_index, len(self._batches))
+
+    def finish(self) -> None:
+        for _ in self._shown:  # the last pass, which no set_range follows
+            pass
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         if self._next >= self._end:
@@ -96,10 +101,11 @@ def quantize_int8(
         quant_pre_process(str(src), str(prepared), skip_symbolic_shape=True)
         # ORT's calibrators print a line per collection pass; our progress line says more.
         with contextlib.redirect_stdout(io.StringIO()):
+            reader = _Batches(calibration, contract.input_name)
             quantize_static(
                 str(prepared),
                 str(dst),
-                _Batches(calibration, contract.input_name),
+                reader,
                 quant_format=QuantFormat.QDQ,
                 per_channel=True,
                 activation_type=activation,
@@ -112,6 +118,7 @@ def quantize_int8(
                     "CalibPercentile": PERCENTILE,
                 },
             )
+            reader.finish()
     return {
         "format": "QDQ",
         "weights": "int8 per-channel symmetric",
@@ -119,7 +126,6 @@ def quantize_int8(
         "calibration_method": method,
         **({"percentile": PERCENTILE} if method == "percentile" else {}),
         "calibration_images": len(calibration),
-        "onnxruntime": _ort_version(),
     }
 
 
@@ -142,18 +148,15 @@ def _sort_topologically(graph: Any) -> None:
     pending = list(graph.node)
     ordered = []
     while pending:
-        ready = [n for n in pending if all(i in available for i in n.input)]
-        if not ready:
+        waiting = []
+        for node in pending:
+            if all(name in available for name in node.input):
+                ordered.append(node)
+                available.update(node.output)
+            else:
+                waiting.append(node)
+        if len(waiting) == len(pending):
             raise ExportError("FP16 conversion produced a graph with a cycle")
-        for node in ready:
-            available.update(node.output)
-        ordered += ready
-        pending = [n for n in pending if n not in ready]
+        pending = waiting
     del graph.node[:]
     graph.node.extend(ordered)
-
-
-def _ort_version() -> str:
-    import onnxruntime
-
-    return str(onnxruntime.__version__)

@@ -7,7 +7,7 @@ type let through is ``argparse.Namespace``, which torchvision's reference traini
 ``optimizer``, ``lr_scheduler`` and ``epoch``; it holds only the command line's values, and
 is allowed by name (``torch.serialization.safe_globals``), never by turning
 ``weights_only`` off. A bare state_dict or a dict holding one under ``state_dict``,
-``model`` or ``model_ema`` is accepted (``WEIGHTS_KEYS``); a ``module.`` prefix
+``model`` or ``model_ema`` is accepted (``WeightsKey``); a ``module.`` prefix
 (DataParallel / DDP / ``AveragedModel``) is stripped and EMA bookkeeping
 (``n_averaged``) dropped.
 """
@@ -42,7 +42,6 @@ TORCHVISION_URL = "https://download.pytorch.org/models/"
 #: ``--resume --test-only`` unless it is also given ``--model-ema``), else its
 #: ``state_dict`` entry (Lightning and most other trainers), else the file itself.
 WeightsKey = Literal["auto", "model", "model_ema", "state_dict"]
-WEIGHTS_KEYS: tuple[WeightsKey, ...] = ("auto", "model", "model_ema", "state_dict")
 #: Non-tensor entries of a weight set that are bookkeeping, not weights
 #: (torch.optim.swa_utils.AveragedModel counts its updates in ``n_averaged``).
 _BOOKKEEPING = frozenset({"n_averaged"})
@@ -201,27 +200,22 @@ def read_checkpoint(path: Path, key: WeightsKey = "auto") -> dict[str, torch.Ten
     return _unwrap(raw, path, key)
 
 
-def _is_state_dict(value: object) -> bool:
-    return (
-        isinstance(value, dict)
-        and bool(value)
-        and all(isinstance(v, torch.Tensor) for v in value.values())
-    )
-
-
 def _unwrap(raw: object, path: Path, key: WeightsKey = "auto") -> dict[str, torch.Tensor]:
     if not isinstance(raw, dict) or not raw:
         raise ExportError(f"checkpoint {path} does not hold a state_dict")
+    entries: dict[Any, Any]
     if key == "auto":
-        key = next((k for k in ("model", "state_dict") if isinstance(raw.get(k), dict)), key)
-    if key != "auto" and not (key == "state_dict" and _is_state_dict(raw)):
-        if not isinstance(raw.get(key), dict):
-            held = ", ".join(repr(k) for k in list(raw)[:8])
-            raise ExportError(
-                f"checkpoint {path} has no {key!r} weight set (--weights-key); its entries: {held}"
-            )
-        raw = raw[key]
-    entries: dict[Any, Any] = raw  # type: ignore[assignment]
+        picked = (raw[k] for k in ("model", "state_dict") if isinstance(raw.get(k), dict))
+        entries = next(picked, raw)
+    elif isinstance(raw.get(key), dict):
+        entries = raw[key]
+    elif key == "state_dict" and all(isinstance(v, torch.Tensor) for v in raw.values()):
+        entries = raw  # the file is a bare state_dict: what was asked for
+    else:
+        held = ", ".join(repr(k) for k in list(raw)[:8])
+        raise ExportError(
+            f"checkpoint {path} has no {key!r} weight set (--weights-key); its entries: {held}"
+        )
     state: dict[str, torch.Tensor] = {}
     for entry, value in entries.items():
         name = entry.removeprefix("module.") if isinstance(entry, str) else entry

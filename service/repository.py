@@ -165,6 +165,9 @@ def load_spec(model_dir: Path, version: int | None = None) -> ModelSpec:
             version = latest_version(model_dir)
             if version is None:
                 raise RepositoryError("no numbered version directory")
+        elif version not in numbered_versions(model_dir):
+            held = ", ".join(map(str, numbered_versions(model_dir))) or "none"
+            raise RepositoryError(f"no version {version} (versions: {held})")
         contract = _contract(model_dir, version)
         try:
             labels = read_labels(model_dir / contract.labels_file)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 CommaList = Annotated[list[str], NoDecode]
@@ -151,7 +151,9 @@ class Settings(BaseSettings):
 
     @field_validator("ort_providers")
     @classmethod
-    def _providers_available(cls, value: list[str]) -> list[str]:
+    def _providers_available(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        if info.data.get("backend") != "onnxruntime":
+            return value  # Triton runs the model: this process loads no ONNX Runtime session
         import onnxruntime
 
         available = onnxruntime.get_available_providers()

@@ -264,6 +264,22 @@ def test_cli_settings_errors_name_the_environment_variable(tiny):
     assert proc.returncode == 1 and "RESNET_SERVE_PORT=99999" in proc.stderr
 
 
+def test_an_unavailable_onnxruntime_provider_stops_the_start(tiny):
+    """A GPU provider asked for where the installed onnxruntime lacks it: one line at start,
+    never a silent run on the CPU."""
+    proc = run_cli(
+        "resnet-serve", "serve", "--repository", str(tiny.repository),
+        env={"RESNET_SERVE_ORT_PROVIDERS": "CUDAExecutionProvider,CPUExecutionProvider"},
+    )  # fmt: skip
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        "resnet-serve: error: invalid setting RESNET_SERVE_ORT_PROVIDERS="
+    )
+    assert "CUDAExecutionProvider not available in this onnxruntime" in lines[0]
+    assert "onnxruntime-gpu" in lines[0]
+
+
 def test_version_flags():
     from service import __version__
 

@@ -458,6 +458,14 @@ def test_settings_from_environment(monkeypatch, tmp_path):
     with pytest.raises(ValidationError) as info:
         Settings()
     assert describe_settings_error(info.value).startswith("RESNET_SERVE_MAX_QUEUE_IMAGES=0: ")
+    monkeypatch.setenv("RESNET_SERVE_MAX_QUEUE_IMAGES", "7")
+    monkeypatch.setenv("RESNET_SERVE_ORT_PROVIDERS", "CPUExecutionProvider")
+    assert Settings().ort_providers == ["CPUExecutionProvider"]
+    # Providers matter only where this process runs ONNX Runtime.
+    monkeypatch.setenv("RESNET_SERVE_ORT_PROVIDERS", "CUDAExecutionProvider")
+    assert Settings(backend="triton").ort_providers == ["CUDAExecutionProvider"]
+    with pytest.raises(ValidationError, match="CUDAExecutionProvider not available"):
+        Settings()
 
 
 # --- KServe v2 over HTTP in process (tritonclient against a real Triton: tests/e2e) ----------

@@ -97,6 +97,24 @@ def test_evaluate_refuses_unknown_labels_and_bad_models(int8_repo, tmp_path):
     proc = run_cli("resnet-export", "evaluate", "--images", str(tmp_path / "imgs"),
                    "--model", "digits:x", "-r", str(int8_repo))  # fmt: skip
     assert_one_line_failure(proc, "--model takes NAME or NAME:VERSION")
+    # --compare is resolved before any image is read.
+    ok = tmp_path / "ok"
+    shutil.copytree(tmp_path / "imgs", ok / "3")
+    for ref, message in (
+        ("7", "model 'digits': no version 7 (versions: 1, 2)"),
+        ("zz", "--compare takes a version of digits or an ONNX file"),
+    ):
+        proc = run_cli("resnet-export", "evaluate", "--images", str(ok), "--model", "digits",
+                       "-r", str(int8_repo), "--compare", ref)  # fmt: skip
+        assert_one_line_failure(proc, message)
+    proc = run_cli("resnet-export", "evaluate", "--images", str(ok), "--model", "digits")
+    assert_one_line_failure(proc, "--repository DIR is needed")
+    from service.testing import free_port
+
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    proc = run_cli("resnet-export", "evaluate", "--images", str(ok), "--model", "digits",
+                   "--url", url)  # fmt: skip
+    assert_one_line_failure(proc, f"cannot reach {url}/v1/models/digits/classify")
 
 
 # --- the gate, on the tiny model (milliseconds per export) -----------------------------------
@@ -260,6 +278,8 @@ def test_tensorrt_job_for_a_published_model(int8_repo, tmp_path):
     (and an INT8 graph quantized for CPUs, with uint8 activations, is refused)."""
     proc = run_cli("resnet-export", "tensorrt-job", "-r", str(int8_repo), "--model", "digits")
     assert_one_line_failure(proc, "TensorRT takes symmetric INT8 only")
+    proc = run_cli("resnet-export", "tensorrt-job", "-r", str(int8_repo), "--model", "nope")
+    assert_one_line_failure(proc, "model 'nope': config.pbtxt missing")
     out = tmp_path / "job.yaml"
     proc = run_cli("resnet-export", "tensorrt-job", "-r", str(int8_repo), "--model", "digits:1",
                    "--output", str(out))  # fmt: skip

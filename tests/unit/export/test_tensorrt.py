@@ -8,6 +8,7 @@ API), and the one test that builds and runs a real engine is skipped with the re
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import hashlib
 import json
@@ -260,15 +261,8 @@ def test_build_job_script_writes_the_plan_and_its_manifest(tmp_path):
         ]
     )
     manifest = EngineManifest.load(vdir / MANIFEST_FILENAME)
-    assert manifest == EngineManifest(
-        tensorrt_version="10.8.0.43",
-        gpu_name="NVIDIA H100 80GB HBM3",
-        compute_capability="9.0",
-        cuda_version="12.8",
-        precision="fp16",
-        max_batch_size=32,
-        opt_batch_size=8,
-        onnx_sha256=hashlib.sha256(b"onnx bytes").hexdigest(),
+    assert manifest == dataclasses.replace(
+        MANIFEST, precision="fp16", onnx_sha256=hashlib.sha256(b"onnx bytes").hexdigest()
     )
 
 
