@@ -13,7 +13,7 @@ PORT ?= 8000
 # without its dependencies: we need only the binary, not pytriton's Python API.
 PYTRITON := nvidia-pytriton==0.7.0
 
-.PHONY: help setup serve demo test lint bench fuzz docs proto clean
+.PHONY: help setup tools serve demo test lint bench fuzz docs proto clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -21,11 +21,27 @@ help: ## list the targets
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade "pip>=24"
-	$(BIN)/pip install --quiet -e ".[export,service,triton,dev]"
+	$(BIN)/pip install --quiet -e ".[export,service,triton,deploy,dev]"
 	$(BIN)/pip install --quiet --no-deps "$(PYTRITON)"
 	@touch $@
 
 setup: $(STAMP) ## create .venv and install everything (torch CPU, ONNX Runtime, tritonserver)
+
+# promtool (checks and unit-tests the alert rules) ships only in Debian's prometheus
+# package: take that one binary out of the .deb, no service installed or started.
+# A promtool already on PATH is used instead.
+PROMTOOL := $(BIN)/promtool
+$(PROMTOOL): | $(STAMP)
+	@if command -v promtool >/dev/null; then ln -sf "$$(command -v promtool)" $@; else \
+		command -v apt-get >/dev/null || { echo "promtool: needs apt-get (Debian) or promtool on PATH" >&2; exit 1; }; \
+		tmp=$$(mktemp -d) && cd $$tmp \
+		&& { apt-get download -q prometheus 2>/dev/null || { apt-get update -q >/dev/null && apt-get download -q prometheus; }; } \
+		&& dpkg-deb --fsys-tarfile prometheus_*.deb | tar -x ./usr/bin/promtool \
+		&& mv usr/bin/promtool $(CURDIR)/$@ && cd / && rm -rf $$tmp; \
+	fi
+	@$@ --version | head -1
+
+tools: $(STAMP) $(PROMTOOL) ## the deployment checkers: Helm engine, k8s schemas, hadolint, promtool
 
 demo: setup ## train the digits demo model into $(REPO)/ unless it already holds a model
 	@if $(BIN)/resnet-export validate --repository $(REPO) --quiet 2>/dev/null; then \
@@ -37,7 +53,7 @@ demo: setup ## train the digits demo model into $(REPO)/ unless it already holds
 serve: demo ## set up, build the demo model if needed, serve it with the embedded backend
 	$(BIN)/resnet-serve serve --repository $(REPO) --host $(HOST) --port $(PORT)
 
-test: setup ## set up and run the whole test suite
+test: setup tools ## set up and run the whole test suite
 	$(BIN)/python -m pytest -q
 
 lint: setup ## ruff + mypy

@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from deploy.loadgen import closed_loop, open_loop
+from service.cpus import usable_cpus
 from service.testing import GatewayProcess, free_port
 
 BIN = Path(sys.executable).parent
@@ -161,11 +162,11 @@ def cpu_flags() -> str:
 
 
 def bare_ort(onnx_path: Path, batch: int, seconds: float) -> float:
-    """Images/s of a plain ORT session (all cores, default options) at a fixed batch."""
+    """Images/s of a plain ORT session (all usable CPUs, default options) at a fixed batch."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
-    opts.intra_op_num_threads = os.cpu_count() or 1
+    opts.intra_op_num_threads = usable_cpus()
     session = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
     x = np.random.default_rng(0).standard_normal((batch, 3, 224, 224), dtype=np.float32)
     for _ in range(2):
@@ -296,7 +297,9 @@ def overload(
 
 
 def run(seconds: float, out: Path, triton: bool = True) -> dict[str, Any]:
-    results: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "isa": cpu_flags()}}
+    results: dict[str, Any] = {
+        "machine": {"cpus": usable_cpus(), "node_cpus": os.cpu_count(), "isa": cpu_flags()}
+    }
     with tempfile.TemporaryDirectory(prefix="resnet-bench-") as tmp:
         repo = Path(tmp)
         export_model(repo)

@@ -1,12 +1,21 @@
-"""Regenerate README's settings table from service.settings.Settings (`make docs`)."""
+"""Regenerate what is derived from service.settings.Settings (`make docs`): README's settings
+table, and the type of every `gateway.config` value in the Helm chart's values.schema.json
+(the chart maps those values one to one onto the settings)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 from service.settings import Settings
 
 HEAD = "| variable | default | meaning |\n|---|---|---|\n"
+SCHEMA = Path("helm/resnet-serving/values.schema.json")
+#: Settings the chart sets itself, from where things are in the pod, not from gateway.config.
+CHART_OWNED = frozenset(
+    {"repository", "host", "port", "grpc_port", "backend", "triton_url", "api_keys"}
+)
 
 
 def rows() -> str:
@@ -21,12 +30,62 @@ def rows() -> str:
     return "\n".join(out)
 
 
+def value_key(field: str) -> str:
+    """The chart's name for a setting: ``max_batch_delay_ms`` is ``maxBatchDelayMs`` (and
+    Helm's ``snakecase`` turns it back)."""
+    head, *rest = field.split("_")
+    return head + "".join(part.capitalize() for part in rest)
+
+
+def _strip(node: Any) -> Any:
+    # Titles are pydantic's, defaults live in values.yaml: only the type and bounds stay.
+    if isinstance(node, dict):
+        return {k: _strip(v) for k, v in node.items() if k not in ("title", "default")}
+    if isinstance(node, list):
+        return [_strip(v) for v in node]
+    return node
+
+
+def config_schema() -> dict[str, Any]:
+    """JSON schema of the chart's ``gateway.config``: every setting but the chart's own."""
+    fields = Settings.model_json_schema()["properties"]
+    props = {
+        value_key(name): _strip(fields[name])
+        for name in Settings.model_fields
+        if name not in CHART_OWNED
+    }
+    return {
+        "type": "object",
+        "description": "The gateway's settings (RESNET_SERVE_*), one to one; null: the default.",
+        "additionalProperties": False,
+        "properties": {k: _nullable(v) for k, v in props.items()},
+    }
+
+
+def _nullable(prop: dict[str, Any]) -> dict[str, Any]:
+    """null is accepted everywhere: it leaves the variable unset (the gateway's default)."""
+    if "anyOf" in prop and {"type": "null"} in prop["anyOf"]:
+        return prop
+    description = prop.pop("description", None)
+    out: dict[str, Any] = {"anyOf": [prop, {"type": "null"}]}
+    if description:
+        out["description"] = description
+    return out
+
+
+def schema_text(current: str) -> str:
+    schema = json.loads(current)
+    schema["properties"]["gateway"]["properties"]["config"] = config_schema()
+    return json.dumps(schema, indent=2) + "\n"
+
+
 def main() -> None:
     readme = Path("README.md")
     text = readme.read_text()
     start = text.index(HEAD) + len(HEAD)
     end = text.index("\n\n", start)
     readme.write_text(text[:start] + rows() + text[end:])
+    SCHEMA.write_text(schema_text(SCHEMA.read_text()))
 
 
 if __name__ == "__main__":

@@ -366,15 +366,12 @@ def _check_tensorrt_int8(version_dir: Path) -> None:
     kernels cannot become an engine."""
     import json
 
+    from export.trt_node import int8_problem
     from service.repository import REPORT_FILENAME
 
-    report = json.loads((version_dir / REPORT_FILENAME).read_text())
-    activations = report.get("quantization", {}).get("activations", "")
-    if activations.startswith("uint8"):
-        raise ExportError(
-            f"{version_dir} is INT8 with uint8 activations (ONNX Runtime's CPU kernels); "
-            "TensorRT takes symmetric INT8 only: re-export with --symmetric-int8"
-        )
+    problem = int8_problem(json.loads((version_dir / REPORT_FILENAME).read_text()))
+    if problem:
+        raise ExportError(f"{version_dir} is {problem}")
 
 
 def _warn(message: str) -> None:
@@ -638,7 +635,6 @@ def tensorrt_job(
             job = trt.render_build_job(
                 name,
                 int(spec.version),
-                spec.contract,
                 spec.max_batch_size,
                 spec.precision,
                 repository_claim=claim,

@@ -10,7 +10,6 @@ from is byte-for-byte what it will be served.
 from __future__ import annotations
 
 import io
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from export.pipeline import ExportResult, Images, PrecisionPlan, export_and_publ
 from export.quantize import DEFAULT_CALIBRATION_COUNT, Precision
 from export.repository import Flavor, ServingConfig, ensure_writable
 from service.contract import PreprocessContract
+from service.cpus import usable_cpus
 from service.preprocess import preprocess
 
 DEMO_NAME = "digits"
@@ -104,7 +104,7 @@ def train(
     split: DigitsSplit, epochs: int, seed: int, log: Callable[[str], None]
 ) -> tuple[nn.Module, PreprocessContract, float]:
     torch.manual_seed(seed)
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(usable_cpus())
     # Normalisation statistics are the training set's, measured through the contract's own
     # resize (mean/std 0/1 first, so the tensors are plain 0..1 pixels).
     raw = _tensors(split.train_png, demo_contract(0.0, 1.0))

@@ -13,8 +13,10 @@ build mirrors it flag for flag):
 
 * :func:`build_engine` with the ``tensorrt`` Python package, on a machine with the GPU;
 * :func:`trtexec_command`: the same build as a ``trtexec`` command line;
-* :func:`render_build_job`: that command as a Kubernetes Job on a GPU node, writing into
-  the model repository's PersistentVolumeClaim.
+* ``export/trt_node.py``, the stdlib-only script that runs that command on the GPU node
+  (the Helm chart's init container, keeping or building each model's engine before Triton
+  starts), and :func:`render_build_job`, a Kubernetes Job that runs the same script for
+  one model version, writing into the model repository's PersistentVolumeClaim.
 
 Triton serves the plan through a custom model configuration, ``configs/tensorrt.pbtxt``
 in the model directory, selected with ``tritonserver --model-config-name=tensorrt``; a
@@ -36,7 +38,6 @@ import json
 import os
 import re
 import shlex
-import subprocess
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, fields
@@ -45,27 +46,31 @@ from typing import TYPE_CHECKING, Any, Literal, cast, get_args
 
 import numpy as np
 
+from export import trt_node
 from export.errors import ExportError
+from export.trt_node import NodeError
 
 if TYPE_CHECKING:
     from service.contract import PreprocessContract
 
-PLAN_FILENAME = "model.plan"
-MANIFEST_FILENAME = "engine.json"
+# The names and settings the GPU node's script (export/trt_node.py) uses, defined there.
+PLAN_FILENAME = trt_node.PLAN_FILENAME
+MANIFEST_FILENAME = trt_node.MANIFEST_FILENAME
 #: Triton's custom model configuration: ``<model>/configs/tensorrt.pbtxt``, used instead of
 #: ``config.pbtxt`` when tritonserver runs with ``--model-config-name=tensorrt`` (and
 #: ``config.pbtxt`` still, for a model without that file). See "Custom Model Configuration"
 #: in https://github.com/triton-inference-server/server/blob/main/docs/user_guide/model_configuration.md
-TRT_CONFIG_NAME = "tensorrt"
+TRT_CONFIG_NAME = trt_node.TRT_CONFIG_NAME
+#: The batch size TensorRT tunes its kernels for (the profile's "opt"), at most the maximum:
+#: the dynamic batcher's preferred sizes cluster here for a single GPU.
+OPT_BATCH_SIZE = trt_node.OPT_BATCH_SIZE
+opt_batch_size = trt_node.opt_batch_size
 #: The image the build Job runs. Its YY.MM must be the Triton image's (nvcr.io/nvidia/
 #: tritonserver:YY.MM-py3): both then ship the same TensorRT, the only one that loads the plan.
 TRT_IMAGE = "nvcr.io/nvidia/tensorrt:25.01-py3"
 
 Precision = Literal["fp32", "fp16", "int8"]
 PRECISIONS: tuple[str, ...] = get_args(Precision)
-#: The batch size TensorRT tunes its kernels for (the profile's "opt"), at most the maximum:
-#: the dynamic batcher's preferred sizes cluster here for a single GPU.
-OPT_BATCH_SIZE = 8
 
 _NOT_INSTALLED = "TensorRT is not installed (pip install tensorrt; it needs an NVIDIA GPU)"
 _NO_GPU = "no NVIDIA GPU is visible (TensorRT builds engines on the GPU they will run on)"
@@ -246,17 +251,11 @@ def _manifest_problems(m: EngineManifest) -> list[str]:
     return problems
 
 
-def opt_batch_size(max_batch_size: int) -> int:
-    return min(OPT_BATCH_SIZE, max_batch_size)
-
-
 def _check_build_args(max_batch_size: int, precision: str) -> None:
-    if precision not in PRECISIONS:
-        raise ExportError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int):
-        raise ExportError(f"max batch size must be an integer, got {max_batch_size!r}")
-    if max_batch_size < 1:
-        raise ExportError(f"max batch size must be at least 1, got {max_batch_size}")
+    try:
+        trt_node.check_build_args(max_batch_size, precision)
+    except NodeError as exc:
+        raise ExportError(str(exc)) from exc
 
 
 # --- building with the Python API ----------------------------------------------------------------
@@ -282,14 +281,9 @@ def _gpu_identity() -> tuple[str, str, str | None]:
 
 
 def _gpu_identity_from_nvidia_smi() -> tuple[str, str, str | None]:
-    # nvidia-smi numbers GPUs regardless of CUDA_VISIBLE_DEVICES: ask for CUDA's device 0.
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")[0].strip()
-    argv = ["nvidia-smi", "--query-gpu=name,compute_cap", "--format=csv,noheader"]
-    argv += [f"--id={visible}"] if visible else []
     try:
-        out = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=True).stdout
-        name, cc = (part.strip() for part in out.strip().splitlines()[0].rsplit(",", 1))
-    except (OSError, subprocess.SubprocessError, IndexError, ValueError) as exc:
+        name, cc = trt_node.gpu_identity()
+    except NodeError as exc:
         raise ExportError(
             "cannot tell which GPU the engine is built for: install cuda-python, or put "
             f"nvidia-smi on PATH ({_first_line(exc)})"
@@ -357,7 +351,6 @@ def build_engine(
     appears whole or not at all (written beside itself, then renamed); the caller writes
     the manifest to ``engine.json``.
     """
-    from export.weights import sha256_file
 
     _check_build_args(max_batch_size, precision)
     reason = unavailable_reason()
@@ -430,7 +423,7 @@ def build_engine(
         precision=cast(Precision, precision),
         max_batch_size=max_batch_size,
         opt_batch_size=opt,
-        onnx_sha256=sha256_file(onnx_path),
+        onnx_sha256=trt_node.sha256_file(onnx_path),
     )
 
 
@@ -547,15 +540,6 @@ def run_engine(plan_path: Path, batch: np.ndarray, input_name: str, output_name:
 # --- trtexec and a Kubernetes Job --------------------------------------------------------------
 
 
-def _shape_spec(name: str, batch: int, shape: tuple[int, ...]) -> str:
-    # trtexec splits shape lists at ',' and a name from its dims at the last ':'; a name
-    # holding either must be quoted ('input:0':1x3x224x224).
-    if "'" in name:
-        raise ExportError(f"input name {name!r} cannot be given to trtexec (it holds a quote)")
-    quoted = f"'{name}'" if any(c in name for c in ":,") else name
-    return f"{quoted}:{'x'.join(map(str, (batch, *shape)))}"
-
-
 def trtexec_command(
     onnx_path: str,
     plan_path: str,
@@ -564,24 +548,20 @@ def trtexec_command(
     precision: str,
     timing_cache: str | None = None,
 ) -> list[str]:
-    """The ``trtexec`` argv that builds the engine :func:`build_engine` builds."""
-    _check_build_args(max_batch_size, precision)
-    name, shape = contract.input_name, contract.input_shape
-    argv = [
-        "trtexec",
-        f"--onnx={onnx_path}",
-        f"--saveEngine={plan_path}",
-        f"--minShapes={_shape_spec(name, 1, shape)}",
-        f"--optShapes={_shape_spec(name, opt_batch_size(max_batch_size), shape)}",
-        f"--maxShapes={_shape_spec(name, max_batch_size, shape)}",
-    ]
-    if precision == "fp16":
-        argv.append("--fp16")
-    elif precision == "int8":
-        argv += ["--int8", "--fp16"]
-    if timing_cache:
-        argv.append(f"--timingCacheFile={timing_cache}")
-    return argv
+    """The ``trtexec`` argv that builds the engine :func:`build_engine` builds: the
+    contract's input, ``export/trt_node.py``'s command (the one the GPU node runs)."""
+    try:
+        return trt_node.trtexec_command(
+            onnx_path,
+            plan_path,
+            contract.input_name,
+            contract.input_shape,
+            max_batch_size,
+            precision,
+            timing_cache,
+        )
+    except NodeError as exc:
+        raise ExportError(str(exc)) from exc
 
 
 def shell_command(argv: list[str]) -> str:
@@ -605,60 +585,16 @@ def job_name(model: str, version: int) -> str:
     return f"trt-{slug}{suffix}"
 
 
-# Runs in the build Job's container (python3 -c "$WRITE_MANIFEST" ONNX PRECISION MAX OPT),
-# GPU_INFO and TRT_VERSION set by the script; prints EngineManifest's fields as JSON.
-_MANIFEST_PY = """\
-import hashlib, json, os, sys
-name, _, cc = os.environ["GPU_INFO"].strip().splitlines()[0].rpartition(",")
-with open(sys.argv[1], "rb") as fh:
-    sha = hashlib.sha256(fh.read()).hexdigest()
-manifest = {
-    "tensorrt_version": os.environ["TRT_VERSION"].strip(),
-    "gpu_name": name.strip(),
-    "compute_capability": cc.strip(),
-    "cuda_version": ".".join(os.environ.get("CUDA_VERSION", "").split(".")[:2]) or None,
-    "precision": sys.argv[2],
-    "max_batch_size": int(sys.argv[3]),
-    "opt_batch_size": int(sys.argv[4]),
-    "onnx_sha256": sha,
-}
-json.dump(manifest, sys.stdout, indent=2)
-print()
-"""
+def trt_node_source() -> str:
+    """The text of ``export/trt_node.py``, which the build Job runs with ``python3 -c``."""
+    from importlib import resources
 
-
-def _build_script(
-    vdir: str, contract: PreprocessContract, max_batch_size: int, precision: str
-) -> str:
-    onnx_path = f"{vdir}/model.onnx"
-    plan_tmp = f"{vdir}/.{PLAN_FILENAME}.tmp"
-    manifest_tmp = f"{vdir}/.{MANIFEST_FILENAME}.tmp"
-    argv = trtexec_command(onnx_path, plan_tmp, contract, max_batch_size, precision)
-    q = shlex.quote
-    lines = [
-        "set -euo pipefail",
-        f"test -f {q(onnx_path)} || {{ echo 'no {onnx_path} to build from' >&2; exit 1; }}",
-        f"trap 'rm -f {q(plan_tmp)} {q(manifest_tmp)}' EXIT",
-        # Built under a hidden name and renamed: Triton (polling the repository) never
-        # sees half a plan, and a failed build leaves the previous plan in place.
-        shell_command(argv),
-        'GPU_INFO="$(nvidia-smi --query-gpu=name,compute_cap --format=csv,noheader)"',
-        "TRT_VERSION=\"$(python3 -c 'import tensorrt; print(tensorrt.__version__)')\"",
-        "export GPU_INFO TRT_VERSION",
-        # CUDA_VERSION (12.8.0.038) is set by NVIDIA's CUDA images, this one included.
-        f'python3 -c "$WRITE_MANIFEST" {q(onnx_path)} {q(precision)} {max_batch_size} '
-        f"{opt_batch_size(max_batch_size)} > {q(manifest_tmp)}",
-        f"mv -f {q(plan_tmp)} {q(f'{vdir}/{PLAN_FILENAME}')}",
-        f"mv -f {q(manifest_tmp)} {q(f'{vdir}/{MANIFEST_FILENAME}')}",
-        f"cat {q(f'{vdir}/{MANIFEST_FILENAME}')}",
-    ]
-    return "\n".join(lines) + "\n"
+    return resources.files("export").joinpath("trt_node.py").read_text(encoding="utf-8")
 
 
 def render_build_job(
     model: str,
     version: int,
-    contract: PreprocessContract,
     max_batch_size: int,
     precision: str,
     repository_claim: str = "model-repository",
@@ -666,7 +602,13 @@ def render_build_job(
     namespace: str | None = None,
 ) -> str:
     """A Kubernetes ``batch/v1`` Job (YAML) that builds ``<model>/<version>/model.plan``
-    and its ``engine.json`` with trtexec on a GPU node, in the repository's PVC."""
+    and its ``engine.json`` with trtexec on a GPU node, in the repository's PVC.
+
+    The container runs ``export/trt_node.py`` (its source in the ``TRT_NODE`` variable, so
+    the Job stays one self-contained document) with ``--require``: the Job fails when no
+    engine is built, and it keeps an engine already built for the node's GPU and TensorRT.
+    The repository's settings (input, precision, batch size) are read there, at run time.
+    When the version is the newest, it also writes ``configs/tensorrt.pbtxt``."""
     import yaml
 
     from export.repository import check_name
@@ -674,8 +616,9 @@ def render_build_job(
     check_name(model)  # also keeps the name from walking out of /models
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
         raise ExportError(f"model version must be a positive integer, got {version!r}")
-    vdir = f"/models/{model}/{version}"
-    script = _build_script(vdir, contract, max_batch_size, precision)
+    _check_build_args(max_batch_size, precision)
+    node_args = ["--repository", "/models", "--model", model, "--version", str(version)]
+    script = f'exec python3 -c "$TRT_NODE" {shlex.join(node_args)} --require --verbose'
     name = job_name(model, version)
     labels = {
         "app.kubernetes.io/name": "resnet-serving",
@@ -692,10 +635,10 @@ def render_build_job(
         "resnet-serving/precision": precision,
     }
     container = {
-        "name": "trtexec",
+        "name": "build-engine",
         "image": image,
-        "command": ["bash", "-c", script],
-        "env": [{"name": "WRITE_MANIFEST", "value": _MANIFEST_PY}],
+        "command": ["sh", "-c", script],
+        "env": [{"name": "TRT_NODE", "value": trt_node_source()}],
         # The GPU the engine is built for: the node's, so schedule on nodes of the GPU
         # model that will serve it (add a nodeSelector on the GPU product label if the
         # cluster mixes models).
@@ -703,8 +646,9 @@ def render_build_job(
         "volumeMounts": [{"name": "models", "mountPath": "/models"}],
         # NVIDIA's NGC images run as root, and this one does too: it must write into the
         # repository, whose files the exporter may own. It gets no Linux capabilities and
-        # cannot gain privileges, so root here cannot override file permissions: the
-        # version directory must be writable by uid 0 (or set runAsUser to its owner).
+        # cannot gain privileges, so root here cannot override file permissions: the model
+        # directory (for configs/) and its version directory must be writable by uid 0
+        # (or set runAsUser to their owner).
         "securityContext": {
             "allowPrivilegeEscalation": False,
             "capabilities": {"drop": ["ALL"]},

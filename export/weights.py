@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from export.errors import ExportError
+from export.trt_node import sha256_file  # stdlib-only there: that script runs on its own
 from service.errors import brief
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -102,14 +103,6 @@ class LoadedWeights:
     sha256: str
     source: str
     weight_set: WeightSet | None = None
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def resolve_torchvision(arch: str, name: str) -> WeightSet:

@@ -111,6 +111,8 @@ class Batcher:
         self.max_queue = max_queue
         self._metrics = metrics
         self._backend = backend_name
+        metrics.queue_capacity.labels(model).set(max_queue)
+        metrics.queue_depth.labels(model).set(0)
         # Earliest deadline first: a request admitted with less time left is not pushed back
         # by one that finished decoding sooner (with one timeout for all, this is arrival
         # order). Requests' images stay together: one deadline each.

@@ -117,11 +117,16 @@ def uvicorn_config(asgi: Any, fastapi_app: Any, settings: Any) -> Any:
 @app.command()
 def serve(
     repository: Annotated[
-        Path, typer.Option("--repository", "-r", help="Model repository (resnet-export output).")
-    ] = Path("model_repository"),
+        Path | None,
+        typer.Option(
+            "--repository",
+            "-r",
+            help="Model repository (resnet-export output; default model_repository).",
+        ),
+    ] = None,
     backend: Annotated[
-        str, typer.Option(help="onnxruntime (embedded, the default) or triton.")
-    ] = "onnxruntime",
+        str | None, typer.Option(help="onnxruntime (embedded, the default) or triton.")
+    ] = None,
     triton_url: Annotated[
         str | None, typer.Option(help="Triton gRPC endpoint HOST:PORT (with --backend triton).")
     ] = None,
@@ -141,8 +146,12 @@ def serve(
     from service.repository import RepositoryError, load_repository
     from service.settings import Settings, describe_settings_error
 
-    overrides: dict[str, Any] = {"repository": repository, "backend": backend}
+    # Only the options given override the environment (RESNET_SERVE_REPOSITORY, ..., as
+    # the image and the Helm chart set them); the defaults are the Settings' own.
+    overrides: dict[str, Any] = {}
     for key, value in (
+        ("repository", repository),
+        ("backend", backend),
         ("triton_url", triton_url),
         ("grpc_port", grpc_port),
         ("host", host),

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import math
-import os
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -25,6 +24,7 @@ import numpy as np
 
 from service.backends.base import Backend
 from service.batching import Batcher
+from service.cpus import usable_cpus
 from service.decoding import DecodePool
 from service.errors import (
     DeadlineExceeded,
@@ -175,7 +175,7 @@ class DataPlane:
         self.limits = DecodeLimits(
             max_pixels=settings.max_image_pixels, jpeg_draft=settings.jpeg_draft
         )
-        self.decoder = DecodePool(settings.preprocess_workers or len(os.sched_getaffinity(0)))
+        self.decoder = DecodePool(settings.preprocess_workers or usable_cpus())
         #: EWMA of one image's decode + preprocess time, per model (admission's estimate).
         self._decode_s = {s.name: 0.005 for s in specs}
         self.stats = {s.name: ModelStatistics(s.name, s.version) for s in specs}

@@ -59,6 +59,13 @@ class Metrics:
         self.queue_depth = Gauge(
             p + "queue_depth", "Images waiting for a batch.", ["model"], registry=r
         )
+        # Exported so that saturation (depth / capacity) is one PromQL division.
+        self.queue_capacity = Gauge(
+            p + "queue_capacity",
+            "Most images that may wait for a batch (MAX_QUEUE_IMAGES).",
+            ["model"],
+            registry=r,
+        )
         self.rejections = Counter(
             p + "rejections",
             "Requests answered with an error, by its code (one per request, every transport).",

@@ -21,6 +21,7 @@ from collections.abc import Awaitable, Callable
 
 from service.auth import check_key, hash_keys
 from service.backends import Backend, make_backend
+from service.cpus import cpu_budget
 from service.dataplane import DataPlane
 from service.errors import NotReady, ShuttingDown
 from service.metrics import Metrics
@@ -59,6 +60,8 @@ class Runtime:
     async def start(self) -> None:
         """Load the repository, start the backend and the data plane, or raise StartupError
         (then :meth:`close` releases what was started)."""
+        budget = cpu_budget()
+        log.info("sizing threads for %s", budget.describe())
         backend = self.backend = self.backend or make_backend(self.settings)
         try:
             specs = load_repository(self.settings.repository, self.settings.models or None)

@@ -44,7 +44,11 @@ class Settings(BaseSettings):
     backend: Literal["onnxruntime", "triton"] = Field(
         "onnxruntime", description="Embedded ONNX Runtime, or a Triton server over gRPC."
     )
-    triton_url: str = Field("127.0.0.1:8001", description="Triton gRPC endpoint (host:port).")
+    triton_url: str = Field(
+        "127.0.0.1:8001",
+        description="Triton gRPC endpoint: host:port, or any gRPC target; calls are balanced "
+        "round-robin over every address it resolves to (dns:///triton-headless:8001).",
+    )
     triton_max_retries: int = Field(
         2, ge=0, le=10, description="Retries of a batch after a transient Triton failure."
     )
@@ -109,13 +113,16 @@ class Settings(BaseSettings):
 
     # --- compute ---------------------------------------------------------------------------
     preprocess_workers: int = Field(
-        0, ge=0, description="Threads decoding and preprocessing images (0: one per core)."
+        0,
+        ge=0,
+        description="Threads decoding and preprocessing images (0: one per usable CPU "
+        "(cgroup quota and affinity)).",
     )
     ort_intra_op_threads: int = Field(
         0,
         ge=0,
-        description="ONNX Runtime intra-op threads per batch (0: the cores divided "
-        "by ORT_PARALLEL_BATCHES).",
+        description="ONNX Runtime intra-op threads per batch (0: the usable CPUs (cgroup "
+        "quota and affinity) divided by ORT_PARALLEL_BATCHES).",
     )
     ort_providers: CommaList = Field(
         default_factory=lambda: ["CPUExecutionProvider"],

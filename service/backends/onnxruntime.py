@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -12,6 +11,7 @@ import numpy as np
 import onnxruntime as ort
 
 from service.backends.base import Backend
+from service.cpus import usable_cpus
 from service.errors import BackendUnavailable
 from service.repository import ModelSpec, RepositoryError, TensorSig, tensor_problems
 
@@ -41,13 +41,13 @@ class OnnxRuntimeBackend(Backend):
         providers: list[str] | None = None,
     ) -> None:
         """``parallel_batches`` runs of one session at once, each with ``intra_op_threads``
-        (default: the cores divided among them). One batch on all cores gives the lowest
-        latency; several single-threaded batches avoid stalling a whole batch whenever a
-        decoding thread takes one of its cores, which gives more throughput under load."""
+        (default: the usable CPUs, :func:`service.cpus.usable_cpus`, divided among them).
+        One batch on all cores gives the lowest latency; several single-threaded batches
+        avoid stalling a whole batch whenever a decoding thread takes one of its cores,
+        which gives more throughput under load."""
         self.max_inflight_batches = max(1, parallel_batches)
         self._providers = providers or ["CPUExecutionProvider"]
-        cores = os.cpu_count() or 1
-        self._threads = intra_op_threads or max(1, cores // self.max_inflight_batches)
+        self._threads = intra_op_threads or max(1, usable_cpus() // self.max_inflight_batches)
         self._sessions: dict[str, ort.InferenceSession] = {}
         # Threads that call session.run (the GIL is released while ORT computes).
         self._executors: dict[str, ThreadPoolExecutor] = {}
@@ -96,6 +96,13 @@ class OnnxRuntimeBackend(Backend):
 
     async def start(self, specs: list[ModelSpec]) -> None:
         loop = asyncio.get_running_loop()
+        if {"CUDAExecutionProvider", "TensorrtExecutionProvider"} & set(self._providers):
+            # onnxruntime-gpu finds the CUDA and cuDNN libraries of the nvidia-* wheels (how
+            # the GPU image gets them: no CUDA toolkit in it) only once they are loaded;
+            # without those wheels it loads the system's. A no-op in the CPU package.
+            preload = getattr(ort, "preload_dlls", None)
+            if preload is not None:
+                await loop.run_in_executor(None, preload)
         for spec in specs:
             executor = ThreadPoolExecutor(
                 self.max_inflight_batches, thread_name_prefix=f"ort-{spec.name}"

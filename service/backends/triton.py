@@ -78,6 +78,11 @@ class TritonBackend(Backend):
             ("grpc.keepalive_timeout_ms", 10_000),
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.max_pings_without_data", 0),
+            # Spread calls over every address the target resolves to: with a headless
+            # Service (dns:///triton-headless:8001, as the Helm chart sets it) that is every
+            # Triton pod. One long-lived channel behind a ClusterIP would pin each gateway to
+            # one Triton. A plain host:port resolves to one address: nothing changes.
+            ("grpc.lb_policy_name", "round_robin"),
             # Reconnect quickly once Triton is back.
             ("grpc.initial_reconnect_backoff_ms", 200),
             ("grpc.min_reconnect_backoff_ms", 200),

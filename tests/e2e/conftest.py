@@ -31,13 +31,32 @@ def triton_repo(demo, tiny, tmp_path_factory) -> Path:
     return repo
 
 
-def start_real_triton(repo: Path, log: Path, ports: tuple[int, int, int] | None = None):
+def start_real_triton(
+    repo: Path,
+    log: Path,
+    ports: tuple[int, int, int] | None = None,
+    extra_args: tuple[str, ...] = (),
+):
     from service.triton_launcher import start_triton
 
     http, grpc, metrics = ports or (free_port(), free_port(), free_port())
-    server = start_triton(repo, http, grpc, metrics, log_path=log)
+    server = start_triton(repo, http, grpc, metrics, log_path=log, extra_args=extra_args)
     server.wait_ready(180)
     return server
+
+
+def gateway_on_triton(log: Path, repo: Path, triton) -> GatewayProcess:
+    """The gateway (REST and gRPC) with the Triton backend, in front of ``triton``."""
+    return GatewayProcess.start(
+        log,
+        "--repository",
+        str(repo),
+        "--backend",
+        "triton",
+        "--triton-url",
+        triton.grpc_url,
+        grpc=True,
+    )
 
 
 @pytest.fixture(scope="module")

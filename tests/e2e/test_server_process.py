@@ -247,6 +247,18 @@ def test_cli_refuses_a_bad_repository(tmp_path):
     assert "RESNET_SERVE_BACKEND=tensorflow: Input should be" in proc.stderr
 
 
+def test_cli_takes_the_repository_and_backend_from_the_environment(tmp_path):
+    """Options not given leave the RESNET_SERVE_* variables in force (the image and the Helm
+    chart configure the gateway through them)."""
+    env = {"RESNET_SERVE_REPOSITORY": str(tmp_path / "mounted"), "RESNET_SERVE_BACKEND": "x"}
+    proc = run_cli("resnet-serve", "serve", env=env, timeout=60)
+    assert proc.returncode == 1
+    assert "RESNET_SERVE_BACKEND=x: Input should be" in proc.stderr
+    proc = run_cli("resnet-serve", "serve", env={**env, "RESNET_SERVE_BACKEND": "onnxruntime"})
+    assert proc.returncode == 1
+    assert f"model repository {tmp_path / 'mounted'} is not a directory" in proc.stderr
+
+
 def test_cli_settings_errors_name_the_environment_variable(tiny):
     proc = run_cli(
         "resnet-serve",

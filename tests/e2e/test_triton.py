@@ -20,7 +20,7 @@ from service.grpc import classifier_pb2, classifier_pb2_grpc
 from service.preprocess import preprocess
 from service.testing import GatewayProcess, free_port, wait_until
 from tests.conftest import TINY_LABELS, image_bytes, run_cli
-from tests.e2e.conftest import start_real_triton
+from tests.e2e.conftest import gateway_on_triton, start_real_triton
 
 pytestmark = pytest.mark.triton
 PNG = {"content-type": "image/png"}
@@ -29,16 +29,7 @@ PNG = {"content-type": "image/png"}
 @pytest.fixture(scope="module")
 def via_triton(triton, triton_repo, tmp_path_factory):
     """The gateway with the Triton backend, serving both models Triton serves."""
-    gw = GatewayProcess.start(
-        tmp_path_factory.mktemp("gw") / "gw.log",
-        "--repository",
-        str(triton_repo),
-        "--backend",
-        "triton",
-        "--triton-url",
-        triton.grpc_url,
-        grpc=True,
-    )
+    gw = gateway_on_triton(tmp_path_factory.mktemp("gw") / "gw.log", triton_repo, triton)
     yield gw
     gw.stop()
 

@@ -1,5 +1,5 @@
-"""TensorRT engines: the trtexec command, the build Job (its script run for real against
-stand-ins for trtexec and nvidia-smi), engine.json, and the Python build's settings.
+"""TensorRT engines: the trtexec command, the build Job (which runs export/trt_node.py: run
+for real in test_trt_node.py), engine.json, and the Python build's settings.
 
 TensorRT needs an NVIDIA GPU. Where there is none, ``build_engine``'s settings are checked
 against a recording stand-in for the ``tensorrt`` module (names as in TensorRT 10's Python
@@ -8,13 +8,10 @@ API), and the one test that builds and runs a real engine is skipped with the re
 
 from __future__ import annotations
 
-import dataclasses
 import enum
 import hashlib
 import json
-import os
 import re
-import subprocess
 import sys
 import types
 from pathlib import Path
@@ -119,7 +116,7 @@ def test_shell_command_quotes_what_the_shell_would_split():
 
 
 def _job(model="ResNet_50.v2", version=3, precision="fp16", **kw) -> dict[str, Any]:
-    text = render_build_job(model, version, CONTRACT, 32, precision, **kw)
+    text = render_build_job(model, version, 32, precision, **kw)
     return yaml.safe_load(text)
 
 
@@ -152,18 +149,17 @@ def test_render_build_job_is_a_gpu_job_on_the_repository_claim():
     assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
 
 
-def test_render_build_job_runs_the_trtexec_command_and_renames_the_plan():
+def test_render_build_job_runs_the_node_script_for_that_version():
     container = _container(_job(precision="int8"))
-    assert container["command"][:2] == ["bash", "-c"]
-    script = container["command"][2]
-    vdir = "/models/ResNet_50.v2/3"
-    argv = trtexec_command(f"{vdir}/model.onnx", f"{vdir}/.model.plan.tmp", CONTRACT, 32, "int8")
-    assert shell_command(argv) in script.splitlines()
-    assert "--int8 --fp16" in script
-    assert f"mv -f {vdir}/.model.plan.tmp {vdir}/{PLAN_FILENAME}" in script
-    assert f"{vdir}/{MANIFEST_FILENAME}" in script
-    assert "nvidia-smi --query-gpu=name,compute_cap --format=csv,noheader" in script
-    assert "python3 -c 'import tensorrt; print(tensorrt.__version__)'" in script
+    assert container["command"] == [
+        "sh",
+        "-c",
+        'exec python3 -c "$TRT_NODE" --repository /models --model ResNet_50.v2 --version 3 '
+        "--require --verbose",
+    ]
+    # The script travels in the Job (one self-contained document), not in the image.
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env["TRT_NODE"] == (Path(trt_mod.__file__).parent / "trt_node.py").read_text()
 
 
 def test_render_build_job_options():
@@ -201,87 +197,7 @@ def test_job_names_of_different_models_differ():
 )
 def test_render_build_job_rejects(model, version, message):
     with pytest.raises(ExportError, match=re.escape(message)):
-        render_build_job(model, version, CONTRACT, 32, "fp32")
-
-
-# The Job's script, run by bash: /models is a temporary directory, and trtexec, nvidia-smi
-# and the tensorrt module are stand-ins that behave like the real ones' interfaces.
-FAKE_TRTEXEC = """#!/bin/sh
-printf '%s\\n' "$@" > "$FAKE_LOG"
-[ -n "$FAKE_FAIL" ] && { echo "[E] Engine could not be created" >&2; exit 1; }
-for arg; do case "$arg" in --saveEngine=*) out="${arg#--saveEngine=}";; esac; done
-printf 'PLAN' > "$out"
-"""
-FAKE_NVIDIA_SMI = """#!/bin/sh
-echo "NVIDIA H100 80GB HBM3, 9.0"
-"""
-
-
-def _run_job_script(tmp_path: Path, model: str, fail: bool = False):
-    job = _job(model=model, version=2, precision="fp16")
-    container = _container(job)
-    script = container["command"][2].replace("/models/", f"{tmp_path}/models/")
-    env_vars = {e["name"]: e["value"] for e in container["env"]}
-    bin_dir, py_dir = tmp_path / "bin", tmp_path / "py"
-    bin_dir.mkdir(exist_ok=True)
-    py_dir.mkdir(exist_ok=True)
-    for name, text in (("trtexec", FAKE_TRTEXEC), ("nvidia-smi", FAKE_NVIDIA_SMI)):
-        (bin_dir / name).write_text(text)
-        (bin_dir / name).chmod(0o755)
-    (py_dir / "tensorrt.py").write_text('__version__ = "10.8.0.43"\n')
-    env = {
-        **os.environ,
-        **env_vars,
-        "PATH": f"{bin_dir}:{os.environ['PATH']}",
-        "PYTHONPATH": str(py_dir),
-        "CUDA_VERSION": "12.8.0.038",
-        "FAKE_LOG": str(tmp_path / "trtexec.argv"),
-        "FAKE_FAIL": "1" if fail else "",
-    }
-    return subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True)
-
-
-def test_build_job_script_writes_the_plan_and_its_manifest(tmp_path):
-    vdir = tmp_path / "models" / "ResNet_50.v2" / "2"
-    vdir.mkdir(parents=True)
-    (vdir / "model.onnx").write_bytes(b"onnx bytes")
-    proc = _run_job_script(tmp_path, "ResNet_50.v2")
-    assert proc.returncode == 0, proc.stderr
-    assert (vdir / PLAN_FILENAME).read_bytes() == b"PLAN"
-    assert sorted(p.name for p in vdir.iterdir()) == [
-        MANIFEST_FILENAME,
-        "model.onnx",
-        PLAN_FILENAME,
-    ]
-    argv = (tmp_path / "trtexec.argv").read_text().splitlines()
-    assert (
-        argv
-        == trtexec_command(f"{vdir}/model.onnx", f"{vdir}/.model.plan.tmp", CONTRACT, 32, "fp16")[
-            1:
-        ]
-    )
-    manifest = EngineManifest.load(vdir / MANIFEST_FILENAME)
-    assert manifest == dataclasses.replace(
-        MANIFEST, precision="fp16", onnx_sha256=hashlib.sha256(b"onnx bytes").hexdigest()
-    )
-
-
-def test_build_job_script_failure_keeps_the_previous_plan(tmp_path):
-    vdir = tmp_path / "models" / "resnet" / "2"
-    vdir.mkdir(parents=True)
-    (vdir / "model.onnx").write_bytes(b"onnx")
-    (vdir / PLAN_FILENAME).write_bytes(b"OLD")
-    proc = _run_job_script(tmp_path, "resnet", fail=True)
-    assert proc.returncode != 0
-    assert "Engine could not be created" in proc.stderr
-    assert sorted(p.name for p in vdir.iterdir()) == ["model.onnx", PLAN_FILENAME]
-    assert (vdir / PLAN_FILENAME).read_bytes() == b"OLD"
-
-
-def test_build_job_script_without_onnx_says_so(tmp_path):
-    proc = _run_job_script(tmp_path, "resnet")
-    assert proc.returncode == 1
-    assert f"no {tmp_path}/models/resnet/2/model.onnx to build from" in proc.stderr
+        render_build_job(model, version, 32, "fp32")
 
 
 # --- engine.json ------------------------------------------------------------------------------------

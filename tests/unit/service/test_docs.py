@@ -18,3 +18,10 @@ def test_every_setting_is_documented_with_a_description():
 def test_readme_starts_with_the_two_commands():
     head = README.split("## ", 1)[0]
     assert "make serve" in head and "make test" in head
+
+
+def test_settings_table_is_what_make_docs_writes():
+    """Descriptions and defaults too, not only the names: run `make docs` after a change."""
+    from deploy.settings_doc import rows
+
+    assert rows() in README, "README's settings table is stale: run `make docs`"

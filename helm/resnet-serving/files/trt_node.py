@@ -1,0 +1,1 @@
+../../../export/trt_node.py

@@ -1,0 +1,536 @@
+"""The Helm chart, rendered by Helm's own engine (helm-python-sdk) for every `ci/` scenario,
+linted, every object validated against the Kubernetes 1.30 schemas, and the properties a
+production deployment relies on asserted on what Helm really renders."""
+
+from __future__ import annotations
+
+import base64
+import json
+import subprocess
+from collections.abc import Iterator
+from typing import Any
+
+import helm_python as helm
+import kubernetes_validate
+import pytest
+import yaml
+
+from deploy.settings_doc import CHART_OWNED, SCHEMA, config_schema, value_key
+from service.settings import Settings
+from tests.deploy.conftest import CHART, ROOT, tool
+
+KUBE_VERSION = "1.30.0"
+SCENARIOS = sorted(p.name for p in (CHART / "ci").glob("*-values.yaml"))
+# Kinds prometheus-operator defines (no Kubernetes schema): checked below by other means.
+OPERATOR_KINDS = {"ServiceMonitor", "PrometheusRule"}
+
+
+@pytest.fixture(scope="module")
+def chart() -> Iterator[helm.Chart]:
+    with helm.Chart.load(CHART) as c:
+        yield c
+
+
+def scenario(name: str) -> dict[str, Any]:
+    return yaml.safe_load((CHART / "ci" / name).read_text()) or {}
+
+
+def render(chart: helm.Chart, values: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    out = chart.render(values=values or {}, name="rel", namespace="ml", is_install=True)
+    return [
+        doc
+        for path, text in sorted(out.items())
+        if not path.endswith("NOTES.txt")
+        for doc in yaml.safe_load_all(text)
+        if doc
+    ]
+
+
+def by_kind(objs: list[dict[str, Any]], kind: str) -> dict[str, dict[str, Any]]:
+    return {o["metadata"]["name"]: o for o in objs if o["kind"] == kind}
+
+
+def component(objs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    matches = [
+        o
+        for o in objs
+        if o["kind"] == kind and o["metadata"]["labels"].get("app.kubernetes.io/component") == name
+    ]
+    assert len(matches) == 1, f"{len(matches)} {kind} of component {name}"
+    return matches[0]
+
+
+def pod_spec(deployment: dict[str, Any]) -> dict[str, Any]:
+    return deployment["spec"]["template"]["spec"]
+
+
+def container(deployment: dict[str, Any], name: str) -> dict[str, Any]:
+    (c,) = [c for c in pod_spec(deployment)["containers"] if c["name"] == name]
+    return c
+
+
+def env_of(c: dict[str, Any]) -> dict[str, Any]:
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in c.get("env", [])}
+
+
+def matches(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    return all(labels.get(k) == v for k, v in selector.items())
+
+
+# --- every scenario: lint, schemas, hardening ---------------------------------------------------
+
+
+def test_every_scenario_is_in_ci() -> None:
+    assert {
+        "default-values.yaml",
+        "gpu-triton-values.yaml",
+        "minimal-values.yaml",
+    } <= set(SCENARIOS)
+
+
+@pytest.mark.parametrize("name", SCENARIOS)
+def test_lint_is_clean(name: str) -> None:
+    report = helm.lint(CHART, scenario(name), strict=True, kube_version=f"v{KUBE_VERSION}")
+    problems = [m for m in report["messages"] if m["severity"] >= 2] + report["errors"]
+    assert not problems, problems
+
+
+@pytest.mark.parametrize("name", SCENARIOS)
+def test_objects_validate_against_kubernetes_1_30(chart, name: str) -> None:
+    objs = render(chart, scenario(name))
+    assert objs
+    for obj in objs:
+        if obj["kind"] in OPERATOR_KINDS:
+            continue
+        try:
+            kubernetes_validate.validate(obj, KUBE_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            pytest.fail(f"{obj['kind']}/{obj['metadata']['name']}: {exc.message} at {exc.path}")
+
+
+@pytest.mark.parametrize("name", SCENARIOS)
+def test_pods_are_restricted(chart, name: str) -> None:
+    objs = render(chart, scenario(name))
+    pods = [pod_spec(d) for d in by_kind(objs, "Deployment").values()]
+    pods += [o["spec"] for o in objs if o["kind"] == "Pod"]  # the helm test pod
+    assert pods
+    for spec in pods:
+        assert spec["automountServiceAccountToken"] is False
+        sc = spec["securityContext"]
+        assert sc["runAsNonRoot"] is True and sc["runAsUser"] != 0
+        assert sc["seccompProfile"] == {"type": "RuntimeDefault"}
+        tmp_volumes = {v["name"]: v for v in spec.get("volumes", [])}
+        for c in spec["containers"] + spec.get("initContainers", []):
+            csc = c["securityContext"]
+            assert csc["readOnlyRootFilesystem"] is True, c["name"]
+            assert csc["allowPrivilegeEscalation"] is False, c["name"]
+            assert csc["capabilities"] == {"drop": ["ALL"]}, c["name"]
+            assert c["resources"].get("limits", {}).get("memory"), c["name"]
+            mounts = {m["mountPath"]: m["name"] for m in c.get("volumeMounts", [])}
+            if spec.get("restartPolicy") != "Never":  # long-running: a sized /tmp
+                assert tmp_volumes[mounts["/tmp"]]["emptyDir"]["sizeLimit"], c["name"]
+
+
+@pytest.mark.parametrize("name", SCENARIOS)
+def test_selectors_are_stable_and_find_their_pods(chart, name: str) -> None:
+    objs = render(chart, scenario(name))
+    deployments = by_kind(objs, "Deployment")
+    pod_labels = {n: d["spec"]["template"]["metadata"]["labels"] for n, d in deployments.items()}
+    for n, d in deployments.items():
+        selector = d["spec"]["selector"]["matchLabels"]
+        # Selectors are immutable: nothing that changes with an upgrade may be in them.
+        assert not {"helm.sh/chart", "app.kubernetes.io/version"} & set(selector)
+        assert matches(selector, pod_labels[n])
+        others = [m for m in deployments if m != n and matches(selector, pod_labels[m])]
+        assert not others, f"{n}'s selector also selects {others}"
+    for svc in by_kind(objs, "Service").values():
+        chosen = [n for n, labels in pod_labels.items() if matches(svc["spec"]["selector"], labels)]
+        assert len(chosen) == 1, (svc["metadata"]["name"], chosen)
+        ports = {
+            p["name"]
+            for p in container(deployments[chosen[0]], svc["metadata"]["name"].rsplit("-", 1)[1])[
+                "ports"
+            ]
+        }
+        assert {p["targetPort"] for p in svc["spec"]["ports"]} <= ports
+    for kind in ("PodDisruptionBudget", "NetworkPolicy"):
+        for o in by_kind(objs, kind).values():
+            sel = o["spec"]["selector" if kind == "PodDisruptionBudget" else "podSelector"]
+            assert [n for n, labels in pod_labels.items() if matches(sel["matchLabels"], labels)]
+    for hpa in by_kind(objs, "HorizontalPodAutoscaler").values():
+        assert hpa["spec"]["scaleTargetRef"]["name"] in deployments
+
+
+# --- the gateway ----------------------------------------------------------------------------------
+
+
+def test_gateway_probes_and_ports(chart) -> None:
+    gw = component(render(chart), "Deployment", "gateway")
+    c = container(gw, "gateway")
+    assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+    assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    startup = c["startupProbe"]
+    # The HTTP port opens once models are loaded: room for a slow load before liveness.
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 120
+    env = env_of(c)
+    assert env["RESNET_SERVE_HOST"] == "0.0.0.0"
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert ports == {
+        "http": int(env["RESNET_SERVE_PORT"]),
+        "grpc": int(env["RESNET_SERVE_GRPC_PORT"]),
+    }
+
+
+@pytest.mark.parametrize("name", SCENARIOS)
+def test_grace_period_covers_drain_and_the_longest_request(chart, name: str) -> None:
+    values = scenario(name)
+    gw = component(render(chart, values), "Deployment", "gateway")
+    env = env_of(container(gw, "gateway"))
+    needed = float(env["RESNET_SERVE_DRAIN_SECONDS"]) + float(env["RESNET_SERVE_REQUEST_TIMEOUT_S"])
+    assert pod_spec(gw)["terminationGracePeriodSeconds"] >= needed + 5
+
+
+def test_a_grace_period_too_short_fails_the_render(chart) -> None:
+    values = {"gateway": {"config": {"drainSeconds": 20, "requestTimeoutS": 30}}}
+    gw = component(render(chart, values), "Deployment", "gateway")
+    assert pod_spec(gw)["terminationGracePeriodSeconds"] == 55
+    values["gateway"]["terminationGracePeriodSeconds"] = 54
+    with pytest.raises(
+        helm.HelmRenderError, match=r"shorter than drainSeconds \+ requestTimeoutS \+ 5 = 55"
+    ):
+        render(chart, values)
+    values["gateway"]["terminationGracePeriodSeconds"] = 90
+    assert (
+        pod_spec(component(render(chart, values), "Deployment", "gateway"))[
+            "terminationGracePeriodSeconds"
+        ]
+        == 90
+    )
+
+
+def test_values_map_one_to_one_onto_the_settings(chart) -> None:
+    """Every setting is a value or set by the chart; every value is a setting; Helm's own
+    snakecase turns each value's name into its variable; the defaults are the gateway's."""
+    config = chart.values["gateway"]["config"]
+    fields = set(Settings.model_fields)
+    assert {value_key(f) for f in fields - CHART_OWNED} == set(config), "values.yaml vs settings"
+    # values.schema.json's gateway.config is generated from the settings (make docs).
+    schema = json.loads((ROOT / SCHEMA).read_text())
+    assert schema["properties"]["gateway"]["properties"]["config"] == config_schema(), (
+        "values.schema.json is stale: run `make docs`"
+    )
+    env = env_of(container(component(render(chart), "Deployment", "gateway"), "gateway"))
+    names = {n.removeprefix("RESNET_SERVE_").lower() for n in env if n.startswith("RESNET_SERVE_")}
+    # null values (defaultModel, maxBatchSize) stay unset; without Triton or keys, so do those.
+    assert names == fields - {"api_keys", "triton_url", "default_model", "max_batch_size"}
+    # The rendered environment is one the gateway accepts, and means what values.yaml says.
+    settings = Settings.model_validate(
+        {n.removeprefix("RESNET_SERVE_").lower(): v for n, v in env.items()}
+    )
+    defaults = Settings.model_construct()
+    differs = {f for f in fields - CHART_OWNED if getattr(settings, f) != getattr(defaults, f)}
+    # The one deliberate difference: a pod must drain while endpoints stop sending to it.
+    assert differs == {"drain_seconds"}
+
+
+def test_every_value_reaches_the_gateway_as_typed(chart) -> None:
+    """Numbers keep their integer form (Helm reads every number as a float), lists are
+    comma-separated, and the gateway reads each back to the value given."""
+    given = {
+        "grpcMaxMessageBytes": 123456789,
+        "maxBatchDelayMs": 2.5,
+        "models": ["a", "b"],
+        "maxBatchSize": 16,
+        "jpegDraft": False,
+        "logLevel": "debug",
+        "defaultModel": "a",
+    }
+    env = env_of(
+        container(
+            component(render(chart, {"gateway": {"config": given}}), "Deployment", "gateway"),
+            "gateway",
+        )
+    )
+    assert env["RESNET_SERVE_GRPC_MAX_MESSAGE_BYTES"] == "123456789"
+    assert env["RESNET_SERVE_MODELS"] == "a,b"
+    settings = Settings.model_validate(
+        {
+            n.removeprefix("RESNET_SERVE_").lower(): v
+            for n, v in env.items()
+            if n.startswith("RESNET_SERVE_") and isinstance(v, str)
+        }
+    )
+    for key, value in given.items():
+        field = next(f for f in Settings.model_fields if value_key(f) == key)
+        assert getattr(settings, field) == value, key
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"gateway": {"config": {"maxBatchDelayMs": -1}}}, "/gateway/config/maxBatchDelayMs"),
+        ({"gateway": {"config": {"maxBatchDelay": 5}}}, "additional properties 'maxBatchDelay'"),
+        ({"gateway": {"config": {"logLevel": "verbose"}}}, "/gateway/config/logLevel"),
+        ({"gateway": {"config": {"requestTimeoutS": "10s"}}}, "/gateway/config/requestTimeoutS"),
+        ({"triton": {"image": {"tag": 25.01}}}, "/triton/image/tag"),
+        ({"modelRepository": {"source": "s3"}}, "/modelRepository/source"),
+        ({"gateway": {"ports": {"http": 70000}}}, "/gateway/ports/http"),
+        ({"gateway": {"apiKeys": {"keys": ["a,b"]}}}, "/gateway/apiKeys/keys/0"),
+        ({"triton": {"extraArgs": ["model-control-mode=poll"]}}, "/triton/extraArgs/0"),
+        ({"replicas": 3}, "additional properties 'replicas'"),
+    ],
+)
+def test_bad_values_are_refused_at_render(chart, values, message) -> None:
+    with pytest.raises(helm.HelmValuesError) as err:
+        render(chart, values)
+    assert message in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        (
+            {"gateway": {"extraEnv": [{"name": "RESNET_SERVE_PORT", "value": "1"}]}},
+            "RESNET_SERVE_PORT is a gateway setting",
+        ),
+        ({"modelRepository": {"source": "fetch"}}, "modelRepository.fetch.url is required"),
+        ({"triton": {"enabled": True}, "gateway": {"gpus": 1}}, "the gateway needs no GPU"),
+        (
+            {"gateway": {"autoscaling": {"enabled": True, "minReplicas": 5, "maxReplicas": 2}}},
+            "minReplicas 5 is above maxReplicas 2",
+        ),
+    ],
+)
+def test_inconsistent_values_fail_with_the_reason(chart, values, message) -> None:
+    with pytest.raises(helm.HelmRenderError, match=message):
+        render(chart, values)
+
+
+def test_api_keys_come_from_a_secret(chart) -> None:
+    objs = render(chart, {"gateway": {"apiKeys": {"keys": ["k1", "k2"]}}})
+    (secret,) = by_kind(objs, "Secret").values()
+    env = env_of(container(component(objs, "Deployment", "gateway"), "gateway"))
+    ref = env["RESNET_SERVE_API_KEYS"]["secretKeyRef"]
+    assert ref["name"] == secret["metadata"]["name"]
+    assert base64.b64decode(secret["data"][ref["key"]]).decode() == "k1,k2"
+    objs = render(
+        chart, {"gateway": {"apiKeys": {"existingSecret": "mine", "existingSecretKey": "keys"}}}
+    )
+    assert not by_kind(objs, "Secret")
+    env = env_of(container(component(objs, "Deployment", "gateway"), "gateway"))
+    assert env["RESNET_SERVE_API_KEYS"]["secretKeyRef"] == {"name": "mine", "key": "keys"}
+    env = env_of(container(component(render(chart), "Deployment", "gateway"), "gateway"))
+    assert "RESNET_SERVE_API_KEYS" not in env  # no keys: no variable, no Secret
+
+
+def test_pdb_only_where_it_can_hold(chart) -> None:
+    assert component(render(chart), "PodDisruptionBudget", "gateway")["spec"]["maxUnavailable"] == 1
+    # One replica: a PDB with maxUnavailable 1 would still allow it, but blocks nothing;
+    # with minAvailable it would block node drains forever. None is rendered.
+    assert not by_kind(render(chart, {"gateway": {"replicaCount": 1}}), "PodDisruptionBudget")
+
+
+def test_hpa_on_cpu_and_queue_depth(chart) -> None:
+    objs = render(chart, scenario("gpu-triton-values.yaml"))
+    hpa = component(objs, "HorizontalPodAutoscaler", "gateway")
+    metrics = {m["type"]: m for m in hpa["spec"]["metrics"]}
+    assert metrics["Resource"]["resource"]["name"] == "cpu"
+    assert metrics["Pods"]["pods"]["metric"]["name"] == "resnet_serve_queue_depth"
+    # The HPA owns the replica count: the Deployment must not fight it on every upgrade.
+    assert "replicas" not in component(objs, "Deployment", "gateway")["spec"]
+    assert not by_kind(render(chart), "HorizontalPodAutoscaler")
+
+
+def test_rolling_update_keeps_capacity(chart) -> None:
+    for d in by_kind(render(chart, scenario("gpu-triton-values.yaml")), "Deployment").values():
+        assert d["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 1, "maxUnavailable": 0}
+
+
+# --- the model repository -------------------------------------------------------------------------
+
+
+def test_gateway_and_triton_read_the_same_repository(chart) -> None:
+    objs = render(chart, scenario("gpu-triton-values.yaml"))
+    gw = component(objs, "Deployment", "gateway")
+    triton = component(objs, "Deployment", "triton")
+    claims = {
+        n: {
+            v["persistentVolumeClaim"]["claimName"]
+            for v in pod_spec(d)["volumes"]
+            if "persistentVolumeClaim" in v
+        }
+        for n, d in (("gateway", gw), ("triton", triton))
+    }
+    assert claims["gateway"] == claims["triton"] == {"resnet-models"}
+    env = env_of(container(gw, "gateway"))
+    mount = {m["name"]: m for m in container(gw, "gateway")["volumeMounts"]}["models"]
+    assert env["RESNET_SERVE_REPOSITORY"] == mount["mountPath"] and mount["readOnly"] is True
+
+
+def test_fetch_copies_the_repository_into_each_pod(chart) -> None:
+    objs = render(chart, scenario("fetch-gpu-embedded-values.yaml"))
+    gw = component(objs, "Deployment", "gateway")
+    (fetch,) = pod_spec(gw)["initContainers"]
+    env = env_of(fetch)
+    assert env["SOURCE_URL"] == "s3://models/resnet-serving/"
+    assert env["MODEL_REPOSITORY"] == env_of(container(gw, "gateway"))["RESNET_SERVE_REPOSITORY"]
+    assert fetch["envFrom"] == [{"secretRef": {"name": "s3-credentials"}}]
+    volumes = {v["name"]: v for v in pod_spec(gw)["volumes"]}
+    assert volumes["models"]["emptyDir"]["sizeLimit"]
+    assert not by_kind(objs, "PersistentVolumeClaim")
+    assert container(gw, "gateway")["resources"]["limits"]["nvidia.com/gpu"] == 1
+
+
+def test_an_empty_claim_is_created_and_kept(chart) -> None:
+    (pvc,) = by_kind(render(chart), "PersistentVolumeClaim").values()
+    assert pvc["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    assert not by_kind(render(chart, scenario("default-values.yaml")), "PersistentVolumeClaim")
+
+
+# --- Triton ---------------------------------------------------------------------------------------
+
+
+def triton_args(objs: list[dict[str, Any]]) -> list[str]:
+    return container(component(objs, "Deployment", "triton"), "triton")["args"]
+
+
+def test_no_triton_by_default(chart) -> None:
+    objs = render(chart)
+    assert not [
+        o for o in objs if o["metadata"]["labels"].get("app.kubernetes.io/component") == "triton"
+    ]
+    env = env_of(container(component(objs, "Deployment", "gateway"), "gateway"))
+    assert env["RESNET_SERVE_BACKEND"] == "onnxruntime" and "RESNET_SERVE_TRITON_URL" not in env
+
+
+def test_triton_is_hardened_and_reached_through_a_headless_service(chart) -> None:
+    objs = render(chart, {"triton": {"enabled": True}})
+    args = triton_args(objs)
+    assert "--model-control-mode=none" in args
+    assert "--disable-auto-complete-config" in args
+    for flag in ("--http-restricted-api=", "--grpc-restricted-protocol="):
+        (arg,) = [a for a in args if a.startswith(flag)]
+        apis, _, key = arg.removeprefix(flag).partition(":")
+        assert {"shared-memory", "model-repository"} <= set(apis.split(","))
+        assert key == "triton-admin-key=$(TRITON_ADMIN_KEY)"
+    assert not any(a.startswith("--model-config-name") for a in args)
+    triton = component(objs, "Deployment", "triton")
+    c = container(triton, "triton")
+    assert c["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    assert c["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
+    ports = {p["name"] for p in c["ports"]}
+    assert ports == {"http", "grpc", "metrics"}
+    svc = component(objs, "Service", "triton")
+    assert svc["spec"]["clusterIP"] == "None"
+    assert {p["name"] for p in svc["spec"]["ports"]} == ports
+    env = env_of(container(component(objs, "Deployment", "gateway"), "gateway"))
+    assert env["RESNET_SERVE_BACKEND"] == "triton"
+    grpc_port = next(p["port"] for p in svc["spec"]["ports"] if p["name"] == "grpc")
+    assert env["RESNET_SERVE_TRITON_URL"] == f"dns:///{svc['metadata']['name']}.ml.svc:{grpc_port}"
+    # Triton's grace period covers its own exit timeout.
+    timeout = int(next(a for a in args if a.startswith("--exit-timeout-secs=")).split("=")[1])
+    assert pod_spec(triton)["terminationGracePeriodSeconds"] > timeout
+
+
+def test_only_the_gateway_reaches_triton(chart) -> None:
+    objs = render(chart, scenario("gpu-triton-values.yaml"))
+    policy = component(objs, "NetworkPolicy", "triton")
+    gw_labels = component(objs, "Deployment", "gateway")["spec"]["template"]["metadata"]["labels"]
+    rules = policy["spec"]["ingress"]
+    inference = [r for r in rules if {p["port"] for p in r["ports"]} & {"grpc", "http"}]
+    assert len(inference) == 1
+    (peer,) = inference[0]["from"]
+    assert set(peer) == {"podSelector"} and matches(peer["podSelector"]["matchLabels"], gw_labels)
+    (metrics,) = [r for r in rules if r not in inference]
+    assert metrics["ports"] == [{"port": "metrics", "protocol": "TCP"}]
+    assert metrics["from"][0]["namespaceSelector"]
+
+
+def test_tensorrt_engines_are_built_on_the_serving_node(chart) -> None:
+    objs = render(chart, scenario("gpu-triton-values.yaml"))
+    triton = component(objs, "Deployment", "triton")
+    args = triton_args(objs)
+    assert "--model-config-name=tensorrt" in args
+    (init,) = pod_spec(triton)["initContainers"]
+    assert init["resources"]["limits"]["nvidia.com/gpu"] == 1  # the GPU that will serve
+    # Engines are built by the TensorRT release Triton runs.
+    tag = container(triton, "triton")["image"].rsplit(":", 1)[1]
+    assert init["image"] == f"nvcr.io/nvidia/tensorrt:{tag}"
+    repo = next(a for a in args if a.startswith("--model-repository=")).split("=", 1)[1]
+    script = " ".join(init["command"])
+    assert f"python3 /scripts/trt_node.py --repository {repo}" in script
+    assert "--require" not in script  # an engine that fails to build falls back to ONNX
+    (cm,) = by_kind(objs, "ConfigMap").values()
+    assert cm["data"]["trt_node.py"] == (ROOT / "export" / "trt_node.py").read_text()
+    # Triton's copy is pod-local and writable by the init container only.
+    mounts = {m["name"]: m for m in container(triton, "triton")["volumeMounts"]}
+    assert mounts["triton-models"]["readOnly"] is True
+
+
+# --- monitoring -----------------------------------------------------------------------------------
+
+
+def test_service_monitors_find_services_and_ports(chart) -> None:
+    objs = render(chart, scenario("gpu-triton-values.yaml"))
+    services = list(by_kind(objs, "Service").values())
+    monitors = by_kind(objs, "ServiceMonitor")
+    assert len(monitors) == 2
+    for sm in monitors.values():
+        assert sm["apiVersion"] == "monitoring.coreos.com/v1"
+        assert sm["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+        (svc,) = [
+            s
+            for s in services
+            if matches(sm["spec"]["selector"]["matchLabels"], s["metadata"]["labels"])
+        ]
+        (endpoint,) = sm["spec"]["endpoints"]
+        assert endpoint["port"] in {p["name"] for p in svc["spec"]["ports"]}
+
+
+def test_prometheus_rule_is_the_checked_rules_file(chart, tmp_path) -> None:
+    objs = render(chart, scenario("gpu-triton-values.yaml"))
+    (rule,) = by_kind(objs, "PrometheusRule").values()
+    source = yaml.safe_load((ROOT / "deploy" / "prometheus" / "alerts.yml").read_text())
+    assert rule["spec"] == source
+    rules_file = tmp_path / "rules.yml"
+    rules_file.write_text(yaml.safe_dump(rule["spec"]))
+    check = subprocess.run(
+        [tool("promtool"), "check", "rules", str(rules_file)], capture_output=True, text=True
+    )
+    assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_notes_are_true(chart) -> None:
+    notes = chart.render(values=scenario("gpu-triton-values.yaml"), name="rel", namespace="ml")[
+        "resnet-serving/templates/NOTES.txt"
+    ]
+    assert "NVIDIA Triton (nvcr.io/nvidia/tritonserver:25.01-py3, 2 replica(s), TensorRT" in notes
+    assert "kubectl -n ml rollout status deployment/rel-resnet-serving-gateway" in notes
+    assert "grace period 25 s" in notes  # drainSeconds 15 + requestTimeoutS 5 + 5
+    assert "X-API-Key" in notes and "https://resnet.example.com" in notes
+    default = chart.render(name="rel", namespace="ml")["resnet-serving/templates/NOTES.txt"]
+    assert "embedded ONNX Runtime" in default and "The claim starts empty" in default
+
+
+def test_helm_test_pod_classifies_through_the_service(chart) -> None:
+    objs = render(chart, {"gateway": {"apiKeys": {"keys": ["k1"]}}})
+    (pod,) = by_kind(objs, "Pod").values()
+    assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    (c,) = pod["spec"]["containers"]
+    assert c["args"] == [(CHART / "files" / "classify_test.py").read_text()]
+    env = env_of(c)
+    svc = component(objs, "Service", "gateway")
+    assert env["URL"] == f"http://{svc['metadata']['name']}:8000"
+    assert env["API_KEY"]["secretKeyRef"]["name"] == by_kind(objs, "Secret").popitem()[0]
+
+
+def test_chart_files_are_the_project_files() -> None:
+    """The chart embeds the rules and the engine script through symlinks, so there is one
+    copy of each (Helm packages the target's content)."""
+    for name, target in (
+        ("alerts.yml", "deploy/prometheus/alerts.yml"),
+        ("trt_node.py", "export/trt_node.py"),
+    ):
+        link = CHART / "files" / name
+        assert link.is_symlink() and link.resolve() == (ROOT / target).resolve()

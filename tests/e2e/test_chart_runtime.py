@@ -1,0 +1,167 @@
+"""What the Helm chart tells the processes to do, done by the real processes: Triton started
+with the chart's own flags, the `helm test` script against a real gateway, and the
+gateway's Triton target spreading calls over several servers (the chart's headless Service
+resolves to every Triton pod). No cluster here: the processes run on loopback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from typing import Any
+
+import helm_python as helm
+import httpx
+import numpy as np
+import pytest
+import yaml
+
+from service.testing import GatewayProcess, scrape
+from tests.conftest import image_bytes
+from tests.deploy.conftest import CHART
+from tests.e2e.conftest import start_real_triton
+
+ADMIN_KEY = "s3cret-admin-key"
+# Flags service.triton_launcher sets for loopback ports and the local repository.
+LAUNCHER_FLAGS = (
+    "--model-repository",
+    "--http-port",
+    "--grpc-port",
+    "--metrics-port",
+    "--model-control-mode",
+    "--strict-readiness",
+    "--exit-on-error",
+    "--allow-metrics",
+)
+
+
+def rendered(values: dict[str, Any]) -> list[dict[str, Any]]:
+    with helm.Chart.load(CHART) as chart:
+        out = chart.render(values=values, name="rel", namespace="ml")
+    return [
+        d for p, t in out.items() if not p.endswith("NOTES.txt") for d in yaml.safe_load_all(t) if d
+    ]
+
+
+def pod_container(objs: list[dict[str, Any]], kind: str, component: str) -> dict[str, Any]:
+    (obj,) = [
+        o
+        for o in objs
+        if o["kind"] == kind and o["metadata"]["labels"]["app.kubernetes.io/component"] == component
+    ]
+    spec = obj["spec"]["template"]["spec"] if kind == "Deployment" else obj["spec"]
+    return spec["containers"][0]
+
+
+@pytest.fixture(scope="module")
+def chart_triton(triton_repo, tmp_path_factory):
+    """A real tritonserver started with the chart's hardening flags."""
+    args = pod_container(rendered({"triton": {"enabled": True}}), "Deployment", "triton")["args"]
+    extra = tuple(
+        a.replace("$(TRITON_ADMIN_KEY)", ADMIN_KEY)
+        for a in args
+        if not a.startswith(LAUNCHER_FLAGS)
+    )
+    assert any(a.startswith("--grpc-restricted-protocol=") for a in extra)
+    server = start_real_triton(
+        triton_repo, tmp_path_factory.mktemp("ct") / "triton.log", extra_args=extra
+    )
+    yield server
+    server.stop()
+
+
+def test_triton_accepts_the_charts_flags_and_restricts_shared_memory(chart_triton, tiny):
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    base = f"http://127.0.0.1:{chart_triton.http_port}"
+    # Shared memory and repository control answer only to the admin key.
+    for path in ("/v2/systemsharedmemory/status", "/v2/repository/index"):
+        method = httpx.get if path.endswith("status") else httpx.post
+        refused = method(base + path)
+        assert refused.status_code == 403, (path, refused.status_code, refused.text)
+        allowed = method(base + path, headers={"triton-admin-key": ADMIN_KEY})
+        assert allowed.status_code == 200, (path, allowed.status_code, allowed.text)
+    client = grpcclient.InferenceServerClient(f"127.0.0.1:{chart_triton.grpc_port}")
+    with pytest.raises(InferenceServerException, match="This protocol is restricted"):
+        client.get_system_shared_memory_status()
+    # Over gRPC Triton prefixes the header: triton-grpc-protocol-<key>.
+    admin = {"triton-grpc-protocol-triton-admin-key": ADMIN_KEY}
+    assert client.get_system_shared_memory_status(headers=admin) is not None
+    # Inference, metadata and health stay open: what the gateway needs.
+    assert client.is_server_ready() and client.is_model_ready(tiny.name)
+    x = np.zeros((1, *tiny.contract.input_shape), dtype=np.float32)
+    inp = grpcclient.InferInput(tiny.contract.input_name, list(x.shape), "FP32")
+    inp.set_data_from_numpy(x)
+    out = client.infer(tiny.name, [inp]).as_numpy(tiny.contract.output_name)
+    assert out.shape == (1, tiny.contract.num_classes)
+
+
+def run_helm_test(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    objs = rendered({"gateway": {"apiKeys": {"keys": ["k1"]}}})
+    c = pod_container(objs, "Pod", "test")
+    assert c["command"] == ["python", "-c"]
+    return subprocess.run(
+        [sys.executable, "-c", *c["args"]], env=env, capture_output=True, text=True, timeout=60
+    )
+
+
+def test_helm_test_pod_classifies_through_a_real_gateway(tiny, tmp_path):
+    gw = GatewayProcess.start(
+        tmp_path / "gw.log",
+        "--repository",
+        str(tiny.repository),
+        env={"RESNET_SERVE_API_KEYS": "k1,k2"},
+    )
+    try:
+        ok = run_helm_test({"URL": gw.url, "API_KEY": "k2,k1"})
+        assert ok.returncode == 0, ok.stdout + ok.stderr
+        assert ok.stdout.startswith(f"ok: {tiny.name} version 1: ")
+        assert scrape(gw.url, f'resnet_serve_images_total{{model="{tiny.name}"}}') == 1
+        wrong = run_helm_test({"URL": gw.url, "API_KEY": "nope"})
+        assert wrong.returncode == 1 and "401" in wrong.stderr, wrong.stderr
+        assert len(wrong.stderr.strip().splitlines()) == 1  # one line, no traceback
+    finally:
+        gw.stop()
+    gone = run_helm_test({"URL": gw.url, "API_KEY": "k1"})
+    assert gone.returncode == 1 and gone.stderr.startswith("FAIL: "), gone.stderr
+
+
+def test_gateway_spreads_triton_calls_over_every_address(tiny, tmp_path):
+    """The chart points the gateway at a headless Service (every Triton pod's address); the
+    gateway must balance calls over them, not pin its one channel to the first. Two
+    KServe v2 gRPC servers stand in for two Triton pods (the gateway speaks Triton's
+    protocol, and counts what it serves)."""
+    upstreams = [
+        GatewayProcess.start(
+            tmp_path / f"up{i}.log", "--repository", str(tiny.repository), grpc=True
+        )
+        for i in range(2)
+    ]
+    front = None
+    try:
+        target = "ipv4:" + ",".join(u.grpc_target for u in upstreams)
+        front = GatewayProcess.start(
+            tmp_path / "front.log",
+            "--repository",
+            str(tiny.repository),
+            "--backend",
+            "triton",
+            "--triton-url",
+            target,
+        )
+        png = image_bytes()
+        for _ in range(20):
+            r = httpx.post(
+                f"{front.url}/v1/models/{tiny.name}/classify",
+                content=png,
+                headers={"content-type": "image/png"},
+            )
+            assert r.status_code == 200, r.text
+        served = [
+            scrape(u.url, f'resnet_serve_images_total{{model="{tiny.name}"}}') for u in upstreams
+        ]
+        assert sum(served) == 20
+        assert min(served) >= 5, f"calls not spread over both servers: {served}"
+    finally:
+        for gw in [*upstreams, *([front] if front else [])]:
+            gw.stop()
