@@ -21,7 +21,7 @@ help: ## list the targets
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade "pip>=24"
-	$(BIN)/pip install --quiet -e ".[export,service,triton,deploy,dev]"
+	$(BIN)/pip install --quiet -e ".[export,service,triton,bench,deploy,dev]"
 	$(BIN)/pip install --quiet --no-deps "$(PYTRITON)"
 	@touch $@
 

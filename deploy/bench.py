@@ -8,6 +8,8 @@ same model file and the same machine, in this order:
 3. the gateway (a real process, embedded ORT backend): 16 and 1 closed-loop clients posting
    a 500x375 JPEG, and Poisson arrivals at half the bare model's throughput;
 4. the same 16 clients over the gateway's gRPC API (same process, same backend);
+   then overload: a gateway of its own whose requests have a 2 s deadline, under 2x and
+   10x the clients it can serve within it (they wait Retry-After; 10x also without);
 5. the gateway with the Triton backend: a real tritonserver (CPU, python backend running
    ORT on the same ONNX file), 16 REST clients;
 6. INT8: the same network quantized by ``resnet-export export --precision int8`` (calibrated
@@ -15,8 +17,10 @@ same model file and the same machine, in this order:
    accuracy to keep): bare INT8 against bare FP32 at batch 8, and the gateway serving INT8
    against bare INT8.
 
-Results print as a table and are written to ``bench-results.json``. Figures are reported as
-ratios to bare ORT from the same run, because the machines are shared and noisy.
+The load comes from ``service.bench`` (the ``resnet-serve bench`` load tool: keep-alive
+HTTP/1.1 on raw asyncio streams, grpc.aio with pre-serialized messages), each step bounded
+in time. Results print as a table and are written to ``bench-results.json``. Figures are
+reported as ratios to bare ORT from the same run, because the machines are shared and noisy.
 
     python -m deploy.bench [--seconds 20] [--out bench-results.json]
 """
@@ -37,7 +41,10 @@ from typing import Any
 
 import numpy as np
 
-from deploy.loadgen import closed_loop, open_loop
+from service.bench.run import measure
+from service.bench.runner import Bounds, Step, closed_loop, open_loop
+from service.bench.server import Scraper
+from service.bench.targets import make_target
 from service.cpus import usable_cpus
 from service.testing import GatewayProcess, free_port
 
@@ -101,15 +108,59 @@ def calibration_images(folder: Path, count: int = 32) -> Path:
     return folder
 
 
-def gateway_clients16(what: str, repo: Path, body: bytes, seconds: float, *args: str) -> Any:
+def load(
+    gw: GatewayProcess,
+    body: bytes,
+    seconds: float,
+    *,
+    clients: int = 0,
+    rate: float = 0.0,
+    warmup_s: float = 0.0,
+    grpc: bool = False,
+    polite: bool = False,
+) -> Step:
+    """One step of ``service.bench`` against ``gw``, over REST (or the Classifier gRPC API):
+    ``clients`` closed-loop clients (``polite``: they wait Retry-After, jittered), or Poisson
+    arrivals at ``rate``; ``step.server`` is the gateway's own account of the window."""
+
+    async def step() -> Step:
+        # In the loop the calls run on: grpc.aio channels (and asyncio streams) bind to it.
+        url = gw.grpc_target if grpc else gw.url
+        target = make_target("grpc" if grpc else "rest", url, NAME, [[body]])
+        bounds = Bounds(seconds, warmup_s)
+        await target.open()
+        try:
+            return await measure(
+                lambda snap: (
+                    closed_loop(
+                        target, clients, bounds, honor_retry_after=polite, before_window=snap
+                    )
+                    if clients
+                    else open_loop(target, rate, bounds, before_window=snap)
+                ),
+                Scraper(gw.url + "/metrics", NAME),
+            )
+        finally:
+            await target.close()
+
+    return asyncio.run(step())
+
+
+def line(step: Step) -> str:
+    """One step in one line, for the progress log."""
+    return (
+        f"{step.images_per_s:.1f} img/s, p50 / p99 {step.latency_ms(50):.1f} / "
+        f"{step.latency_ms(99):.1f} ms, {step.statuses}"
+    )
+
+
+def gateway_clients16(what: str, repo: Path, body: bytes, seconds: float, *args: str) -> Step:
     """16 closed-loop REST clients against a gateway started on ``repo`` (3 s of warm-up)."""
     gw = start_gateway(repo, *args)
-    url = f"{gw.url}/v1/models/{NAME}/classify?top_k=5"
     try:
-        asyncio.run(closed_loop(url, body, "image/jpeg", 16, 3))
         log(f"{what}, 16 clients ...")
-        result = asyncio.run(closed_loop(url, body, "image/jpeg", 16, seconds))
-        log(f"  {result.summary()}")
+        result = load(gw, body, seconds, clients=16, warmup_s=3)
+        log(f"  {line(result)}")
     finally:
         gw.stop()
     return result
@@ -199,7 +250,9 @@ def preprocess_ms(repo: Path) -> dict[str, float]:
     return out
 
 
-def start_gateway(repo: Path, *args: str, grpc: bool = False) -> GatewayProcess:
+def start_gateway(
+    repo: Path, *args: str, grpc: bool = False, env: dict[str, str] | None = None
+) -> GatewayProcess:
     log_file = Path(tempfile.mkdtemp(prefix="resnet-bench-gw-")) / "gateway.log"
     return GatewayProcess.start(
         log_file,
@@ -207,92 +260,49 @@ def start_gateway(repo: Path, *args: str, grpc: bool = False) -> GatewayProcess:
         str(repo),
         *args,
         grpc=grpc,
-        env={"RESNET_SERVE_LOG_LEVEL": "warning"},
+        env={"RESNET_SERVE_LOG_LEVEL": "warning", **(env or {})},
     )
 
 
-async def grpc_closed_loop(target: str, body: bytes, clients: int, duration_s: float) -> Any:
-    """``clients`` concurrent Classify calls on one channel, each re-sent when it returns."""
-    import grpc
-
-    from deploy.loadgen import LoadResult
-    from service.grpc import classifier_pb2, classifier_pb2_grpc
-
-    result = LoadResult(duration_s)
-    request = classifier_pb2.ClassifyRequest(model=NAME, images=[body], top_k=5)
-    async with grpc.aio.insecure_channel(target) as channel:
-        stub = classifier_pb2_grpc.ClassifierStub(channel)
-        end = time.perf_counter() + duration_s
-
-        async def client() -> None:
-            while time.perf_counter() < end:
-                t0 = time.perf_counter()
-                try:
-                    await stub.Classify(request, timeout=30)
-                    status = 200
-                except grpc.aio.AioRpcError as exc:
-                    status = 500 + exc.code().value[0]
-                result.record(status, time.perf_counter() - t0)
-
-        start = time.perf_counter()
-        await asyncio.gather(*(client() for _ in range(clients)))
-        result.duration_s = time.perf_counter() - start
-    return result
-
-
-def served(url: str) -> float:
-    """Classify requests the gateway has answered, by its own count (any status)."""
-    import httpx
-
-    total = 0.0
-    for line in httpx.get(url + "/metrics").text.splitlines():
-        if line.startswith("resnet_serve_requests_total{") and "/classify" in line:
-            total += float(line.rsplit(" ", 1)[1])
-    return total
-
-
-def pct_ms(latencies: list[float], q: float) -> float:
-    if not latencies:
-        return float("nan")
-    ordered = sorted(latencies)
-    return round(ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))] * 1000, 1)
-
-
 def overload(
-    gw_url: str, body: bytes, unloaded: float, seconds: float, timeout_s: float
+    repo: Path, body: bytes, unloaded: float, seconds: float, timeout_s: float
 ) -> dict[str, Any]:
     """Closed loops of 2x and 10x the clients the replica can serve within ``timeout_s``
-    (its unloaded throughput x the timeout), each request with that timeout: goodput,
-    how fast refusals come, whether accepted requests keep their deadline, sent = answered.
-    Clients wait Retry-After (jittered) as retry policies do; the 10x loop also runs with
-    clients that retry at once, the worst case, reported without a target."""
-    url = f"{gw_url}/v1/models/{NAME}/classify?top_k=5"
+    (its unloaded throughput x the timeout), on a gateway whose requests have that
+    deadline: goodput, how fast refusals come, whether accepted requests keep their
+    deadline, sent = answered. Clients wait Retry-After (jittered) as retry policies do;
+    the 10x loop also runs with clients that retry at once, the worst case, reported
+    without a target."""
     capacity = max(1, round(unloaded * timeout_s))
-    headers = {"X-Request-Timeout": str(timeout_s)}
     out: dict[str, Any] = {"timeout_s": timeout_s, "capacity_clients": capacity}
-    for name, clients, polite in (("2x", 2 * capacity, True), ("10x", 10 * capacity, True),
-                                  ("10x_no_backoff", 10 * capacity, False)):  # fmt: skip
-        log(f"overload {name}: {clients} clients, timeout {timeout_s}s ...")
-        before = served(gw_url)
-        r = asyncio.run(
-            closed_loop(url, body, "image/jpeg", clients, seconds, honor_retry_after=polite,
-                        headers=headers)
-        )  # fmt: skip
-        answered = served(gw_url) - before
-        ok = r.by_status.get(200, [])
-        row = {
-            "clients": clients,
-            "goodput_images_per_s": round(len(ok) / r.duration_s, 2),
-            "goodput_vs_unloaded": round(len(ok) / r.duration_s / unloaded, 3),
-            "refused_p50_ms": pct_ms(r.by_status.get(503, []), 50),
-            "accepted_p99_ms": pct_ms(ok, 99),
-            "late_504": r.statuses.get(504, 0),
-            "statuses": r.statuses,
-            "sent": len(r.latencies_s),
-            "answered_by_server": int(answered),
-        }
-        log(f"  {row}")
-        out[name] = row
+    # Its own gateway: the deadline is the server's (service.bench sends no per-request
+    # timeout header). Each loop has 3 s of warm-up: the gateway is warm and the clients'
+    # connections are open when the window starts.
+    gw = start_gateway(repo, env={"RESNET_SERVE_REQUEST_TIMEOUT_S": str(timeout_s)})
+    try:
+        for name, clients, polite in (
+            ("2x", 2 * capacity, True),
+            ("10x", 10 * capacity, True),
+            ("10x_no_backoff", 10 * capacity, False),
+        ):
+            log(f"overload {name}: {clients} clients, timeout {timeout_s}s ...")
+            r = load(gw, body, seconds, clients=clients, warmup_s=3, polite=polite)
+            row = {
+                "clients": clients,
+                "goodput_images_per_s": round(r.images_per_s, 2),
+                "goodput_vs_unloaded": round(r.images_per_s / unloaded, 3),
+                "refused_p50_ms": round(r.latency_ms(50, "503"), 1),
+                "accepted_p99_ms": round(r.latency_ms(99), 1),
+                "late_504": r.statuses.get("504", 0),
+                "statuses": r.statuses,
+                "sent": r.requests,
+                "answered_by_server": r.server["requests"],
+                "server": r.server,
+            }
+            log(f"  {row}")
+            out[name] = row
+    finally:
+        gw.stop()
     return out
 
 
@@ -318,29 +328,27 @@ def run(seconds: float, out: Path, triton: bool = True) -> dict[str, Any]:
 
         body = test_jpeg()
         gw = start_gateway(repo, grpc=True)
-        url = f"{gw.url}/v1/models/{NAME}/classify?top_k=5"
         try:
-            asyncio.run(closed_loop(url, body, "image/jpeg", 16, 3))  # warm-up
             log("gateway, 16 clients ...")
-            r16 = asyncio.run(closed_loop(url, body, "image/jpeg", 16, seconds))
-            log(f"  {r16.summary()}")
+            r16 = load(gw, body, seconds, clients=16, warmup_s=3)
+            log(f"  {line(r16)}")
             log("gateway, 1 client ...")
-            r1 = asyncio.run(closed_loop(url, body, "image/jpeg", 1, seconds / 2))
-            log(f"  {r1.summary()}")
+            r1 = load(gw, body, seconds / 2, clients=1)
+            log(f"  {line(r1)}")
             rate = bare8 / 2
             log(f"gateway, Poisson arrivals at {rate:.1f}/s (half of bare batch-8) ...")
-            rp = asyncio.run(open_loop(url, body, "image/jpeg", rate, seconds))
-            log(f"  {rp.summary()}")
+            rp = load(gw, body, seconds, rate=rate)
+            log(f"  {line(rp)}")
             log("gateway gRPC API, 16 clients ...")
-            rg = asyncio.run(grpc_closed_loop(gw.grpc_target, body, 16, seconds))
-            log(f"  {rg.summary()}")
-            results["overload"] = overload(gw.url, body, r16.images_per_s, seconds, 2.0)
+            rg = load(gw, body, seconds, clients=16, warmup_s=3, grpc=True)
+            log(f"  {line(rg)}")
         finally:
             gw.stop()
+        results["overload"] = overload(repo, body, r16.images_per_s, seconds, 2.0)
         results["gateway_rest_onnxruntime"] = {
             "clients16": r16.summary(),
             "clients1": r1.summary(),
-            "poisson_half_bare": {"rate_per_s": round(rate, 2), **rp.summary()},
+            "poisson_half_bare": {**rp.summary(), "rate_per_s": round(rate, 2)},
             "ratio_vs_bare_batch8": round(r16.images_per_s / bare8, 3),
         }
         results["gateway_grpc_onnxruntime"] = {
@@ -375,6 +383,11 @@ def bench_triton(repo: Path, body: bytes, seconds: float, bare8: float) -> dict[
     return {"clients16": rt.summary(), "ratio_vs_bare_batch8": round(rt.images_per_s / bare8, 3)}
 
 
+def p50_p99(summary: dict[str, Any]) -> str:
+    """A step summary's latency (successful requests), as the table shows it."""
+    return f"{summary['latency_ms']['p50']:.1f} / {summary['latency_ms']['p99']:.1f} ms"
+
+
 def table(results: dict[str, Any]) -> str:
     bare = results["bare_ort"]
     gw = results["gateway_rest_onnxruntime"]
@@ -389,17 +402,17 @@ def table(results: dict[str, Any]) -> str:
         ),
         (
             "  latency p50 / p99, 16 clients",
-            f"{gw['clients16']['p50_ms']} / {gw['clients16']['p99_ms']} ms",
+            p50_p99(gw["clients16"]),
             "",
         ),
         (
             "  latency p50 / p99, 1 client",
-            f"{gw['clients1']['p50_ms']} / {gw['clients1']['p99_ms']} ms",
+            p50_p99(gw["clients1"]),
             "",
         ),
         (
             f"  Poisson {gw['poisson_half_bare']['rate_per_s']}/s (half of bare): p50 / p99",
-            f"{gw['poisson_half_bare']['p50_ms']} / {gw['poisson_half_bare']['p99_ms']} ms",
+            p50_p99(gw["poisson_half_bare"]),
             "",
         ),
         (
@@ -410,8 +423,7 @@ def table(results: dict[str, Any]) -> str:
         ),
         (
             "  gRPC latency p50 / p99, 16 clients",
-            f"{results['gateway_grpc_onnxruntime']['clients16']['p50_ms']} / "
-            f"{results['gateway_grpc_onnxruntime']['clients16']['p99_ms']} ms",
+            p50_p99(results["gateway_grpc_onnxruntime"]["clients16"]),
             "",
         ),
     ]
@@ -439,7 +451,7 @@ def table(results: dict[str, Any]) -> str:
             ),
             (
                 "  latency p50 / p99, 16 clients",
-                f"{t['clients16']['p50_ms']} / {t['clients16']['p99_ms']} ms",
+                p50_p99(t["clients16"]),
                 "",
             ),
         ]
@@ -454,7 +466,7 @@ def table(results: dict[str, Any]) -> str:
             (
                 "gateway REST serving INT8, 16 clients",
                 f"{q['gateway_clients16']['images_per_s']:.1f} img/s; p50 / p99 "
-                f"{q['gateway_clients16']['p50_ms']} / {q['gateway_clients16']['p99_ms']} ms",
+                + p50_p99(q["gateway_clients16"]),
                 f"{q['gateway_vs_bare_int8_batch8']:.2f}x bare INT8",
             ),
         ]

@@ -85,13 +85,14 @@ def _fail(message: str) -> typer.Exit:
 def _errors() -> Iterator[None]:
     """Turn every anticipated failure into one line and exit 1 (never a traceback)."""
     from export.models import UnknownArch
+    from service.files import FolderError
     from service.repository import RepositoryError
 
     try:
         yield
     except (typer.Exit, typer.Abort):
         raise  # a deliberate exit (validate's status), not a failure of ours
-    except (ExportError, UnknownArch, ContractError, RepositoryError) as exc:
+    except (ExportError, UnknownArch, ContractError, RepositoryError, FolderError) as exc:
         raise _fail(str(exc)) from None
     except KeyboardInterrupt:
         typer.echo("resnet-export: interrupted; nothing was published", err=True)
@@ -400,8 +401,9 @@ def _check_precision_options(
 
 
 def _folder(folder: Path | None, contract: PreprocessContract, option: str) -> Images | None:
-    from export.images import image_files, load_images
+    from export.images import load_images
     from export.pipeline import Images
+    from service.files import image_files
 
     if folder is None:
         return None
@@ -421,8 +423,9 @@ def _precision_plan(
     symmetric_int8: bool,
     timing_cache: Path | None,
 ) -> PrecisionPlan:
-    from export.images import image_files, load_images, split_holdout, spread
+    from export.images import load_images, split_holdout, spread
     from export.pipeline import Images, PrecisionPlan
+    from service.files import image_files
 
     calibration = validation = None
     if calibration_dir is not None:

@@ -27,7 +27,8 @@ import numpy as np
 
 from export.errors import ExportError
 from export.gate import compare, run_onnx
-from export.images import image_files, load_images, progress
+from export.images import load_images, progress
+from service.files import image_files
 from service.repository import ModelSpec, load_spec
 
 #: Images per HTTP request to a gateway (well under its default per-request limit).

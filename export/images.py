@@ -28,21 +28,6 @@ T = TypeVar("T")
 HOLDOUT_FRACTION = 0.2
 
 
-def image_files(root: Path, option: str) -> list[Path]:
-    """Every file under ``root`` (recursively, hidden ones skipped), in a stable order."""
-    if not root.is_dir():
-        what = "no such directory" if not root.exists() else "not a directory"
-        raise ExportError(f"{option} {root}: {what}")
-    files = sorted(
-        p
-        for p in root.rglob("*")
-        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
-    )
-    if not files:
-        raise ExportError(f"{option} {root}: holds no files")
-    return files
-
-
 def held_out(path: Path, root: Path) -> bool:
     """Whether ``path`` belongs to the validation share of ``root``: decided by a hash of
     its relative path, so adding images never moves an old one across the split."""

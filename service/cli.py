@@ -251,6 +251,112 @@ def triton(
     raise typer.Exit(0 if code in (0, -signal.SIGTERM, -signal.SIGINT) else code)
 
 
+def _numbers(text: str | None, kind: type, option: str) -> list[Any]:
+    if not text:
+        return []
+    try:
+        return [kind(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise _fail(f"{option} {text}: expected comma-separated numbers, e.g. 1,4,16") from None
+
+
+@app.command()
+def bench(
+    url: Annotated[
+        str, typer.Option(help="The gateway: http(s)://HOST:PORT, or HOST:PORT for gRPC.")
+    ],
+    model: Annotated[str, typer.Option(help="The model to classify with.")],
+    images: Annotated[
+        Path, typer.Option(help="A folder of image files, sent in turn (at most 1000 read).")
+    ],
+    output: Annotated[
+        Path, typer.Option(help="Folder for report.json, steps.csv and latency.png.")
+    ],
+    protocol: Annotated[
+        str, typer.Option(help="rest, grpc (Classifier), kserve-http or kserve-grpc.")
+    ] = "rest",
+    concurrency: Annotated[
+        str | None, typer.Option(help="Closed loop: clients per step, e.g. 1,4,16 (default).")
+    ] = None,
+    rate: Annotated[
+        str | None,
+        typer.Option(help="Open loop: Poisson arrivals per second per step, e.g. 5,10,20."),
+    ] = None,
+    slo_p99_ms: Annotated[
+        float | None,
+        typer.Option(
+            help="Search for the highest rate whose p99 stays within this, with no errors."
+        ),
+    ] = None,
+    duration: Annotated[float, typer.Option(help="Seconds measured per step.")] = 10.0,
+    warmup: Annotated[
+        float, typer.Option(help="Seconds of unrecorded load before each step.")
+    ] = 2.0,
+    max_requests: Annotated[
+        int, typer.Option(help="At most this many requests per step.")
+    ] = 1_000_000,
+    images_per_request: Annotated[int, typer.Option(help="Images in each request.")] = 1,
+    api_key: Annotated[
+        str | None,
+        typer.Option(envvar="RESNET_BENCH_API_KEY", help="API key (or RESNET_BENCH_API_KEY)."),
+    ] = None,
+    timeout: Annotated[float, typer.Option(help="Client timeout per request, seconds.")] = 30.0,
+    metrics_url: Annotated[
+        str | None,
+        typer.Option(
+            help="The gateway's /metrics (default: URL/metrics over HTTP; none for gRPC)."
+        ),
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the Poisson schedule.")] = 0,
+    honor_retry_after: Annotated[
+        bool,
+        typer.Option(
+            help="Closed loop: after a refusal, wait the server's Retry-After (jittered ±50%)."
+        ),
+    ] = False,
+    quiet: Annotated[bool, typer.Option(help="No progress line and no table.")] = False,
+) -> None:
+    """Load-test a gateway: throughput and latency percentiles per step, the gateway's own
+    breakdown, and with --slo-p99-ms the highest rate within a p99 budget."""
+    import sys
+
+    from service.bench import BenchError
+    from service.bench.run import BenchConfig, run
+
+    cfg = BenchConfig(
+        url=url,
+        model=model,
+        images=images,
+        output=output,
+        protocol=protocol,
+        concurrency=_numbers(concurrency, int, "--concurrency"),
+        rates=_numbers(rate, float, "--rate"),
+        slo_p99_ms=slo_p99_ms,
+        duration_s=duration,
+        warmup_s=warmup,
+        max_requests=max_requests,
+        images_per_request=images_per_request,
+        api_key=api_key,
+        timeout_s=timeout,
+        metrics_url=metrics_url,
+        seed=seed,
+        honor_retry_after=honor_retry_after,
+        quiet=quiet,
+    )
+    try:
+        result = run(cfg, ["resnet-serve", *sys.argv[1:]])
+    except BenchError as exc:
+        raise _fail(str(exc)) from None
+    except ModuleNotFoundError as exc:
+        raise _fail(
+            f"{exc.name} is missing: pip install 'resnet-serving[bench]' for the load tool"
+        ) from None
+    except KeyboardInterrupt:
+        typer.echo("resnet-serve: interrupted; no report written", err=True)
+        raise typer.Exit(130) from None
+    typer.echo(f"report: {', '.join(result['files'])}")
+
+
 def main() -> None:
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     app(prog_name="resnet-serve")

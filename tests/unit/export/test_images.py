@@ -5,20 +5,9 @@ from __future__ import annotations
 import pytest
 
 from export.errors import ExportError
-from export.images import image_files, load_images, split_holdout, spread
+from export.images import load_images, split_holdout, spread
+from service.files import image_files
 from tests.conftest import TINY_CONTRACT, image_bytes
-
-
-def test_missing_empty_and_file_folders_are_one_line_errors(tmp_path):
-    with pytest.raises(ExportError, match=r"^--calibration-dir .*nope: no such directory$"):
-        image_files(tmp_path / "nope", "--calibration-dir")
-    (tmp_path / "empty" / ".hidden").mkdir(parents=True)
-    (tmp_path / "empty" / ".hidden" / "x.png").write_bytes(image_bytes())
-    with pytest.raises(ExportError, match=r"empty: holds no files$"):
-        image_files(tmp_path / "empty", "--calibration-dir")
-    (tmp_path / "file").write_text("x")
-    with pytest.raises(ExportError, match=r"file: not a directory$"):
-        image_files(tmp_path / "file", "--sample-images")
 
 
 def test_corrupt_files_are_skipped_with_the_gateways_reason(tmp_path):

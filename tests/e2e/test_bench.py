@@ -1,0 +1,185 @@
+"""`resnet-serve bench` against real gateways on loopback (bounded: a few seconds each):
+its counts are the requests the gateway counted, on REST and gRPC; the SLO search finds
+the rate a gateway of known cost allows; bad arguments are one line and exit 1."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from service.bench.run import BenchConfig, execute
+from service.settings import Settings
+from service.testing import GatewayProcess, SlowBackend, ThreadedGateway
+from tests.conftest import image_bytes, run_cli
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("bench-images")
+    for i in range(4):
+        (folder / f"{i}.png").write_bytes(image_bytes(size=(40 + i, 36), seed=i))
+    (folder / ".hidden.png").write_bytes(b"never sent")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def gateway(tiny, tmp_path_factory):
+    gw = GatewayProcess.start(
+        tmp_path_factory.mktemp("bench-gw") / "gw.log",
+        "--repository",
+        str(tiny.repository),
+        grpc=True,
+    )
+    yield gw
+    gw.stop()
+
+
+def bench(*args: str) -> dict:
+    out = Path(args[args.index("--output") + 1])
+    proc = run_cli("resnet-serve", "bench", "--quiet", *args, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == (
+        f"report: {out / 'report.json'}, {out / 'steps.csv'}, {out / 'latency.png'}"
+    )
+    return json.loads((out / "report.json").read_text())
+
+
+def test_rest_closed_loop_counts_what_the_gateway_counted(gateway, tiny, images, tmp_path):
+    report = bench(
+        "--url", gateway.url, "--model", tiny.name, "--images", str(images),
+        "--output", str(tmp_path), "--concurrency", "1,4", "--duration", "1.5",
+        "--warmup", "0.5", "--images-per-request", "2",
+    )  # fmt: skip
+    assert [s["concurrency"] for s in report["steps"]] == [1, 4]
+    for step in report["steps"]:
+        assert step["requests"] > 10 and step["errors"] == {}
+        # The same requests: the warm-up's are in neither count.
+        assert step["server"]["requests"] == step["requests"]
+        assert step["server"]["images"] == 2 * step["ok"]
+        assert step["images_per_s"] == pytest.approx(2 * step["requests_per_s"], rel=0.01)
+        lat = step["latency_ms"]
+        assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["p99.9"] <= lat["max"]
+        assert step["server"]["mean_batch_size"] >= 1
+        assert 0 < step["client_cpu"] < 2
+    assert report["target"]["image_files"] == 4  # the hidden file is not an image of the set
+    rows = (tmp_path / "steps.csv").read_text().splitlines()
+    assert len(rows) == 3 and rows[0].startswith("mode,load,")
+    assert (tmp_path / "latency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "kserve-grpc", "kserve-http"])
+def test_open_loop_over_every_protocol(gateway, tiny, images, tmp_path, protocol):
+    url = gateway.url if protocol == "kserve-http" else gateway.grpc_target
+    report = bench(
+        "--url", url, "--protocol", protocol, "--model", tiny.name, "--images", str(images),
+        "--output", str(tmp_path), "--rate", "40", "--duration", "1.5", "--warmup", "0.3",
+        "--metrics-url", gateway.url + "/metrics",
+    )  # fmt: skip
+    (step,) = report["steps"]
+    assert step["mode"] == "open" and step["rate_per_s"] == 40
+    assert step["errors"] == {} and 30 <= step["requests"] <= 100  # ~60 Poisson arrivals
+    assert step["server"]["requests"] == step["requests"] == step["server"]["images"]
+
+
+def simulated_max_rate(
+    duration_s: float, backend_s: float, unloaded_s: float, budget_s: float
+) -> float:
+    """What the search should find: the tool's own seeded Poisson schedule (seed 0, no
+    warm-up) through one server taking ``backend_s`` per request, in order (an M/D/1 queue
+    starting empty, as each step does), each request's latency its wait plus the unloaded
+    latency. The lowest rate on a fine grid whose p99 breaks the budget, less one step."""
+
+    def p99(rate: float) -> float:
+        rng, t, free, latencies = random.Random(0), 0.0, 0.0, []
+        while t < duration_s:
+            start = max(t, free)
+            free = start + backend_s
+            latencies.append(start - t + unloaded_s)
+            t += rng.expovariate(rate)
+        return float(np.percentile(latencies, 99, method="higher"))
+
+    rate = 1.0
+    while p99(rate + 0.25) <= budget_s:
+        rate += 0.25
+    return rate
+
+
+def test_slo_search_finds_the_rate_a_known_cost_allows(tiny, images, tmp_path):
+    """Batches of one image, 30 ms each (a backend made slow on purpose), one at a time: a
+    queue whose highest rate within a p99 budget can be worked out beforehand."""
+    from service.backends.onnxruntime import OnnxRuntimeBackend
+
+    settings = Settings(repository=tiny.repository, max_batch_size=1, max_batch_delay_ms=0)
+    with ThreadedGateway(settings, SlowBackend(OnnxRuntimeBackend(), 0.03)) as gw:
+        cfg = BenchConfig(
+            url=gw.url, model=tiny.name, images=images, output=tmp_path,
+            slo_p99_ms=120, duration_s=4, warmup_s=0, quiet=True,
+        )  # fmt: skip
+        report = asyncio.run(execute(cfg))
+    slo = report["slo"]
+    unloaded = report["steps"][0]
+    assert unloaded["mode"] == "closed" and unloaded["concurrency"] == 1
+    assert report["steps"][1]["concurrency"] == 16  # the ceiling probe
+    expected = simulated_max_rate(
+        4,
+        unloaded["server"]["inference_ms_per_batch"] / 1000,
+        unloaded["latency_ms"]["p50"] / 1000,
+        0.120,
+    )
+    assert slo["max_rate_per_s"] == pytest.approx(expected, rel=0.2), (slo, expected)
+    assert slo["p99_ms"] <= 120 and slo["requests"] > 50
+
+
+def test_bad_arguments_are_one_line_and_exit_1(gateway, tiny, images, tmp_path):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = tmp_path / "never-made"
+    cases = [
+        (["--url", gateway.url, "--images", str(empty)], "--images .*empty: holds no files"),
+        (["--url", gateway.url, "--images", str(a_file)], "--images .*a-file: not a directory"),
+        (["--url", gateway.url, "--images", str(tmp_path / "nope")], "no such directory"),
+        (
+            ["--url", "http://127.0.0.1:9", "--images", str(images)],
+            "cannot reach http://127.0.0.1:9",
+        ),
+        (
+            ["--url", gateway.url, "--images", str(images), "--model", "nope"],
+            "model 'nope' is not served",
+        ),
+        (
+            [
+                "--url",
+                gateway.grpc_target,
+                "--protocol",
+                "grpc",
+                "--images",
+                str(images),
+                "--model",
+                "nope",
+            ],
+            r"model 'nope' is not served at .* \(served: tiny\)",
+        ),
+        (
+            ["--url", gateway.url, "--images", str(images), "--rate", "5,x"],
+            "expected comma-separated",
+        ),
+        (["--url", gateway.url, "--images", str(images), "--protocol", "soap"], "--protocol soap"),
+    ]
+    for args, message in cases:
+        model = [] if "--model" in args else ["--model", tiny.name]
+        proc = run_cli(
+            "resnet-serve", "bench", "--output", str(out), "--duration", "1", *model, *args
+        )
+        assert proc.returncode == 1, (args, proc.stdout, proc.stderr)
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("resnet-serve: error: "), proc.stderr
+        assert re.search(message, lines[0]), (message, lines[0])
+        assert not out.exists()  # nothing made for a run that never started

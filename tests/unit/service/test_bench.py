@@ -1,0 +1,187 @@
+"""The load tool's own logic, where a scripted target makes the expected answer exact: the
+open loop's Poisson schedule, latency from the scheduled time (coordinated omission),
+warm-up excluded, the bounds, and the SLO search's bracketing. Real gateways: tests/e2e."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+
+import pytest
+
+from service.bench import BenchError
+from service.bench.runner import Bounds, Step, closed_loop, open_loop
+from service.bench.server import breakdown, parse
+from service.bench.slo import passes, search
+from service.bench.targets import Answer, Target
+
+
+class Scripted(Target):
+    """Answers after ``cost_s`` (one at a time when ``serial``); records when each call came."""
+
+    protocol = "rest"
+
+    def __init__(self, cost_s: float = 0.0, serial: bool = False, stall_at: int | None = None):
+        super().__init__("http://127.0.0.1:1", "m", [[b"x"]])
+        self.cost_s = cost_s
+        self.lock = asyncio.Lock() if serial else None
+        self.stall_at = stall_at
+        self.calls: list[float] = []
+
+    def encode(self, images):
+        return images
+
+    async def send(self, i: int) -> Answer:
+        self.calls.append(time.perf_counter())
+        if i == self.stall_at:
+            time.sleep(0.3)  # the client's own event loop blocked: every arrival is late
+        if self.lock:
+            async with self.lock:
+                await asyncio.sleep(self.cost_s)
+        else:
+            await asyncio.sleep(self.cost_s)
+        return Answer("200", True)
+
+
+def expected_arrivals(rate: float, duration: float, seed: int) -> int:
+    rng, t, n = random.Random(seed), 0.0, 0
+    while t < duration:
+        n += 1
+        t += rng.expovariate(rate)
+    return n
+
+
+def test_open_loop_sends_the_seeded_poisson_schedule():
+    target = Scripted()
+    step = asyncio.run(open_loop(target, 200, Bounds(1.0), seed=7))
+    assert step.requests == step.ok == expected_arrivals(200, 1.0, 7)
+    gaps = [b - a for a, b in zip(target.calls, target.calls[1:], strict=False)]
+    mean_gap = sum(gaps) / len(gaps)
+    assert 1 / 200 * 0.75 < mean_gap < 1 / 200 * 1.25
+    # Exponential gaps: their standard deviation is about their mean (not a fixed pace).
+    sd = (sum((g - mean_gap) ** 2 for g in gaps) / len(gaps)) ** 0.5
+    assert 0.6 < sd / mean_gap < 1.4
+
+
+def test_open_loop_latency_counts_from_the_scheduled_time():
+    """A client that falls behind (here: its loop blocked 0.3 s) must not hide it: the
+    requests that were due meanwhile are measured from when they were due."""
+    step = asyncio.run(open_loop(Scripted(stall_at=20), 100, Bounds(1.0), seed=1))
+    assert step.requests == expected_arrivals(100, 1.0, 1)  # none dropped
+    assert step.latency_ms(100) >= 250  # the stalled request's successors waited
+    assert step.latency_ms(50) < 250
+
+
+def test_open_loop_past_capacity_shows_the_queue():
+    # 50/s offered to a server that takes 40 ms each, one at a time (25/s): latency grows.
+    step = asyncio.run(open_loop(Scripted(0.04, serial=True), 50, Bounds(1.0), seed=3))
+    assert step.latency_ms(99) > 300
+
+
+def test_warmup_is_sent_but_not_recorded():
+    target = Scripted(0.005)
+    step = asyncio.run(closed_loop(target, 2, Bounds(0.3, warmup_s=0.3)))
+    assert 0 < step.requests < len(target.calls)
+    assert step.duration_s == pytest.approx(0.3, abs=0.05)
+
+
+def test_max_requests_bounds_a_step():
+    step = asyncio.run(closed_loop(Scripted(0.001), 3, Bounds(30.0, max_requests=50)))
+    assert step.requests == 50 and step.duration_s < 5
+
+
+def test_retry_after_is_honoured_with_jitter():
+    class Refusing(Scripted):
+        async def send(self, i):
+            self.calls.append(time.perf_counter())
+            return Answer("503", False, retry_after=0.2)
+
+    target = Refusing()
+    step = asyncio.run(closed_loop(target, 1, Bounds(0.5), honor_retry_after=True))
+    assert 2 <= step.requests <= 6  # 0.1-0.3 s apart, not a tight loop
+    assert step.errors == {"503": step.requests} and step.ok == 0
+    assert step.latency_ms(50, "503") < 5 and step.latency_ms(50) != step.latency_ms(50)  # NaN
+
+
+def test_slo_search_brackets_the_highest_passing_rate():
+    """A stand-in target whose p99 is over budget above 37/s: the search finds 37."""
+
+    def fake(load: float, mode: str) -> Step:
+        step = Step(mode, load, 1, duration_s=1.0)
+        rps = load if mode == "open" else min(100.0, load * 20)
+        over = mode == "open" and load > 37
+        for _ in range(int(rps)):
+            step.record(Answer("200", True), 0.5 if over else 0.05)
+        return step
+
+    async def closed(c):
+        return fake(c, "closed")
+
+    async def open_(r):
+        return fake(r, "open")
+
+    result = asyncio.run(search(closed, open_, budget_ms=100, tolerance=0.02, max_probes=12))
+    assert result.best is not None and 36 <= result.best.load <= 37
+    assert "highest passing rate" in result.reason
+    summary = result.summary()
+    assert summary["requests"] == result.best.requests
+    assert summary["confidence"].startswith("low")  # ~37 requests: the p99 is their max
+
+
+def test_slo_search_says_when_no_rate_fits():
+    async def slow(c):
+        step = Step("closed", c, 1, duration_s=1.0)
+        step.record(Answer("200", True), 0.5)
+        return step
+
+    result = asyncio.run(search(slow, slow, budget_ms=100))
+    assert result.best is None and "one request at a time already has p99 500" in result.reason
+    assert not passes(Step("open", 1, 1), 100)  # nothing answered: never a pass
+
+
+EXPOSITION = """\
+# TYPE resnet_serve_requests_total counter
+resnet_serve_requests_total{route="/v1/models/{model}/classify",method="POST",status="200"} 7.0
+resnet_serve_requests_total{route="/metrics",method="GET",status="200"} 3.0
+# TYPE resnet_serve_grpc_requests_total counter
+resnet_serve_grpc_requests_total{method="Classify",code="OK"} 2.0
+# TYPE resnet_serve_images_total counter
+resnet_serve_images_total{model="m"} 9.0
+resnet_serve_images_total{model="other"} 100.0
+# TYPE resnet_serve_batch_size histogram
+resnet_serve_batch_size_sum{model="m"} 9.0
+resnet_serve_batch_size_count{model="m"} 3.0
+# TYPE resnet_serve_preprocess_seconds histogram
+resnet_serve_preprocess_seconds_sum{model="m"} 0.018
+resnet_serve_preprocess_seconds_count{model="m"} 9.0
+# TYPE resnet_serve_rejections_total counter
+resnet_serve_rejections_total{reason="overloaded"} 4.0
+"""
+
+
+def test_server_breakdown_is_the_difference_of_two_scrapes():
+    after = parse(EXPOSITION, "m")
+    assert after["requests"] == 9  # POST routes and classifying RPCs, not the scrapes
+    assert after["images"] == 9  # this model only
+    d = breakdown({}, after)
+    assert d["mean_batch_size"] == 3.0 and d["batches"] == 3
+    assert d["preprocess_ms_per_image"] == 2.0
+    assert d["rejected"] == {"overloaded": 4}
+    assert breakdown(after, after)["requests"] == 0
+
+
+def test_bad_numbers_are_refused_before_anything_runs(tmp_path):
+    from service.bench.run import BenchConfig
+
+    base = {"url": "http://127.0.0.1:1", "model": "m", "images": tmp_path, "output": tmp_path}
+    for bad, message in (
+        ({"duration_s": 0}, "--duration"),
+        ({"concurrency": [0]}, "--concurrency"),
+        ({"rates": [-1.0]}, "--rate"),
+        ({"slo_p99_ms": 100, "rates": [1.0]}, "chooses its own steps"),
+        ({"concurrency": [1], "rates": [1.0]}, "not both"),
+        ({"images_per_request": 0}, "--images-per-request"),
+    ):
+        with pytest.raises(BenchError, match=message):
+            BenchConfig(**base, **bad).check()
