@@ -42,11 +42,18 @@ class CostModel:
         self.max_batch = max_batch
         self._seconds: dict[int, float] = dict(warm or {})
 
-    def observe(self, size: int, seconds: float) -> None:
+    def observe(self, size: int, seconds: float) -> float:
+        """Learn from a batch of ``size`` that took ``seconds``; the size's new estimate."""
         if size in self._seconds:
             self._seconds[size] += 0.2 * (seconds - self._seconds[size])
         else:
             self._seconds[size] = seconds
+        return self._seconds[size]
+
+    @property
+    def measured(self) -> dict[int, float]:
+        """Seconds per batch size, for the sizes measured so far."""
+        return dict(sorted(self._seconds.items()))
 
     def cost(self, size: int) -> float:
         """Predicted seconds for a batch of ``size`` (0.05 per batch before any is seen)."""
@@ -127,6 +134,8 @@ class Batcher:
         self._max_inflight = max_inflight
         self._reserved = 0  # images admitted, still being decoded
         self.costs = CostModel(max_batch, warm_costs)
+        for size, seconds in self.costs.measured.items():
+            metrics.batch_cost.labels(model, str(size)).set(seconds)
 
     def start(self) -> None:
         self._worker = asyncio.create_task(self._loop(), name=f"batcher-{self.model}")
@@ -316,7 +325,8 @@ class Batcher:
                 return
             finished = time.perf_counter()
             elapsed = finished - start
-            self.costs.observe(len(batch), elapsed)
+            learned = self.costs.observe(len(batch), elapsed)
+            self._metrics.batch_cost.labels(self.model, str(len(batch))).set(learned)
             self._metrics.inference.labels(self.model, self._backend).observe(elapsed)
             self._metrics.batch_size.labels(self.model).observe(len(batch))
             for it, row in zip(batch, logits, strict=True):

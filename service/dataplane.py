@@ -394,6 +394,11 @@ class DataPlane:
             outputs=outputs,
         )
 
+    def batch_costs_ms(self, spec: ModelSpec) -> dict[int, float]:
+        """Milliseconds per batch size, 1..the batch cap, from the model's cost model."""
+        batcher = self.batchers[spec.name]
+        return {n: round(batcher.costs.cost(n) * 1000, 3) for n in range(1, batcher.max_batch + 1)}
+
     def summaries(self) -> list[ModelSummary]:
         return [self.summary(s) for s in self.specs.values()]
 

@@ -66,6 +66,13 @@ class Metrics:
             ["model"],
             registry=r,
         )
+        self.batch_cost = Gauge(
+            p + "batch_cost_seconds",
+            "The backend's time for a batch of this size, as the batcher predicts it "
+            "(measured at warm-up, then an average of live batches); sizes seen so far.",
+            ["model", "batch_size"],
+            registry=r,
+        )
         self.rejections = Counter(
             p + "rejections",
             "Requests answered with an error, by its code (one per request, every transport).",

@@ -55,6 +55,11 @@ class ModelSummary(BaseModel):
 
 class ModelDetail(ModelSummary):
     contract: PreprocessContract
+    batch_cost_ms: dict[int, float] = Field(
+        description="The backend's time per batch size (1..max_batch_size) as the batcher "
+        "plans with it: measured at warm-up, learned from live batches, interpolated for "
+        "sizes not seen yet."
+    )
 
 
 class ModelList(BaseModel):

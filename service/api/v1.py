@@ -197,4 +197,6 @@ async def list_models(plane: PlaneDep) -> ModelList:
 async def get_model(model: str, plane: PlaneDep) -> ModelDetail:
     spec = plane.spec(model)
     summary = ModelSummary.model_validate(plane.summary(spec))
-    return ModelDetail(**summary.model_dump(), contract=spec.contract)
+    return ModelDetail(
+        **summary.model_dump(), contract=spec.contract, batch_cost_ms=plane.batch_costs_ms(spec)
+    )

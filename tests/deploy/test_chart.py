@@ -445,6 +445,11 @@ def test_only_the_gateway_reaches_triton(chart) -> None:
     (metrics,) = [r for r in rules if r not in inference]
     assert metrics["ports"] == [{"port": "metrics", "protocol": "TCP"}]
     assert metrics["from"][0]["namespaceSelector"]
+    # The gateway: its API from the ingress controller, /metrics (HTTP port) from Prometheus.
+    api, scrape = component(objs, "NetworkPolicy", "gateway")["spec"]["ingress"]
+    assert api["from"] == scenario("gpu-triton-values.yaml")["networkPolicy"]["ingressFrom"]
+    assert scrape["ports"] == [{"port": "http", "protocol": "TCP"}]
+    assert scrape["from"] == metrics["from"]
 
 
 def test_tensorrt_engines_are_built_on_the_serving_node(chart) -> None:

@@ -128,6 +128,25 @@ def test_models_endpoints(client):
     assert_error(client.get("/v1/models/nope"), 404, "model_not_found", "'nope'")
 
 
+def test_the_cost_model_is_shown_per_batch_size(client, images):
+    """What the batcher plans with: every size up to the cap, measured at warm-up (the
+    metric has exactly the measured sizes), learned from live batches."""
+    costs = client.get("/v1/models/tiny").json()["batch_cost_ms"]
+    assert list(costs) == [str(n) for n in range(1, 9)]  # max_batch_size 8
+    assert all(v > 0 for v in costs.values())
+    png_body = {"content": images[0], "headers": {"content-type": "image/png"}}
+    assert client.post("/v1/classify", **png_body).status_code == 200
+    metrics = client.get("/metrics").text
+    sizes = {
+        line.split('batch_size="')[1].split('"')[0]
+        for line in metrics.splitlines()
+        if line.startswith("resnet_serve_batch_cost_seconds{") and 'model="tiny"' in line
+    }
+    assert "1" in sizes and sizes <= {str(n) for n in range(1, 9)}
+    after = client.get("/v1/models/tiny").json()["batch_cost_ms"]
+    assert set(after) == set(costs)
+
+
 def test_long_names_are_not_echoed_whole(client):
     resp = client.get("/v1/models/" + "x" * 60_000)
     assert_error(resp, 404, "model_not_found", "(60000 chars)")
