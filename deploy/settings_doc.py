@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from service.settings import Settings
+from service.settings import Settings, helm_key
 
 HEAD = "| variable | default | meaning |\n|---|---|---|\n"
 SCHEMA = Path("helm/resnet-serving/values.schema.json")
@@ -30,13 +30,6 @@ def rows() -> str:
     return "\n".join(out)
 
 
-def value_key(field: str) -> str:
-    """The chart's name for a setting: ``max_batch_delay_ms`` is ``maxBatchDelayMs`` (and
-    Helm's ``snakecase`` turns it back)."""
-    head, *rest = field.split("_")
-    return head + "".join(part.capitalize() for part in rest)
-
-
 def _strip(node: Any) -> Any:
     # Titles are pydantic's, defaults live in values.yaml: only the type and bounds stay.
     if isinstance(node, dict):
@@ -50,7 +43,7 @@ def config_schema() -> dict[str, Any]:
     """JSON schema of the chart's ``gateway.config``: every setting but the chart's own."""
     fields = Settings.model_json_schema()["properties"]
     props = {
-        value_key(name): _strip(fields[name])
+        helm_key(name): _strip(fields[name])
         for name in Settings.model_fields
         if name not in CHART_OWNED
     }

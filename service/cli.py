@@ -357,6 +357,55 @@ def bench(
     typer.echo(f"report: {', '.join(result['files'])}")
 
 
+@app.command()
+def tune(
+    repository: Annotated[Path, typer.Option("--repository", "-r", help="Model repository.")],
+    model: Annotated[str, typer.Option(help="The model to tune for.")],
+    images: Annotated[Path, typer.Option(help="A folder of your own image files.")],
+    slo_p99_ms: Annotated[float, typer.Option(help="The p99 budget, milliseconds.")],
+    output: Annotated[
+        Path, typer.Option(help="Folder for tune.json, tune.env, values.yaml, each trial.")
+    ],
+    duration: Annotated[float, typer.Option(help="Seconds per load step.")] = 10.0,
+    warmup: Annotated[float, typer.Option(help="Seconds of warm-up per step.")] = 2.0,
+    max_minutes: Annotated[float, typer.Option(help="Stop trying candidates after this.")] = 30.0,
+) -> None:
+    """Try gateway settings on this machine with your images (a real gateway per candidate,
+    the SLO search on each) and write the best as an env file and a Helm values snippet."""
+    import itertools
+
+    from service.bench import BenchError
+    from service.bench.tune import gateway_process
+    from service.bench.tune import tune as run_tune
+
+    if not (repository / model).is_dir():
+        raise _fail(f"--repository {repository}: no model {model!r} there")
+    count = itertools.count(1)
+    try:
+        summary = run_tune(
+            lambda settings: gateway_process(
+                repository, settings, output / f"gateway-{next(count)}.log"
+            ),
+            model,
+            images,
+            slo_p99_ms,
+            output,
+            duration_s=duration,
+            warmup_s=warmup,
+            max_minutes=max_minutes,
+        )
+    except BenchError as exc:
+        raise _fail(str(exc)) from None
+    except KeyboardInterrupt:
+        typer.echo("resnet-serve: interrupted; nothing written", err=True)
+        raise typer.Exit(130) from None
+    best = summary["best"]
+    typer.echo(
+        f"best: {best['settings'] or 'the defaults'}: {best['slo']['max_rate_per_s']:g} requests/s"
+    )
+    typer.echo(f"wrote: {output / 'tune.env'}, {output / 'values.yaml'}, {output / 'tune.json'}")
+
+
 def main() -> None:
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     app(prog_name="resnet-serve")

@@ -16,6 +16,13 @@ CommaList = Annotated[list[str], NoDecode]
 ENV_PREFIX = "RESNET_SERVE_"
 
 
+def helm_key(field: str) -> str:
+    """A setting's name among the Helm chart's ``gateway.config`` values:
+    ``max_batch_delay_ms`` is ``maxBatchDelayMs`` (Helm's ``snakecase`` turns it back)."""
+    head, *rest = field.split("_")
+    return head + "".join(part.capitalize() for part in rest)
+
+
 def describe_settings_error(exc: ValidationError) -> str:
     """pydantic's errors as one line, each naming the environment variable that sets it
     (``RESNET_SERVE_PORT=99999: Input should be ...``)."""

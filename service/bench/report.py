@@ -58,7 +58,10 @@ def _row(step: Step) -> dict[str, Any]:
     }
 
 
-def _write(path: Path, data: bytes) -> None:
+def write_file(path: Path, data: bytes | str) -> None:
+    """``path`` whole or not at all: a temporary name beside it, then a rename."""
+    if isinstance(data, str):
+        data = data.encode()
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(fd, "wb") as fh:
@@ -134,15 +137,15 @@ def write(
     output: Path, report: dict[str, Any], steps: list[Step], best: Step | None = None
 ) -> list[Path]:
     budget = (report.get("slo") or {}).get("p99_budget_ms")
-    _write(output / "report.json", (json.dumps(report, indent=2) + "\n").encode())
+    write_file(output / "report.json", (json.dumps(report, indent=2) + "\n").encode())
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=CSV_FIELDS)
     writer.writeheader()
     for step in steps:
         writer.writerow(_row(step))
-    _write(output / "steps.csv", buf.getvalue().encode())
+    write_file(output / "steps.csv", buf.getvalue().encode())
     title = f"{report['target']['protocol']} {report['target']['url']} model {report['target']['model']}"
-    _write(output / "latency.png", chart(steps, budget, title, best))
+    write_file(output / "latency.png", chart(steps, budget, title, best))
     return [output / n for n in ("report.json", "steps.csv", "latency.png")]
 
 

@@ -15,8 +15,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from deploy.settings_doc import CHART_OWNED, SCHEMA, config_schema, value_key
-from service.settings import Settings
+from deploy.settings_doc import CHART_OWNED, SCHEMA, config_schema
+from service.settings import Settings, helm_key
 from tests.deploy.conftest import CHART, ROOT, tool
 
 KUBE_VERSION = "1.30.0"
@@ -213,7 +213,7 @@ def test_values_map_one_to_one_onto_the_settings(chart) -> None:
     snakecase turns each value's name into its variable; the defaults are the gateway's."""
     config = chart.values["gateway"]["config"]
     fields = set(Settings.model_fields)
-    assert {value_key(f) for f in fields - CHART_OWNED} == set(config), "values.yaml vs settings"
+    assert {helm_key(f) for f in fields - CHART_OWNED} == set(config), "values.yaml vs settings"
     # values.schema.json's gateway.config is generated from the settings (make docs).
     schema = json.loads((ROOT / SCHEMA).read_text())
     assert schema["properties"]["gateway"]["properties"]["config"] == config_schema(), (
@@ -261,7 +261,7 @@ def test_every_value_reaches_the_gateway_as_typed(chart) -> None:
         }
     )
     for key, value in given.items():
-        field = next(f for f in Settings.model_fields if value_key(f) == key)
+        field = next(f for f in Settings.model_fields if helm_key(f) == key)
         assert getattr(settings, field) == value, key
 
 
