@@ -226,7 +226,11 @@ def test_sigterm_drains_rest_and_grpc_alike(tiny, tmp_path):
             ok = "200" if name.startswith("rest") else "OK"
             assert answers.count(ok) > 3, (name, answers)
             assert set(answers[:-1]) <= {ok}, (name, answers)
-            assert answers[-1] in {ok, "refused", "UNAVAILABLE", "503"}, (name, answers)
+            # CANCELLED: a call that reached the gRPC server in the instant it stopped, before
+            # any handler took it: grpc's own answer for calls it never dispatched
+            # (grpc/grpc#41785), a refusal like UNAVAILABLE, never a call dropped mid-way.
+            refusals = {"refused", "UNAVAILABLE", "CANCELLED", "503"}
+            assert answers[-1] in {ok} | refusals, (name, answers)
         assert "Traceback" not in gw.output()
     finally:
         stop_clients.set()
