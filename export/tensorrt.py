@@ -35,10 +35,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import re
 import shlex
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -428,24 +426,12 @@ def build_engine(
 
 
 def _write_atomic(path: Path, data: bytes | memoryview) -> None:
-    """Write ``path`` whole or not at all: a temporary file beside it, then a rename."""
+    """Write ``path`` whole or not at all (trt_node's write, which the GPU node's script
+    uses too), a failure as an ExportError."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
+        trt_node.write_atomic(path, data)
     except OSError as exc:
         raise ExportError(f"cannot write {path} ({exc.strerror or exc})") from exc
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        if isinstance(exc, OSError):
-            raise ExportError(f"cannot write {path} ({exc.strerror or exc})") from exc
-        raise
 
 
 # --- running an engine -----------------------------------------------------------------------

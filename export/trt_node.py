@@ -464,7 +464,7 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_atomic(path: Path, data: bytes) -> None:
+def write_atomic(path: Path, data: bytes | memoryview) -> None:
     """``path`` whole or not at all (a hidden temporary beside it, then a rename), readable
     by all: Triton may run as another user than this script."""
     path.parent.mkdir(parents=True, exist_ok=True)
