@@ -7,22 +7,29 @@ same model file and the same machine, in this order:
 2. image preprocessing alone (500x375 JPEG; 4032x3024 JPEG with and without DCT draft);
 3. the gateway (a real process, embedded ORT backend): 16 and 1 closed-loop clients posting
    a 500x375 JPEG, and Poisson arrivals at half the bare model's throughput;
-4. the same 16 clients over the gateway's gRPC API (same process, same backend);
-   then overload: a gateway of its own whose requests have a 2 s deadline, under 2x and
+4. the same 16 clients over the gateway's gRPC API (same process, same backend); 16
+   clients with tracing off and on (every request sampled, exported over OTLP/gRPC to a
+   receiver in this process), off-on-on-off; then overload: a gateway of its own whose requests have a 2 s deadline, under 2x and
    10x the clients it can serve within it (they wait Retry-After; 10x also without);
 5. the gateway with the Triton backend: a real tritonserver (CPU, python backend running
    ORT on the same ONNX file), 16 REST clients;
 6. INT8: the same network quantized by ``resnet-export export --precision int8`` (calibrated
    on crops of real photographs; the gate reports only, since random weights have no
    accuracy to keep): bare INT8 against bare FP32 at batch 8, and the gateway serving INT8
-   against bare INT8.
+   against bare INT8;
+7. latency under load, FP32 and INT8: Poisson arrivals of crops of real photographs, and
+   the SLO search of ``resnet-serve bench``: the highest rate whose p99 stays within 5x the
+   bare model's batch-1 latency, with the gateway's defaults and with the settings
+   ``resnet-serve tune`` chose here when they differ from them
+   (``deploy/loadtest/tune-example/tune.env``, a latency target set to this run's budget),
+   as ratios to bare batch 8 (target: 0.5x).
 
 The load comes from ``service.bench`` (the ``resnet-serve bench`` load tool: keep-alive
 HTTP/1.1 on raw asyncio streams, grpc.aio with pre-serialized messages), each step bounded
 in time. Results print as a table and are written to ``bench-results.json``. Figures are
 reported as ratios to bare ORT from the same run, because the machines are shared and noisy.
 
-    python -m deploy.bench [--seconds 20] [--out bench-results.json]
+    python -m deploy.bench [--seconds 20] [--out bench-results.json] [--latency-only]
 """
 
 from __future__ import annotations
@@ -35,13 +42,15 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from service.bench.run import measure
+from service.bench.run import BenchConfig, measure
+from service.bench.run import run as bench_run
 from service.bench.runner import Bounds, Step, closed_loop, open_loop
 from service.bench.server import Scraper
 from service.bench.targets import make_target
@@ -50,6 +59,11 @@ from service.testing import GatewayProcess, free_port
 
 BIN = Path(sys.executable).parent
 NAME = "resnet50"
+#: What `resnet-serve tune` chose on this machine (README, Sizing a deployment).
+TUNED_ENV = Path(__file__).parent / "loadtest" / "tune-example" / "tune.env"
+#: The latency budget, in bare batch-1 latencies (issue 12; MLPerf's Server scenario
+#: bounds the p99 the same way, as a multiple of the model's own latency).
+BUDGET_X_BATCH1 = 5
 
 
 def log(msg: str) -> None:
@@ -166,7 +180,9 @@ def gateway_clients16(what: str, repo: Path, body: bytes, seconds: float, *args:
     return result
 
 
-def bench_int8(root: Path, body: bytes, seconds: float, bare8_fp32: float) -> dict[str, Any]:
+def bench_int8(
+    root: Path, body: bytes, seconds: float, bare8_fp32: float, latency_only: bool = False
+) -> dict[str, Any]:
     repo = root / "int8"
     calib = calibration_images(root / "calibration")
     export_model(
@@ -185,14 +201,127 @@ def bench_int8(root: Path, body: bytes, seconds: float, bare8_fp32: float) -> di
     bare1 = bare_ort(onnx_path, 1, seconds / 2)
     bare8 = bare_ort(onnx_path, 8, seconds)
     log(f"  batch 1: {bare1:.1f} img/s, batch 8: {bare8:.1f} img/s")
-    r16 = gateway_clients16("gateway INT8", repo, body, seconds)
-    return {
+    out: dict[str, Any] = {
         "bare_batch1_images_per_s": round(bare1, 2),
         "bare_batch8_images_per_s": round(bare8, 2),
         "bare_int8_vs_fp32_batch8": round(bare8 / bare8_fp32, 3),
-        "gateway_clients16": r16.summary(),
-        "gateway_vs_bare_int8_batch8": round(r16.images_per_s / bare8, 3),
     }
+    if not latency_only:
+        r16 = gateway_clients16("gateway INT8", repo, body, seconds)
+        out["gateway_clients16"] = r16.summary()
+        out["gateway_vs_bare_int8_batch8"] = round(r16.images_per_s / bare8, 3)
+    out["latency_under_load"] = latency_under_load(repo, calib, seconds, bare1, bare8)
+    return out
+
+
+class Collector:
+    """An OTLP/gRPC trace receiver on 127.0.0.1 that counts the spans it is sent: the
+    other end of a gateway with tracing on, so the exporter really serializes and sends."""
+
+    def __init__(self) -> None:
+        from concurrent import futures
+
+        import grpc
+        from opentelemetry.proto.collector.trace.v1 import trace_service_pb2 as pb
+        from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc as pbg
+
+        collector = self
+
+        class Receiver(pbg.TraceServiceServicer):
+            def Export(self, request: Any, context: Any) -> Any:  # noqa: N802
+                n = sum(len(s.spans) for r in request.resource_spans for s in r.scope_spans)
+                with collector.lock:  # the server's threads export concurrently
+                    collector.spans += n
+                return pb.ExportTraceServiceResponse()
+
+        self.spans = 0
+        self.lock = threading.Lock()
+        self.server = grpc.server(futures.ThreadPoolExecutor(2))
+        pbg.add_TraceServiceServicer_to_server(Receiver(), self.server)
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        self.server.start()
+
+    def stop(self) -> None:
+        self.server.stop(0)
+
+
+def tracing_cost(repo: Path, body: bytes, seconds: float) -> dict[str, Any]:
+    """16 closed-loop REST clients with tracing off and on (every request sampled, OTLP to
+    a local receiver), off-on-on-off, each on a gateway of its own."""
+    collector = Collector()
+    on = {
+        "OTEL_TRACES_EXPORTER": "otlp",
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{collector.port}",
+        "OTEL_EXPORTER_OTLP_INSECURE": "true",
+        "OTEL_TRACES_SAMPLER": "always_on",
+    }
+    rates: dict[str, list[float]] = {"off": [], "on": []}
+    try:
+        for name in ("off", "on", "on", "off"):
+            gw = start_gateway(repo, env=on if name == "on" else {})
+            try:
+                log(f"tracing {name}, 16 clients ...")
+                step = load(gw, body, seconds, clients=16, warmup_s=3)
+                log(f"  {line(step)}")
+                rates[name].append(step.images_per_s)
+            finally:
+                gw.stop()
+    finally:
+        collector.stop()
+    off, traced = (sum(r) / len(r) for r in (rates["off"], rates["on"]))
+    return {
+        "off_images_per_s": [round(r, 2) for r in rates["off"]],
+        "on_images_per_s": [round(r, 2) for r in rates["on"]],
+        "on_vs_off": round(traced / off, 3),
+        "spans_received": collector.spans,
+    }
+
+
+def tuned_settings(budget_ms: float) -> dict[str, str]:
+    """tune's choice, as the gateway's environment; a latency target becomes this run's."""
+    env = {}
+    for line in TUNED_ENV.read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            key, value = line.split("=", 1)
+            env[key] = value
+    if "RESNET_SERVE_TARGET_P99_MS" in env:
+        env["RESNET_SERVE_TARGET_P99_MS"] = f"{budget_ms:.0f}"
+    return env
+
+
+def latency_under_load(
+    repo: Path, images: Path, seconds: float, bare1: float, bare8: float
+) -> dict[str, Any]:
+    """The highest Poisson rate within p99 <= 5x the bare batch-1 latency, with the
+    gateway's defaults and with tune's choice (when it chose other settings), each on a
+    gateway of its own."""
+    budget_ms = BUDGET_X_BATCH1 * 1000 / bare1
+    out: dict[str, Any] = {"p99_budget_ms": round(budget_ms, 1), "target_vs_bare_batch8": 0.5}
+    tuned = tuned_settings(budget_ms)
+    for name, env in (("defaults", {}), *((("tuned", tuned),) if tuned else ())):
+        log(f"latency under load, {name} {env}: p99 <= {budget_ms:.0f} ms ...")
+        gw = start_gateway(repo, env=env)
+        try:
+            cfg = BenchConfig(
+                url=gw.url,
+                model=NAME,
+                images=images,
+                output=Path(tempfile.mkdtemp(prefix="resnet-bench-slo-")),
+                slo_p99_ms=budget_ms,
+                duration_s=seconds,
+                warmup_s=2,
+                quiet=True,
+            )
+            slo = bench_run(cfg)["slo"]
+        finally:
+            gw.stop()
+        out[name] = {
+            "settings": env,
+            **slo,
+            "rate_vs_bare_batch8": round(slo["max_rate_per_s"] / bare8, 3),
+        }
+        log(f"  {out[name]}")
+    return out
 
 
 def cpu_flags() -> str:
@@ -306,7 +435,9 @@ def overload(
     return out
 
 
-def run(seconds: float, out: Path, triton: bool = True) -> dict[str, Any]:
+def run(
+    seconds: float, out: Path, triton: bool = True, latency_only: bool = False
+) -> dict[str, Any]:
     results: dict[str, Any] = {
         "machine": {"cpus": usable_cpus(), "node_cpus": os.cpu_count(), "isa": cpu_flags()}
     }
@@ -322,6 +453,13 @@ def run(seconds: float, out: Path, triton: bool = True) -> dict[str, Any]:
             "batch8_images_per_s": round(bare8, 2),
         }
         log(f"  batch 1: {bare1:.1f} img/s, batch 8: {bare8:.1f} img/s")
+        # Beside the repository, not in it (a folder there would be read as a model).
+        photos = calibration_images(Path(tempfile.mkdtemp(prefix="resnet-bench-photos-")))
+        results["latency_under_load"] = latency_under_load(repo, photos, seconds, bare1, bare8)
+        if latency_only:
+            results["int8"] = bench_int8(Path(tmp) / "q", b"", seconds, bare8, latency_only=True)
+            out.write_text(json.dumps(results, indent=2) + "\n")
+            return results
         log("preprocessing ...")
         results["preprocess"] = preprocess_ms(repo)
         log(f"  {results['preprocess']}")
@@ -345,6 +483,7 @@ def run(seconds: float, out: Path, triton: bool = True) -> dict[str, Any]:
         finally:
             gw.stop()
         results["overload"] = overload(repo, body, r16.images_per_s, seconds, 2.0)
+        results["tracing"] = tracing_cost(repo, body, seconds)
         results["gateway_rest_onnxruntime"] = {
             "clients16": r16.summary(),
             "clients1": r1.summary(),
@@ -388,13 +527,65 @@ def p50_p99(summary: dict[str, Any]) -> str:
     return f"{summary['latency_ms']['p50']:.1f} / {summary['latency_ms']['p99']:.1f} ms"
 
 
+def latency_rows(what: str, section: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """The latency-under-load section as table rows."""
+    rows = []
+    for name in ("defaults", "tuned"):
+        if name not in section:
+            continue
+        r = section[name]
+        settings = ", ".join(
+            f"{k.removeprefix('RESNET_SERVE_')}={v}" for k, v in r["settings"].items()
+        )
+        rows.append(
+            (
+                f"{what}: highest Poisson rate with p99 <= {section['p99_budget_ms']} ms "
+                f"(5x bare batch 1), {name}" + (f" ({settings})" if settings else ""),
+                f"{r['max_rate_per_s']}/s, p99 {r.get('p99_ms', '-')} ms",
+                f"{r['rate_vs_bare_batch8']:.2f}x (target 0.5x)",
+            )
+        )
+    return rows
+
+
 def table(results: dict[str, Any]) -> str:
     bare = results["bare_ort"]
-    gw = results["gateway_rest_onnxruntime"]
-    pre = results["preprocess"]
     rows = [
         ("bare ONNX Runtime, batch 1", f"{bare['batch1_images_per_s']:.1f} img/s", ""),
         ("bare ONNX Runtime, batch 8", f"{bare['batch8_images_per_s']:.1f} img/s", "1.00x"),
+        *latency_rows("FP32", results["latency_under_load"]),
+    ]
+    if "int8" in results:
+        q = results["int8"]
+        rows += [
+            (
+                f"bare ONNX Runtime INT8, batch 1 / 8 ({results['machine']['isa']})",
+                f"{q['bare_batch1_images_per_s']:.1f} / {q['bare_batch8_images_per_s']:.1f} img/s",
+                f"{q['bare_int8_vs_fp32_batch8']:.2f}x (INT8 vs FP32)",
+            ),
+            *latency_rows("INT8", q["latency_under_load"]),
+        ]
+        if "gateway_clients16" in q:
+            rows.append(
+                (
+                    "gateway REST serving INT8, 16 clients",
+                    f"{q['gateway_clients16']['images_per_s']:.1f} img/s; p50 / p99 "
+                    + p50_p99(q["gateway_clients16"]),
+                    f"{q['gateway_vs_bare_int8_batch8']:.2f}x bare INT8",
+                )
+            )
+    if "gateway_rest_onnxruntime" in results:
+        rows += gateway_rows(results)
+    lines = ["| what | figure | vs bare batch 8 |", "|---|---|---|"]
+    lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
+    return "\n".join(lines)
+
+
+def gateway_rows(results: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """The closed-loop, overload, Triton and preprocessing rows of a full run."""
+    gw = results["gateway_rest_onnxruntime"]
+    pre = results["preprocess"]
+    rows = [
         (
             "gateway REST (embedded ORT), 16 clients",
             f"{gw['clients16']['images_per_s']:.1f} img/s",
@@ -441,6 +632,16 @@ def table(results: dict[str, Any]) -> str:
                     f"{row['goodput_vs_unloaded']:.2f}x unloaded",
                 )
             )
+    if "tracing" in results:
+        t = results["tracing"]
+        rows.append(
+            (
+                "tracing on (100 % sampled, OTLP to a local receiver) vs off, 16 clients",
+                f"{t['on_images_per_s']} vs {t['off_images_per_s']} img/s "
+                f"({t['spans_received']} spans received)",
+                f"{t['on_vs_off']:.2f}x off (target 0.95x)",
+            )
+        )
     if "gateway_rest_triton" in results:
         t = results["gateway_rest_triton"]
         rows += [
@@ -455,21 +656,6 @@ def table(results: dict[str, Any]) -> str:
                 "",
             ),
         ]
-    if "int8" in results:
-        q = results["int8"]
-        rows += [
-            (
-                f"bare ONNX Runtime INT8, batch 1 / 8 ({results['machine']['isa']})",
-                f"{q['bare_batch1_images_per_s']:.1f} / {q['bare_batch8_images_per_s']:.1f} img/s",
-                f"{q['bare_int8_vs_fp32_batch8']:.2f}x (INT8 vs FP32)",
-            ),
-            (
-                "gateway REST serving INT8, 16 clients",
-                f"{q['gateway_clients16']['images_per_s']:.1f} img/s; p50 / p99 "
-                + p50_p99(q["gateway_clients16"]),
-                f"{q['gateway_vs_bare_int8_batch8']:.2f}x bare INT8",
-            ),
-        ]
     rows += [
         ("preprocess 500x375 JPEG -> 224 tensor", f"{pre['jpeg_500x375_ms']} ms", ""),
         (
@@ -478,9 +664,7 @@ def table(results: dict[str, Any]) -> str:
             "",
         ),
     ]
-    lines = ["| what | figure | vs bare batch 8 |", "|---|---|---|"]
-    lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
-    return "\n".join(lines)
+    return rows
 
 
 def main() -> None:
@@ -490,10 +674,24 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20.0, help="length of each measured phase")
     parser.add_argument("--out", type=Path, default=Path("bench-results.json"))
     parser.add_argument("--no-triton", action="store_true", help="skip the Triton phase")
+    parser.add_argument(
+        "--latency-only", action="store_true", help="bare ORT and latency under load only"
+    )
+    parser.add_argument(
+        "--tracing-only", action="store_true", help="tracing on vs off (16 clients) only"
+    )
     args = parser.parse_args()
     if not 1 <= args.seconds <= 120:
         parser.error("--seconds must be between 1 and 120")
-    print(table(run(args.seconds, args.out, triton=not args.no_triton)))
+    if args.tracing_only:
+        with tempfile.TemporaryDirectory(prefix="resnet-bench-") as tmp:
+            export_model(Path(tmp))
+            traced = {"tracing": tracing_cost(Path(tmp), test_jpeg(), args.seconds)}
+        args.out.write_text(json.dumps(traced, indent=2) + "\n")
+        print(json.dumps(traced, indent=2))
+        return
+    results = run(args.seconds, args.out, triton=not args.no_triton, latency_only=args.latency_only)
+    print(table(results))
 
 
 if __name__ == "__main__":

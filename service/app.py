@@ -8,15 +8,16 @@ the same runtime. Routes find it on ``app.state.runtime``.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from pydantic.json_schema import models_json_schema
 
-from service import __version__
+from service import __version__, tracing
 from service.api import kserve, v1
 from service.api.errors import install_error_handlers
 from service.api.kserve import v2, v2_models
@@ -27,6 +28,9 @@ from service.backends import Backend
 from service.metrics import Metrics
 from service.runtime import Runtime, StartupError
 from service.settings import Settings
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import TracerProvider
 
 log = logging.getLogger(__name__)
 #: Routes whose requests are admitted before anything else is done (service.api.middleware).
@@ -41,11 +45,18 @@ DESCRIPTION = (
 )
 
 
-def create_app(settings: Settings | None = None, backend: Backend | None = None) -> FastAPI:
-    """Build the gateway. ``backend`` overrides the one ``settings`` names (tests)."""
+def create_app(
+    settings: Settings | None = None,
+    backend: Backend | None = None,
+    tracer_provider: TracerProvider | None = None,
+) -> FastAPI:
+    """Build the gateway. ``backend`` overrides the one ``settings`` names (tests); so does
+    ``tracer_provider`` the one the OTEL_* variables ask for (service.tracing; raises
+    TracingError for one it cannot make)."""
     settings = settings or Settings()
     metrics = Metrics()
-    runtime = Runtime(settings, metrics, backend)
+    provider = tracer_provider or tracing.provider_from_env(os.environ)
+    runtime = Runtime(settings, metrics, backend, tracing.tracer_of(provider))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -61,6 +72,8 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
             yield
         finally:
             await runtime.close()
+            if provider is not None:
+                provider.shutdown()  # the spans still buffered are exported now
 
     app = FastAPI(
         title="resnet-serving gateway",
@@ -70,10 +83,10 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
     )
     app.state.runtime = runtime
     app.state.startup_error = None
-    install_error_handlers(app, metrics)
+    install_error_handlers(app)
     for router in (api, ops, v2, v2_models):
         app.include_router(router)
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, metrics=metrics)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     classify_routes = [
         r
         for router in (api, v2_models)
@@ -82,7 +95,7 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
     ]
     assert len(classify_routes) == len(SHEDDABLE), "a sheddable route was renamed"
     app.add_middleware(Admission, routes=classify_routes, runtime=runtime)
-    app.add_middleware(Observe, metrics=metrics)
+    app.add_middleware(Observe, runtime=runtime)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
 

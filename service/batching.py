@@ -3,9 +3,18 @@
 Per model: at most ``max_batch`` images per call, a partial batch waits at most
 ``max_delay_s`` for company, at most ``max_queue`` images wait at all, and every image
 carries its request's deadline (504 at it; an expired image is dropped before it costs
-any compute). Admission comes before any work: :meth:`Batcher.reserve` refuses a request
-at once (503 + Retry-After) when the queue is full or when the queue ahead of it could not
-be worked off before its deadline, and holds its place while its images are decoded.
+any compute).
+
+Each batch's size is chosen, not taken: from the queue (earliest deadline first), the cost
+model and the deadlines, the batcher takes the size that clears the queue soonest with
+every batch slot working, among the sizes that break no deadline a smaller batch would
+keep. With a latency target (``target_s``) a request's deadline for that choice is its
+arrival plus the target, and no batch costs more than half the target (a request that
+arrives as a batch starts waits for it, then runs in the next).
+
+Admission comes before any work: :meth:`Batcher.reserve` refuses a request at once (503 +
+Retry-After) when the queue is full or when the queue ahead of it could not be worked off
+before its deadline, and holds its place while its images are decoded.
 
 Every accepted request gets exactly one answer: a result, or the error of its batch, or
 ``ShuttingDown`` if the gateway is closing before its batch could run (``close`` first
@@ -16,12 +25,16 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import contextlib
 import logging
+import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
+from opentelemetry import trace
+from opentelemetry.trace import SpanContext, Tracer
 
 from service.errors import DeadlineExceeded, InternalError, Overloaded, ServiceError, ShuttingDown
 from service.metrics import Metrics
@@ -38,8 +51,7 @@ class CostModel:
     never seen is interpolated between the nearest seen ones (linear in n, which is how a
     CPU's batch cost grows)."""
 
-    def __init__(self, max_batch: int, warm: dict[int, float] | None = None) -> None:
-        self.max_batch = max_batch
+    def __init__(self, warm: dict[int, float] | None = None) -> None:
         self._seconds: dict[int, float] = dict(warm or {})
 
     def observe(self, size: int, seconds: float) -> float:
@@ -70,17 +82,22 @@ class CostModel:
         near = max(below) if below else min(above)
         return self._seconds[near] * size / near  # proportional beyond what was seen
 
-    def work_s(self, images: int) -> float:
-        """Seconds of backend time for ``images`` images in full batches (the rest last)."""
-        full, rest = divmod(images, self.max_batch)
-        return full * self.cost(self.max_batch) + (self.cost(rest) if rest else 0.0)
+    def work_s(self, images: int, batch: int) -> float:
+        """Seconds of backend time for ``images`` images in full batches of ``batch`` (the
+        rest last)."""
+        full, rest = divmod(images, batch)
+        return full * self.cost(batch) + (self.cost(rest) if rest else 0.0)
 
 
 @dataclass(eq=False)
 class _Item:
     tensor: np.ndarray
     deadline: float
+    #: The deadline a batch size is chosen for: the request's, or sooner with a target.
+    due: float
     future: asyncio.Future[np.ndarray]
+    #: The request's span, when tracing is on: its batch's span is linked to it.
+    span: SpanContext | None = None
     enqueued: float = field(default_factory=time.perf_counter)
     started: float = 0.0  # when its batch went to the backend
     finished: float = 0.0  # when its batch came back
@@ -110,16 +127,23 @@ class Batcher:
         backend_name: str,
         max_inflight: int = 1,
         warm_costs: dict[int, float] | None = None,
+        target_s: float | None = None,
+        version: str = "",
+        tracer: Tracer | None = None,
     ) -> None:
         self.model = model
+        self.version = version
+        ids = (model, version)  # every metric's first labels: per version, for canaries
         self._infer = infer
         self.max_batch = max_batch
         self.max_delay_s = max_delay_s
         self.max_queue = max_queue
+        self.target_s = target_s
+        self._tracer = tracer
         self._metrics = metrics
         self._backend = backend_name
-        metrics.queue_capacity.labels(model).set(max_queue)
-        metrics.queue_depth.labels(model).set(0)
+        metrics.queue_capacity.labels(*ids).set(max_queue)
+        metrics.queue_depth.labels(*ids).set(0)
         # Earliest deadline first: a request admitted with less time left is not pushed back
         # by one that finished decoding sooner (with one timeout for all, this is arrival
         # order). Requests' images stay together: one deadline each.
@@ -133,12 +157,21 @@ class Batcher:
         self._worker: asyncio.Task[None] | None = None
         self._max_inflight = max_inflight
         self._reserved = 0  # images admitted, still being decoded
-        self.costs = CostModel(max_batch, warm_costs)
+        self.costs = CostModel(warm_costs)
         for size, seconds in self.costs.measured.items():
-            metrics.batch_cost.labels(model, str(size)).set(seconds)
+            metrics.batch_cost.labels(*ids, str(size)).set(seconds)
 
     def start(self) -> None:
         self._worker = asyncio.create_task(self._loop(), name=f"batcher-{self.model}")
+
+    @property
+    def cap(self) -> int:
+        """The largest batch the batcher starts: ``max_batch``, or with a latency target the
+        largest whose predicted cost is at most half of it (never below 1)."""
+        if self.target_s is None:
+            return self.max_batch
+        fits = [n for n in range(1, self.max_batch + 1) if self.costs.cost(n) <= self.target_s / 2]
+        return max(fits, default=1)
 
     @property
     def waiting(self) -> int:
@@ -154,12 +187,13 @@ class Batcher:
         running = max(
             (self.costs.cost(n) - (now - t) for t, n in self._started.values()), default=0.0
         )
-        full, rest = divmod(self.waiting + images, self.max_batch)
+        cap = self.cap
+        full, rest = divmod(self.waiting + images, cap)
         last = 0.0
         if rest:
             waits = bool(self._started) or full > 0
-            last = self.costs.cost(self.max_batch if waits else rest)
-        ahead = (full * self.costs.cost(self.max_batch) + last) / self._max_inflight
+            last = self.costs.cost(cap if waits else rest)
+        ahead = (full * self.costs.cost(cap) + last) / self._max_inflight
         return max(0.0, running) + ahead
 
     def admissible(self, images: int, deadline: float, extra_s: float = 0.0) -> None:
@@ -181,7 +215,7 @@ class Batcher:
         left = deadline - time.perf_counter()
         if wait * ADMISSION_SLACK <= left:
             return
-        alone = self.costs.work_s(images) + extra_s
+        alone = self.costs.work_s(images, self.cap) + extra_s
         if alone * ADMISSION_SLACK > left:  # not even an idle model: retrying cannot help
             raise DeadlineExceeded(
                 f"the request's deadline ({max(left, 0) * 1000:.0f} ms from now) is shorter "
@@ -205,10 +239,15 @@ class Batcher:
         self._wakeup.set()
 
     async def submit(
-        self, tensors: list[np.ndarray], deadline: float, reserved: bool = False
+        self,
+        tensors: list[np.ndarray],
+        deadline: float,
+        reserved: bool = False,
+        arrived: float | None = None,
     ) -> Batched:
         """Queue ``tensors`` (one per image); return their logits rows, in order.
-        ``reserved``: admitted earlier by :meth:`reserve` (else admitted here)."""
+        ``reserved``: admitted earlier by :meth:`reserve` (else admitted here). ``arrived``:
+        when the request came (default: now), from which the latency target counts."""
         if reserved:
             self.release(len(tensors))
             if self._closing:
@@ -217,10 +256,14 @@ class Batcher:
             self.reserve(len(tensors), deadline)
             self.release(len(tensors))
         loop = asyncio.get_running_loop()
-        items = [_Item(t, deadline, loop.create_future()) for t in tensors]
+        due = deadline
+        if self.target_s is not None:
+            due = min(deadline, (arrived or time.perf_counter()) + self.target_s)
+        span = trace.get_current_span().get_span_context() if self._tracer else None
+        items = [_Item(t, deadline, due, loop.create_future(), span) for t in tensors]
         at = bisect.bisect_right(self._pending, deadline, key=lambda it: it.deadline)
         self._pending[at:at] = items
-        self._metrics.queue_depth.labels(self.model).set(len(self._pending))
+        self._metrics.queue_depth.labels(self.model, self.version).set(len(self._pending))
         self._wakeup.set()
         submitted = time.perf_counter()
         futures = [it.future for it in items]
@@ -270,8 +313,9 @@ class Batcher:
         a batch costs: started without them, they would wait for a whole batch."""
         oldest = min(it.enqueued for it in self._pending)
         until = oldest + self.max_delay_s
-        coming_until = oldest + self.costs.cost(self.max_batch) / 4
-        while len(self._pending) < self.max_batch and not self._closing:
+        cap = self.cap
+        coming_until = oldest + self.costs.cost(cap) / 4
+        while len(self._pending) < cap and not self._closing:
             remaining = (
                 max(until, coming_until) if self._reserved else until
             ) - time.perf_counter()
@@ -284,21 +328,38 @@ class Batcher:
                 return
 
     def _take(self) -> list[_Item]:
-        batch: list[_Item] = []
         now = time.perf_counter()
-        taken = 0
-        while taken < len(self._pending) and len(batch) < self.max_batch:
-            it = self._pending[taken]
-            taken += 1
+        live: list[_Item] = []
+        for it in self._pending:
             if it.future.done():
                 continue  # cancelled: its request has already been answered
             if it.deadline <= now:
                 it.future.set_exception(DeadlineExceeded("request deadline exceeded in queue"))
                 continue
-            batch.append(it)
-        del self._pending[:taken]
-        self._metrics.queue_depth.labels(self.model).set(len(self._pending))
+            live.append(it)
+        size = self._size(live[: self.cap], len(live), now) if live else 0
+        batch, self._pending = live[:size], live[size:]
+        self._metrics.queue_depth.labels(self.model, self.version).set(len(self._pending))
         return batch
+
+    def _size(self, head: list[_Item], queued: int, now: float) -> int:
+        """How many of ``head`` (the first of ``queued`` live images, earliest deadline
+        first) the next batch takes: the size that clears the queue soonest, counting
+        every batch slot, among the sizes whose predicted finish breaks no deadline that a
+        smaller batch would keep (a deadline no batch keeps constrains nothing); on a
+        tie, the smaller one (its requests are answered sooner)."""
+        best, best_clear = 1, math.inf
+        limit = math.inf  # the earliest deadline a batch of n must keep
+        for n, it in enumerate(head, start=1):
+            if now + self.costs.cost(n) <= it.due:
+                limit = min(limit, it.due)  # kept by a batch of n: no larger batch breaks it
+            cost = self.costs.cost(n)
+            if now + cost > limit:
+                break  # larger batches finish later still
+            clear = math.ceil(math.ceil(queued / n) / self._max_inflight) * cost
+            if clear < best_clear:
+                best, best_clear = n, clear
+        return best
 
     def _ran(self, task: asyncio.Task[None]) -> None:
         self._running.discard(task)
@@ -309,32 +370,69 @@ class Batcher:
             start = time.perf_counter()
             for it in batch:
                 it.started = start
-                self._metrics.queue_wait.labels(self.model).observe(start - it.enqueued)
+                self._metrics.queue_wait.labels(self.model, self.version).observe(
+                    start - it.enqueued
+                )
             x = np.stack([it.tensor for it in batch])
             timeout = max(it.deadline for it in batch) - start
             try:
-                logits = await self._infer(x, timeout)
+                with self._traced(batch):
+                    logits = await self._infer(x, timeout)
             except ServiceError as exc:
-                self._metrics.backend_errors.labels(self.model, self._backend, exc.code).inc()
+                self._metrics.backend_errors.labels(
+                    self.model, self.version, self._backend, exc.code
+                ).inc()
                 self._fail(batch, exc)
                 return
             except Exception:
                 log.exception("backend call for %s failed", self.model)
-                self._metrics.backend_errors.labels(self.model, self._backend, "internal").inc()
+                self._metrics.backend_errors.labels(
+                    self.model, self.version, self._backend, "internal"
+                ).inc()
                 self._fail(batch, InternalError())
                 return
             finished = time.perf_counter()
             elapsed = finished - start
             learned = self.costs.observe(len(batch), elapsed)
-            self._metrics.batch_cost.labels(self.model, str(len(batch))).set(learned)
-            self._metrics.inference.labels(self.model, self._backend).observe(elapsed)
-            self._metrics.batch_size.labels(self.model).observe(len(batch))
+            self._metrics.batch_cost.labels(self.model, self.version, str(len(batch))).set(learned)
+            self._metrics.inference.labels(self.model, self.version, self._backend).observe(elapsed)
+            self._metrics.batch_size.labels(self.model, self.version).observe(len(batch))
             for it, row in zip(batch, logits, strict=True):
                 it.finished = finished
                 if not it.future.done():
                     it.future.set_result(row)
         finally:
             self._slots.release()
+
+    @contextlib.contextmanager
+    def _traced(self, batch: list[_Item]) -> Iterator[None]:
+        """With tracing on: a ``batch`` span, child of the first request in it and linked
+        from the others (one batch serves many traces), around an ``infer`` span that is
+        current while the backend runs (Triton's call carries it as ``traceparent``)."""
+        if self._tracer is None:
+            yield
+            return
+        spans = list(
+            {it.span.span_id: it.span for it in batch if it.span and it.span.is_valid}.values()
+        )
+        parent = trace.set_span_in_context(trace.NonRecordingSpan(spans[0])) if spans else None
+        attributes: dict[str, str | int] = {
+            "resnet_serve.model": self.model,
+            "resnet_serve.version": self.version,
+            "resnet_serve.batch_size": len(batch),
+        }
+        with (
+            self._tracer.start_as_current_span(
+                "batch",
+                context=parent,
+                links=[trace.Link(s) for s in spans[1:]],
+                attributes=attributes,
+            ),
+            self._tracer.start_as_current_span(
+                "infer", attributes={"resnet_serve.backend": self._backend}
+            ),
+        ):
+            yield
 
     @staticmethod
     def _fail(batch: list[_Item], exc: ServiceError) -> None:

@@ -105,6 +105,7 @@ def uvicorn_config(asgi: Any, fastapi_app: Any, settings: Any) -> Any:
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
+        log_config=None,  # the process's logging (service.observe), JSON or text
         access_log=False,
         lifespan="on",
         timeout_graceful_shutdown=int(settings.request_timeout_s) + 5,
@@ -172,21 +173,25 @@ def serve(
     if settings.default_model and settings.default_model not in {s.name for s in specs}:
         raise _fail(f"default model {settings.default_model!r} is not among the served models")
 
-    from service import memory
+    from service import memory, observe
     from service.app import create_app
+    from service.tracing import TracingError
 
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    observe.configure_logging(settings.log_level, settings.log_format)
     memory.limit_arenas()  # before any thread starts
-    fastapi_app = create_app(settings)
+    try:
+        fastapi_app = create_app(settings)
+    except TracingError as exc:
+        raise _fail(str(exc)) from None
     config = uvicorn_config(_OneLineStartupErrors(fastapi_app), fastapi_app, settings)
-    typer.echo(
-        f"resnet-serve: {', '.join(s.name for s in specs)} on http://{settings.host}:{settings.port} "
-        f"(backend {settings.backend}; docs at /docs"
-        + (f"; gRPC on port {settings.grpc_port}" if settings.grpc_port is not None else "")
-        + ")"
+    # A log record, not a print: with LOG_FORMAT=json every line the process writes is JSON.
+    logging.getLogger("service.cli").info(
+        "resnet-serve: %s on http://%s:%s (backend %s; docs at /docs%s)",
+        ", ".join(s.name for s in specs),
+        settings.host,
+        settings.port,
+        settings.backend,
+        f"; gRPC on port {settings.grpc_port}" if settings.grpc_port is not None else "",
     )
     if not _DrainingServer(config, fastapi_app.state.runtime, settings.drain_seconds).run():
         raise typer.Exit(1)

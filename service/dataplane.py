@@ -18,10 +18,11 @@ import math
 import time
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from service import observe
 from service.backends.base import Backend
 from service.batching import Batcher
 from service.cpus import usable_cpus
@@ -39,6 +40,9 @@ from service.metrics import Metrics
 from service.preprocess import DecodeLimits, preprocess
 from service.repository import ModelSpec, TensorSig, contract_tensors
 from service.settings import Settings
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import Tracer
 
 #: The shortest timeout a caller may ask for (a shorter one is a mistake, not a deadline).
 MIN_TIMEOUT_S = 0.001
@@ -163,9 +167,15 @@ class ModelStatistics:
 
 class DataPlane:
     def __init__(
-        self, specs: list[ModelSpec], backend: Backend, settings: Settings, metrics: Metrics
+        self,
+        specs: list[ModelSpec],
+        backend: Backend,
+        settings: Settings,
+        metrics: Metrics,
+        tracer: Tracer | None = None,
     ) -> None:
         self.specs = {s.name: s for s in specs}
+        self.tracer = tracer
         self.backend = backend
         self.settings = settings
         self.metrics = metrics
@@ -175,7 +185,11 @@ class DataPlane:
         self.limits = DecodeLimits(
             max_pixels=settings.max_image_pixels, jpeg_draft=settings.jpeg_draft
         )
-        self.decoder = DecodePool(settings.preprocess_workers or usable_cpus())
+        cpus = usable_cpus()
+        workers = settings.preprocess_workers or cpus
+        # EXCLUSIVE_CPUS: a batch holds its threads' CPUs, decodes the rest (service.decoding).
+        self.decoder = DecodePool(workers, cpus if settings.exclusive_cpus else workers)
+        self._batch_cpus = backend.cpus_per_batch if settings.exclusive_cpus else 0
         #: EWMA of one image's decode + preprocess time, per model (admission's estimate).
         self._decode_s = {s.name: 0.005 for s in specs}
         self.stats = {s.name: ModelStatistics(s.name, s.version) for s in specs}
@@ -186,11 +200,13 @@ class DataPlane:
 
         async def infer(x: np.ndarray, timeout: float) -> np.ndarray:
             start = time.perf_counter()
-            logits = await self.backend.infer(spec, x, timeout)
+            async with self.decoder.cores(self._batch_cpus):
+                logits = await self.backend.infer(spec, x, timeout)
             stats.batch(len(x), time.perf_counter() - start)
             return logits
 
         cap = self.settings.max_batch_size or spec.max_batch_size
+        target_ms = self.settings.target_p99_ms
         return Batcher(
             spec.name,
             infer,
@@ -201,6 +217,9 @@ class DataPlane:
             backend_name=self.backend.name,
             max_inflight=self.backend.max_inflight_batches,
             warm_costs=self.backend.warm_costs(spec),
+            target_s=None if target_ms is None else target_ms / 1000.0,
+            version=spec.version,
+            tracer=self.tracer,
         )
 
     def start(self) -> None:
@@ -238,6 +257,7 @@ class DataPlane:
         """Resolve a request once. ``timeout_s`` (the caller's own deadline) can only shorten
         the server's; the deadline counts from ``arrived`` (default: now)."""
         spec = self.spec(model, version)
+        observe.serving(spec.name, spec.version)
         start = time.perf_counter() if arrived is None else arrived
         return Plan(spec, self._top_k(spec, top_k), start, start + self.budget_s(timeout_s))
 
@@ -288,8 +308,16 @@ class DataPlane:
         tensor = preprocess(data, spec.contract, self.limits)
         elapsed = time.perf_counter() - start
         self._decode_s[spec.name] += 0.1 * (elapsed - self._decode_s[spec.name])
-        self.metrics.preprocess.labels(spec.name).observe(elapsed)
+        self.metrics.preprocess.labels(spec.name, spec.version).observe(elapsed)
         return tensor
+
+    async def _decode_one(self, plan: Plan, k: int, data: bytes) -> np.ndarray:
+        with observe.span(
+            "preprocess", **{"resnet_serve.image": k, "resnet_serve.bytes": len(data)}
+        ):
+            return await self.decoder.run(
+                plan.spec.name, plan.deadline, partial(self._preprocess_one, plan.spec, data)
+            )
 
     async def decode(self, plan: Plan, images: list[bytes]) -> np.ndarray:
         """Encoded images -> the model's input batch, by its contract, for :meth:`infer`.
@@ -300,16 +328,14 @@ class DataPlane:
         self.check_count(len(images))
         spec = plan.spec
         n = len(images)
+        observe.images(n)
         # Its own decoding, behind what the pool already has (a burst of arrivals).
         decode_s = self._decode_s[spec.name] * math.ceil(
             (self.decoder.backlog + n) / self.decoder.workers
         )
         self.batchers[spec.name].reserve(n, plan.deadline, extra_s=decode_s)
         start = time.perf_counter()
-        jobs = [
-            self.decoder.run(spec.name, plan.deadline, partial(self._preprocess_one, spec, d))
-            for d in images
-        ]
+        jobs = [self._decode_one(plan, k, d) for k, d in enumerate(images)]
         try:
             results = await asyncio.wait_for(
                 asyncio.gather(*jobs, return_exceptions=True),
@@ -326,25 +352,33 @@ class DataPlane:
             if isinstance(exc, TimeoutError):
                 raise DeadlineExceeded("request deadline exceeded while decoding") from None
             raise
-        self.stats[spec.name].durations["compute_input"].add(time.perf_counter() - start)
+        elapsed = time.perf_counter() - start
+        self.stats[spec.name].durations["compute_input"].add(elapsed)
+        observe.stage("preprocess", elapsed)
         return np.stack([r for r in results if isinstance(r, np.ndarray)])
 
     async def infer(self, plan: Plan, batch: np.ndarray, decoded: bool = False) -> np.ndarray:
         """The model's logits ``(n, num_classes)`` for an input batch, through its batcher.
         ``decoded``: the batch came from :meth:`decode`, which admitted it already."""
         spec = plan.spec
+        observe.images(len(batch))
         start = time.perf_counter()
         try:
-            done = await self.batchers[spec.name].submit(list(batch), plan.deadline, decoded)
+            done = await self.batchers[spec.name].submit(
+                list(batch), plan.deadline, decoded, arrived=plan.arrived
+            )
         except BaseException:
             self._failed(spec, start)
             raise
         stats = self.stats[spec.name]
         stats.durations["queue"].add(done.queued_s)
         stats.durations["compute_infer"].add(done.computed_s)
+        observe.stage("queue", done.queued_s)
+        observe.stage("infer", done.computed_s)
+        observe.past_span("queue", start, start + done.queued_s)
         stats.inference_count += len(batch)
         stats.last_inference_ms = int(time.time() * 1000)
-        self.metrics.images.labels(spec.name).inc(len(batch))
+        self.metrics.images.labels(spec.name, spec.version).inc(len(batch))
         return np.stack(done.rows)
 
     def succeeded(self, plan: Plan, output_started: float) -> None:
@@ -352,6 +386,7 @@ class DataPlane:
         now = time.perf_counter()
         durations = self.stats[plan.spec.name].durations
         durations["compute_output"].add(now - output_started)
+        observe.stage("output", now - output_started)
         durations["success"].add(now - plan.arrived)
 
     def _failed(self, spec: ModelSpec, start: float) -> None:
@@ -361,8 +396,9 @@ class DataPlane:
         """Encoded images -> the ``plan.top_k`` best classes of each, with probabilities."""
         logits = await self.infer(plan, await self.decode(plan, images), decoded=True)
         output_started = time.perf_counter()
-        idx = top_indices(logits, plan.top_k)
-        probs = np.take_along_axis(softmax(logits), idx, axis=1)
+        with observe.span("top-k", **{"resnet_serve.top_k": plan.top_k}):
+            idx = top_indices(logits, plan.top_k)
+            probs = np.take_along_axis(softmax(logits), idx, axis=1)
         labels = plan.spec.labels
         result = Classification(
             model=plan.spec.name,

@@ -1,4 +1,5 @@
-"""Decoding threads shared by every model, handed out fairly and never past a deadline.
+"""The process's CPUs, shared by decoding and inference; decoding threads handed out
+fairly and never past a deadline.
 
 One thread pool (decoding is CPU work: more threads than cores only adds contention), but
 not one FIFO queue: each model has its own queue of waiting images, and a free thread goes
@@ -6,6 +7,16 @@ to the next model in turn that has one. A flood of large images for one model th
 delays another model's image by at most the decodes already running, never by the whole
 flood. An image whose request's deadline has passed is never decoded; a request waiting
 for a thread gives up at its deadline.
+
+With ``EXCLUSIVE_CPUS`` the pool also counts the CPUs the process may use, and inference
+holds its share while a batch runs (:meth:`DecodePool.cores`: as many as the batch's
+intra-op threads). A decode holds one; together they never hold more than there are: an
+ONNX Runtime batch split over several threads waits for its slowest thread, and a decoding
+thread taking one of its cores stalls the whole batch. A waiting batch goes before waiting
+decodes: its images are decoded already, and finishing them is what empties the queue. The
+price is that decoding no longer overlaps a batch on all cores; measured on 2 cores it
+costs more p99 than the stalls it saves (README, Batching and bounds), so it is off by
+default and a candidate of ``resnet-serve tune``.
 """
 
 from __future__ import annotations
@@ -14,7 +25,7 @@ import asyncio
 import collections
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -24,10 +35,16 @@ T = TypeVar("T")
 
 
 class DecodePool:
-    def __init__(self, workers: int) -> None:
+    def __init__(self, workers: int, cpus: int | None = None) -> None:
+        """``workers`` decoding threads; ``cpus`` the CPUs they share with inference
+        (default: as many as the threads)."""
         self.workers = workers
+        self.cpus = cpus or workers
         self._executor = ThreadPoolExecutor(workers, thread_name_prefix="decode")
         self._free = workers
+        self._free_cpus = self.cpus
+        #: Batches waiting for CPUs, first come first served: (CPUs, grant).
+        self._holds: collections.deque[tuple[int, asyncio.Future[None]]] = collections.deque()
         self._queues: dict[str, collections.deque[asyncio.Future[None]]] = {}
         self._turn: collections.deque[str] = collections.deque()  # round-robin order
 
@@ -72,6 +89,35 @@ class DecodePool:
         job.add_done_callback(self._finished)
         return await asyncio.shield(job)
 
+    @contextlib.asynccontextmanager
+    async def cores(self, n: int) -> AsyncIterator[None]:
+        """Hold ``n`` of the CPUs (at most all of them) while the body runs: a batch whose
+        inference uses ``n`` threads of this process (0: it runs elsewhere, holds none)."""
+        n = min(n, self.cpus)
+        if n <= 0:
+            yield
+            return
+        grant: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._holds.append((n, grant))
+        self._dispatch()
+        try:
+            await grant
+        except BaseException:
+            if grant.done() and not grant.cancelled():
+                self._give_back(n)  # granted as its caller left
+            else:
+                grant.cancel()
+                self._dispatch()  # a decode may have been held back for it
+            raise
+        try:
+            yield
+        finally:
+            self._give_back(n)
+
+    def _give_back(self, n: int) -> None:
+        self._free_cpus += n
+        self._dispatch()
+
     def _finished(self, job: asyncio.Future[Any]) -> None:
         if not job.cancelled():
             job.exception()  # retrieved: the caller, if still waiting, has its own copy
@@ -79,11 +125,24 @@ class DecodePool:
 
     def _release(self) -> None:
         self._free += 1
+        self._free_cpus += 1
         self._dispatch()
 
     def _dispatch(self) -> None:
-        """Give free threads to the waiting models in turn."""
-        while self._free > 0:
+        """Give free CPUs to waiting batches, in order; then, unless a batch still waits
+        for CPUs (it would never find enough free at once), free threads to the waiting
+        models in turn."""
+        while self._holds:
+            n, grant = self._holds[0]
+            if grant.done():  # its caller gave up
+                self._holds.popleft()
+            elif n <= self._free_cpus:
+                self._holds.popleft()
+                self._free_cpus -= n
+                grant.set_result(None)
+            else:
+                return
+        while self._free > 0 and self._free_cpus > 0:
             for _ in range(len(self._turn)):
                 key = self._turn[0]
                 self._turn.rotate(-1)
@@ -92,6 +151,7 @@ class DecodePool:
                     queue.popleft()
                 if queue:
                     self._free -= 1
+                    self._free_cpus -= 1
                     queue.popleft().set_result(None)
                     break
             else:

@@ -36,6 +36,7 @@ from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from service import observe
 from service.errors import HeaderTooLarge, Overloaded, RequestTimeout, ServiceError
 from service.metrics import Metrics
 
@@ -189,7 +190,9 @@ def guarded_protocol(limits: ConnectionLimits, metrics: Metrics) -> type[HttpToo
             """Answer before any route is known (so in the /v1 envelope) and close."""
             self._refused = True
             self._disarm()
-            metrics.rejected(err.code)
+            record = observe.Record("http", "unmatched", observe.request_id(None))
+            record.outcome, record.status = err.code, str(err.http_status)
+            record.finish(metrics)
             body = json.dumps({"error": {"code": err.code, "message": err.message}}).encode()
             head = [
                 f"HTTP/1.1 {err.http_status} {http.HTTPStatus(err.http_status).phrase}",

@@ -1,12 +1,27 @@
 """Prometheus metrics. One registry per app (tests build many apps in one process).
 
-Labels are bounded: routes are templates (``/v1/models/{model}/classify``), models are the
-served set, reasons and codes are fixed vocabularies. Never a raw path or a client value.
+Labels are bounded: routes are templates (``/v1/models/{model}/classify``) or gRPC methods,
+models are the served set, outcomes and codes are fixed vocabularies. Never a raw path or a
+client value. Every request, on every transport, is counted once in ``requests_total``
+with one ``outcome`` label: ``ok`` or its error code (the same code the body or the
+trailers carry). No ``*_created`` series: they double the series count for a timestamp
+that ``process_start_time_seconds`` already gives.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+)
+
+disable_created_metrics()
 
 _LATENCY = (0.002, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2.5, 5, 10)
 _FAST = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)
@@ -15,74 +30,75 @@ _FAST = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)
 class Metrics:
     def __init__(self) -> None:
         self.registry = r = CollectorRegistry(auto_describe=True)
+        # The standard process_* (CPU, memory, fds, start time) and python_* (GC, info)
+        # series, as every Python exporter has them.
+        for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+            r.register(collector)
         p = "resnet_serve_"
         self.requests = Counter(
-            p + "requests", "Requests answered.", ["route", "method", "status"], registry=r
+            p + "requests",
+            "Requests answered, on every transport, by outcome: ok or the error code.",
+            ["transport", "route", "outcome"],
+            registry=r,
         )
         self.latency = Histogram(
             p + "request_duration_seconds",
-            "End-to-end request latency.",
-            ["route", "method"],
+            "End-to-end request latency (an exemplar with the trace id when tracing is on).",
+            ["transport", "route"],
             buckets=_LATENCY,
             registry=r,
         )
         self.inflight = Gauge(p + "inflight_requests", "Requests being handled.", registry=r)
-        self.images = Counter(p + "images", "Images classified.", ["model"], registry=r)
+        self.images = Counter(p + "images", "Images classified.", ["model", "version"], registry=r)
         self.preprocess = Histogram(
             p + "preprocess_seconds",
             "Decode + resize + normalize, per image.",
-            ["model"],
+            ["model", "version"],
             buckets=_FAST,
             registry=r,
         )
         self.queue_wait = Histogram(
             p + "queue_wait_seconds",
             "Time an image waited for its batch.",
-            ["model"],
+            ["model", "version"],
             buckets=_FAST,
             registry=r,
         )
         self.inference = Histogram(
             p + "inference_seconds",
             "Backend call per batch.",
-            ["model", "backend"],
+            ["model", "version", "backend"],
             buckets=_LATENCY,
             registry=r,
         )
         self.batch_size = Histogram(
             p + "batch_size",
             "Images per backend call.",
-            ["model"],
+            ["model", "version"],
             buckets=(1, 2, 4, 8, 16, 32, 64, 128),
             registry=r,
         )
         self.queue_depth = Gauge(
-            p + "queue_depth", "Images waiting for a batch.", ["model"], registry=r
+            p + "queue_depth", "Images waiting for a batch.", ["model", "version"], registry=r
         )
         # Exported so that saturation (depth / capacity) is one PromQL division.
         self.queue_capacity = Gauge(
             p + "queue_capacity",
             "Most images that may wait for a batch (MAX_QUEUE_IMAGES).",
-            ["model"],
+            ["model", "version"],
             registry=r,
         )
         self.batch_cost = Gauge(
             p + "batch_cost_seconds",
             "The backend's time for a batch of this size, as the batcher predicts it "
             "(measured at warm-up, then an average of live batches); sizes seen so far.",
-            ["model", "batch_size"],
-            registry=r,
-        )
-        self.rejections = Counter(
-            p + "rejections",
-            "Requests answered with an error, by its code (one per request, every transport).",
-            ["reason"],
+            ["model", "version", "batch_size"],
             registry=r,
         )
         self.backend_errors = Counter(
             p + "backend_errors",
             "Failed backend calls, by error code.",
-            ["model", "backend", "code"],
+            ["model", "version", "backend", "code"],
             registry=r,
         )
         self.model_info = Gauge(
@@ -92,18 +108,3 @@ class Metrics:
             registry=r,
         )
         self.ready = Gauge(p + "ready", "1 when the gateway is ready to serve.", registry=r)
-        self.grpc_requests = Counter(
-            p + "grpc_requests", "gRPC calls answered.", ["method", "code"], registry=r
-        )
-        self.grpc_latency = Histogram(
-            p + "grpc_duration_seconds",
-            "gRPC call latency.",
-            ["method"],
-            buckets=_LATENCY,
-            registry=r,
-        )
-
-    def rejected(self, code: str) -> None:
-        """Count one request answered with the error ``code`` (called by the error mappings
-        of HTTP and gRPC, and nowhere else)."""
-        self.rejections.labels(code).inc()

@@ -18,6 +18,7 @@ import asyncio
 import enum
 import logging
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 from service.auth import check_key, hash_keys
 from service.backends import Backend, make_backend
@@ -27,6 +28,9 @@ from service.errors import NotReady, ShuttingDown
 from service.metrics import Metrics
 from service.repository import RepositoryError, load_repository
 from service.settings import Settings
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import Tracer
 
 log = logging.getLogger(__name__)
 
@@ -45,12 +49,18 @@ class StartupError(RuntimeError):
 
 class Runtime:
     def __init__(
-        self, settings: Settings, metrics: Metrics, backend: Backend | None = None
+        self,
+        settings: Settings,
+        metrics: Metrics,
+        backend: Backend | None = None,
+        tracer: Tracer | None = None,
     ) -> None:
-        """``backend`` overrides the one ``settings`` names (tests)."""
+        """``backend`` overrides the one ``settings`` names (tests); ``tracer``: tracing on
+        (service.tracing), None: off."""
         self.settings = settings
         self.metrics = metrics
         self.backend = backend
+        self.tracer = tracer
         self.plane: DataPlane | None = None
         self.phase = Phase.STARTING
         self._key_hashes = hash_keys(settings.api_keys)
@@ -66,7 +76,7 @@ class Runtime:
         try:
             specs = load_repository(self.settings.repository, self.settings.models or None)
             await backend.start(specs)
-            plane = DataPlane(specs, backend, self.settings, self.metrics)
+            plane = DataPlane(specs, backend, self.settings, self.metrics, self.tracer)
         except (RepositoryError, ValueError) as exc:
             raise StartupError(str(exc)) from exc
         plane.start()

@@ -92,6 +92,14 @@ class Settings(BaseSettings):
     max_queue_images: int = Field(
         256, ge=1, description="Images waiting per model; past this, 503 + Retry-After."
     )
+    target_p99_ms: float | None = Field(
+        None,
+        gt=0,
+        le=600_000,
+        description="Latency target: batches are sized so that requests finish within this "
+        "many ms of arriving where a smaller batch can do it, and no batch costs more than "
+        "half of it (default: no target; batches sized for throughput within deadlines).",
+    )
     request_timeout_s: float = Field(
         10.0, gt=0, le=600, description="Per-request deadline (clients may ask for less); 504."
     )
@@ -145,6 +153,12 @@ class Settings(BaseSettings):
         "batch on all cores (lowest latency). 2 on a 2-core machine: one single-threaded batch "
         "per core (more throughput when decoding competes for the cores).",
     )
+    exclusive_cpus: bool = Field(
+        False,
+        description="Decoding and ONNX Runtime never hold more of the usable CPUs than "
+        "there are: a decode waits while a batch holds its threads' cores. Off (measured "
+        "better on 2 cores): a decoding thread may preempt an inference thread.",
+    )
     jpeg_draft: bool = Field(
         True,
         description="Decode large JPEGs at reduced DCT scale (1/2..1/8) when the "
@@ -161,6 +175,11 @@ class Settings(BaseSettings):
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="Log level of the gateway and uvicorn."
+    )
+    log_format: Literal["text", "json"] = Field(
+        "text",
+        description="text: lines for people; json: one object per line (request id, trace "
+        "id, model, version, images, outcome, stage timings on each request's line).",
     )
 
     @field_validator("ort_providers")

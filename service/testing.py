@@ -11,10 +11,10 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, TypeVar
+from typing import IO, TYPE_CHECKING, TypeVar
 
 import numpy as np
 
@@ -22,6 +22,10 @@ from service.backends.base import Backend
 from service.repository import ModelSpec
 from service.runtime import Runtime
 from service.settings import Settings
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.metrics_core import Metric
 
 T = TypeVar("T")
 BIN = Path(sys.executable).parent
@@ -152,14 +156,27 @@ class GatewayProcess:
         return self.proc.returncode
 
 
-def scrape(url: str, sample: str) -> float:
-    """One sample of a gateway's /metrics (``name{labels}``, as exposed), 0 if absent."""
+def scrape(url: str, name: str, **labels: str) -> float:
+    """The sum of a gateway's /metrics samples ``name`` whose labels include ``labels``
+    (``scrape(url, "resnet_serve_requests_total", outcome="overloaded")``), 0 if none."""
     import httpx
+    from prometheus_client.parser import text_string_to_metric_families
 
-    for line in httpx.get(url + "/metrics").text.splitlines():
-        if line.startswith(sample + " "):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
+    return _sum(text_string_to_metric_families(httpx.get(url + "/metrics").text), name, labels)
+
+
+def counted(registry: CollectorRegistry, name: str, **labels: str) -> float:
+    """:func:`scrape` on an in-process registry (a gateway run by a test client)."""
+    return _sum(registry.collect(), name, labels)
+
+
+def _sum(families: Iterable[Metric], name: str, labels: dict[str, str]) -> float:
+    return sum(
+        s.value
+        for family in families
+        for s in family.samples
+        if s.name == name and labels.items() <= s.labels.items()
+    )
 
 
 def rss_mb(pid: int) -> float:

@@ -3,9 +3,9 @@
 Two dialects, chosen by the path: KServe v2 routes (``/v2...``) answer in the protocol's
 shape, ``{"error": "message", "code": "..."}``; everything else in the gateway's envelope,
 ``{"error": {"code": "...", "message": "..."}}``. Both carry the same status and code for
-the same fault. This is also the one place that sets Retry-After, counts the rejection
-(``resnet_serve_rejections_total{reason=code}``) and turns anything unexpected into a
-generic 500 (logged, never echoed).
+the same fault. This is also the one place that sets Retry-After, makes the code the
+request's outcome (``resnet_serve_requests_total{outcome=code}``, the log line) and turns
+anything unexpected into a generic 500 (logged, never echoed).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse
 
+from service import observe
 from service.api.schemas import ErrorEnvelope, KServeError
 from service.errors import (
     ClientClosed,
@@ -29,7 +30,6 @@ from service.errors import (
     ValidationFailed,
     as_service_error,
 )
-from service.metrics import Metrics
 
 KSERVE_PREFIX = "/v2"
 
@@ -39,11 +39,12 @@ def is_kserve(path: str) -> bool:
 
 
 def error_response(
-    exc: BaseException, path: str, metrics: Metrics, headers: dict[str, str] | None = None
+    exc: BaseException, path: str, headers: dict[str, str] | None = None
 ) -> JSONResponse:
-    """The response for ``exc`` on ``path``, counted once."""
+    """The response for ``exc`` on ``path``; its code becomes the request's outcome."""
     err = as_service_error(exc, f"HTTP {path[:200]}")
-    metrics.rejected(err.code)
+    if (record := observe.current()) is not None:
+        record.outcome = err.code
     body: dict[str, Any]
     if is_kserve(path):
         body = {"error": err.message, "code": err.code}
@@ -79,10 +80,10 @@ def _as_service_error(exc: Exception, request: Request) -> BaseException:
     return exc
 
 
-def install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
+def install_error_handlers(app: FastAPI) -> None:
     async def handle(request: Request, exc: Exception) -> JSONResponse:
         headers = getattr(exc, "headers", None)  # a 405's Allow
-        return error_response(_as_service_error(exc, request), request.url.path, metrics, headers)
+        return error_response(_as_service_error(exc, request), request.url.path, headers)
 
     # Anything else escapes the routes and is answered by the Observe middleware, through
     # error_response too (a handler for Exception would also re-raise it to the server).

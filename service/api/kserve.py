@@ -18,6 +18,7 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 from google.protobuf import json_format
 
+from service import observe
 from service import openinference as oi
 from service.api.deps import API_KEY, PlaneDep, RuntimeDep, off_loop, parse_json
 from service.api.errors import responses
@@ -167,7 +168,9 @@ async def infer(
     arrived = time.perf_counter()
     if request.headers.get("content-encoding", "identity") != "identity":
         raise UnsupportedMediaType("compressed request bodies are not supported")
-    header, binary = _split_body(request.headers.get(HEADER_LENGTH), await request.body())
+    with observe.step("read"):
+        body = await request.body()
+    header, binary = _split_body(request.headers.get(HEADER_LENGTH), body)
     # Counted before parsing: no more JSON values than the largest request of this model.
     most = plane.settings.max_images_per_request * math.prod(plane.spec(model).contract.input_shape)
     if header.count(b",") > most:

@@ -3,13 +3,10 @@ metrics, the last resort for errors (all answered through ``service.api.errors``
 
 from __future__ import annotations
 
-import logging
-import time
-import uuid
-
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service import observe
 from service.api.errors import error_response
 from service.errors import (
     DeadlineExceeded,
@@ -18,20 +15,16 @@ from service.errors import (
     PayloadTooLarge,
     ServiceError,
 )
-from service.metrics import Metrics
 from service.runtime import Runtime
-
-log = logging.getLogger("service.access")
 
 
 class BodyLimit:
     """413 before the body is read: from Content-Length, or as soon as a chunked body
     passes the limit (the receive wrapper raises, the app's handler answers 413)."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int, metrics: Metrics) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app = app
         self.max_bytes = max_bytes
-        self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -52,9 +45,7 @@ class BodyLimit:
                     )
             if error is not None:
                 # The body is never read: the connection cannot be reused.
-                response = error_response(
-                    error, scope["path"], self.metrics, {"connection": "close"}
-                )
+                response = error_response(error, scope["path"], {"connection": "close"})
                 await response(scope, receive, send)
                 return
         seen = 0
@@ -98,7 +89,7 @@ class Admission:
                     plane.shed(child["path_params"].get("model"), _timeout_header(scope))
                 except (Overloaded, DeadlineExceeded) as exc:
                     scope["route"] = route  # labels the metrics as routing would
-                    response = error_response(exc, scope["path"], self.runtime.metrics)
+                    response = error_response(exc, scope["path"])
                     await response(scope, receive, send)
                     return
                 except ServiceError:
@@ -118,24 +109,26 @@ def _timeout_header(scope: Scope) -> float | None:
 
 
 class Observe:
-    """Request ids (X-Request-ID in and out), status/latency metrics by route template,
-    the access log line, and a response for anything the routes let escape."""
+    """Each HTTP request's record (``service.observe``): its request id (X-Request-ID in and
+    out), trace (W3C ``traceparent`` in), outcome, metrics and log line; and a response for
+    anything the routes let escape."""
 
-    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+    def __init__(self, app: ASGIApp, runtime: Runtime) -> None:
         self.app = app
-        self.metrics = metrics
+        self.runtime = runtime
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        start = time.perf_counter()
-        request_id = (
-            next((v.decode("latin-1") for k, v in scope["headers"] if k == b"x-request-id"), None)
-            or uuid.uuid4().hex
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        record = observe.Record(
+            "http",
+            "unmatched",
+            observe.request_id(headers.get("x-request-id")),
+            tracer=self.runtime.tracer,
         )
-        request_id = request_id[:64]
-        scope.setdefault("state", {})["request_id"] = request_id
+        scope.setdefault("state", {})["request_id"] = record.request_id
         status = 0
 
         async def send_wrapper(message: Message) -> None:
@@ -143,34 +136,24 @@ class Observe:
             if message["type"] == "http.response.start":
                 status = message["status"]
                 headers = list(message.get("headers", []))
-                headers.append((b"x-request-id", request_id.encode("latin-1")))
+                headers.append((b"x-request-id", record.request_id.encode("latin-1")))
                 message = {**message, "headers": headers}
             await send(message)
 
-        self.metrics.inflight.inc()
-        try:
-            await self.app(scope, receive, send_wrapper)
-        except Exception as exc:
-            if status:  # the response has begun: nothing left to answer with
-                raise
-            await error_response(exc, scope["path"], self.metrics)(scope, receive, send_wrapper)
-        finally:
-            self.metrics.inflight.dec()
-            route = _route_template(scope)
-            elapsed = time.perf_counter() - start
-            method = scope["method"]
-            self.metrics.requests.labels(route, method, str(status or 500)).inc()
-            self.metrics.latency.labels(route, method).observe(elapsed)
-            if route not in ("/metrics", "/healthz", "/readyz"):
-                log.info(
-                    "%s %s %s %d %.1fms id=%s",
-                    method,
-                    route,
-                    scope["path"][:200],
-                    status,
-                    elapsed * 1000,
-                    request_id,
-                )
+        metrics = self.runtime.metrics
+        metrics.inflight.inc()
+        with observe.handling(record, metrics, headers):
+            try:
+                await self.app(scope, receive, send_wrapper)
+            except Exception as exc:
+                if status:  # the response has begun: nothing left to answer with
+                    record.outcome = "internal"
+                    raise
+                await error_response(exc, scope["path"])(scope, receive, send_wrapper)
+            finally:
+                metrics.inflight.dec()
+                record.route = _route_template(scope)
+                record.status = str(status or 500)
 
 
 def _route_template(scope: Scope) -> str:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Response
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.openmetrics import exposition as openmetrics
 
 from service.api.deps import RuntimeDep
 from service.api.errors import responses
@@ -35,8 +38,18 @@ async def readyz(rt: RuntimeDep) -> Health:
     operation_id="metrics",
     summary="Prometheus metrics",
     response_class=Response,
-    responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}},
+    responses={
+        200: {
+            "content": {"text/plain": {}, "application/openmetrics-text": {}},
+            "description": "Prometheus text format, or OpenMetrics (with exemplars) on request",
+        }
+    },
 )
-async def metrics(rt: RuntimeDep) -> Response:
+async def metrics(rt: RuntimeDep, accept: Annotated[str, Header()] = "") -> Response:
     rt.metrics.ready.set(0 if rt.not_ready_reason() else 1)
+    if "application/openmetrics-text" in accept:
+        # Prometheus asks for OpenMetrics when it stores exemplars: the latency histogram's
+        # carry the trace id of a request in each bucket when tracing is on.
+        body = openmetrics.generate_latest(rt.metrics.registry)
+        return Response(body, media_type=openmetrics.CONTENT_TYPE_LATEST)
     return Response(generate_latest(rt.metrics.registry), media_type=CONTENT_TYPE_LATEST)

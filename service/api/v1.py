@@ -12,6 +12,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException
 from starlette.responses import JSONResponse
 
+from service import observe
 from service.api.deps import API_KEY, PlaneDep, off_loop, parse_json
 from service.api.errors import responses
 from service.api.schemas import (
@@ -141,7 +142,8 @@ async def _classify(
     request: Request, plane: DataPlane, model: str | None, top_k: int | None, timeout: float | None
 ) -> JSONResponse:
     plan = plane.plan(model, top_k=top_k, timeout_s=timeout)  # 404/422 before the body
-    images, body_top_k = await read_images(request, plane.settings.max_images_per_request)
+    with observe.step("read"):
+        images, body_top_k = await read_images(request, plane.settings.max_images_per_request)
     if top_k is None and body_top_k is not None:
         plan = plane.with_top_k(plan, body_top_k)
     # Built directly (response_model documents it): validating our own output costs time.

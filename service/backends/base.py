@@ -22,6 +22,9 @@ class Backend(abc.ABC):
     name: ClassVar[str]
     #: How many batches of one model may be in the backend at once.
     max_inflight_batches: int = 1
+    #: CPUs of this process one batch keeps busy (its inference threads; 0: it runs on a
+    #: server or a GPU). The data plane holds that many while the batch runs.
+    cpus_per_batch: int = 0
 
     def warm_costs(self, spec: ModelSpec) -> dict[int, float]:
         """Seconds a batch of each size took at warm-up, for the sizes the backend timed

@@ -48,6 +48,8 @@ class OnnxRuntimeBackend(Backend):
         self.max_inflight_batches = max(1, parallel_batches)
         self._providers = providers or ["CPUExecutionProvider"]
         self._threads = intra_op_threads or max(1, usable_cpus() // self.max_inflight_batches)
+        if self._providers[0] == "CPUExecutionProvider":
+            self.cpus_per_batch = self._threads
         self._sessions: dict[str, ort.InferenceSession] = {}
         # Threads that call session.run (the GIL is released while ORT computes).
         self._executors: dict[str, ThreadPoolExecutor] = {}
@@ -81,9 +83,12 @@ class OnnxRuntimeBackend(Backend):
         )
         if problems:
             raise RepositoryError(f"model {spec.name!r}: " + "; ".join(problems))
-        # Warm-up: first runs allocate arenas and pick kernels; second runs, timed, are what
-        # a batch of 1 and a full batch cost.
-        sizes = sorted({1, spec.max_batch_size})
+        # Warm-up: first runs allocate arenas and pick kernels; second runs, timed, start the
+        # batcher's cost model: powers of two up to the largest batch, and the largest (the
+        # sizes between are interpolated, then learned from live batches).
+        sizes = sorted(
+            {*(2**k for k in range(spec.max_batch_size.bit_length())), spec.max_batch_size}
+        )
         costs = self._warm.setdefault(spec.name, {})
         for n in (*sizes, *sizes):
             start = time.perf_counter()

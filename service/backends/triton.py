@@ -25,6 +25,7 @@ from tritonclient.grpc import InferInput, InferRequestedOutput
 from tritonclient.grpc.aio import InferenceServerClient
 from tritonclient.utils import InferenceServerException
 
+from service import tracing
 from service.backends.base import Backend
 from service.errors import BackendUnavailable, DeadlineExceeded, InternalError, Overloaded
 from service.repository import ModelSpec, RepositoryError, TensorSig, tensor_problems
@@ -173,7 +174,11 @@ class TritonBackend(Backend):
                 raise DeadlineExceeded("request deadline exceeded waiting for the inference server")
             try:
                 result = await self._client.infer(
-                    spec.name, [inp], outputs=[out], client_timeout=remaining
+                    spec.name,
+                    [inp],
+                    outputs=[out],
+                    client_timeout=remaining,
+                    headers=tracing.inject() or None,  # traceparent: Triton's trace joins ours
                 )
                 logits = result.as_numpy(c.output_name)
                 if logits is None:

@@ -9,8 +9,9 @@ from typing import Any
 
 from service.bench import BenchError
 
-# Calls that classify (the routes and RPCs a load test sends), as the gateway labels them.
-_GRPC_METHODS = ("Classify", "ModelInfer")
+# Calls that classify (the routes and RPCs a load test sends), by the last part of the
+# route label: /v1/classify, /v2/models/{model}/infer, inference.GRPCInferenceService/ModelInfer.
+_CLASSIFYING = ("classify", "infer", "Classify", "ModelInfer")
 _HISTOGRAMS = {
     "preprocess": "resnet_serve_preprocess_seconds",
     "queue_wait": "resnet_serve_queue_wait_seconds",
@@ -33,14 +34,13 @@ def parse(text: str, model: str) -> Sample:
             if labels.get("model", model) != model:
                 continue
             name = s.name
-            if (name == "resnet_serve_requests_total" and labels.get("method") == "POST") or (
-                name == "resnet_serve_grpc_requests_total" and labels.get("method") in _GRPC_METHODS
-            ):
-                out["requests"] += s.value
+            if name == "resnet_serve_requests_total":
+                if labels.get("route", "").rsplit("/", 1)[-1] in _CLASSIFYING:
+                    out["requests"] += s.value
+                    if (outcome := labels.get("outcome", "ok")) != "ok":
+                        out[f"rejected:{outcome}"] += s.value
             elif name == "resnet_serve_images_total":
                 out["images"] += s.value
-            elif name == "resnet_serve_rejections_total":
-                out[f"rejected:{labels.get('reason', '')}"] += s.value
             else:
                 for key, metric in _HISTOGRAMS.items():
                     if name == metric + "_sum":

@@ -5,7 +5,8 @@ figure, which Triton's Model Analyzer leaves out), and the load tool's SLO searc
 is written as an env file and a Helm values snippet, beside the table of what was tried.
 
 Candidates are the knobs that moved the tail in measurements here (README, Benchmark):
-parallel single-threaded batches, the batch cap, the batch delay, the decoding threads.
+the batcher's latency target, parallel single-threaded batches, exclusive CPUs, the batch
+cap, the batch delay, the decoding threads.
 The whole run is bounded: candidates left when ``max_minutes`` is spent are reported as
 not tried.
 """
@@ -28,12 +29,17 @@ from service.settings import ENV_PREFIX, Settings, helm_key
 Launcher = Callable[[dict[str, Any]], AbstractContextManager[str]]
 
 
-def candidates(cpus: int) -> list[dict[str, Any]]:
-    """The settings tried, the gateway's defaults first."""
+def candidates(cpus: int, slo_p99_ms: float) -> list[dict[str, Any]]:
+    """The settings tried, the gateway's defaults first. The budget itself is tried as the
+    batcher's latency target, alone and with single-threaded batches side by side."""
     out: list[dict[str, Any]] = [
         {},
-        {"max_batch_size": 1, "ort_parallel_batches": cpus},
+        {"target_p99_ms": slo_p99_ms},
+        {"ort_parallel_batches": cpus, "target_p99_ms": slo_p99_ms},
         {"ort_parallel_batches": cpus},
+        {"max_batch_size": 1, "ort_parallel_batches": cpus},
+        {"exclusive_cpus": True},
+        {"exclusive_cpus": True, "ort_parallel_batches": cpus},
         {"max_batch_size": 4},
         {"max_batch_delay_ms": 0.0},
         {"preprocess_workers": max(1, cpus // 2)},
@@ -90,7 +96,9 @@ def tune(
             raise BenchError(f"{name} is not a gateway setting")
     read_images(images)  # a bad folder fails now, not once per candidate
     report.prepare_output(output)
-    trials = [Trial(c) for c in (tried if tried is not None else candidates(usable_cpus()))]
+    trials = [
+        Trial(c) for c in (tried if tried is not None else candidates(usable_cpus(), slo_p99_ms))
+    ]
     deadline = time.monotonic() + max_minutes * 60
     for n, trial in enumerate(trials):
         if time.monotonic() >= deadline:

@@ -2,16 +2,16 @@
 
 Methods are registered with raw bytes in and out, so that parsing the request is ours too:
 a malformed message is INVALID_ARGUMENT naming the message type, never UNKNOWN naming a
-protobuf exception. Around each call: the API-key check (from metadata), the status code
-of any error (``ServiceError.grpc_status``) with its stable code and Retry-After in the
-trailing metadata, the rejection count, per-method metrics, and a generic INTERNAL for
-anything unexpected (logged, never echoed).
+protobuf exception. Around each call: its record (``service.observe``: request id from
+metadata ``x-request-id`` or generated, returned in the trailing metadata; the outcome,
+metrics and log line), the API-key check (from metadata), the status code of any error
+(``ServiceError.grpc_status``) with its stable code and Retry-After in the trailing
+metadata, and a generic INTERNAL for anything unexpected (logged, never echoed).
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeAlias
@@ -19,6 +19,7 @@ from typing import Any, TypeAlias
 import grpc
 from google.protobuf.message import DecodeError, Message
 
+from service import observe
 from service.auth import key_from_headers
 from service.errors import (
     ClientClosed,
@@ -54,50 +55,54 @@ def unary(runtime: Runtime, name: str, method: Method) -> grpc.RpcMethodHandler:
     metrics = runtime.metrics
 
     async def call(raw: bytes, context: Context) -> bytes:
-        start = time.perf_counter()
+        md = {k.lower(): v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
+        record = observe.Record(
+            "grpc", name, observe.request_id(md.get("x-request-id")), tracer=runtime.tracer
+        )
+        trailers: list[tuple[str, str]] = [("x-request-id", record.request_id)]
         code = grpc.StatusCode.OK
-        try:
+        with observe.handling(record, metrics, md):
             try:
-                request = method.request.FromString(raw)
-            except DecodeError:
-                raise InvalidRequest(
-                    f"malformed {method.request.DESCRIPTOR.name} message"
-                ) from None
-            if method.auth:
-                md = {k.lower(): v for k, v in context.invocation_metadata() or () if k}
-                runtime.authorize(
-                    key_from_headers(md.get("authorization"), md.get("x-api-key")), KEY_HOW
+                try:
+                    request = method.request.FromString(raw)
+                except DecodeError:
+                    raise InvalidRequest(
+                        f"malformed {method.request.DESCRIPTOR.name} message"
+                    ) from None
+                if method.auth:
+                    runtime.authorize(
+                        key_from_headers(md.get("authorization"), md.get("x-api-key")), KEY_HOW
+                    )
+                response = await method.handler(request, context)
+                context.set_trailing_metadata(tuple(trailers))
+                return response.SerializeToString()
+            except asyncio.CancelledError:
+                # gRPC cancels the handler when the caller goes away or its deadline passes.
+                remaining = context.time_remaining()
+                late = remaining is not None and remaining <= 0
+                gone: ServiceError = (
+                    DeadlineExceeded("deadline passed") if late else ClientClosed("call cancelled")
                 )
-            response = await method.handler(request, context)
-            return response.SerializeToString()
-        except asyncio.CancelledError:
-            # gRPC cancels the handler when the caller goes away or its deadline passes.
-            remaining = context.time_remaining()
-            late = remaining is not None and remaining <= 0
-            gone: ServiceError = (
-                DeadlineExceeded("deadline passed") if late else ClientClosed("call cancelled")
-            )
-            code = grpc.StatusCode[gone.grpc_status]
-            metrics.rejected(gone.code)
-            raise
-        except Exception as exc:
-            err = as_service_error(exc, f"gRPC {name}")
-            code = grpc.StatusCode[err.grpc_status]
-            metrics.rejected(err.code)
-            trailers = [("error-code", err.code)]
-            if (retry_after := err.retry_after_header()) is not None:
-                trailers.append(("retry-after", retry_after))
-            context.set_trailing_metadata(tuple(trailers))
-            await context.abort(code, err.message)
-            raise AssertionError("unreachable: abort raises") from None
-        finally:
-            metrics.grpc_requests.labels(name, code.name).inc()
-            metrics.grpc_latency.labels(name).observe(time.perf_counter() - start)
+                code = grpc.StatusCode[gone.grpc_status]
+                record.outcome = gone.code
+                raise
+            except Exception as exc:
+                err = as_service_error(exc, f"gRPC {name}")
+                code = grpc.StatusCode[err.grpc_status]
+                record.outcome = err.code
+                trailers.append(("error-code", err.code))
+                if (retry_after := err.retry_after_header()) is not None:
+                    trailers.append(("retry-after", retry_after))
+                context.set_trailing_metadata(tuple(trailers))
+                await context.abort(code, err.message)
+                raise AssertionError("unreachable: abort raises") from None
+            finally:
+                record.status = code.name
 
     return grpc.unary_unary_rpc_method_handler(call)
 
 
 def service_handler(runtime: Runtime, service: str, methods: dict[str, Method]) -> Any:
     return grpc.method_handlers_generic_handler(
-        service, {name: unary(runtime, name, m) for name, m in methods.items()}
+        service, {name: unary(runtime, f"{service}/{name}", m) for name, m in methods.items()}
     )

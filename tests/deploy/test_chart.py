@@ -221,8 +221,10 @@ def test_values_map_one_to_one_onto_the_settings(chart) -> None:
     )
     env = env_of(container(component(render(chart), "Deployment", "gateway"), "gateway"))
     names = {n.removeprefix("RESNET_SERVE_").lower() for n in env if n.startswith("RESNET_SERVE_")}
-    # null values (defaultModel, maxBatchSize) stay unset; without Triton or keys, so do those.
-    assert names == fields - {"api_keys", "triton_url", "default_model", "max_batch_size"}
+    # null values (defaultModel, maxBatchSize, targetP99Ms) stay unset; without Triton or
+    # keys, so do those.
+    null = {"default_model", "max_batch_size", "target_p99_ms"}
+    assert names == fields - {"api_keys", "triton_url", *null}
     # The rendered environment is one the gateway accepts, and means what values.yaml says.
     settings = Settings.model_validate(
         {n.removeprefix("RESNET_SERVE_").lower(): v for n, v in env.items()}
@@ -244,6 +246,7 @@ def test_every_value_reaches_the_gateway_as_typed(chart) -> None:
         "jpegDraft": False,
         "logLevel": "debug",
         "defaultModel": "a",
+        "targetP99Ms": 240,
     }
     env = env_of(
         container(

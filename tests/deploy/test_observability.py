@@ -1,6 +1,8 @@
 """The Prometheus rules, scrape config and Grafana dashboard in deploy/, checked with the
-real promtool. Whether the metrics they name are the ones really exported is
-tests/e2e/test_observability_metrics.py (it needs a real gateway and a real Triton)."""
+real promtool; the gateway metrics, routes and outcome codes they name, against
+service/ (its metric registry, its routes, service/errors.py). Whether the metrics are
+really exported with the labels they use is tests/e2e/test_observability_metrics.py (it
+needs a real gateway and a real Triton)."""
 
 from __future__ import annotations
 
@@ -11,7 +13,14 @@ from pathlib import Path
 
 import pytest
 import yaml
+from tritonclient.grpc import service_pb2
 
+from service.api.kserve import v2, v2_models
+from service.api.ops import ops
+from service.api.v1 import api
+from service.errors import ServiceError
+from service.grpc import classifier_pb2
+from service.metrics import Metrics
 from tests.deploy import promql
 from tests.deploy.conftest import DEPLOY, tool
 
@@ -225,7 +234,6 @@ def test_dashboard_covers_gateway_and_triton(dashboard):
     for needed in (
         "resnet_serve_requests_total",
         "resnet_serve_request_duration_seconds_bucket",
-        "resnet_serve_grpc_duration_seconds_bucket",
         "resnet_serve_images_total",
         "resnet_serve_batch_size_bucket",
         "resnet_serve_queue_depth",
@@ -233,10 +241,13 @@ def test_dashboard_covers_gateway_and_triton(dashboard):
         "resnet_serve_queue_wait_seconds_bucket",
         "resnet_serve_preprocess_seconds_bucket",
         "resnet_serve_inference_seconds_bucket",
-        "resnet_serve_rejections_total",
         "resnet_serve_backend_errors_total",
         "resnet_serve_ready",
         "resnet_serve_inflight_requests",
+        "process_cpu_seconds_total",
+        "process_resident_memory_bytes",
+        "process_open_fds",
+        "process_max_fds",
         "nv_inference_request_success",
         "nv_inference_request_failure",
         "nv_inference_count",
@@ -247,3 +258,105 @@ def test_dashboard_covers_gateway_and_triton(dashboard):
     ):
         assert needed in used, needed
     assert not [m for m in used if m.startswith(("nv_gpu", "nv_energy"))]  # a CPU Triton
+
+
+# --- the gateway's names: metrics, routes, outcomes ----------------------------------------
+
+#: The gateway's own metrics (resnet_serve_*) and prometheus_client's standard ones.
+_GATEWAY = ("resnet_serve_", "process_", "python_")
+#: The recording rule that defines a failed call.
+ERRORS_RULE = "namespace:resnet_serve_call_errors:rate5m"
+_MATCHER = re.compile(r'(\w+)\s*(=~|!~|!=|=)\s*"((?:[^"\\]|\\.)*)"')
+
+
+def _matchers(label: str) -> list[tuple[str, str, str]]:
+    """(where, operator, value) of every matcher on ``label`` in the rules and dashboard."""
+    return [
+        (q.where, op, value)
+        for q in promql.all_queries()
+        for name, op, value in _MATCHER.findall(q.expr)
+        if name == label
+    ]
+
+
+def test_every_gateway_metric_used_is_in_its_registry():
+    """Without a running gateway (the e2e test checks labels on a real one): each
+    resnet_serve_*, process_* and python_* sample named is one that service.metrics defines,
+    and only counters and histogram parts go through rate()."""
+    kinds: dict[str, str] = {}
+    for family in Metrics().registry.collect():
+        if family.type == "counter":
+            kinds[family.name + "_total"] = "counter"
+        elif family.type == "histogram":
+            kinds.update({family.name + s: "histogram" for s in ("_bucket", "_sum", "_count")})
+        else:
+            kinds[family.name] = family.type
+    wrong = []
+    for q in promql.all_queries():
+        for use in q.uses:
+            if not use.metric.startswith(_GATEWAY):
+                continue
+            kind = kinds.get(use.metric)
+            if kind is None:
+                wrong.append(f"{q.where}: {use.metric} is not exported")
+            elif use.in_rate != (kind in ("counter", "histogram")):
+                wrong.append(
+                    f"{q.where}: {use.metric} ({kind}) {'in' if use.in_rate else 'not in'} rate()"
+                )
+    assert not wrong, "\n".join(wrong)
+
+
+def _routes() -> tuple[set[str], set[str]]:
+    """Every route label the gateway gives (HTTP route templates, gRPC methods), and the
+    calls among them: HTTP POSTs (every classify and infer route) and gRPC Classify and
+    ModelInfer."""
+    routes, calls = {"unmatched"}, set()
+    for router in (api, ops, v2, v2_models):
+        for r in router.routes:
+            routes.add(r.path)
+            if "POST" in r.methods:
+                calls.add(r.path)
+    for pb in (classifier_pb2, service_pb2):
+        for svc in pb.DESCRIPTOR.services_by_name.values():
+            for method in svc.methods:
+                name = f"{svc.full_name}/{method.name}"
+                routes.add(name)
+                if method.name in ("Classify", "ModelInfer"):
+                    calls.add(name)
+    return routes, calls
+
+
+def test_one_call_selector_selects_every_classify_and_infer_route_and_nothing_else():
+    routes, calls = _routes()
+    assert len(calls) == 6, calls
+    used = _matchers("route")
+    assert used
+    assert {(op, value) for _, op, value in used} == {("=~", used[0][2])}, used
+    selected = {r for r in routes if re.fullmatch(used[0][2], r)}
+    assert selected == calls
+
+
+def _codes() -> dict[str, type]:
+    """Every outcome code of service/errors.py, with the (first) class that carries it."""
+    out: dict[str, type[ServiceError]] = {}
+    todo: list[type[ServiceError]] = [ServiceError]
+    while todo:
+        cls = todo.pop(0)
+        if cls.__module__ == ServiceError.__module__:
+            out.setdefault(cls.code, cls)
+        todo.extend(cls.__subclasses__())
+    return out
+
+
+def test_outcomes_used_are_real_codes_and_failures_are_the_5xx_other_than_503():
+    """A failed call is an outcome whose HTTP status is 5xx but not 503 (503s are refusals:
+    shedding, no backend, a drain); the rules' failure regex is exactly those codes."""
+    codes = _codes()
+    failures = {c for c, cls in codes.items() if cls.http_status >= 500 and cls.http_status != 503}
+    assert failures == {"internal", "deadline_exceeded"}
+    for where, op, value in _matchers("outcome"):
+        values = value.split("|") if op in ("=~", "!~") else [value]
+        assert set(values) <= {"ok", *codes}, f"{where}: {op}{value!r}"
+    (errors,) = [r for r in promql.rules() if r.get("record") == ERRORS_RULE]
+    (regex,) = [v for name, _, v in _MATCHER.findall(errors["expr"]) if name == "outcome"]
+    assert {c for c in [*codes, "ok"] if re.fullmatch(regex, c)} == failures

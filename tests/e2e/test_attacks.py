@@ -23,6 +23,7 @@ from service.testing import (
     GatewayProcess,
     SlowBackend,
     ThreadedGateway,
+    counted,
     rss_mb,
     scrape,
     wait_until,
@@ -79,7 +80,7 @@ def test_a_bomb_batch_is_answered_at_its_deadline_and_spares_the_other_model(gw)
     """Was: 64 in-limit 36 MP PNGs with a 2 s timeout were answered after 15 s, another
     model's request waited 14.5 s behind them, RSS went to 2.8 GB and stayed."""
     baseline = rss_mb(gw.proc.pid)
-    decoded_before = scrape(gw.url, 'resnet_serve_preprocess_seconds_count{model="tiny"}')
+    decoded_before = scrape(gw.url, "resnet_serve_preprocess_seconds_count", model="tiny")
     bombs = [("file", (f"{n}.png", slow_to_decode(), "image/png")) for n in range(8)]
     with ThreadPoolExecutor(1) as pool:
         t0 = time.perf_counter()
@@ -92,7 +93,7 @@ def test_a_bomb_batch_is_answered_at_its_deadline_and_spares_the_other_model(gw)
         )
         wait_until(
             lambda: (
-                scrape(gw.url, 'resnet_serve_preprocess_seconds_count{model="tiny"}')
+                scrape(gw.url, "resnet_serve_preprocess_seconds_count", model="tiny")
                 > decoded_before
                 or bomb.done()
             ),
@@ -106,7 +107,7 @@ def test_a_bomb_batch_is_answered_at_its_deadline_and_spares_the_other_model(gw)
     assert elapsed < 1.6, elapsed  # the deadline (1 s) plus upload and one decode in flight
     assert other < 1.0, other  # behind at most the decodes running, not the whole batch
     # Images whose deadline had passed were never decoded.
-    decoded = scrape(gw.url, 'resnet_serve_preprocess_seconds_count{model="tiny"}')
+    decoded = scrape(gw.url, "resnet_serve_preprocess_seconds_count", model="tiny")
     assert decoded - decoded_before < 8
     # Memory comes back (arenas capped, large images followed by malloc_trim).
     wait_until(lambda: rss_mb(gw.proc.pid) < baseline + 150, 10, "RSS did not come back")
@@ -176,7 +177,7 @@ def test_slow_headers_and_slow_bodies_are_cut_off(gw):
     """Was: 250 connections dribbling headers or a body at 1 byte/s were held for 75 s."""
     head = b"POST /v1/models/tiny/classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
     body_first = head + b"Content-Length: 1000\r\n\r\n"
-    timed_out = scrape(gw.url, 'resnet_serve_rejections_total{reason="request_timeout"}')
+    timed_out = scrape(gw.url, "resnet_serve_requests_total", outcome="request_timeout")
     with ThreadPoolExecutor(20) as pool:
         headers = [pool.submit(_dribble, gw.url, b"", head * 100, 0.2, 10) for _ in range(10)]
         # Whole headers at once, then a body a byte every 0.5 s: never idle for 1 s, but
@@ -194,7 +195,7 @@ def test_slow_headers_and_slow_bodies_are_cut_off(gw):
     assert during < 1.0
     wait_until(
         lambda: (
-            scrape(gw.url, 'resnet_serve_rejections_total{reason="request_timeout"}')
+            scrape(gw.url, "resnet_serve_requests_total", outcome="request_timeout")
             >= timed_out + 15
         ),
         5,
@@ -291,12 +292,12 @@ def test_overload_keeps_goodput_and_refuses_in_milliseconds(tiny, tmp_path, poli
     images.mkdir()
     (images / "image.png").write_bytes(image_bytes())
     with ThreadedGateway(settings, SlowBackend(OnnxRuntimeBackend(), 0.2)) as gw:
-        labels = {"route": "/v1/models/{model}/classify", "method": "POST", "status": "200"}
+        labels = {"route": "/v1/models/{model}/classify", "outcome": "ok"}
         registry = gw.runtime.metrics.registry
         load(gw.url, images, tmp_path / "warm-up", 4, 1.0)
-        before = registry.get_sample_value("resnet_serve_requests_total", labels)
+        before = counted(registry, "resnet_serve_requests_total", **labels)
         step = load(gw.url, images, tmp_path / "load", 100, 5.0, polite)  # its own GIL
-        served = registry.get_sample_value("resnet_serve_requests_total", labels) - before
+        served = counted(registry, "resnet_serve_requests_total", **labels) - before
     statuses = {**({"200": step["ok"]} if step["ok"] else {}), **step["errors"]}
     goodput = step["requests_per_s"]  # over the window and its last answers
     refused_p50_ms = step["error_p50_ms"].get("503", float("nan"))

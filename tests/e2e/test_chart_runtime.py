@@ -116,7 +116,7 @@ def test_helm_test_pod_classifies_through_a_real_gateway(tiny, tmp_path):
         ok = run_helm_test({"URL": gw.url, "API_KEY": "k2,k1"})
         assert ok.returncode == 0, ok.stdout + ok.stderr
         assert ok.stdout.startswith(f"ok: {tiny.name} version 1: ")
-        assert scrape(gw.url, f'resnet_serve_images_total{{model="{tiny.name}"}}') == 1
+        assert scrape(gw.url, "resnet_serve_images_total", model=tiny.name) == 1
         wrong = run_helm_test({"URL": gw.url, "API_KEY": "nope"})
         assert wrong.returncode == 1 and "401" in wrong.stderr, wrong.stderr
         assert len(wrong.stderr.strip().splitlines()) == 1  # one line, no traceback
@@ -157,9 +157,7 @@ def test_gateway_spreads_triton_calls_over_every_address(tiny, tmp_path):
                 headers={"content-type": "image/png"},
             )
             assert r.status_code == 200, r.text
-        served = [
-            scrape(u.url, f'resnet_serve_images_total{{model="{tiny.name}"}}') for u in upstreams
-        ]
+        served = [scrape(u.url, "resnet_serve_images_total", model=tiny.name) for u in upstreams]
         assert sum(served) == 20
         assert min(served) >= 5, f"calls not spread over both servers: {served}"
     finally:

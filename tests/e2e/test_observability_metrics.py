@@ -3,7 +3,9 @@ gateway or Triton really exports, with the labels they match and group on, and o
 they treat it as (rate() of counters and histogram parts only). The expositions come from
 a real tritonserver after inferences, and from the Triton-backend gateway in front of it
 after REST and gRPC classifications, a rejected request and failed backend calls (Triton
-killed), so that every labelled family has samples. `up` is Prometheus's own."""
+killed), so that every labelled family has samples. The gateway's metrics are its own
+(resnet_serve_*) and prometheus_client's standard process_* and python_* ones; everything
+else is Triton's (nv_*). `up` is Prometheus's own."""
 
 from __future__ import annotations
 
@@ -96,18 +98,48 @@ def expositions(tiny, tmp_path_factory) -> dict[str, Exposition]:
     return {"gateway": Exposition.parse(gateway_text), "triton": Exposition.parse(triton_text)}
 
 
+#: Metric name prefixes the gateway exports (the rest, nv_*, are Triton's).
+GATEWAY = ("resnet_serve_", "process_", "python_")
+
+
 def _exported(expositions: dict[str, Exposition], metric: str) -> Exposition | None:
-    source = "gateway" if metric.startswith("resnet_serve_") else "triton"
+    source = "gateway" if metric.startswith(GATEWAY) else "triton"
     exp = expositions[source]
     return exp if metric in exp.labels else None
 
 
 def test_the_real_expositions_hold_what_the_checks_rely_on(expositions):
     gw, triton = expositions["gateway"], expositions["triton"]
-    assert gw.labels["resnet_serve_queue_capacity"] == {"model"}
-    assert gw.labels["resnet_serve_backend_errors_total"] == {"model", "backend", "code"}
+    assert gw.labels["resnet_serve_queue_capacity"] == {"model", "version"}
+    assert gw.labels["resnet_serve_backend_errors_total"] == {
+        "model",
+        "version",
+        "backend",
+        "code",
+    }
+    assert gw.labels["resnet_serve_requests_total"] == {"transport", "route", "outcome"}
+    assert gw.labels["resnet_serve_request_duration_seconds_bucket"] == {
+        "transport",
+        "route",
+        "le",
+    }
     assert gw.types["resnet_serve_request_duration_seconds_bucket"] == "histogram"
     assert gw.types["resnet_serve_requests_total"] == "counter"
+    # Both transports, and an error's code as the outcome, are in the one counter.
+    requests = [
+        dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', m["labels"]))
+        for line in gw.text.splitlines()
+        if (m := _SAMPLE.match(line)) and m["name"] == "resnet_serve_requests_total"
+    ]
+    for transport, route, outcome in (
+        ("http", "/v1/classify", "ok"),
+        ("http", "/v1/classify", "unsupported_media_type"),
+        ("grpc", "resnet_serving.v1.Classifier/Classify", "ok"),
+    ):
+        assert {"transport": transport, "route": route, "outcome": outcome} in requests, requests
+    assert gw.types["process_cpu_seconds_total"] == "counter"
+    assert gw.types["process_resident_memory_bytes"] == "gauge"
+    assert not [name for name in gw.labels if name.endswith("_created")]
     # Triton's counters carry no _total suffix (its exposition is not OpenMetrics).
     assert triton.types["nv_inference_count"] == "counter"
     assert triton.labels["nv_inference_request_failure"] == {"model", "version", "reason"}
@@ -125,7 +157,7 @@ def test_every_metric_used_is_really_exported(expositions):
     assert not missing, "\n".join(missing)
     # The rules' own names: only `up` and recording rules are allowed besides.
     used = {u.metric for q in promql.all_queries() for u in q.uses}
-    assert {m for m in used if not m.startswith(("resnet_serve_", "nv_"))} <= {"up", *recorded}
+    assert {m for m in used if not m.startswith((*GATEWAY, "nv_"))} <= {"up", *recorded}
 
 
 def test_rate_is_taken_of_counters_and_histograms_only(expositions):

@@ -23,6 +23,8 @@ from tests.conftest import image_bytes, run_cli
 
 PNG = {"content-type": "image/png"}
 
+REQUESTS = "resnet_serve_requests_total"
+
 
 @pytest.fixture(scope="module")
 def tiny_server(tiny, tmp_path_factory):
@@ -56,10 +58,8 @@ def test_heldout_accuracy_over_http_matches_pytorch(server, demo):
     assert abs(acc - torch_acc) <= 0.005
 
     # Concurrent requests were batched: more images than backend calls.
-    metrics = httpx.get(server.url + "/metrics").text
-    samples = dict(line.rsplit(" ", 1) for line in metrics.splitlines() if not line.startswith("#"))
-    count = float(samples['resnet_serve_batch_size_count{model="digits"}'])
-    total = float(samples['resnet_serve_batch_size_sum{model="digits"}'])
+    count = scrape(server.url, "resnet_serve_batch_size_count", model="digits")
+    total = scrape(server.url, "resnet_serve_batch_size_sum", model="digits")
     assert total >= 450 and total / count > 1.5
 
 
@@ -67,7 +67,7 @@ def test_heldout_accuracy_over_http_matches_pytorch(server, demo):
 def test_oversized_body_is_refused_before_it_is_sent(tiny_server, path):
     """Content-Length over the limit: 413 in the route's dialect, while no body was sent."""
     host, port = tiny_server.url.removeprefix("http://").split(":")
-    before = scrape(tiny_server.url, 'resnet_serve_rejections_total{reason="payload_too_large"}')
+    before = scrape(tiny_server.url, REQUESTS, outcome="payload_too_large")
     with socket.create_connection((host, int(port)), timeout=5) as sock:
         sock.sendall(
             f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
@@ -83,7 +83,7 @@ def test_oversized_body_is_refused_before_it_is_sent(tiny_server, path):
         assert body["code"] == "payload_too_large" and "limit" in body["error"]
     else:
         assert body["error"]["code"] == "payload_too_large"
-    after = scrape(tiny_server.url, 'resnet_serve_rejections_total{reason="payload_too_large"}')
+    after = scrape(tiny_server.url, REQUESTS, outcome="payload_too_large")
     assert after == before + 1
 
 
@@ -97,7 +97,7 @@ def test_client_gone_mid_body_is_counted_as_such_not_as_a_500(tiny_server):
                 b"Content-Length: 100000\r\n\r\n" + b"\x89PNG" * 10
             )
     wait_until(
-        lambda: scrape(url, 'resnet_serve_rejections_total{reason="client_closed"}') >= 3,
+        lambda: scrape(url, REQUESTS, outcome="client_closed") >= 3,
         10,
         "client_closed not counted",
     )

@@ -85,7 +85,9 @@ def test_heldout_over_rest_and_grpc_through_triton(via_triton, demo, embedded_to
     assert np.array_equal(rest, embedded_top1)  # identical top-1 to the embedded backend
     assert np.array_equal(grpc_top1, embedded_top1)
     metrics = httpx.get(via_triton.url + "/metrics").text
-    assert 'resnet_serve_inference_seconds_count{backend="triton",model="digits"}' in metrics
+    assert 'resnet_serve_inference_seconds_count{backend="triton",model="digits",version="1"}' in (
+        metrics
+    )
     assert 'backend="triton",model="digits",precision="fp32",version="1"} 1.0' in metrics
 
 
@@ -255,8 +257,8 @@ def test_triton_dies_then_recovers_without_restart(triton_repo, tiny, tmp_path):
             assert info.value.code() == grpc.StatusCode.UNAVAILABLE
         metrics = httpx.get(gw.url + "/metrics").text
         assert (
-            'resnet_serve_backend_errors_total{backend="triton",code="backend_unavailable",model="tiny"}'
-            in metrics
+            'resnet_serve_backend_errors_total{backend="triton",code="backend_unavailable",'
+            'model="tiny",version="1"}' in metrics
         )
 
         server = start_real_triton(triton_repo, tmp_path / "t2.log", ports)

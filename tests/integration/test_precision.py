@@ -72,9 +72,8 @@ def test_int8_through_the_gateway_is_within_one_point_and_evaluate_agrees(
         served = _evaluate("--images", images, "--model", "digits", "--url", gw.url,
                            "-r", str(int8_repo), out=tmp_path / "http.json")  # fmt: skip
         models = httpx.get(gw.url + "/v1/models").json()["models"]
-        info = 'resnet_serve_model_info{arch="resnet18",backend="onnxruntime",model="digits",'
-        info += 'precision="int8",version="2"}'
-        assert scrape(gw.url, info) == 1.0
+        info = {"arch": "resnet18", "backend": "onnxruntime", "model": "digits"}
+        assert scrape(gw.url, "resnet_serve_model_info", **info, precision="int8", version="2") == 1
     finally:
         gw.stop()
     assert models[0]["precision"] == "int8"

@@ -22,7 +22,7 @@ from service.backends.triton import TritonBackend
 from service.grpc import classifier_pb2 as cpb
 from service.openinference import serialize_bytes
 from service.settings import Settings
-from service.testing import SlowBackend, free_port, wait_until
+from service.testing import SlowBackend, counted, free_port, wait_until
 from tests.conftest import image_bytes, slow_to_decode
 
 GOOD = image_bytes()
@@ -53,7 +53,7 @@ class Gateway:
 
     def rejections(self, code: str) -> float:
         registry = self.client.app.state.runtime.metrics.registry
-        return registry.get_sample_value("resnet_serve_rejections_total", {"reason": code}) or 0
+        return counted(registry, "resnet_serve_requests_total", outcome=code)
 
     # --- the four transports ------------------------------------------------------------------
 
@@ -184,7 +184,7 @@ def fill_queue(gw: Gateway) -> Callable[[], None]:
     queued = threading.Thread(target=classify)
     queued.start()
     wait_until(
-        lambda: registry.get_sample_value("resnet_serve_queue_depth", {"model": "tiny"}) == 1,
+        lambda: counted(registry, "resnet_serve_queue_depth", model="tiny") == 1,
         5,
         "the second request never queued",
     )

@@ -45,6 +45,8 @@ class ScriptedTriton(pbg.GRPCInferenceServiceServicer):
         self.calls = 0
         self.delay = 0.0
         self.input_shape = [-1, 1, 8, 8]
+        #: Each ModelInfer's metadata (what a tracing gateway sends along).
+        self.metadata: list[dict[str, str]] = []
 
     def ServerReady(self, request, context):  # noqa: N802
         return pb.ServerReadyResponse(ready=True)
@@ -74,6 +76,7 @@ class ScriptedTriton(pbg.GRPCInferenceServiceServicer):
 
     def ModelInfer(self, request, context):  # noqa: N802
         self.calls += 1
+        self.metadata.append(dict(context.invocation_metadata()))
         if self.delay:
             time.sleep(self.delay)
         if self.failures:

@@ -60,7 +60,7 @@ async def until(check, timeout_s: float = 5.0) -> None:
 
 
 def queued(b: Batcher) -> float:
-    return b._metrics.queue_depth.labels(b.model)._value.get()
+    return b._metrics.queue_depth.labels(b.model, b.version)._value.get()
 
 
 async def test_two_concurrent_requests_become_one_batch():
@@ -73,11 +73,11 @@ async def test_two_concurrent_requests_become_one_batch():
 
 
 async def test_results_keep_request_order_across_batches():
-    rec = Recorder()
-    b = make(rec, max_batch=3)
+    rec = Recorder(delay=0.01)  # a batch costs the same at any size: full ones clear soonest
+    b = make(rec, max_batch=3, warm_costs={1: 0.01, 3: 0.01})
     out = await b.submit([tensor(i) for i in range(7)], far())
     assert [float(r[0]) for r in out.rows] == [2 * i for i in range(7)]
-    assert rec.sizes == [3, 3, 1]
+    assert rec.sizes == [3, 2, 2]  # four left take two batches either way: the smaller two
     await b.close()
 
 
@@ -184,9 +184,9 @@ async def test_where_a_request_spent_its_time():
 
 
 async def test_admission_refuses_what_cannot_finish_before_its_deadline():
-    rec = Recorder(delay=0.1)
-    b = make(rec, max_batch=2, max_delay_s=0, max_queue=100)
-    await b.submit([tensor(0), tensor(1)], far())  # learns that a batch of 2 takes ~0.1 s
+    rec = Recorder(delay=0.1)  # 0.1 s a batch at any size: full batches clear soonest
+    b = make(rec, max_batch=2, max_delay_s=0, max_queue=100, warm_costs={1: 0.1, 2: 0.1})
+    await b.submit([tensor(0), tensor(1)], far())
     running = asyncio.create_task(b.submit([tensor(i) for i in range(8)], far()))
     await until(lambda: b.waiting == 6)  # one batch running, three waves queued
     t0 = time.perf_counter()
@@ -210,13 +210,141 @@ async def test_admission_refuses_what_cannot_finish_before_its_deadline():
 def test_cost_model_learns_per_batch_size_and_interpolates():
     from service.batching import CostModel
 
-    costs = CostModel(8, {1: 0.02, 8: 0.09})  # the backend's warm-up
+    costs = CostModel({1: 0.02, 8: 0.09})  # the backend's warm-up
     assert costs.cost(1) == 0.02 and costs.cost(8) == 0.09
     assert costs.cost(4) == pytest.approx(0.02 + 0.07 * 3 / 7)  # between what was seen
-    assert costs.work_s(19) == pytest.approx(2 * 0.09 + costs.cost(3))  # full batches first
+    assert costs.work_s(19, 8) == pytest.approx(2 * 0.09 + costs.cost(3))  # full batches first
     costs.observe(8, 0.19)  # live batches are slower than warm-up (decoding competes)
     assert 0.09 < costs.cost(8) < 0.19  # moves toward them, not all the way at once
-    fresh = CostModel(4)
+    fresh = CostModel()
     assert fresh.cost(4) == 0.05  # a prior until something is measured
     fresh.observe(2, 0.3)
     assert fresh.cost(2) == 0.3 and fresh.cost(4) == pytest.approx(0.6)  # proportional
+
+
+# --- choosing each batch's size ------------------------------------------------------------
+
+
+class Scripted(Recorder):
+    """A backend whose batch of n takes ``cost(n)`` seconds, and a batcher that knows it."""
+
+    def __init__(self, cost) -> None:
+        super().__init__()
+        self.cost = cost
+        self.finished: list[float] = []
+
+    async def __call__(self, x: np.ndarray, timeout: float) -> np.ndarray:
+        self.sizes.append(len(x))
+        await asyncio.sleep(self.cost(len(x)))
+        self.finished.append(time.perf_counter())
+        return x.reshape(len(x), -1)[:, :3] * 2
+
+    def batcher(self, max_batch: int = 8, **kw) -> Batcher:
+        warm = {n: self.cost(n) for n in range(1, max_batch + 1)}
+        return make(self, max_batch=max_batch, max_delay_s=0.02, warm_costs=warm, **kw)
+
+
+async def test_no_batch_breaks_a_deadline_a_smaller_batch_keeps():
+    # 0.05 s + 0.05 s an image. One request must be answered within 0.33 s; seven more
+    # have time. One full batch (0.45 s) would clear the queue soonest but answer it late;
+    # of the sizes that keep it (up to 5), two batches of 4 clear the queue soonest.
+    rec = Scripted(lambda n: 0.05 + 0.05 * n)
+    b = rec.batcher()
+    t0 = time.perf_counter()
+    tight = b.submit([tensor(0)], t0 + 0.33)
+    rest = [b.submit([tensor(i)], far()) for i in range(1, 8)]
+    results = await asyncio.gather(tight, *rest)
+    assert rec.sizes == [4, 4]
+    assert rec.finished[0] - t0 < 0.33 and results[0].rows[0][0] == 0
+    await b.close()
+
+
+async def test_a_deadline_no_batch_keeps_does_not_shrink_batches():
+    # Nothing can answer the first request in time (its deadline is shorter than a batch of
+    # one); it must not make the others run one by one. Admitted directly into the queue,
+    # as a request whose deadline shrank while it was decoding.
+    rec = Scripted(lambda n: 0.05 + 0.05 * n)
+    b = rec.batcher()
+    t0 = time.perf_counter()
+    hopeless = b.submit([tensor(0)], t0 + 0.09, reserved=True)
+    b._reserved += 1  # what reserve() did for it while its image decoded
+    rest = [b.submit([tensor(i)], far()) for i in range(1, 8)]
+    results = await asyncio.gather(hopeless, *rest, return_exceptions=True)
+    assert isinstance(results[0], DeadlineExceeded)
+    assert rec.sizes == [8]
+    await b.close()
+
+
+async def test_latency_target_caps_batches_at_half_of_it():
+    rec = Scripted(lambda n: 0.05 + 0.05 * n)
+    b = rec.batcher(target_s=0.52)  # a batch may cost 0.26 s: 4 images
+    assert b.cap == 4
+    await asyncio.gather(*(b.submit([tensor(i)], far()) for i in range(8)))
+    assert rec.sizes == [4, 4]
+    assert b.wait_s(8) == pytest.approx(2 * 0.25, abs=0.02)  # admission plans with the cap
+    await b.close()
+
+
+async def test_latency_target_is_a_deadline_for_the_size_choice():
+    # With a 0.52 s target, batches may have 4 images (0.25 s); the request that arrived
+    # 0.29 s ago (as if it spent that decoding) has 0.23 s left: the batch keeps it with 3.
+    # Its 504 deadline is far away.
+    rec = Scripted(lambda n: 0.05 + 0.05 * n)
+    b = rec.batcher(target_s=0.52)
+    t0 = time.perf_counter()
+    early = b.submit([tensor(0)], far(), arrived=t0 - 0.29)
+    rest = [b.submit([tensor(i)], far()) for i in range(1, 5)]
+    await asyncio.gather(early, *rest)
+    assert b.cap == 4 and rec.sizes[0] == 3
+    await b.close()
+
+
+async def test_parallel_slots_split_a_small_queue():
+    # Single-threaded batches, one per core, cost in proportion to their size: two waiting
+    # images finish soonest as two batches of one side by side, not one batch of two.
+    rec = Scripted(lambda n: 0.1 * n)
+    b = rec.batcher(max_inflight=2)
+    t0 = time.perf_counter()
+    await asyncio.gather(b.submit([tensor(0)], far()), b.submit([tensor(1)], far()))
+    assert rec.sizes == [1, 1]
+    assert time.perf_counter() - t0 < 0.19
+    await b.close()
+
+
+def test_size_choice_matches_its_definition():
+    """The batcher's choice against a brute-force reading of its rule, over random queues
+    and cost curves: the smallest size among those that clear the queue soonest, counting
+    only sizes whose finish breaks no deadline a smaller batch would keep."""
+    import math
+    import random
+
+    from service.batching import _Item
+
+    rng = random.Random(7)
+    for _ in range(2000):
+        max_batch = rng.randint(1, 12)
+        fixed, per_image = rng.uniform(0, 0.1), rng.uniform(0.001, 0.05)
+        b = Batcher(
+            "m",
+            Recorder(),
+            max_batch=max_batch,
+            max_delay_s=0,
+            max_queue=256,
+            metrics=Metrics(),
+            backend_name="test",
+            max_inflight=rng.randint(1, 3),
+            warm_costs={n: fixed + per_image * n for n in range(1, max_batch + 1)},
+        )
+        queued = rng.randint(1, 30)
+        now = 100.0
+        dues = sorted(now + rng.uniform(0, 1) for _ in range(queued))
+        head = [_Item(None, d, d, None) for d in dues][: b.cap]  # type: ignore[arg-type]
+        cost = b.costs.cost
+        sizes, clears = [], []
+        for n in range(1, len(head) + 1):
+            kept = [it.due for i, it in enumerate(head[:n]) if now + cost(i + 1) <= it.due]
+            if all(now + cost(n) <= due for due in kept):
+                sizes.append(n)
+                clears.append(math.ceil(math.ceil(queued / n) / b._max_inflight) * cost(n))
+        soonest = min(clears)
+        assert b._size(head, queued, now) == sizes[clears.index(soonest)]

@@ -142,10 +142,11 @@ def test_slo_search_says_when_no_rate_fits():
 
 EXPOSITION = """\
 # TYPE resnet_serve_requests_total counter
-resnet_serve_requests_total{route="/v1/models/{model}/classify",method="POST",status="200"} 7.0
-resnet_serve_requests_total{route="/metrics",method="GET",status="200"} 3.0
-# TYPE resnet_serve_grpc_requests_total counter
-resnet_serve_grpc_requests_total{method="Classify",code="OK"} 2.0
+resnet_serve_requests_total{transport="http",route="/v1/models/{model}/classify",outcome="ok"} 3.0
+resnet_serve_requests_total{transport="http",route="/v1/models/{model}/classify",outcome="overloaded"} 4.0
+resnet_serve_requests_total{transport="http",route="/metrics",outcome="ok"} 3.0
+resnet_serve_requests_total{transport="grpc",route="resnet.v1.Classifier/Classify",outcome="ok"} 2.0
+resnet_serve_requests_total{transport="grpc",route="resnet.v1.Classifier/ListModels",outcome="ok"} 5.0
 # TYPE resnet_serve_images_total counter
 resnet_serve_images_total{model="m"} 9.0
 resnet_serve_images_total{model="other"} 100.0
@@ -155,14 +156,12 @@ resnet_serve_batch_size_count{model="m"} 3.0
 # TYPE resnet_serve_preprocess_seconds histogram
 resnet_serve_preprocess_seconds_sum{model="m"} 0.018
 resnet_serve_preprocess_seconds_count{model="m"} 9.0
-# TYPE resnet_serve_rejections_total counter
-resnet_serve_rejections_total{reason="overloaded"} 4.0
 """
 
 
 def test_server_breakdown_is_the_difference_of_two_scrapes():
     after = parse(EXPOSITION, "m")
-    assert after["requests"] == 9  # POST routes and classifying RPCs, not the scrapes
+    assert after["requests"] == 9  # classifying routes and RPCs, not scrapes or listings
     assert after["images"] == 9  # this model only
     d = breakdown({}, after)
     assert d["mean_batch_size"] == 3.0 and d["batches"] == 3

@@ -67,3 +67,50 @@ async def test_a_caller_that_goes_away_frees_its_turn_and_its_thread():
     assert log == ["running", "after"]
     assert pool.waiting("a") == 0
     pool.close()
+
+
+async def test_decodes_and_batches_never_hold_more_cpus_than_there_are():
+    """Two CPUs, two decoding threads: a batch on both CPUs waits for the decode running,
+    goes before the decode queued behind it, and that decode waits for the batch."""
+    pool = DecodePool(2, cpus=2)
+    log: list[str] = []
+
+    async def batch() -> None:
+        async with pool.cores(2):
+            log.append("batch")
+            await asyncio.sleep(0.1)
+            log.append("batch done")
+
+    first = asyncio.create_task(pool.run("a", far(), job(log, "first", 0.1)))
+    await asyncio.sleep(0.01)  # decoding on one CPU
+    running = asyncio.create_task(batch())
+    later = asyncio.create_task(pool.run("a", far(), job(log, "later", 0.01)))
+    await asyncio.sleep(0.05)
+    assert log == ["first"]  # a CPU is free, but the batch needs two and goes first
+    await asyncio.gather(first, running, later)
+    assert log == ["first", "batch", "batch done", "later"]
+    async with pool.cores(5):  # more than there are: all of them
+        assert pool._free_cpus == 0
+    assert pool._free_cpus == 2
+    pool.close()
+
+
+async def test_a_batch_that_stops_waiting_for_cpus_loses_none():
+    pool = DecodePool(1, cpus=1)
+    log: list[str] = []
+    busy = asyncio.create_task(pool.run("a", far(), job(log, "busy", 0.1)))
+    await asyncio.sleep(0.01)
+
+    async def batch() -> None:
+        async with pool.cores(1):
+            log.append("never")
+
+    waiting = asyncio.create_task(batch())
+    await asyncio.sleep(0.01)
+    waiting.cancel()  # e.g. its requests were all answered 504
+    queued = asyncio.create_task(pool.run("a", far(), job(log, "next", 0.01)))
+    await asyncio.gather(busy, queued)
+    assert log == ["busy", "next"] and pool._free_cpus == 1
+    async with pool.cores(0):  # a batch that runs elsewhere holds nothing
+        assert pool._free_cpus == 1
+    pool.close()

@@ -1,0 +1,41 @@
+"""The request record's pieces that need no server: request ids a client may not forge,
+and the flood limit on failures' log lines."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from service.observe import FloodFilter, request_id
+
+
+def test_a_request_id_is_the_clients_only_if_it_is_a_plain_token():
+    assert request_id("abc-123_x.y:z/w+=@") == "abc-123_x.y:z/w+=@"
+    for forged in (None, "", 'x" level=error', "a b", "é", "x" * 65, "line\nbreak"):
+        made = request_id(forged)
+        assert made != forged and len(made) == 32 and made.isalnum()
+
+
+def test_floods_of_one_client_error_are_cut_and_counted():
+    kept: list[logging.LogRecord] = []
+    flood = FloodFilter(burst=3, window_s=0.2)
+
+    def line(route: str, status: str, outcome: str) -> None:
+        record = logging.LogRecord("service.access", logging.INFO, "", 0, "req", (), None)
+        record.route, record.status, record.outcome = route, status, outcome
+        if flood.filter(record):
+            kept.append(record)
+
+    for _ in range(10):
+        line("/v1/classify", "400", "invalid_image")
+    assert len(kept) == 3  # the burst, then nothing of that kind
+    line("/v2/models/{model}/infer", "400", "invalid_image")  # another kind: its own budget
+    line("/v1/classify", "503", "overloaded")
+    for _ in range(10):
+        line("/v1/classify", "200", "ok")  # successes always pass
+    assert len(kept) == 15
+    time.sleep(0.25)  # a new window: the next line says what was dropped
+    line("/v1/classify", "400", "invalid_image")
+    assert kept[-1].suppressed == 7 and "7 more like it" in kept[-1].getMessage()
+    line("/v1/classify", "400", "invalid_image")
+    assert not hasattr(kept[-1], "suppressed")  # said once
