@@ -6,9 +6,10 @@ carries its request's deadline (504 at it; an expired image is dropped before it
 any compute).
 
 Each batch's size is chosen, not taken: from the queue (earliest deadline first), the cost
-model and the deadlines, the batcher takes the size that clears the queue soonest with
-every batch slot working, among the sizes that break no deadline a smaller batch would
-keep. With a latency target (``target_s``) a request's deadline for that choice is its
+model and the deadlines, the batcher spreads the queue over the batch slots free now (one
+slot: the largest batch, which clears a queue soonest on a CPU or a GPU), but never takes a
+size whose predicted finish breaks a deadline that a smaller batch would keep. With a
+latency target (``target_s``) a request's deadline for that choice is its
 arrival plus the target, and no batch costs more than half the target (a request that
 arrives as a batch starts waits for it, then runs in the next).
 
@@ -344,21 +345,23 @@ class Batcher:
 
     def _size(self, head: list[_Item], queued: int, now: float) -> int:
         """How many of ``head`` (the first of ``queued`` live images, earliest deadline
-        first) the next batch takes: the size that clears the queue soonest, counting
-        every batch slot, among the sizes whose predicted finish breaks no deadline that a
-        smaller batch would keep (a deadline no batch keeps constrains nothing); on a
-        tie, the smaller one (its requests are answered sooner)."""
-        best, best_clear = 1, math.inf
+        first) the next batch takes: the queue spread over the batch slots free now (one
+        slot: as many as it may take, which clears a queue soonest when a batch of n costs
+        less than n of one; several: side by side, each smaller), but never a size whose
+        predicted finish breaks a deadline that a smaller batch would keep (a deadline no
+        batch keeps constrains nothing). Sizes are not compared by predicted cost alone:
+        the costs are learned averages, and a size that looks a few percent cheaper by
+        noise would cost throughput under a sustained load."""
+        free = max(1, self._max_inflight - len(self._started))
+        best = 1
         limit = math.inf  # the earliest deadline a batch of n must keep
-        for n, it in enumerate(head, start=1):
-            if now + self.costs.cost(n) <= it.due:
+        for n, it in enumerate(head[: math.ceil(queued / free)], start=1):
+            finish = now + self.costs.cost(n)
+            if finish <= it.due:
                 limit = min(limit, it.due)  # kept by a batch of n: no larger batch breaks it
-            cost = self.costs.cost(n)
-            if now + cost > limit:
+            if finish > limit:
                 break  # larger batches finish later still
-            clear = math.ceil(math.ceil(queued / n) / self._max_inflight) * cost
-            if clear < best_clear:
-                best, best_clear = n, clear
+            best = n
         return best
 
     def _ran(self, task: asyncio.Task[None]) -> None:

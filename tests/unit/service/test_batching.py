@@ -73,11 +73,11 @@ async def test_two_concurrent_requests_become_one_batch():
 
 
 async def test_results_keep_request_order_across_batches():
-    rec = Recorder(delay=0.01)  # a batch costs the same at any size: full ones clear soonest
-    b = make(rec, max_batch=3, warm_costs={1: 0.01, 3: 0.01})
+    rec = Recorder(delay=0.01)
+    b = make(rec, max_batch=3)
     out = await b.submit([tensor(i) for i in range(7)], far())
     assert [float(r[0]) for r in out.rows] == [2 * i for i in range(7)]
-    assert rec.sizes == [3, 2, 2]  # four left take two batches either way: the smaller two
+    assert rec.sizes == [3, 3, 1]
     await b.close()
 
 
@@ -246,15 +246,15 @@ class Scripted(Recorder):
 
 async def test_no_batch_breaks_a_deadline_a_smaller_batch_keeps():
     # 0.05 s + 0.05 s an image. One request must be answered within 0.33 s; seven more
-    # have time. One full batch (0.45 s) would clear the queue soonest but answer it late;
-    # of the sizes that keep it (up to 5), two batches of 4 clear the queue soonest.
+    # have time. One full batch (0.45 s) would clear the queue soonest but answer it late:
+    # the largest batch that keeps it (5 images, 0.3 s) goes first, then the rest.
     rec = Scripted(lambda n: 0.05 + 0.05 * n)
     b = rec.batcher()
     t0 = time.perf_counter()
     tight = b.submit([tensor(0)], t0 + 0.33)
     rest = [b.submit([tensor(i)], far()) for i in range(1, 8)]
     results = await asyncio.gather(tight, *rest)
-    assert rec.sizes == [4, 4]
+    assert rec.sizes == [5, 3]
     assert rec.finished[0] - t0 < 0.33 and results[0].rows[0][0] == 0
     await b.close()
 
@@ -313,8 +313,8 @@ async def test_parallel_slots_split_a_small_queue():
 
 def test_size_choice_matches_its_definition():
     """The batcher's choice against a brute-force reading of its rule, over random queues
-    and cost curves: the smallest size among those that clear the queue soonest, counting
-    only sizes whose finish breaks no deadline a smaller batch would keep."""
+    and cost curves: the queue spread over the free slots, and of the sizes up to that,
+    the largest whose finish breaks no deadline a smaller batch would keep."""
     import math
     import random
 
@@ -340,11 +340,10 @@ def test_size_choice_matches_its_definition():
         dues = sorted(now + rng.uniform(0, 1) for _ in range(queued))
         head = [_Item(None, d, d, None) for d in dues][: b.cap]  # type: ignore[arg-type]
         cost = b.costs.cost
-        sizes, clears = [], []
-        for n in range(1, len(head) + 1):
+        spread = math.ceil(queued / b._max_inflight)  # no batch is running: every slot free
+        sizes = []
+        for n in range(1, min(len(head), spread) + 1):
             kept = [it.due for i, it in enumerate(head[:n]) if now + cost(i + 1) <= it.due]
             if all(now + cost(n) <= due for due in kept):
                 sizes.append(n)
-                clears.append(math.ceil(math.ceil(queued / n) / b._max_inflight) * cost(n))
-        soonest = min(clears)
-        assert b._size(head, queued, now) == sizes[clears.index(soonest)]
+        assert b._size(head, queued, now) == max(sizes)
