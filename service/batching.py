@@ -7,8 +7,9 @@ any compute).
 
 Each batch's size is chosen, not taken: from the queue (earliest deadline first), the cost
 model and the deadlines, the batcher spreads the queue over the batch slots free now (one
-slot: the largest batch, which clears a queue soonest on a CPU or a GPU), but never takes a
-size whose predicted finish breaks a deadline that a smaller batch would keep. With a
+slot: the largest batch, which clears a queue soonest on a CPU or a GPU), and takes a
+smaller one where that keeps more deadlines: the size whose predicted schedule misses the
+fewest deadlines that some batch could keep, the largest on a tie. With a
 latency target (``target_s``) a request's deadline for that choice is its
 arrival plus the target, and no batch costs more than half the target (a request that
 arrives as a batch starts waits for it, then runs in the next).
@@ -338,30 +339,35 @@ class Batcher:
                 it.future.set_exception(DeadlineExceeded("request deadline exceeded in queue"))
                 continue
             live.append(it)
-        size = self._size(live[: self.cap], len(live), now) if live else 0
+        size = self._size(live[: 2 * self.cap], len(live), now) if live else 0
         batch, self._pending = live[:size], live[size:]
         self._metrics.queue_depth.labels(self.model, self.version).set(len(self._pending))
         return batch
 
     def _size(self, head: list[_Item], queued: int, now: float) -> int:
-        """How many of ``head`` (the first of ``queued`` live images, earliest deadline
-        first) the next batch takes: the queue spread over the batch slots free now (one
-        slot: as many as it may take, which clears a queue soonest when a batch of n costs
-        less than n of one; several: side by side, each smaller), but never a size whose
-        predicted finish breaks a deadline that a smaller batch would keep (a deadline no
-        batch keeps constrains nothing). Sizes are not compared by predicted cost alone:
-        the costs are learned averages, and a size that looks a few percent cheaper by
-        noise would cost throughput under a sustained load."""
+        """How many of ``head`` (the next two batches' worth of the ``queued`` live images,
+        earliest deadline first) the next batch takes. At most the queue spread over the
+        batch slots free now (one slot: a full batch, which clears a queue soonest when a
+        batch of n costs less than n batches of one); of those sizes, the one whose
+        predicted schedule (this batch, then full batches on the free slots) misses the
+        fewest deadlines that some batch could keep; on a tie the largest. A size that
+        keeps one tight deadline by delaying the rest past theirs is not better: under
+        overload that trade cascades into 504s for requests admission promised a place."""
         free = max(1, self._max_inflight - len(self._started))
-        best = 1
-        limit = math.inf  # the earliest deadline a batch of n must keep
-        for n, it in enumerate(head[: math.ceil(queued / free)], start=1):
-            finish = now + self.costs.cost(n)
-            if finish <= it.due:
-                limit = min(limit, it.due)  # kept by a batch of n: no larger batch breaks it
-            if finish > limit:
-                break  # larger batches finish later still
-            best = n
+        cap, full = self.cap, self.costs.cost(self.cap)
+        keepable = now + self.costs.cost(1)
+        best, fewest = 1, math.inf
+        for n in range(1, min(cap, len(head), math.ceil(queued / free)) + 1):
+            slots = [now] * free
+            slots[0] = now + self.costs.cost(n)
+            misses = sum(slots[0] > it.due >= keepable for it in head[:n])
+            for start in range(n, len(head), cap):
+                k = slots.index(min(slots))
+                slots[k] += full
+                chunk = head[start : start + cap]
+                misses += sum(slots[k] > it.due >= keepable for it in chunk)
+            if misses <= fewest:
+                best, fewest = n, misses
         return best
 
     def _ran(self, task: asyncio.Task[None]) -> None:

@@ -313,8 +313,9 @@ async def test_parallel_slots_split_a_small_queue():
 
 def test_size_choice_matches_its_definition():
     """The batcher's choice against a brute-force reading of its rule, over random queues
-    and cost curves: the queue spread over the free slots, and of the sizes up to that,
-    the largest whose finish breaks no deadline a smaller batch would keep."""
+    and cost curves: of the sizes up to the queue spread over the free slots, the one whose
+    schedule (that batch, then full batches, each on the slot free first) misses the fewest
+    deadlines some batch could keep; the largest on a tie."""
     import math
     import random
 
@@ -324,6 +325,7 @@ def test_size_choice_matches_its_definition():
     for _ in range(2000):
         max_batch = rng.randint(1, 12)
         fixed, per_image = rng.uniform(0, 0.1), rng.uniform(0.001, 0.05)
+        slots = rng.randint(1, 3)
         b = Batcher(
             "m",
             Recorder(),
@@ -332,18 +334,27 @@ def test_size_choice_matches_its_definition():
             max_queue=256,
             metrics=Metrics(),
             backend_name="test",
-            max_inflight=rng.randint(1, 3),
+            max_inflight=slots,
             warm_costs={n: fixed + per_image * n for n in range(1, max_batch + 1)},
         )
         queued = rng.randint(1, 30)
         now = 100.0
         dues = sorted(now + rng.uniform(0, 1) for _ in range(queued))
-        head = [_Item(None, d, d, None) for d in dues][: b.cap]  # type: ignore[arg-type]
-        cost = b.costs.cost
-        spread = math.ceil(queued / b._max_inflight)  # no batch is running: every slot free
-        sizes = []
-        for n in range(1, min(len(head), spread) + 1):
-            kept = [it.due for i, it in enumerate(head[:n]) if now + cost(i + 1) <= it.due]
-            if all(now + cost(n) <= due for due in kept):
-                sizes.append(n)
-        assert b._size(head, queued, now) == max(sizes)
+        head = [_Item(None, d, d, None) for d in dues][: 2 * max_batch]  # type: ignore[arg-type]
+        sizes = range(1, min(max_batch, len(head), math.ceil(queued / slots)) + 1)
+        missed = {n: _misses(n, head, max_batch, slots, now, b.costs.cost) for n in sizes}
+        fewest = min(missed.values())
+        assert b._size(head, queued, now) == max(n for n in sizes if missed[n] == fewest)
+
+
+def _misses(n, head, max_batch, slots, now, cost) -> int:
+    """Deadlines some batch could keep that a first batch of ``n`` and then full batches,
+    each on the slot free first, would miss."""
+    batches = [head[:n]] + [head[i : i + max_batch] for i in range(n, len(head), max_batch)]
+    free_at = [now] * slots
+    missed = 0
+    for k, batch in enumerate(batches):
+        slot = min(range(slots), key=lambda j: (free_at[j], j))
+        free_at[slot] += cost(n if k == 0 else max_batch)
+        missed += sum(free_at[slot] > it.due >= now + cost(1) for it in batch)
+    return missed
