@@ -89,7 +89,8 @@ class Record:
         metrics.requests.labels(self.transport, self.route, self.outcome).inc()
         exemplar = {"trace_id": self.trace_id} if self.trace_id else None
         metrics.latency.labels(self.transport, self.route).observe(elapsed, exemplar)
-        if self.route in QUIET_ROUTES:
+        level = logging.WARNING if self.outcome in FAULTS else logging.INFO
+        if self.route in QUIET_ROUTES or not log.isEnabledFor(level):
             return
         fields: dict[str, Any] = {
             "request_id": self.request_id,
@@ -106,7 +107,7 @@ class Record:
         if self.stages:
             fields["stages_ms"] = {k: round(v * 1000, 2) for k, v in self.stages.items()}
         log.log(
-            logging.WARNING if self.outcome in FAULTS else logging.INFO,
+            level,
             "%s %s %s %s %.1fms id=%s",
             self.transport,
             self.route,
