@@ -296,6 +296,18 @@ def test_an_unavailable_onnxruntime_provider_stops_the_start(tiny):
     assert "onnxruntime-gpu" in lines[0]
 
 
+def test_a_tracing_exporter_the_gateway_lacks_stops_the_start_in_one_line(tiny):
+    proc = run_cli(
+        "resnet-serve", "serve", "--repository", str(tiny.repository),
+        env={"OTEL_TRACES_EXPORTER": "zipkin"},
+    )  # fmt: skip
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        "resnet-serve: error: OTEL_TRACES_EXPORTER=zipkin: this gateway exports traces with "
+        "otlp or console (or none)"
+    ]
+
+
 def test_version_flags():
     from service import __version__
 
