@@ -168,9 +168,16 @@ def line(step: Step) -> str:
     )
 
 
-def gateway_clients16(what: str, repo: Path, body: bytes, seconds: float, *args: str) -> Step:
+def gateway_clients16(
+    what: str,
+    repo: Path,
+    body: bytes,
+    seconds: float,
+    *args: str,
+    env: dict[str, str] | None = None,
+) -> Step:
     """16 closed-loop REST clients against a gateway started on ``repo`` (3 s of warm-up)."""
-    gw = start_gateway(repo, *args)
+    gw = start_gateway(repo, *args, env=env)
     try:
         log(f"{what}, 16 clients ...")
         result = load(gw, body, seconds, clients=16, warmup_s=3)
@@ -258,14 +265,9 @@ def tracing_cost(repo: Path, body: bytes, seconds: float) -> dict[str, Any]:
     rates: dict[str, list[float]] = {"off": [], "on": []}
     try:
         for name in ("off", "on", "on", "off"):
-            gw = start_gateway(repo, env=on if name == "on" else {})
-            try:
-                log(f"tracing {name}, 16 clients ...")
-                step = load(gw, body, seconds, clients=16, warmup_s=3)
-                log(f"  {line(step)}")
-                rates[name].append(step.images_per_s)
-            finally:
-                gw.stop()
+            env = on if name == "on" else {}
+            step = gateway_clients16(f"tracing {name}", repo, body, seconds, env=env)
+            rates[name].append(step.images_per_s)
     finally:
         collector.stop()
     off, traced = (sum(r) / len(r) for r in (rates["off"], rates["on"]))

@@ -339,14 +339,15 @@ class Batcher:
                 it.future.set_exception(DeadlineExceeded("request deadline exceeded in queue"))
                 continue
             live.append(it)
-        size = self._size(live[: 2 * self.cap], len(live), now) if live else 0
+        cap = self.cap
+        size = self._size(live[: 2 * cap], len(live), cap, now) if live else 0
         batch, self._pending = live[:size], live[size:]
         self._metrics.queue_depth.labels(self.model, self.version).set(len(self._pending))
         return batch
 
-    def _size(self, head: list[_Item], queued: int, now: float) -> int:
+    def _size(self, head: list[_Item], queued: int, cap: int, now: float) -> int:
         """How many of ``head`` (the next two batches' worth of the ``queued`` live images,
-        earliest deadline first) the next batch takes. At most the queue spread over the
+        earliest deadline first; ``cap``: :attr:`cap`) the next batch takes. At most the queue spread over the
         batch slots free now (one slot: a full batch, which clears a queue soonest when a
         batch of n costs less than n batches of one); of those sizes, the one whose
         predicted schedule (this batch, then full batches on the free slots) misses the
@@ -354,7 +355,7 @@ class Batcher:
         keeps one tight deadline by delaying the rest past theirs is not better: under
         overload that trade cascades into 504s for requests admission promised a place."""
         free = max(1, self._max_inflight - len(self._started))
-        cap, full = self.cap, self.costs.cost(self.cap)
+        full = self.costs.cost(cap)
         keepable = now + self.costs.cost(1)
         best, fewest = 1, math.inf
         for n in range(1, min(cap, len(head), math.ceil(queued / free)) + 1):

@@ -344,7 +344,7 @@ def test_size_choice_matches_its_definition():
         sizes = range(1, min(max_batch, len(head), math.ceil(queued / slots)) + 1)
         missed = {n: _misses(n, head, max_batch, slots, now, b.costs.cost) for n in sizes}
         fewest = min(missed.values())
-        assert b._size(head, queued, now) == max(n for n in sizes if missed[n] == fewest)
+        assert b._size(head, queued, max_batch, now) == max(n for n in sizes if missed[n] == fewest)
 
 
 def _misses(n, head, max_batch, slots, now, cost) -> int:
