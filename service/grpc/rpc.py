@@ -61,6 +61,9 @@ def unary(runtime: Runtime, name: str, method: Method) -> grpc.RpcMethodHandler:
         )
         trailers: list[tuple[str, str]] = [("x-request-id", record.request_id)]
         code = grpc.StatusCode.OK
+        # The request is counted and logged as its handling ends, before the answer leaves:
+        # a client that reads /metrics after its answer finds it counted.
+        failure: ServiceError | None = None
         with observe.handling(record, metrics, md):
             try:
                 try:
@@ -94,10 +97,12 @@ def unary(runtime: Runtime, name: str, method: Method) -> grpc.RpcMethodHandler:
                 if (retry_after := err.retry_after_header()) is not None:
                     trailers.append(("retry-after", retry_after))
                 context.set_trailing_metadata(tuple(trailers))
-                await context.abort(code, err.message)
-                raise AssertionError("unreachable: abort raises") from None
+                failure = err
             finally:
                 record.status = code.name
+        assert failure is not None  # every other way out of the block returned or raised
+        await context.abort(code, failure.message)
+        raise AssertionError("unreachable: abort raises")
 
     return grpc.unary_unary_rpc_method_handler(call)
 
