@@ -14,7 +14,17 @@ HEAD = "| variable | default | meaning |\n|---|---|---|\n"
 SCHEMA = Path("helm/resnet-serving/values.schema.json")
 #: Settings the chart sets itself, from where things are in the pod, not from gateway.config.
 CHART_OWNED = frozenset(
-    {"repository", "host", "port", "grpc_port", "backend", "triton_url", "api_keys"}
+    {
+        "repository",
+        "host",
+        "port",
+        "grpc_port",
+        "backend",
+        "triton_url",
+        "triton_admin_key",
+        "api_keys",
+        "admin_keys",
+    }
 )
 
 

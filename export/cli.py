@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -24,6 +25,7 @@ from service.contract import ContractError, PreprocessContract, describe_validat
 
 if TYPE_CHECKING:
     from export.pipeline import Images, PrecisionPlan
+    from service.repository import Rollout
 
 app = make_app(
     "resnet-export",
@@ -84,7 +86,6 @@ def _fail(message: str) -> typer.Exit:
 @contextlib.contextmanager
 def _errors() -> Iterator[None]:
     """Turn every anticipated failure into one line and exit 1 (never a traceback)."""
-    from export.models import UnknownArch
     from service.files import FolderError
     from service.repository import RepositoryError
 
@@ -92,7 +93,7 @@ def _errors() -> Iterator[None]:
         yield
     except (typer.Exit, typer.Abort):
         raise  # a deliberate exit (validate's status), not a failure of ours
-    except (ExportError, UnknownArch, ContractError, RepositoryError, FolderError) as exc:
+    except (ExportError, ContractError, RepositoryError, FolderError) as exc:
         raise _fail(str(exc)) from None
     except KeyboardInterrupt:
         typer.echo("resnet-export: interrupted; nothing was published", err=True)
@@ -101,6 +102,11 @@ def _errors() -> Iterator[None]:
         where = f" ({exc.filename})" if exc.filename else ""
         raise _fail(f"{exc.strerror or exc}{where}") from None
     except Exception as exc:
+        # An unknown arch can only come from export.models, imported by then (importing it
+        # here would load torch, seconds, into commands that never need it: rollout).
+        models = sys.modules.get("export.models")
+        if models is not None and isinstance(exc, models.UnknownArch):
+            raise _fail(str(exc)) from None
         if os.environ.get("RESNET_EXPORT_DEBUG"):
             raise
         raise _fail(
@@ -528,6 +534,102 @@ def validate(
             for model in models:
                 spec = load_spec(repository / model)
                 typer.echo(f"ok: {model} (version {spec.version}, {spec.precision})")
+
+
+def _version(text: str, what: str) -> str:
+    """A version number as rollout.json spells it ("02" -> "2")."""
+    from service.repository import version_key
+
+    try:
+        return version_key(text)
+    except ValueError as exc:
+        raise ExportError(f"{what} {exc}") from None
+
+
+def _weights(pairs: list[str]) -> dict[str, float]:
+    weights: dict[str, float] = {}
+    for pair in pairs:
+        version, sep, weight = pair.partition("=")
+        try:
+            if not sep:
+                raise ValueError
+            share = float(weight)
+        except ValueError:
+            raise ExportError(
+                f"--weight takes VERSION=WEIGHT (e.g. --weight 2=10), got {pair!r}"
+            ) from None
+        key = _version(version.strip(), "--weight: version")
+        if key in weights:
+            raise ExportError(f"--weight: version {key} given twice")
+        weights[key] = share
+    return weights
+
+
+def _rollout_line(name: str, versions: list[int], rollout: Rollout) -> str:
+    if rollout.weights:
+        split = " ".join(f"{v}={w:g}" for v, w in sorted(rollout.weights.items(), key=_by_version))
+    else:
+        split = f"all to {max(versions)} (the newest served)"
+    line = f"{name}: serving versions {', '.join(map(str, versions))}; unpinned traffic {split}"
+    return line + (f"; shadow {rollout.shadow}" if rollout.shadow else "")
+
+
+def _by_version(item: tuple[str, float]) -> int:
+    return int(item[0])
+
+
+@app.command()
+def rollout(
+    model: Annotated[str, typer.Argument(metavar="MODEL", help="Model name in the repository.")],
+    repository: Annotated[
+        Path, typer.Option("--repository", "-r", help="Model repository directory.")
+    ],
+    weight: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--weight",
+            metavar="VERSION=WEIGHT",
+            help="Share of the unpinned requests (no version pinned) for VERSION, relative to "
+            "the others given (90 and 10 split 90/10; 0 = none); repeat for each version.",
+        ),
+    ] = None,
+    shadow: Annotated[
+        str | None,
+        typer.Option(
+            metavar="VERSION",
+            help="A version that gets a copy of live traffic; its answers are compared, "
+            "never returned.",
+        ),
+    ] = None,
+    clear: Annotated[
+        bool,
+        typer.Option(
+            "--clear", help="Remove the rollout: the newest served version gets every request."
+        ),
+    ] = False,
+) -> None:
+    """Split a model's unpinned traffic between versions (canary) and mirror it to a shadow
+    version: writes DIR/MODEL/rollout.json. Each call states the whole rollout (what it does
+    not give is dropped); without options it prints the current one and changes nothing."""
+    with _errors():
+        from export.repository import find_model, set_rollout
+        from service.repository import Rollout, served_versions
+
+        model_dir = find_model(repository, model)
+        if clear and (weight or shadow is not None):
+            raise ExportError("--clear takes no --weight or --shadow")
+        if not (clear or weight or shadow is not None):
+            typer.echo(_rollout_line(model, *served_versions(model_dir)))
+            return
+        try:
+            new = Rollout(
+                weights=_weights(weight or []),
+                shadow=_version(shadow, "--shadow") if shadow is not None else None,
+            )
+        except ValidationError as exc:
+            raise ExportError(f"invalid rollout: {describe_validation_error(exc)}") from None
+        versions, written = set_rollout(repository, model, new)
+        typer.echo(_rollout_line(model, versions, written))
 
 
 @app.command()

@@ -22,11 +22,14 @@ from torch import nn
 
 from export.errors import ExportError
 from export.gate import DEFAULT_MIN_AGREEMENT, AgreementReport, compare, run_onnx
+from export.images import spread
 from export.onnx_export import check_onnx, export_onnx, parity_check, preprocess_real
 from export.quantize import CalibrationMethod, Precision, convert_fp16, quantize_int8
 from export.repository import (
+    PROBE_SIZE,
     Engine,
     Flavor,
+    Probe,
     Publication,
     ServingConfig,
     check_name,
@@ -139,6 +142,7 @@ def export_and_publish(
         fallback = Images(np.stack(real), "parity images") if real else None
         validation = plan.validation or sample or fallback
         reduced = _reduce(onnx_path, contract, plan, validation, serving.max_batch_size, log)
+        probe, probe_source = _probe(reduced.onnx, contract, validation)
         contract = contract.model_copy(update={"precision": plan.precision})
         report: dict[str, Any] = {
             "name": name,
@@ -151,6 +155,7 @@ def export_and_publish(
             "onnx_checker": "pass",
             "parity": parity.as_dict(),
             **reduced.report,
+            "probe": {"inputs": len(probe.inputs), "source": probe_source},
             "versions": {
                 "torch": torch.__version__,
                 "onnx": onnx.__version__,
@@ -159,12 +164,29 @@ def export_and_publish(
             **(extra_report or {}),
         }
         pub = Publication(
-            name, contract, labels, reduced.onnx, flavor, serving, report, reduced.engine
+            name, contract, labels, reduced.onnx, flavor, serving, report, reduced.engine, probe
         )
         version = publish(repository, pub)
     model_dir = repository / name
     log(f"published {name} version {version} -> {model_dir}")
     return ExportResult(name, version, model_dir, {**report, "version": version})
+
+
+def _probe(
+    published: Path, contract: PreprocessContract, images: Images | None
+) -> tuple[Probe, str]:
+    """The parity probe published with the version: up to PROBE_SIZE of the real images the
+    published graph was checked on (the accuracy gate's, else the parity check's), and that
+    graph's ONNX Runtime logits for them. With no real image at all, the parity check's
+    random inputs (same seed): a probe checks the arithmetic, which random inputs exercise."""
+    if images is not None and len(images):
+        picked = spread(list(images.tensors), PROBE_SIZE)
+        inputs, source = np.stack(picked).astype(np.float32), images.source
+    else:
+        rng = np.random.default_rng(0)
+        inputs = rng.standard_normal((PROBE_SIZE, *contract.input_shape), dtype=np.float32)
+        source = "random inputs"
+    return Probe(inputs, run_onnx(published, contract, inputs)), source
 
 
 @dataclass(frozen=True)

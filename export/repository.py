@@ -6,6 +6,8 @@ gateway reads with the same code); this module adds the ONNX graph check to vali
 Publishing builds the complete new ``DIR/NAME`` beside the old one (earlier versions are
 hard-linked, not copied), then swaps it in with renames under a lock. Any failure before
 the swap removes the staging directory; the repository is left exactly as it was.
+Changing which versions take traffic (``rollout.json``) takes the same lock, so a rollout
+written while a version is being published is neither lost nor raced.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
@@ -34,12 +37,21 @@ from service.repository import (
     CONTRACT_FILENAME,
     LABELS_FILENAME,
     MODEL_FILENAME,
+    PROBE_FILENAME,
     PYTHON_MODEL_FILENAME,
     REPORT_FILENAME,
+    ROLLOUT_FILENAME,
+    RepositoryError,
+    Rollout,
     latest_version,
+    load_probe,
     load_spec,
     model_dirs,
     numbered_versions,
+    policy_versions,
+    read_config,
+    served_versions,
+    write_rollout,
 )
 from service.repository import validate_model as validate_layout
 
@@ -185,6 +197,21 @@ class Engine:
     manifest: str
 
 
+@dataclass(frozen=True)
+class Probe:
+    """A few preprocessed inputs and the published graph's logits for them, computed with
+    ONNX Runtime at export (``probe.npz``): what the gateway checks its backend against
+    before a version takes traffic."""
+
+    inputs: np.ndarray
+    outputs: np.ndarray
+
+
+#: Inputs in a probe, at most: enough to catch a backend that computes something else,
+#: small enough to run at every load (a ResNet-50 probe is 2.4 MB).
+PROBE_SIZE = 4
+
+
 @dataclass
 class Publication:
     name: str
@@ -195,6 +222,7 @@ class Publication:
     serving: ServingConfig
     report: dict[str, Any]
     engine: Engine | None = None
+    probe: Probe | None = None
 
 
 def publish(repository: Path, pub: Publication) -> int:
@@ -235,7 +263,16 @@ def publish(repository: Path, pub: Publication) -> int:
             report = {**pub.report, "version": version, "flavor": pub.flavor}
             (vdir / REPORT_FILENAME).write_text(json.dumps(report, indent=2) + "\n")
             (vdir / CONTRACT_FILENAME).write_text(pub.contract.to_json())
+            if pub.probe is not None:
+                np.savez(
+                    vdir / PROBE_FILENAME,
+                    inputs=np.ascontiguousarray(pub.probe.inputs, dtype=np.float32),
+                    outputs=np.ascontiguousarray(pub.probe.outputs, dtype=np.float32),
+                )
             (staging / CONFIG_FILENAME).write_text(config_text)
+            if (final / ROLLOUT_FILENAME).is_file():
+                # The operator's traffic split outlives a new version (which it does not name).
+                shutil.copy2(final / ROLLOUT_FILENAME, staging / ROLLOUT_FILENAME)
             if pub.engine is not None:
                 # Only the newest version is served, so the TensorRT config exists only
                 # while the newest version has an engine (a later ONNX-only version drops it).
@@ -261,18 +298,68 @@ def publish(repository: Path, pub: Publication) -> int:
 def republish(
     model_dir: Path, repository: Path, flavor: Flavor, serving: ServingConfig | None = None
 ) -> int:
-    """Publish the newest version of ``model_dir`` (its verified graph, contract, labels and
-    report, untouched) into ``repository`` with another flavor; return the new version."""
+    """Publish the newest version of ``model_dir`` (its verified graph, contract, labels,
+    report and probe, untouched) into ``repository`` with another flavor; return the new
+    version."""
     spec = load_spec(model_dir)
     cfg = spec.config
     report = json.loads((spec.model_path.parent / REPORT_FILENAME).read_text())
     serving = serving or ServingConfig(
         max_batch_size=cfg.max_batch_size, instance_kind="cpu" if flavor == "python-ort" else "auto"
     )
+    probe = load_probe(spec)  # same graph, so the same outputs; None for an older export
     pub = Publication(
-        spec.name, spec.contract, list(spec.labels), spec.model_path, flavor, serving, report
+        spec.name,
+        spec.contract,
+        list(spec.labels),
+        spec.model_path,
+        flavor,
+        serving,
+        report,
+        probe=Probe(*probe) if probe is not None else None,
     )
     return publish(repository, pub)
+
+
+def find_model(repository: Path, name: str) -> Path:
+    """``repository/name``, or ExportError saying what is there instead."""
+    check_name(name)
+    if not repository.is_dir():
+        raise ExportError(f"model repository {repository} is not a directory")
+    model_dir = repository / name
+    if not model_dir.is_dir():
+        held = ", ".join(m.name for m in model_dirs(repository)) or "none"
+        raise ExportError(f"no model {name!r} in {repository} (models: {held})")
+    return model_dir
+
+
+def set_rollout(repository: Path, name: str, rollout: Rollout) -> tuple[list[int], Rollout]:
+    """Write ``rollout`` as ``repository/name``'s rollout.json (an empty one removes it),
+    once every version it names is on disk; return :func:`served_versions` after it.
+
+    Under the publishing lock: a publish in flight swaps the model directory, and a file
+    written into the one it retires would be lost."""
+    find_model(repository, name)  # before the lock file is created in a wrong directory
+    with _locked(repository):
+        model_dir = find_model(repository, name)  # again: it may have gone while we waited
+        available = numbered_versions(model_dir)
+        # Every version named, a weight of 0 included: a typo must not pass as "no traffic".
+        named = {int(v) for v in rollout.weights}
+        if rollout.shadow is not None:
+            named.add(int(rollout.shadow))
+        missing = sorted(named - set(available))
+        if missing:
+            raise ExportError(
+                f"model {name!r} has no version {', '.join(map(str, missing))} "
+                f"(versions: {', '.join(map(str, available)) or 'none'})"
+            )
+        try:
+            # A model whose config the gateway cannot serve from gets no rollout written.
+            policy_versions(read_config(model_dir), available)
+        except RepositoryError as exc:
+            raise ExportError(f"model {name!r}: {exc}") from exc
+        write_rollout(model_dir, rollout)
+        return served_versions(model_dir)
 
 
 def _swap(staging: Path, final: Path) -> None:

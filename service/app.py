@@ -23,7 +23,7 @@ from service.api.errors import install_error_handlers
 from service.api.kserve import v2, v2_models
 from service.api.middleware import Admission, BodyLimit, Observe
 from service.api.ops import ops
-from service.api.v1 import api
+from service.api.v1 import admin, api
 from service.backends import Backend
 from service.metrics import Metrics
 from service.runtime import Runtime, StartupError
@@ -34,7 +34,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 #: Routes whose requests are admitted before anything else is done (service.api.middleware).
-SHEDDABLE = {"classify", "classify_default", "model_infer", "model_version_infer"}
+SHEDDABLE = {
+    "classify",
+    "classify_default",
+    "classify_version",
+    "model_infer",
+    "model_version_infer",
+}
 
 DESCRIPTION = (
     "Image classification with ResNet models. REST `/v1` (errors: "
@@ -84,7 +90,7 @@ def create_app(
     app.state.runtime = runtime
     app.state.startup_error = None
     install_error_handlers(app)
-    for router in (api, ops, v2, v2_models):
+    for router in (api, admin, ops, v2, v2_models):
         app.include_router(router)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     classify_routes = [

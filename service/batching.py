@@ -450,6 +450,17 @@ class Batcher:
             if not it.future.done():
                 it.future.set_exception(exc)
 
+    def forget_metrics(self) -> None:
+        """Drop this version's gauge series (it is no longer served: a stale queue capacity
+        or batch cost would read as a live one)."""
+        ids = (self.model, self.version)
+        for gauge in (self._metrics.queue_depth, self._metrics.queue_capacity):
+            with contextlib.suppress(KeyError):
+                gauge.remove(*ids)
+        for size in range(1, self.max_batch + 1):
+            with contextlib.suppress(KeyError):
+                self._metrics.batch_cost.remove(*ids, str(size))
+
     async def close(self, timeout_s: float = 30.0) -> None:
         """Stop taking requests, run what is queued, then stop."""
         self._closing = True

@@ -89,6 +89,13 @@ class PreprocessContract(BaseModel):
         """Shape of one image tensor, without the batch axis."""
         return (self.num_channels, self.crop, self.crop)
 
+    def same_io(self, other: PreprocessContract) -> bool:
+        """Whether ``other`` takes the same input tensors from the same images and answers
+        with the same classes (it may differ in weights, precision, architecture): what a
+        shadow of this model must do to be fed its tensors and compared with it."""
+        mine = {"arch", "precision", "source_sha256"}
+        return self.model_dump(exclude=mine) == other.model_dump(exclude=mine)
+
     def to_json(self) -> str:
         return json.dumps(self.model_dump(mode="json"), indent=2) + "\n"
 

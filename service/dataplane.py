@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import math
+import random
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -40,6 +42,7 @@ from service.metrics import Metrics
 from service.preprocess import DecodeLimits, preprocess
 from service.repository import ModelSpec, TensorSig, contract_tensors
 from service.settings import Settings
+from service.shadow import Shadows
 
 if TYPE_CHECKING:
     from opentelemetry.trace import Tracer
@@ -52,12 +55,18 @@ MIN_TIMEOUT_S = 0.001
 class Plan:
     """A request resolved once: which model version, how many classes, until when."""
 
-    spec: ModelSpec
+    served: Version
     #: Classes per image for classification (validated against the model).
     top_k: int
     #: ``time.perf_counter()`` values: when the request arrived; past when it is a 504.
     arrived: float
     deadline: float
+    #: Whether the caller named the version (pinned requests are not mirrored to a shadow).
+    pinned: bool = False
+
+    @property
+    def spec(self) -> ModelSpec:
+        return self.served.spec
 
 
 @dataclass(frozen=True)
@@ -80,6 +89,8 @@ class ModelSummary:
 
     name: str
     version: str
+    #: Every served version (``version`` is the newest).
+    versions: list[str]
     arch: str
     num_classes: int
     labels_count: int
@@ -165,6 +176,57 @@ class ModelStatistics:
         }
 
 
+class Version:
+    """One served version of a model: its spec, batcher and statistics. A request's plan
+    holds its version, so a request finishes on the version it started on even when a
+    reload switches the model's traffic to another one meanwhile."""
+
+    def __init__(self, spec: ModelSpec, batcher: Batcher, stats: ModelStatistics) -> None:
+        self.spec = spec
+        self.batcher = batcher
+        self.stats = stats
+        #: EWMA of one image's decode + preprocess time (admission's estimate).
+        self.decode_s = 0.005
+        #: The latest deadline of a request planned on this version: once it has passed,
+        #: a version no longer routed to has no request left and can be released.
+        self.last_deadline = 0.0
+        #: Set once a version no longer routed to is being closed and unloaded.
+        self.releasing = False
+
+
+@dataclass(frozen=True)
+class Routing:
+    """Where one model's requests go. Replaced whole by a reload: the switch is one
+    assignment, so a request sees the old routing or the new one, never a mix."""
+
+    versions: dict[str, Version]
+    #: Unpinned traffic: (version, weight > 0), from rollout.json; empty: all to ``newest``.
+    weights: tuple[tuple[str, float], ...] = ()
+    #: A version that gets a copy of unpinned traffic; its answers are compared, not returned.
+    shadow: str | None = None
+
+    @property
+    def newest(self) -> Version:
+        return self.versions[max(self.versions, key=int)]
+
+    def pick(self, model: str, client: str | None) -> Version:
+        """The version an unpinned request goes to: by weight, the same one for the same
+        client key (hashed onto [0, 1)), at random without one."""
+        if not self.weights:
+            return self.newest
+        if client:
+            digest = hashlib.blake2b(f"{model}\0{client}".encode(), digest_size=8).digest()
+            point = int.from_bytes(digest, "big") / 2**64
+        else:
+            point = random.random()
+        point *= sum(w for _, w in self.weights)
+        for version, weight in self.weights:
+            point -= weight
+            if point < 0:
+                return self.versions[version]
+        return self.versions[self.weights[-1][0]]
+
+
 class DataPlane:
     def __init__(
         self,
@@ -174,13 +236,13 @@ class DataPlane:
         metrics: Metrics,
         tracer: Tracer | None = None,
     ) -> None:
-        self.specs = {s.name: s for s in specs}
         self.tracer = tracer
         self.backend = backend
         self.settings = settings
         self.metrics = metrics
-        self.default_model = settings.default_model or sorted(self.specs)[0]
-        if self.default_model not in self.specs:
+        names = sorted({s.name for s in specs})
+        self.default_model = settings.default_model or names[0]
+        if self.default_model not in names:
             raise ValueError(f"default model {self.default_model!r} is not served")
         self.limits = DecodeLimits(
             max_pixels=settings.max_image_pixels, jpeg_draft=settings.jpeg_draft
@@ -190,13 +252,18 @@ class DataPlane:
         # EXCLUSIVE_CPUS: a batch holds its threads' CPUs, decodes the rest (service.decoding).
         self.decoder = DecodePool(workers, cpus if settings.exclusive_cpus else workers)
         self._batch_cpus = backend.cpus_per_batch if settings.exclusive_cpus else 0
-        #: EWMA of one image's decode + preprocess time, per model (admission's estimate).
-        self._decode_s = {s.name: 0.005 for s in specs}
-        self.stats = {s.name: ModelStatistics(s.name, s.version) for s in specs}
-        self.batchers = {s.name: self._batcher(s) for s in specs}
+        self._started = False
+        self.models: dict[str, Routing] = {}
+        for spec in specs:
+            routing = self.models.get(spec.name, Routing({}))
+            versions = {**routing.versions, spec.version: self.version(spec)}
+            self.models[spec.name] = Routing(versions)
+        self.shadows = Shadows(self)
 
-    def _batcher(self, spec: ModelSpec) -> Batcher:
-        stats = self.stats[spec.name]
+    def version(self, spec: ModelSpec) -> Version:
+        """A version of a model, ready to be routed to (its batcher is started with the
+        data plane, or at once if the plane runs already)."""
+        stats = ModelStatistics(spec.name, spec.version)
 
         async def infer(x: np.ndarray, timeout: float) -> np.ndarray:
             start = time.perf_counter()
@@ -207,7 +274,7 @@ class DataPlane:
 
         cap = self.settings.max_batch_size or spec.max_batch_size
         target_ms = self.settings.target_p99_ms
-        return Batcher(
+        batcher = Batcher(
             spec.name,
             infer,
             max_batch=min(cap, spec.max_batch_size),
@@ -221,29 +288,55 @@ class DataPlane:
             version=spec.version,
             tracer=self.tracer,
         )
+        if self._started:
+            batcher.start()
+        return Version(spec, batcher, stats)
 
     def start(self) -> None:
-        for batcher in self.batchers.values():
-            batcher.start()
+        self._started = True
+        for version in self.served():
+            version.batcher.start()
+
+    def served(self) -> list[Version]:
+        """Every version routed to, of every model."""
+        return [v for routing in self.models.values() for v in routing.versions.values()]
 
     async def close(self) -> None:
-        await asyncio.gather(*(b.close() for b in self.batchers.values()))
+        await asyncio.gather(*(v.batcher.close() for v in self.served()))
+        await self.shadows.close()
         self.decoder.close()
 
     # --- resolving a request ----------------------------------------------------------------
 
-    def spec(self, model: str | None, version: str | None = None) -> ModelSpec:
-        """The served spec of ``model`` (default model if None) at ``version`` (any if None)."""
+    def routing(self, model: str | None) -> Routing:
+        """Where requests for ``model`` (the default model if None) go, or ModelNotFound."""
         name = model or self.default_model
-        spec = self.specs.get(name)
-        if spec is None:
+        routing = self.models.get(name)
+        if routing is None:
             raise ModelNotFound(f"model {cut(name)} is not served (GET /v1/models lists them)")
-        if version not in (None, "", spec.version):
+        return routing
+
+    def served_version(
+        self, model: str | None, version: str | None = None, client: str | None = None
+    ) -> Version:
+        """The version of ``model`` that answers: ``version`` if the caller names one (it must
+        be served), else the routing's pick for ``client``."""
+        routing = self.routing(model)
+        if not version:
+            return routing.pick(model or self.default_model, client)
+        served = routing.versions.get(version)
+        if served is None:
             raise ModelNotFound(
-                f"model {cut(name)} version {cut(version)} is not served "
-                f"(serving version {spec.version})"
+                f"model {cut(model or self.default_model)} version {cut(version)} is not served "
+                f"(serving versions {', '.join(sorted(routing.versions, key=int))})"
             )
-        return spec
+        return served
+
+    def spec(self, model: str | None, version: str | None = None) -> ModelSpec:
+        """The spec of ``model`` (default model if None) at ``version`` (newest if None)."""
+        if not version:
+            return self.routing(model).newest.spec
+        return self.served_version(model, version).spec
 
     def plan(
         self,
@@ -255,11 +348,16 @@ class DataPlane:
         arrived: float | None = None,
     ) -> Plan:
         """Resolve a request once. ``timeout_s`` (the caller's own deadline) can only shorten
-        the server's; the deadline counts from ``arrived`` (default: now)."""
-        spec = self.spec(model, version)
+        the server's; the deadline counts from ``arrived`` (default: now). An unpinned
+        request goes where the model's routing sends the caller's client key."""
+        record = observe.current()
+        served = self.served_version(model, version, record.client if record else None)
+        spec = served.spec
         observe.serving(spec.name, spec.version)
         start = time.perf_counter() if arrived is None else arrived
-        return Plan(spec, self._top_k(spec, top_k), start, start + self.budget_s(timeout_s))
+        deadline = start + self.budget_s(timeout_s)
+        served.last_deadline = max(served.last_deadline, deadline)
+        return Plan(served, self._top_k(spec, top_k), start, deadline, pinned=bool(version))
 
     def budget_s(self, timeout_s: float | None) -> float:
         """A request's time: the server's deadline, or the caller's if that is shorter."""
@@ -271,11 +369,17 @@ class DataPlane:
             )
         return min(self.settings.request_timeout_s, timeout_s)
 
-    def shed(self, model: str | None, timeout_s: float | None) -> None:
+    def shed(self, model: str | None, timeout_s: float | None, version: str | None = None) -> None:
         """Raise Overloaded if ``model`` could not take even one image now (the check a
-        request gets before anything is read or routed: a refusal costs microseconds)."""
+        request gets before anything is read or routed: a refusal costs microseconds).
+        Unpinned under a canary: refused only if its least loaded version would refuse."""
         deadline = time.perf_counter() + self.budget_s(timeout_s)
-        self.batchers[self.spec(model).name].admissible(1, deadline)
+        if version:
+            candidates = [self.served_version(model, version)]
+        else:
+            routing = self.routing(model)
+            candidates = [routing.versions[v] for v, _ in routing.weights] or [routing.newest]
+        min(candidates, key=lambda v: v.batcher.waiting).batcher.admissible(1, deadline)
 
     def with_top_k(self, plan: Plan, top_k: int | None, name: str = "top_k") -> Plan:
         """``plan`` with a ``top_k`` that arrived after it was made (in a body; as KServe's
@@ -303,11 +407,12 @@ class DataPlane:
 
     # --- the work ---------------------------------------------------------------------------
 
-    def _preprocess_one(self, spec: ModelSpec, data: bytes) -> np.ndarray:
+    def _preprocess_one(self, served: Version, data: bytes) -> np.ndarray:
         start = time.perf_counter()
+        spec = served.spec
         tensor = preprocess(data, spec.contract, self.limits)
         elapsed = time.perf_counter() - start
-        self._decode_s[spec.name] += 0.1 * (elapsed - self._decode_s[spec.name])
+        served.decode_s += 0.1 * (elapsed - served.decode_s)
         self.metrics.preprocess.labels(spec.name, spec.version).observe(elapsed)
         return tensor
 
@@ -316,7 +421,7 @@ class DataPlane:
             "preprocess", **{"resnet_serve.image": k, "resnet_serve.bytes": len(data)}
         ):
             return await self.decoder.run(
-                plan.spec.name, plan.deadline, partial(self._preprocess_one, plan.spec, data)
+                plan.spec.name, plan.deadline, partial(self._preprocess_one, plan.served, data)
             )
 
     async def decode(self, plan: Plan, images: list[bytes]) -> np.ndarray:
@@ -326,14 +431,13 @@ class DataPlane:
         decoded on the shared, fair, deadline-aware pool; 504 at the deadline. The first
         bad image is the error (named by position when there are several)."""
         self.check_count(len(images))
-        spec = plan.spec
         n = len(images)
         observe.images(n)
         # Its own decoding, behind what the pool already has (a burst of arrivals).
-        decode_s = self._decode_s[spec.name] * math.ceil(
+        decode_s = plan.served.decode_s * math.ceil(
             (self.decoder.backlog + n) / self.decoder.workers
         )
-        self.batchers[spec.name].reserve(n, plan.deadline, extra_s=decode_s)
+        plan.served.batcher.reserve(n, plan.deadline, extra_s=decode_s)
         start = time.perf_counter()
         jobs = [self._decode_one(plan, k, d) for k, d in enumerate(images)]
         try:
@@ -347,13 +451,13 @@ class DataPlane:
                 if isinstance(res, BaseException):
                     raise res
         except BaseException as exc:
-            self.batchers[spec.name].release(n)
-            self._failed(spec, start)
+            plan.served.batcher.release(n)
+            self._failed(plan, start)
             if isinstance(exc, TimeoutError):
                 raise DeadlineExceeded("request deadline exceeded while decoding") from None
             raise
         elapsed = time.perf_counter() - start
-        self.stats[spec.name].durations["compute_input"].add(elapsed)
+        plan.served.stats.durations["compute_input"].add(elapsed)
         observe.stage("preprocess", elapsed)
         return np.stack([r for r in results if isinstance(r, np.ndarray)])
 
@@ -364,13 +468,13 @@ class DataPlane:
         observe.images(len(batch))
         start = time.perf_counter()
         try:
-            done = await self.batchers[spec.name].submit(
+            done = await plan.served.batcher.submit(
                 list(batch), plan.deadline, decoded, arrived=plan.arrived
             )
         except BaseException:
-            self._failed(spec, start)
+            self._failed(plan, start)
             raise
-        stats = self.stats[spec.name]
+        stats = plan.served.stats
         stats.durations["queue"].add(done.queued_s)
         stats.durations["compute_infer"].add(done.computed_s)
         observe.stage("queue", done.queued_s)
@@ -379,18 +483,21 @@ class DataPlane:
         stats.inference_count += len(batch)
         stats.last_inference_ms = int(time.time() * 1000)
         self.metrics.images.labels(spec.name, spec.version).inc(len(batch))
-        return np.stack(done.rows)
+        logits = np.stack(done.rows)
+        if not plan.pinned:
+            self.shadows.mirror(plan.served, batch, logits)
+        return logits
 
     def succeeded(self, plan: Plan, output_started: float) -> None:
         """Count a request answered: its whole time, and the time spent shaping its output."""
         now = time.perf_counter()
-        durations = self.stats[plan.spec.name].durations
+        durations = plan.served.stats.durations
         durations["compute_output"].add(now - output_started)
         observe.stage("output", now - output_started)
         durations["success"].add(now - plan.arrived)
 
-    def _failed(self, spec: ModelSpec, start: float) -> None:
-        self.stats[spec.name].durations["fail"].add(time.perf_counter() - start)
+    def _failed(self, plan: Plan, start: float) -> None:
+        plan.served.stats.durations["fail"].add(time.perf_counter() - start)
 
     async def classify(self, plan: Plan, images: list[bytes]) -> Classification:
         """Encoded images -> the ``plan.top_k`` best classes of each, with probabilities."""
@@ -415,13 +522,15 @@ class DataPlane:
 
     def summary(self, spec: ModelSpec) -> ModelSummary:
         inputs, outputs = contract_tensors(spec.contract)
+        served = self.served_version(spec.name, spec.version)
         return ModelSummary(
             name=spec.name,
             version=spec.version,
+            versions=sorted(self.routing(spec.name).versions, key=int),
             arch=spec.contract.arch,
             num_classes=spec.contract.num_classes,
             labels_count=len(spec.labels),
-            max_batch_size=self.batchers[spec.name].max_batch,
+            max_batch_size=served.batcher.max_batch,
             precision=spec.precision,
             backend=self.backend.name,
             default=spec.name == self.default_model,
@@ -431,14 +540,21 @@ class DataPlane:
         )
 
     def batch_costs_ms(self, spec: ModelSpec) -> dict[int, float]:
-        """Milliseconds per batch size, 1..the batch cap, from the model's cost model."""
-        batcher = self.batchers[spec.name]
+        """Milliseconds per batch size, 1..the batch cap, from the version's cost model."""
+        batcher = self.served_version(spec.name, spec.version).batcher
         return {n: round(batcher.costs.cost(n) * 1000, 3) for n in range(1, batcher.max_batch + 1)}
 
     def summaries(self) -> list[ModelSummary]:
-        return [self.summary(s) for s in self.specs.values()]
+        """One per model, of its newest served version."""
+        return [self.summary(self.spec(name)) for name in sorted(self.models)]
 
     def statistics(self, model: str | None = None, version: str | None = None) -> list[Any]:
-        """Triton-shaped statistics of one model (or of all, if ``model`` is empty)."""
-        specs = [self.spec(model, version)] if model else list(self.specs.values())
-        return [self.stats[s.name].as_dict() for s in specs]
+        """Triton-shaped statistics of one version, of every served version of one model,
+        or of all models (``model`` empty)."""
+        if version:
+            served = [self.served_version(model, version)]
+        elif model:
+            served = list(self.routing(model).versions.values())
+        else:
+            served = self.served()
+        return [v.stats.as_dict() for v in served]

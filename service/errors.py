@@ -66,6 +66,23 @@ class Unauthorized(ServiceError):
     code = "unauthorized"
 
 
+class Forbidden(ServiceError):
+    """A call this gateway does not allow (the admin API while it is off)."""
+
+    http_status = 403
+    grpc_status = "PERMISSION_DENIED"
+    code = "forbidden"
+
+
+class LoadFailed(ServiceError):
+    """A reload could not serve a version the repository asks for (the versions serving
+    go on serving): the repository holds something that cannot be served."""
+
+    http_status = 409
+    grpc_status = "FAILED_PRECONDITION"
+    code = "load_failed"
+
+
 class UnsupportedMediaType(ServiceError):
     http_status = 415
     grpc_status = "INVALID_ARGUMENT"

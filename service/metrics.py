@@ -108,3 +108,50 @@ class Metrics:
             registry=r,
         )
         self.ready = Gauge(p + "ready", "1 when the gateway is ready to serve.", registry=r)
+        # --- model lifecycle (service.lifecycle) and shadow traffic (service.shadow) --------
+        self.model_loads = Counter(
+            p + "model_loads",
+            "Versions loaded by a reload (outcome ok), or refused (outcome failed: load, "
+            "validation or parity probe; the old versions keep serving).",
+            ["model", "version", "outcome"],
+            registry=r,
+        )
+        self.model_load_failing = Gauge(
+            p + "model_load_failing",
+            "Versions the repository asks for that the newest reload could not serve.",
+            ["model"],
+            registry=r,
+        )
+        self.traffic_weight = Gauge(
+            p + "traffic_weight",
+            "Share of a model's unpinned requests routed to a version (0..1).",
+            ["model", "version"],
+            registry=r,
+        )
+        shadow = ["model", "version", "shadow"]
+        self.shadow_images = Counter(
+            p + "shadow_images",
+            "Images copied to a shadow version, by outcome: compared, dropped (load), failed.",
+            [*shadow, "outcome"],
+            registry=r,
+        )
+        self.shadow_top1_agreements = Counter(
+            p + "shadow_top1_agreements",
+            "Compared images whose top-1 class was the same for the primary and the shadow.",
+            shadow,
+            registry=r,
+        )
+        self.shadow_top5_overlap = Counter(
+            p + "shadow_top5_overlap",
+            "Sum over compared images of the share of the primary's top-5 classes in the "
+            "shadow's top-5 (divide by the compared images for the mean).",
+            shadow,
+            registry=r,
+        )
+        self.shadow_score_drift = Histogram(
+            p + "shadow_score_drift",
+            "Per compared image: |probability of the primary's top-1 class, primary minus shadow|.",
+            shadow,
+            buckets=(0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1),
+            registry=r,
+        )

@@ -79,6 +79,9 @@ class Record:
     tracer: trace.Tracer | None = None
     #: Seconds per stage (read, preprocess, queue, infer); summed over a request's images.
     stages: dict[str, float] = field(default_factory=dict)
+    #: The caller's client key (X-Client-ID / x-client-id): a canary sends the same key to
+    #: the same version. Only hashed, never logged.
+    client: str | None = None
 
     def add(self, stage: str, seconds: float) -> None:
         self.stages[stage] = self.stages.get(stage, 0.0) + seconds

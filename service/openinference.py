@@ -235,7 +235,7 @@ def model_metadata(summary: ModelSummary) -> dict[str, Any]:
 
     return {
         "name": summary.name,
-        "versions": [summary.version],
+        "versions": summary.versions,
         "platform": summary.platform,
         "inputs": tensors(summary.inputs),
         "outputs": tensors(summary.outputs),

@@ -9,6 +9,12 @@ Layout of one model (Triton's, plus the preprocessing contract)::
     DIR/NAME/<v>/model.onnx            the verified graph
     DIR/NAME/<v>/model.py              flavor python-ort only: Triton python backend + ORT
     DIR/NAME/<v>/export_report.json    what was checked before <v> was published
+    DIR/NAME/<v>/probe.npz             a few inputs and the outputs export verified for them
+    DIR/NAME/rollout.json              optional: canary weights and a shadow version
+
+Which versions are served is config.pbtxt's ``version_policy`` (Triton's: latest N, the
+default latest 1; all; specific), plus any version rollout.json names: :func:`served_versions`,
+the one reading of it for both backends.
 
 The contract is per version, in exactly one copy: what it records (precision, the source
 checkpoint, the mean/std and resize the weights were trained with) belongs to the weights
@@ -21,19 +27,31 @@ ONNX Runtime session and against Triton's metadata).
 
 from __future__ import annotations
 
+import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from google.protobuf import text_format
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from tritonclient.grpc import model_config_pb2 as mc
 
-from service.contract import LABELS_FILENAME, ContractError, PreprocessContract, read_labels
+from service.contract import (
+    LABELS_FILENAME,
+    ContractError,
+    PreprocessContract,
+    describe_validation_error,
+    read_labels,
+)
 
 CONFIG_FILENAME = "config.pbtxt"
 CONTRACT_FILENAME = "preprocess.json"
 MODEL_FILENAME = "model.onnx"
 PYTHON_MODEL_FILENAME = "model.py"
 REPORT_FILENAME = "export_report.json"
+PROBE_FILENAME = "probe.npz"
+ROLLOUT_FILENAME = "rollout.json"
 
 
 class RepositoryError(ValueError):
@@ -191,8 +209,141 @@ def load_spec(model_dir: Path, version: int | None = None) -> ModelSpec:
     )
 
 
+# --- which versions are served ---------------------------------------------------------------
+
+
+def version_key(text: str) -> str:
+    """A version number as the gateway keys versions ("01" is "1"), or ValueError."""
+    if not (text.isascii() and text.isdigit()):
+        raise ValueError(f"{text!r} is not a version number")
+    return str(int(text))
+
+
+class Rollout(BaseModel):
+    """``rollout.json``: how unpinned traffic is split between versions, and which version
+    gets a copy of it. Absent: every unpinned request goes to the newest served version."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    weights: dict[str, float] = Field(
+        default_factory=dict,
+        description="Version -> share of the unpinned requests (relative; 0 = none).",
+    )
+    shadow: str | None = Field(
+        None, description="A version that gets a copy of live traffic; its answers are compared."
+    )
+
+    @field_validator("weights")
+    @classmethod
+    def _weights(cls, value: dict[str, float]) -> dict[str, float]:
+        weights: dict[str, float] = {}
+        for version, weight in value.items():
+            if not 0 <= weight < float("inf"):
+                raise ValueError(f"weight of version {version} must be 0 or more, got {weight}")
+            key = version_key(version)
+            if key in weights:
+                raise ValueError(f"version {key} is given twice")
+            weights[key] = weight
+        if weights and not any(weights.values()):
+            raise ValueError("at least one weight must be above 0")
+        return weights
+
+    @field_validator("shadow")
+    @classmethod
+    def _shadow(cls, value: str | None) -> str | None:
+        return None if value is None else version_key(value)
+
+    def named(self) -> set[int]:
+        """Every version this rollout sends traffic (or a copy of it) to."""
+        named = {int(v) for v, w in self.weights.items() if w > 0}
+        return named | ({int(self.shadow)} if self.shadow else set())
+
+
+def read_rollout(model_dir: Path) -> Rollout:
+    """The model's rollout.json (an empty Rollout if there is none), or RepositoryError."""
+    path = model_dir / ROLLOUT_FILENAME
+    try:
+        return Rollout.model_validate_json(path.read_bytes())
+    except FileNotFoundError:
+        return Rollout()
+    except ValidationError as exc:
+        raise RepositoryError(f"{ROLLOUT_FILENAME}: {describe_validation_error(exc)}") from exc
+
+
+def write_rollout(model_dir: Path, rollout: Rollout) -> None:
+    """Replace the model's rollout.json atomically (an empty rollout removes it)."""
+    path = model_dir / ROLLOUT_FILENAME
+    if rollout == Rollout():
+        path.unlink(missing_ok=True)
+        return
+    fd, tmp = tempfile.mkstemp(dir=model_dir, prefix=f".{ROLLOUT_FILENAME}.")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(rollout.model_dump_json(indent=2, exclude_defaults=True) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def policy_versions(cfg: mc.ModelConfig, available: list[int]) -> list[int]:
+    """The versions config.pbtxt's ``version_policy`` serves out of ``available``, as
+    Triton reads it (no policy: the latest one), or RepositoryError for a specific
+    version that is not there (Triton refuses such a model too)."""
+    policy = cfg.version_policy
+    which = policy.WhichOneof("policy_choice")
+    if which == "all":
+        return list(available)
+    if which == "specific":
+        missing = sorted(set(policy.specific.versions) - set(available))
+        if missing:
+            raise RepositoryError(
+                f"version_policy names version {', '.join(map(str, missing))}, "
+                f"not in the repository (versions: {', '.join(map(str, available)) or 'none'})"
+            )
+        return sorted(set(policy.specific.versions))
+    latest = policy.latest.num_versions if which == "latest" else 1
+    return list(available[-max(1, latest) :])
+
+
+def served_versions(model_dir: Path) -> tuple[list[int], Rollout]:
+    """Which versions of a model to serve (its policy's, plus those its rollout names) and
+    its rollout, or RepositoryError naming the model."""
+    try:
+        available = numbered_versions(model_dir)
+        if not available:
+            raise RepositoryError("no numbered version directory")
+        rollout = read_rollout(model_dir)
+        missing = sorted(rollout.named() - set(available))
+        if missing:
+            raise RepositoryError(
+                f"{ROLLOUT_FILENAME} names version {', '.join(map(str, missing))}, "
+                f"not in the repository (versions: {', '.join(map(str, available))})"
+            )
+        versions = set(policy_versions(read_config(model_dir), available)) | rollout.named()
+    except RepositoryError as exc:
+        raise RepositoryError(f"model {model_dir.name!r}: {exc}") from exc
+    return sorted(versions), rollout
+
+
+def load_probe(spec: ModelSpec) -> tuple[np.ndarray, np.ndarray] | None:
+    """The stored parity probe of a version: (inputs, the outputs export verified), or None
+    for a version published without one."""
+    path = spec.model_path.parent / PROBE_FILENAME
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return data["inputs"], data["outputs"]
+    except Exception as exc:  # numpy raises many kinds for a damaged archive (BadZipFile...)
+        raise RepositoryError(
+            f"model {spec.name!r} version {spec.version}: {PROBE_FILENAME} unreadable ({exc})"
+        ) from exc
+
+
 def load_repository(repository: Path, only: list[str] | None = None) -> list[ModelSpec]:
-    """Specs of the models to serve (all, or those named in ``only``), or RepositoryError."""
+    """Specs of every served version (:func:`served_versions`) of the models to serve (all,
+    or those named in ``only``), or RepositoryError."""
     if not repository.is_dir():
         raise RepositoryError(f"model repository {repository} is not a directory")
     dirs = {p.name: p for p in model_dirs(repository)}
@@ -209,7 +360,7 @@ def load_repository(repository: Path, only: list[str] | None = None) -> list[Mod
             f"model repository {repository} holds no model "
             f"(try `resnet-export demo -r {repository}`)"
         )
-    return [load_spec(p) for p in dirs.values()]
+    return [load_spec(p, v) for p in dirs.values() for v in served_versions(p)[0]]
 
 
 # --- checking ---------------------------------------------------------------------------------
@@ -217,14 +368,44 @@ def load_repository(repository: Path, only: list[str] | None = None) -> list[Mod
 
 def validate_model(model_dir: Path, expected_name: str | None = None) -> list[str]:
     """Every problem with one model directory that can be found without opening a graph,
-    as ``"NAME: reason"`` strings: config, labels, and each version's contract and files.
+    as ``"NAME: reason"`` strings: config, labels, each version's contract and files (a
+    probe.npz, where there is one, included), and the versions rollout.json names.
     (The graph itself is checked by whoever opens it: export, and both backends.)"""
+    import zipfile
+
     name = expected_name or model_dir.name
     problems: list[str] = []
 
     def bad(msg: str, version: int | None = None) -> None:
         where = f"version {version}: " if version is not None else ""
         problems.append(f"{name}: {where}{msg}")
+
+    def probe_problems(path: Path, contract: PreprocessContract) -> list[str]:
+        """A probe must load and hold what the contract says: float32 inputs
+        (n, *input_shape) and logits (n, num_classes), 1 <= n. None is fine (older exports)."""
+        if not zipfile.is_zipfile(path):
+            return [f"{PROBE_FILENAME} is not an .npz archive"]
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                absent = [k for k in ("inputs", "outputs") if k not in data.files]
+                if absent:
+                    return [f"{PROBE_FILENAME} has no {' or '.join(absent)} array"]
+                inputs, outputs = data["inputs"], data["outputs"]
+        except Exception as exc:  # zipfile, zlib and numpy each raise their own errors
+            return [f"{PROBE_FILENAME} unreadable ({type(exc).__name__}: {exc})"]
+        n = inputs.shape[0] if inputs.ndim else 0
+        if inputs.dtype != np.float32 or inputs.shape != (n, *contract.input_shape) or n < 1:
+            dims = ", ".join(map(str, contract.input_shape))
+            return [
+                f"{PROBE_FILENAME} inputs are {inputs.dtype} {list(inputs.shape)}, the contract "
+                f"says float32 [n, {dims}] with n >= 1"
+            ]
+        if outputs.dtype != np.float32 or outputs.shape != (n, contract.num_classes):
+            return [
+                f"{PROBE_FILENAME} outputs are {outputs.dtype} {list(outputs.shape)}, the "
+                f"contract says float32 [{n}, {contract.num_classes}] (logits per input)"
+            ]
+        return []
 
     cfg: mc.ModelConfig | None = None
     try:
@@ -257,6 +438,10 @@ def validate_model(model_dir: Path, expected_name: str | None = None) -> list[st
             bad(f"{LABELS_FILENAME} has {len(labels)} names for {contract.num_classes} classes")
         if not (model_dir / str(version) / MODEL_FILENAME).is_file():
             bad(f"{MODEL_FILENAME} missing", version)
+        probe = model_dir / str(version) / PROBE_FILENAME
+        if probe.exists():
+            for p in probe_problems(probe, contract):
+                bad(p, version)
         if cfg is None:
             continue
         inputs, outputs = config_tensors(cfg)
@@ -267,4 +452,11 @@ def validate_model(model_dir: Path, expected_name: str | None = None) -> list[st
         python_model = model_dir / str(version) / PYTHON_MODEL_FILENAME
         if cfg.backend == "python" and not python_model.is_file():
             bad(f"{PYTHON_MODEL_FILENAME} missing (python backend)", version)
+    try:
+        missing = sorted(read_rollout(model_dir).named() - set(versions))
+    except RepositoryError as exc:
+        bad(str(exc))
+    else:
+        if missing:
+            bad(f"{ROLLOUT_FILENAME} names version {', '.join(map(str, missing))}, not on disk")
     return list(dict.fromkeys(problems))  # a model-level problem found per version: once

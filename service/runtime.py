@@ -24,10 +24,11 @@ from service.auth import check_key, hash_keys
 from service.backends import Backend, make_backend
 from service.cpus import cpu_budget
 from service.dataplane import DataPlane
-from service.errors import NotReady, ShuttingDown
+from service.errors import Forbidden, NotReady, ShuttingDown
+from service.lifecycle import Lifecycle
 from service.metrics import Metrics
 from service.repository import RepositoryError, load_repository
-from service.settings import Settings
+from service.settings import ENV_PREFIX, Settings
 
 if TYPE_CHECKING:
     from opentelemetry.trace import Tracer
@@ -62,8 +63,10 @@ class Runtime:
         self.backend = backend
         self.tracer = tracer
         self.plane: DataPlane | None = None
+        self.lifecycle: Lifecycle | None = None
         self.phase = Phase.STARTING
         self._key_hashes = hash_keys(settings.api_keys)
+        self._admin_hashes = hash_keys(settings.admin_keys)
         self._stoppers: list[Callable[[], Awaitable[None]]] = []
         self._stopping: asyncio.Future[list[None]] | None = None
 
@@ -80,11 +83,13 @@ class Runtime:
         except (RepositoryError, ValueError) as exc:
             raise StartupError(str(exc)) from exc
         plane.start()
-        for spec in specs:
-            self.metrics.model_info.labels(
-                spec.name, spec.version, spec.precision, spec.contract.arch, backend.name
-            ).set(1)
-        self.plane = plane
+        self.plane = plane  # closed with the runtime from here on
+        lifecycle = Lifecycle(self.settings, plane, backend, self.metrics)
+        try:
+            lifecycle.start()
+        except RepositoryError as exc:
+            raise StartupError(str(exc)) from exc
+        self.lifecycle = lifecycle
         self.phase = Phase.SERVING
         log.info(
             "serving %s with %s (default model %s)",
@@ -106,6 +111,19 @@ class Runtime:
     def authorize(self, key: str | None, how: str) -> None:
         """Raise Unauthorized unless ``key`` is a configured key (none configured: open)."""
         check_key(key, self._key_hashes, how)
+
+    def authorize_admin(self, key: str | None, how: str) -> None:
+        """Raise unless ``key`` is an admin key: Forbidden while none is configured (the
+        admin API is off by default), Unauthorized for any other key."""
+        if not self._admin_hashes:
+            raise Forbidden(f"the admin API is off; set {ENV_PREFIX}ADMIN_KEYS to turn it on")
+        check_key(key, self._admin_hashes, how)
+
+    def manage(self) -> Lifecycle:
+        """The model lifecycle, for an admin call (refused as :meth:`admit` refuses)."""
+        self.admit()
+        assert self.lifecycle is not None  # set with the data plane, in one step
+        return self.lifecycle
 
     def not_ready_reason(self) -> str | None:
         """Why the gateway should get no traffic (None when it is ready): the one definition
@@ -148,6 +166,8 @@ class Runtime:
         self.stop_accepting()
         assert self._stopping is not None
         await self._stopping
+        if self.lifecycle is not None:
+            await self.lifecycle.close()
         if self.plane is not None:
             await self.plane.close()
         if self.backend is not None:

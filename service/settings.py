@@ -56,6 +56,12 @@ class Settings(BaseSettings):
         description="Triton gRPC endpoint: host:port, or any gRPC target; calls are balanced "
         "round-robin over every address it resolves to (dns:///triton-headless:8001).",
     )
+    triton_admin_key: str | None = Field(
+        None,
+        description="The key Triton restricts repository control to (--grpc-restricted-"
+        "protocol=model-repository:triton-admin-key=KEY), sent with the load and unload "
+        "requests of a reload (default: none; Triton does not restrict it).",
+    )
     triton_max_retries: int = Field(
         2, ge=0, le=10, description="Retries of a batch after a transient Triton failure."
     )
@@ -73,6 +79,20 @@ class Settings(BaseSettings):
         default_factory=list,
         description="If set, classification and model routes require one of these keys "
         "(Authorization: Bearer KEY or X-API-Key: KEY). Health and metrics stay open.",
+    )
+
+    admin_keys: CommaList = Field(
+        default_factory=list,
+        description="Keys of the admin API (POST /v1/models/{m}/reload, gRPC ReloadModel; "
+        "Authorization: Bearer KEY or X-API-Key: KEY). Unset: the admin API is off (403).",
+    )
+    poll_interval_s: float = Field(
+        0.0,
+        ge=0,
+        le=3600,
+        description="Seconds between looks at the model repository for new or removed "
+        "versions and rollout changes, which are then loaded without a restart (0: off; "
+        "reloads come only from the admin API).",
     )
 
     # --- bounds ----------------------------------------------------------------------------
@@ -201,7 +221,7 @@ class Settings(BaseSettings):
             raise ValueError("name at least one provider, e.g. CPUExecutionProvider")
         return value
 
-    @field_validator("models", "api_keys", "ort_providers", mode="before")
+    @field_validator("models", "api_keys", "admin_keys", "ort_providers", mode="before")
     @classmethod
     def _split(cls, value: object) -> object:
         if isinstance(value, str):

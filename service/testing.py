@@ -5,6 +5,7 @@ process. Used by the project's tests and by ``deploy/bench.py``; usable in yours
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import subprocess
@@ -32,9 +33,17 @@ BIN = Path(sys.executable).parent
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+    return free_ports(1, host)[0]
+
+
+def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    """``n`` distinct free ports (each socket stays bound until all are chosen: two calls
+    of one port each may get the same port back)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in socks:
+            s.bind((host, 0))
+        return [int(s.getsockname()[1]) for s in socks]
 
 
 def wait_until(
@@ -70,6 +79,12 @@ class SlowBackend(Backend):
 
     async def start(self, specs: list[ModelSpec]) -> None:
         await self.inner.start(specs)
+
+    async def load(self, spec: ModelSpec) -> None:
+        await self.inner.load(spec)
+
+    async def unload(self, spec: ModelSpec) -> None:
+        await self.inner.unload(spec)
 
     def warm_costs(self, spec: ModelSpec) -> dict[int, float]:
         return {n: t + self.delay_s for n, t in self.inner.warm_costs(spec).items()}
@@ -107,8 +122,8 @@ class GatewayProcess:
     ) -> GatewayProcess:
         import httpx
 
-        port = free_port()
-        grpc_port = free_port() if grpc else None
+        port, second = free_ports(2)
+        grpc_port = second if grpc else None
         extra = ["--grpc-port", str(grpc_port)] if grpc_port else []
         fh = log.open("wb")
         proc = subprocess.Popen(

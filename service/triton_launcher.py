@@ -27,7 +27,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Literal
 
 
 class TritonError(RuntimeError):
@@ -149,10 +149,15 @@ def start_triton(
     log_path: Path | None = None,
     extra_args: tuple[str, ...] = (),
     host: str = "127.0.0.1",
+    control: Literal["none", "explicit"] = "none",
 ) -> TritonProcess:
-    """Start tritonserver on ``repository`` (model control mode none, strict readiness),
-    its HTTP, gRPC and metrics ports bound to ``host`` only (Triton's default is every
-    interface)."""
+    """Start tritonserver on ``repository`` (strict readiness), its HTTP, gRPC and metrics
+    ports bound to ``host`` only (Triton's default is every interface).
+
+    ``control``: Triton's model control mode. Both load every model of the repository at
+    start, as its config.pbtxt says; ``explicit`` also accepts load and unload requests
+    later, which is how the gateway's Triton backend serves new versions without a restart
+    (``none`` refuses them)."""
     if not repository.is_dir():
         raise TritonError(f"model repository {repository} is not a directory")
     home = triton_home()
@@ -162,7 +167,11 @@ def start_triton(
         str(home / "bin" / "tritonserver"),
         f"--model-repository={repository.resolve()}",
         f"--backend-directory={backends}",
-        "--model-control-mode=none",
+        *(
+            ("--model-control-mode=explicit", "--load-model=*")
+            if control == "explicit"
+            else ("--model-control-mode=none",)
+        ),
         "--strict-readiness=true",
         "--exit-on-error=true",
         f"--http-address={host}",

@@ -14,6 +14,7 @@ from service.auth import key_from_headers
 from service.contract import describe_validation_error
 from service.dataplane import DataPlane
 from service.errors import InvalidRequest, ValidationFailed
+from service.lifecycle import Lifecycle
 from service.runtime import Runtime
 
 M = TypeVar("M", bound=BaseModel)
@@ -50,7 +51,18 @@ async def require_api_key(request: Request) -> None:
     )
 
 
+async def admin(request: Request) -> Lifecycle:
+    """The model lifecycle, for a caller with an admin key (403 while the admin API is off)."""
+    rt = _runtime(request)
+    rt.authorize_admin(
+        key_from_headers(request.headers.get("authorization"), request.headers.get("x-api-key")),
+        "Authorization: Bearer ADMIN_KEY or X-API-Key: ADMIN_KEY",
+    )
+    return rt.manage()
+
+
 RuntimeDep = Annotated[Runtime, Depends(runtime)]
+AdminDep = Annotated[Lifecycle, Depends(admin)]
 PlaneDep = Annotated[DataPlane, Depends(data_plane)]
 API_KEY = [Security(_API_KEY), Security(_BEARER), Depends(require_api_key)]
 

@@ -94,7 +94,9 @@ def install_error_handlers(app: FastAPI) -> None:
 _DESCRIPTIONS = {
     400: "Malformed request, or an image that does not decode",
     401: "Missing or wrong API key",
+    403: "The admin API is off (no admin key configured)",
     404: "Unknown model or version",
+    409: "A version the repository asks for cannot be served (the versions serving go on)",
     413: "Body, image or image count over its limit",
     415: "Not an image format (or content type) the gateway takes",
     422: "A parameter out of range (top_k, class_count, timeout) or a body field of the wrong type",

@@ -86,7 +86,8 @@ class Admission:
                 if match is not Match.FULL:
                     continue
                 try:
-                    plane.shed(child["path_params"].get("model"), _timeout_header(scope))
+                    params = child["path_params"]
+                    plane.shed(params.get("model"), _timeout_header(scope), params.get("version"))
                 except (Overloaded, DeadlineExceeded) as exc:
                     scope["route"] = route  # labels the metrics as routing would
                     response = error_response(exc, scope["path"])
@@ -127,6 +128,7 @@ class Observe:
             "unmatched",
             observe.request_id(headers.get("x-request-id")),
             tracer=self.runtime.tracer,
+            client=headers.get("x-client-id"),
         )
         scope.setdefault("state", {})["request_id"] = record.request_id
         status = 0

@@ -43,7 +43,8 @@ class ClassifyResponse(BaseModel):
 class ModelSummary(BaseModel):
     model_config = ConfigDict(from_attributes=True)
     name: str
-    version: str
+    version: str = Field(description="The newest served version.")
+    versions: list[str] = Field(description="Every served version (each may be pinned).")
     arch: str
     num_classes: int
     labels_count: int
@@ -53,12 +54,67 @@ class ModelSummary(BaseModel):
     default: bool
 
 
+class VersionState(BaseModel):
+    version: str
+    state: str = Field(description="serving, retiring (finishing its last requests) or failed.")
+    precision: str | None = None
+    weight: float | None = Field(
+        None, description="Share of the unpinned requests it gets (0..1); None if failed."
+    )
+    shadow: bool = Field(False, description="Gets a copy of unpinned traffic (not answered).")
+    error: str | None = Field(None, description="Why the newest reload could not serve it.")
+
+
+class FailedVersion(BaseModel):
+    version: str | None = Field(description="None: a problem of the whole model.")
+    error: str
+
+
+class ReloadReport(BaseModel):
+    model: str
+    at: str = Field(description="When it ran (UTC, ISO 8601).")
+    ok: bool = Field(description="Every version the repository asks for is served.")
+    serving: list[str]
+    added: list[str]
+    retired: list[str] = Field(description="No longer routed to; released after their requests.")
+    failed: list[FailedVersion]
+
+
 class ModelDetail(ModelSummary):
-    contract: PreprocessContract
+    contract: PreprocessContract = Field(description="The newest served version's contract.")
     batch_cost_ms: dict[int, float] = Field(
         description="The backend's time per batch size (1..max_batch_size) as the batcher "
         "plans with it: measured at warm-up, learned from live batches, interpolated for "
-        "sizes not seen yet."
+        "sizes not seen yet (newest version)."
+    )
+    version_states: list[VersionState] = Field(
+        description="Every version served, retiring or refused, with its traffic."
+    )
+    last_reload: ReloadReport
+
+
+class ShadowComparison(BaseModel):
+    primary: str
+    shadow: str
+    since: str
+    images_compared: int
+    images_dropped: int = Field(description="Not copied: the gateway was busy.")
+    images_failed: int
+    top1_agreement: float | None = Field(description="Share of images with the same top-1.")
+    top5_overlap: float | None = Field(
+        description="Mean share of the primary's top-5 classes in the shadow's top-5."
+    )
+    score_drift_mean: float | None = Field(
+        description="Mean |probability of the primary's top-1 class, primary - shadow|."
+    )
+    score_drift_max: float | None
+
+
+class ShadowReport(BaseModel):
+    model: str
+    shadow: str | None = Field(description="The shadow version now (None: no shadow).")
+    comparisons: list[ShadowComparison] = Field(
+        description="Every primary/shadow pair since the gateway started."
     )
 
 

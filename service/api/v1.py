@@ -13,7 +13,7 @@ from starlette.formparsers import MultiPartException
 from starlette.responses import JSONResponse
 
 from service import observe
-from service.api.deps import API_KEY, PlaneDep, off_loop, parse_json
+from service.api.deps import API_KEY, AdminDep, PlaneDep, RuntimeDep, off_loop, parse_json
 from service.api.errors import responses
 from service.api.schemas import (
     ClassifyJSON,
@@ -22,9 +22,17 @@ from service.api.schemas import (
     ModelDetail,
     ModelList,
     ModelSummary,
+    ReloadReport,
+    ShadowReport,
+    VersionState,
 )
 from service.dataplane import MIN_TIMEOUT_S, Classification, DataPlane
-from service.errors import InvalidImage, InvalidRequest, PayloadTooLarge, UnsupportedMediaType
+from service.errors import (
+    InvalidImage,
+    InvalidRequest,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+)
 
 IMAGE_TYPES = ("image/", "application/octet-stream")
 
@@ -139,9 +147,15 @@ def _body(result: Classification) -> dict[str, Any]:
 
 
 async def _classify(
-    request: Request, plane: DataPlane, model: str | None, top_k: int | None, timeout: float | None
+    request: Request,
+    plane: DataPlane,
+    model: str | None,
+    top_k: int | None,
+    timeout: float | None,
+    version: str | None = None,
 ) -> JSONResponse:
-    plan = plane.plan(model, top_k=top_k, timeout_s=timeout)  # 404/422 before the body
+    # 404/422 before the body
+    plan = plane.plan(model, version=version, top_k=top_k, timeout_s=timeout)
     with observe.step("read"):
         images, body_top_k = await read_images(request, plane.settings.max_images_per_request)
     if top_k is None and body_top_k is not None:
@@ -163,6 +177,25 @@ async def classify(
     `{"images": [{"b64": ...}], "top_k": 5}`. One prediction list per image, in order;
     the query's `top_k` wins over the body's."""
     return await _classify(request, plane, model, top_k, timeout)
+
+
+@api.post(
+    "/models/{model}/versions/{version}/classify",
+    operation_id="classify_version",
+    summary="Classify images with one version of a model",
+    **_CLASSIFY,
+)
+async def classify_version(
+    model: str,
+    version: str,
+    request: Request,
+    plane: PlaneDep,
+    top_k: TopK = None,
+    timeout: Timeout = None,
+) -> JSONResponse:
+    """As `/v1/models/{model}/classify`, answered by `version` (one of the served versions,
+    whatever the canary weights say; never copied to a shadow)."""
+    return await _classify(request, plane, model, top_k, timeout, version)
 
 
 @api.post(
@@ -196,9 +229,49 @@ async def list_models(plane: PlaneDep) -> ModelList:
     summary="One model and its preprocessing contract",
     responses=responses(401, 404, 503),
 )
-async def get_model(model: str, plane: PlaneDep) -> ModelDetail:
+async def get_model(model: str, plane: PlaneDep, rt: RuntimeDep) -> ModelDetail:
+    """The newest served version's summary and contract, every version's state and traffic
+    share, and what the newest reload did."""
     spec = plane.spec(model)
     summary = ModelSummary.model_validate(plane.summary(spec))
+    lifecycle = rt.lifecycle
+    assert lifecycle is not None  # the plane is admitted: the runtime has started
     return ModelDetail(
-        **summary.model_dump(), contract=spec.contract, batch_cost_ms=plane.batch_costs_ms(spec)
+        **summary.model_dump(),
+        contract=spec.contract,
+        batch_cost_ms=plane.batch_costs_ms(spec),
+        version_states=[VersionState(**s) for s in lifecycle.states(spec.name)],
+        last_reload=ReloadReport(**lifecycle.reloads[spec.name].as_dict()),
     )
+
+
+@api.get(
+    "/models/{model}/shadow",
+    operation_id="get_shadow",
+    response_model=ShadowReport,
+    summary="How a shadow version's answers compare with the primary's",
+    responses=responses(401, 404, 503),
+)
+async def get_shadow(model: str, plane: PlaneDep) -> ShadowReport:
+    """Top-1 agreement, top-5 overlap and score drift between each primary version and the
+    shadow version that got a copy of its unpinned requests (rollout.json's `shadow`)."""
+    return ShadowReport(**plane.shadows.report(model))
+
+
+admin = APIRouter(prefix="/v1", tags=["admin"])
+
+
+@admin.post(
+    "/models/{model}/reload",
+    operation_id="reload_model",
+    response_model=ReloadReport,
+    summary="Serve what the model repository now holds for a model",
+    responses=responses(401, 403, 404, 409, 503),
+)
+async def reload_model(model: str, lifecycle: AdminDep) -> ReloadReport:
+    """New versions are loaded, warmed and probed beside those serving, then traffic
+    switches at once; versions no longer asked for finish their requests and are released.
+    409 if a version cannot be served (the versions serving go on serving; the body says
+    why, and so does `GET /v1/models/{model}`). Needs an admin key (RESNET_SERVE_ADMIN_KEYS)."""
+    result = (await lifecycle.reload(model)).check()
+    return ReloadReport(**result.as_dict())

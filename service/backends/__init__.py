@@ -17,7 +17,11 @@ def make_backend(settings: Settings) -> Backend:
         )
     from service.backends.triton import TritonBackend
 
-    return TritonBackend(settings.triton_url, max_retries=settings.triton_max_retries)
+    return TritonBackend(
+        settings.triton_url,
+        max_retries=settings.triton_max_retries,
+        admin_key=settings.triton_admin_key,
+    )
 
 
 __all__ = ["Backend", "make_backend"]

@@ -33,11 +33,21 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     async def start(self, specs: list[ModelSpec]) -> None:
-        """Load and warm up every model; raise RepositoryError if one cannot be served."""
+        """Load and warm up every model version; raise RepositoryError if one cannot be
+        served."""
+
+    @abc.abstractmethod
+    async def load(self, spec: ModelSpec) -> None:
+        """Load and warm up one more version beside those served (a reload); raise
+        RepositoryError, leaving what is served untouched, if it cannot be served."""
+
+    @abc.abstractmethod
+    async def unload(self, spec: ModelSpec) -> None:
+        """Release one version (no batch of it is running any more)."""
 
     @abc.abstractmethod
     async def infer(self, spec: ModelSpec, batch: np.ndarray, timeout_s: float) -> np.ndarray:
-        """Logits for ``batch``."""
+        """Logits for ``batch`` from version ``spec.version`` of the model."""
 
     @abc.abstractmethod
     def is_ready(self) -> bool:

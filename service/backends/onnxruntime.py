@@ -12,7 +12,7 @@ import onnxruntime as ort
 
 from service.backends.base import Backend
 from service.cpus import usable_cpus
-from service.errors import BackendUnavailable
+from service.errors import BackendUnavailable, brief
 from service.repository import ModelSpec, RepositoryError, TensorSig, tensor_problems
 
 log = logging.getLogger(__name__)
@@ -50,11 +50,12 @@ class OnnxRuntimeBackend(Backend):
         self._threads = intra_op_threads or max(1, usable_cpus() // self.max_inflight_batches)
         if self._providers[0] == "CPUExecutionProvider":
             self.cpus_per_batch = self._threads
-        self._sessions: dict[str, ort.InferenceSession] = {}
+        # Per (model, version): versions of one model are served side by side.
+        self._sessions: dict[tuple[str, str], ort.InferenceSession] = {}
         # Threads that call session.run (the GIL is released while ORT computes).
-        self._executors: dict[str, ThreadPoolExecutor] = {}
+        self._executors: dict[tuple[str, str], ThreadPoolExecutor] = {}
         self._ready = False
-        self._warm: dict[str, dict[int, float]] = {}
+        self._warm: dict[tuple[str, str], dict[int, float]] = {}
 
     def _open(self, spec: ModelSpec) -> ort.InferenceSession:
         opts = ort.SessionOptions()
@@ -68,13 +69,14 @@ class OnnxRuntimeBackend(Backend):
             session = ort.InferenceSession(str(spec.model_path), opts, providers=self._providers)
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph/NoSuchFile types
             raise RepositoryError(
-                f"model {spec.name!r}: ONNX Runtime cannot load it ({exc})"
+                f"model {spec.name!r} version {spec.version}: ONNX Runtime cannot load it "
+                f"({brief(exc)})"
             ) from exc
         # ORT falls back to the CPU, with only a log line, when a GPU provider fails to
         # start (no device, missing CUDA libraries): a GPU deployment must not run on the CPU.
         if self._providers[0] not in session.get_providers():
             raise RepositoryError(
-                f"model {spec.name!r}: ONNX Runtime could not start {self._providers[0]} "
+                f"model {spec.name!r} version {spec.version}: ONNX Runtime could not start {self._providers[0]} "
                 f"(it would run on {', '.join(session.get_providers())})"
             )
         c = spec.contract
@@ -82,14 +84,16 @@ class OnnxRuntimeBackend(Backend):
             c, _sigs(session.get_inputs()), _sigs(session.get_outputs()), "graph"
         )
         if problems:
-            raise RepositoryError(f"model {spec.name!r}: " + "; ".join(problems))
+            raise RepositoryError(
+                f"model {spec.name!r} version {spec.version}: " + "; ".join(problems)
+            )
         # Warm-up: first runs allocate arenas and pick kernels; second runs, timed, start the
         # batcher's cost model: powers of two up to the largest batch, and the largest (the
         # sizes between are interpolated, then learned from live batches).
         sizes = sorted(
             {*(2**k for k in range(spec.max_batch_size.bit_length())), spec.max_batch_size}
         )
-        costs = self._warm.setdefault(spec.name, {})
+        costs = self._warm.setdefault((spec.name, spec.version), {})
         for n in (*sizes, *sizes):
             start = time.perf_counter()
             session.run([c.output_name], {c.input_name: np.zeros((n, *c.input_shape), np.float32)})
@@ -97,7 +101,7 @@ class OnnxRuntimeBackend(Backend):
         return session
 
     def warm_costs(self, spec: ModelSpec) -> dict[int, float]:
-        return dict(self._warm.get(spec.name, {}))
+        return dict(self._warm.get((spec.name, spec.version), {}))
 
     async def start(self, specs: list[ModelSpec]) -> None:
         loop = asyncio.get_running_loop()
@@ -109,22 +113,42 @@ class OnnxRuntimeBackend(Backend):
             if preload is not None:
                 await loop.run_in_executor(None, preload)
         for spec in specs:
-            executor = ThreadPoolExecutor(
-                self.max_inflight_batches, thread_name_prefix=f"ort-{spec.name}"
-            )
-            self._executors[spec.name] = executor
-            self._sessions[spec.name] = await loop.run_in_executor(executor, self._open, spec)
-            log.info("onnxruntime: loaded %s version %s", spec.name, spec.version)
+            await self.load(spec)
         self._ready = True
 
+    async def load(self, spec: ModelSpec) -> None:
+        key = (spec.name, spec.version)
+        executor = ThreadPoolExecutor(
+            self.max_inflight_batches, thread_name_prefix=f"ort-{spec.name}-{spec.version}"
+        )
+        try:
+            session = await asyncio.get_running_loop().run_in_executor(executor, self._open, spec)
+        except BaseException:
+            executor.shutdown(wait=False)
+            self._warm.pop(key, None)
+            raise
+        self._executors[key], self._sessions[key] = executor, session
+        log.info("onnxruntime: loaded %s version %s", spec.name, spec.version)
+
+    async def unload(self, spec: ModelSpec) -> None:
+        key = (spec.name, spec.version)
+        # Dropping the last reference frees the session (its weights and arenas).
+        self._sessions.pop(key, None)
+        self._warm.pop(key, None)
+        executor = self._executors.pop(key, None)
+        if executor is not None:
+            await asyncio.to_thread(executor.shutdown, wait=True)
+        log.info("onnxruntime: unloaded %s version %s", spec.name, spec.version)
+
     async def infer(self, spec: ModelSpec, batch: np.ndarray, timeout_s: float) -> np.ndarray:
-        session = self._sessions.get(spec.name)
+        key = (spec.name, spec.version)
+        session = self._sessions.get(key)
         if session is None or not self._ready:
-            raise BackendUnavailable(f"model {spec.name!r} is not loaded")
+            raise BackendUnavailable(f"model {spec.name!r} version {spec.version} is not loaded")
         c = spec.contract
         loop = asyncio.get_running_loop()
         outputs = await loop.run_in_executor(
-            self._executors[spec.name], session.run, [c.output_name], {c.input_name: batch}
+            self._executors[key], session.run, [c.output_name], {c.input_name: batch}
         )
         return np.asarray(outputs[0])
 

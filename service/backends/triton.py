@@ -6,10 +6,21 @@ of times with jittered exponential backoff, and never past the deadline. Triton'
 dynamic batcher batches across gateway replicas; the gateway still coalesces what it sees
 and keeps a few batches in flight per model.
 
-Readiness follows Triton: a health loop asks Triton (server and every model) once a
-second. While Triton is down requests fail at once with 503 (no hang), and when it is back
-the gateway recovers by itself. At start, each model's metadata from Triton must agree with
-its contract (tensor names, shapes, datatype, classes), or the model is refused.
+Versions are served side by side: everything is per (model, version), and each request
+names its version. Readiness follows Triton: a health loop asks Triton (is it live, is every
+version served ready) once a second. While Triton is down requests fail at once with 503 (no
+hang), and when it is back the gateway recovers by itself. Each version's metadata from
+Triton must agree with its contract (tensor names, shapes, datatype, classes), or the
+version is refused.
+
+Which versions Triton serves is the gateway's decision (Triton's explicit model control,
+``tritonserver --model-control-mode=explicit``): :meth:`TritonBackend.load` reloads the model
+with its config.pbtxt and a ``specific`` version policy naming the versions served plus the
+new one, :meth:`TritonBackend.unload` with the versions left. Measured with Triton 2.51: the
+versions already served keep answering while Triton reloads (it starts every version of the
+new set afresh, then swaps), and a reload that fails leaves them served. A Triton that lost
+versions (a restarted one loads what config.pbtxt says) is asked for the served set again by
+the health loop. In model control mode none Triton refuses load requests: ``load`` says so.
 """
 
 from __future__ import annotations
@@ -21,19 +32,36 @@ import random
 from typing import Any
 
 import numpy as np
+from google.protobuf import json_format
 from tritonclient.grpc import InferInput, InferRequestedOutput
+from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.grpc.aio import InferenceServerClient
 from tritonclient.utils import InferenceServerException
 
 from service import tracing
 from service.backends.base import Backend
-from service.errors import BackendUnavailable, DeadlineExceeded, InternalError, Overloaded
+from service.errors import BackendUnavailable, DeadlineExceeded, InternalError, Overloaded, brief
 from service.repository import ModelSpec, RepositoryError, TensorSig, tensor_problems
 
 log = logging.getLogger(__name__)
 
 TRANSIENT = ("UNAVAILABLE", "RESOURCE_EXHAUSTED")
+#: The header Triton reads the key of a restricted gRPC protocol from (key name
+#: "triton-admin-key", as the Helm chart restricts repository control).
+ADMIN_HEADER = "triton-grpc-protocol-triton-admin-key"
+#: What Triton answers a load or unload request in model control mode none (or poll).
+NOT_EXPLICIT = "explicit model load / unload is not allowed"
 _MB = 1024 * 1024
+Key = tuple[str, str]  # (model, version)
+
+
+def _key(spec: ModelSpec) -> Key:
+    return spec.name, spec.version
+
+
+def _reason(exc: InferenceServerException) -> str:
+    """Triton's message in one line (a failed python-backend load appends a traceback)."""
+    return brief(exc, limit=500)
 
 
 def _code(exc: InferenceServerException) -> str:
@@ -67,8 +95,16 @@ class TritonBackend(Backend):
         backoff_s: float = 0.05,
         health_interval_s: float = 1.0,
         max_message_bytes: int = 64 * _MB,
+        load_timeout_s: float = 600.0,
+        admin_key: str | None = None,
     ) -> None:
+        """``load_timeout_s``: how long a load or unload request may take (Triton starts
+        every version of the model's new set, warm-up included). ``admin_key``: the key of
+        Triton's restricted ``model-repository`` protocol (``--grpc-restricted-protocol=
+        model-repository:triton-admin-key=KEY``), sent with load and unload requests."""
         self.url = url
+        self.load_timeout_s = load_timeout_s
+        self._admin = {ADMIN_HEADER: admin_key} if admin_key else None
         self.max_retries = max_retries
         self.backoff_s = backoff_s
         self.health_interval_s = health_interval_s
@@ -90,24 +126,75 @@ class TritonBackend(Backend):
             ("grpc.max_reconnect_backoff_ms", 2000),
         ]
         self._client_: InferenceServerClient | None = None
-        self._specs: dict[str, ModelSpec] = {}
-        self._verified: set[str] = set()
+        # The versions served; per model, those Triton is asked to serve.
+        self._specs: dict[Key, ModelSpec] = {}
+        self._verified: set[Key] = set()
+        # Each model's config.pbtxt as last read: what a load request sends Triton, with the
+        # version policy replaced by the versions served.
+        self._configs: dict[str, mc.ModelConfig] = {}
+        # One load request at a time: each names a model's complete set of versions, read
+        # from _specs under this lock.
+        self._control = asyncio.Lock()
         self._ready = False
         self._health: asyncio.Task[None] | None = None
 
+    def _served(self, name: str) -> set[str]:
+        return {v for n, v in self._specs if n == name}
+
     async def _verify(self, spec: ModelSpec) -> None:
-        meta = await self._client.get_model_metadata(spec.name, as_json=True, client_timeout=5)
-        cfg = (await self._client.get_model_config(spec.name, as_json=True, client_timeout=5))[
+        name, version = _key(spec)
+        meta = await self._client.get_model_metadata(name, version, as_json=True, client_timeout=5)
+        cfg = (await self._client.get_model_config(name, version, as_json=True, client_timeout=5))[
             "config"
         ]
         problems = metadata_problems(spec, meta, int(cfg.get("max_batch_size", 0)))
         if problems:
             raise RepositoryError(
-                f"model {spec.name!r}: Triton at {self.url} serves something else than "
-                f"its contract describes: " + "; ".join(problems)
+                f"model {name!r} version {version}: Triton at {self.url} serves something "
+                f"else than its contract describes: " + "; ".join(problems)
             )
-        self._verified.add(spec.name)
-        log.info("triton: %s verified against its contract", spec.name)
+        self._verified.add(_key(spec))
+        log.info("triton: %s version %s verified against its contract", name, version)
+
+    async def _serve(self, name: str, versions: set[str]) -> None:
+        """Have Triton serve exactly ``versions`` of ``name`` (none: unload the model);
+        RepositoryError if Triton takes no load requests (or none without the admin key the
+        gateway lacks), else what Triton raised."""
+        try:
+            if versions:
+                cfg = mc.ModelConfig()
+                cfg.CopyFrom(self._configs[name])
+                cfg.name = name
+                cfg.version_policy.Clear()
+                cfg.version_policy.specific.versions.extend(sorted(map(int, versions)))
+                # Triton parses the override with protobuf's JSON parser (field names as in
+                # config.pbtxt, int64 as strings: both accepted, measured with 2.51).
+                await self._client.load_model(
+                    name,
+                    headers=self._admin,
+                    config=json_format.MessageToJson(cfg, preserving_proto_field_name=True),
+                    client_timeout=self.load_timeout_s,
+                )
+            else:
+                await self._client.unload_model(
+                    name, headers=self._admin, client_timeout=self.load_timeout_s
+                )
+        except InferenceServerException as exc:
+            if NOT_EXPLICIT in str(exc):
+                raise RepositoryError(
+                    f"Triton at {self.url} takes no load requests: start tritonserver with "
+                    "--model-control-mode=explicit"
+                ) from exc
+            if "This protocol is restricted" in str(exc):
+                # Triton 2.51 answers UNAVAILABLE (no key or another one), naming only its
+                # header: say which setting holds the key.
+                sent = "a key Triton does not accept" if self._admin else "none"
+                raise RepositoryError(
+                    f"model {name!r}: Triton at {self.url} refused to "
+                    f"{'load' if versions else 'unload'} it: its repository control needs "
+                    f"its admin key, and the gateway sent {sent} (RESNET_SERVE_TRITON_ADMIN_KEY)"
+                ) from exc
+            raise
 
     @property
     def _client(self) -> InferenceServerClient:
@@ -118,10 +205,9 @@ class TritonBackend(Backend):
         return self._client_
 
     async def start(self, specs: list[ModelSpec]) -> None:
-        self._specs = {s.name: s for s in specs}
+        self._specs = {_key(s): s for s in specs}
+        self._configs = {s.name: s.config for s in specs}
         try:
-            for spec in specs:
-                await self._verify(spec)
             await self._check()
         except InferenceServerException as exc:
             if _code(exc) in (
@@ -129,36 +215,160 @@ class TritonBackend(Backend):
                 "INVALID_ARGUMENT",
             ) or "Request for unknown model" in str(exc):
                 raise RepositoryError(
-                    f"Triton at {self.url} does not serve the models: {exc.message()}"
+                    f"Triton at {self.url} does not serve the models: {_reason(exc)}"
                 ) from exc
             log.warning(
                 "triton at %s not reachable yet (%s); not ready until it is", self.url, _code(exc)
             )
         self._health = asyncio.create_task(self._health_loop(), name="triton-health")
 
+    async def load(self, spec: ModelSpec) -> None:
+        name, version = key = _key(spec)
+        async with self._control:
+            if key in self._specs:
+                return
+            before = self._served(name)
+            previous = self._configs.get(name)
+            self._configs[name] = spec.config
+            reloaded = False
+            try:
+                await self._serve(name, before | {version})
+                reloaded = True
+                if not await self._client.is_model_ready(name, version, client_timeout=5):
+                    raise RepositoryError(
+                        f"model {name!r} version {version}: Triton at {self.url} loaded it "
+                        "but does not report it ready"
+                    )
+                # Every version was started afresh with this config: check them all.
+                for old in before:
+                    self._verified.discard((name, old))
+                for spec_ in [spec, *(self._specs[(name, old)] for old in sorted(before))]:
+                    await self._verify(spec_)
+            except (InferenceServerException, RepositoryError) as exc:
+                if previous is None:
+                    self._configs.pop(name, None)
+                else:
+                    self._configs[name] = previous
+                await self._restore(name, before, reloaded)
+                if isinstance(exc, RepositoryError):
+                    raise
+                raise RepositoryError(
+                    f"model {name!r} version {version}: Triton at {self.url} could not load "
+                    f"it: {_reason(exc)}"
+                ) from exc
+            self._specs[key] = spec
+        log.info("triton: serving %s version %s", name, version)
+
+    async def _restore(self, name: str, versions: set[str], reloaded: bool) -> None:
+        """After a failed load, make Triton serve ``versions`` of ``name`` again. A failed
+        reload leaves them served (measured, Triton 2.51), but one that Triton did and the
+        gateway then refused must be undone."""
+        try:
+            missing = [
+                v
+                for v in versions
+                if not await self._client.is_model_ready(name, v, client_timeout=5)
+            ]
+            if reloaded or missing:
+                await self._serve(name, versions)
+        except (InferenceServerException, RepositoryError) as exc:
+            # The health loop keeps asking while a version served is missing.
+            log.error(
+                "triton: could not restore %s versions %s in Triton at %s: %s",
+                name,
+                sorted(versions, key=int),
+                self.url,
+                brief(exc),
+            )
+
+    async def unload(self, spec: ModelSpec) -> None:
+        name, version = key = _key(spec)
+        async with self._control:
+            if self._specs.pop(key, None) is None:
+                return
+            self._verified.discard(key)
+            rest = self._served(name)
+            try:
+                await self._serve(name, rest)
+            except (InferenceServerException, RepositoryError) as exc:
+                # Nothing is sent to it any more either way; Triton keeping it costs only
+                # memory, until the next load request names the versions served.
+                log.warning(
+                    "triton: %s version %s stays loaded in Triton at %s: %s",
+                    name,
+                    version,
+                    self.url,
+                    brief(exc),
+                )
+            else:
+                log.info("triton: released %s version %s", name, version)
+            if not rest:
+                self._configs.pop(name, None)
+
     async def _check(self) -> None:
-        ready = await self._client.is_server_ready(client_timeout=2)
-        for name in self._specs:
+        # Not Triton's own readiness: with --strict-readiness it is false while any version
+        # unloads, and stays false after a failed load until that version loads (measured,
+        # Triton 2.51). What the gateway needs is a live Triton serving its versions.
+        ready = await self._client.is_server_live(client_timeout=2)
+        for key in list(self._specs):
             if not ready:
                 break
-            if name not in self._verified:
-                await self._verify(self._specs[name])
-            ready = await self._client.is_model_ready(name, client_timeout=2)
+            ready = await self._check_version(key)
         if ready != self._ready:
             log.warning("triton at %s is %s", self.url, "ready" if ready else "NOT ready")
         self._ready = ready
 
+    async def _check_version(self, key: Key) -> bool:
+        name, version = key
+        if not await self._client.is_model_ready(name, version, client_timeout=2):
+            async with self._control:
+                # Unloaded meanwhile, or loaded by a concurrent check: fine.
+                if key not in self._specs or await self._client.is_model_ready(
+                    name, version, client_timeout=2
+                ):
+                    return True
+                # Triton lost a version served (a restarted Triton loads what config.pbtxt
+                # names, not what the gateway loaded since): ask for them again.
+                versions = self._served(name)
+                self._ready = False  # fail fast meanwhile
+                log.info(
+                    "triton at %s does not serve %s version %s; asking it for versions %s",
+                    self.url,
+                    name,
+                    version,
+                    sorted(versions, key=int),
+                )
+                try:
+                    await self._serve(name, versions)
+                except RepositoryError as exc:
+                    raise RepositoryError(
+                        f"model {name!r} version {version}: not served by Triton, which "
+                        f"cannot be asked for it ({exc})"
+                    ) from exc
+                self._verified -= {(name, v) for v in versions}
+            if not await self._client.is_model_ready(name, version, client_timeout=2):
+                return False
+        spec = self._specs.get(key)
+        if spec is not None and key not in self._verified:
+            await self._verify(spec)
+        return True
+
     async def _health_loop(self) -> None:
+        problem = ""  # logged once, not every second
         while True:
             try:
                 await self._check()
+                problem = ""
             except (InferenceServerException, RepositoryError) as exc:
-                if self._ready:
-                    log.warning("triton at %s is NOT ready: %s", self.url, exc)
                 self._ready = False
+                if str(exc) != problem:
+                    problem = str(exc)
+                    log.warning("triton at %s is NOT ready: %s", self.url, brief(exc, limit=500))
             await asyncio.sleep(self.health_interval_s)
 
     async def infer(self, spec: ModelSpec, batch: np.ndarray, timeout_s: float) -> np.ndarray:
+        if _key(spec) not in self._specs:
+            raise BackendUnavailable(f"model {spec.name!r} version {spec.version} is not loaded")
         if not self._ready:
             raise BackendUnavailable("the inference server is not ready; retry later")
         loop = asyncio.get_running_loop()
@@ -176,6 +386,7 @@ class TritonBackend(Backend):
                 result = await self._client.infer(
                     spec.name,
                     [inp],
+                    model_version=spec.version,
                     outputs=[out],
                     client_timeout=remaining,
                     headers=tracing.inject() or None,  # traceparent: Triton's trace joins ours

@@ -55,7 +55,7 @@ class ListModelsResponse(_message.Message):
     def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "version", "arch", "num_classes", "max_batch_size", "precision", "is_default")
+    __slots__ = ("name", "version", "arch", "num_classes", "max_batch_size", "precision", "is_default", "versions")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     ARCH_FIELD_NUMBER: _ClassVar[int]
@@ -63,6 +63,7 @@ class ModelInfo(_message.Message):
     MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     PRECISION_FIELD_NUMBER: _ClassVar[int]
     IS_DEFAULT_FIELD_NUMBER: _ClassVar[int]
+    VERSIONS_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     arch: str
@@ -70,4 +71,23 @@ class ModelInfo(_message.Message):
     max_batch_size: int
     precision: str
     is_default: bool
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., arch: _Optional[str] = ..., num_classes: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., precision: _Optional[str] = ..., is_default: _Optional[bool] = ...) -> None: ...
+    versions: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., arch: _Optional[str] = ..., num_classes: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., precision: _Optional[str] = ..., is_default: _Optional[bool] = ..., versions: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ReloadModelRequest(_message.Message):
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    def __init__(self, model: _Optional[str] = ...) -> None: ...
+
+class ReloadModelResponse(_message.Message):
+    __slots__ = ("model", "serving", "added", "retired")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    SERVING_FIELD_NUMBER: _ClassVar[int]
+    ADDED_FIELD_NUMBER: _ClassVar[int]
+    RETIRED_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    serving: _containers.RepeatedScalarFieldContainer[str]
+    added: _containers.RepeatedScalarFieldContainer[str]
+    retired: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, model: _Optional[str] = ..., serving: _Optional[_Iterable[str]] = ..., added: _Optional[_Iterable[str]] = ..., retired: _Optional[_Iterable[str]] = ...) -> None: ...

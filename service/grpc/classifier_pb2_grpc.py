@@ -44,6 +44,11 @@ class ClassifierStub:
                 request_serializer=service_dot_grpc_dot_classifier__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=service_dot_grpc_dot_classifier__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
+        self.ReloadModel = channel.unary_unary(
+                '/resnet_serving.v1.Classifier/ReloadModel',
+                request_serializer=service_dot_grpc_dot_classifier__pb2.ReloadModelRequest.SerializeToString,
+                response_deserializer=service_dot_grpc_dot_classifier__pb2.ReloadModelResponse.FromString,
+                _registered_method=True)
 
 
 class ClassifierServicer:
@@ -63,6 +68,16 @@ class ClassifierServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReloadModel(self, request, context):
+        """Admin (needs one of RESNET_SERVE_ADMIN_KEYS; PERMISSION_DENIED while none is set):
+        serve what the model repository now holds for a model. New versions are loaded,
+        warmed and probed beside those serving, then traffic switches at once. FAILED_PRECONDITION
+        if a version cannot be served; the versions serving go on serving.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ClassifierServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -75,6 +90,11 @@ def add_ClassifierServicer_to_server(servicer, server):
                     servicer.ListModels,
                     request_deserializer=service_dot_grpc_dot_classifier__pb2.ListModelsRequest.FromString,
                     response_serializer=service_dot_grpc_dot_classifier__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'ReloadModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReloadModel,
+                    request_deserializer=service_dot_grpc_dot_classifier__pb2.ReloadModelRequest.FromString,
+                    response_serializer=service_dot_grpc_dot_classifier__pb2.ReloadModelResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -131,6 +151,33 @@ class Classifier:
             '/resnet_serving.v1.Classifier/ListModels',
             service_dot_grpc_dot_classifier__pb2.ListModelsRequest.SerializeToString,
             service_dot_grpc_dot_classifier__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReloadModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/resnet_serving.v1.Classifier/ReloadModel',
+            service_dot_grpc_dot_classifier__pb2.ReloadModelRequest.SerializeToString,
+            service_dot_grpc_dot_classifier__pb2.ReloadModelResponse.FromString,
             options,
             channel_credentials,
             insecure,

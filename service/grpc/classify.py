@@ -43,12 +43,22 @@ def methods(runtime: Runtime) -> dict[str, Method]:
                     max_batch_size=s.max_batch_size,
                     precision=s.precision,
                     is_default=s.default,
+                    versions=s.versions,
                 )
                 for s in runtime.admit().summaries()
             ]
         )
 
+    async def reload_model(
+        request: pb.ReloadModelRequest, context: Context
+    ) -> pb.ReloadModelResponse:
+        result = (await runtime.manage().reload(request.model or None)).check()
+        return pb.ReloadModelResponse(
+            model=result.model, serving=result.serving, added=result.added, retired=result.retired
+        )
+
     return {
         "Classify": Method(pb.ClassifyRequest, classify),
         "ListModels": Method(pb.ListModelsRequest, list_models),
+        "ReloadModel": Method(pb.ReloadModelRequest, reload_model, admin=True),
     }

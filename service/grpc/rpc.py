@@ -41,6 +41,8 @@ class Method:
     handler: Handler
     #: Whether the API keys apply (health-like methods stay open, as on HTTP).
     auth: bool = True
+    #: Whether the admin keys apply instead (service.runtime.Runtime.authorize_admin).
+    admin: bool = False
 
 
 def time_remaining(context: Context) -> float | None:
@@ -57,7 +59,11 @@ def unary(runtime: Runtime, name: str, method: Method) -> grpc.RpcMethodHandler:
     async def call(raw: bytes, context: Context) -> bytes:
         md = {k.lower(): v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
         record = observe.Record(
-            "grpc", name, observe.request_id(md.get("x-request-id")), tracer=runtime.tracer
+            "grpc",
+            name,
+            observe.request_id(md.get("x-request-id")),
+            tracer=runtime.tracer,
+            client=md.get("x-client-id"),
         )
         trailers: list[tuple[str, str]] = [("x-request-id", record.request_id)]
         code = grpc.StatusCode.OK
@@ -72,10 +78,11 @@ def unary(runtime: Runtime, name: str, method: Method) -> grpc.RpcMethodHandler:
                     raise InvalidRequest(
                         f"malformed {method.request.DESCRIPTOR.name} message"
                     ) from None
-                if method.auth:
-                    runtime.authorize(
-                        key_from_headers(md.get("authorization"), md.get("x-api-key")), KEY_HOW
-                    )
+                key = key_from_headers(md.get("authorization"), md.get("x-api-key"))
+                if method.admin:
+                    runtime.authorize_admin(key, KEY_HOW)
+                elif method.auth:
+                    runtime.authorize(key, KEY_HOW)
                 response = await method.handler(request, context)
                 context.set_trailing_metadata(tuple(trailers))
                 return response.SerializeToString()

@@ -23,6 +23,8 @@ KUBE_VERSION = "1.30.0"
 SCENARIOS = sorted(p.name for p in (CHART / "ci").glob("*-values.yaml"))
 # Kinds prometheus-operator defines (no Kubernetes schema): checked below by other means.
 OPERATOR_KINDS = {"ServiceMonitor", "PrometheusRule"}
+#: The gateway's key sets: the values that hold them, the variable each becomes.
+KEY_SETS = [("apiKeys", "RESNET_SERVE_API_KEYS"), ("adminKeys", "RESNET_SERVE_ADMIN_KEYS")]
 
 
 @pytest.fixture(scope="module")
@@ -224,7 +226,7 @@ def test_values_map_one_to_one_onto_the_settings(chart) -> None:
     # null values (defaultModel, maxBatchSize, targetP99Ms) stay unset; without Triton or
     # keys, so do those.
     null = {"default_model", "max_batch_size", "target_p99_ms"}
-    assert names == fields - {"api_keys", "triton_url", *null}
+    assert names == fields - {"api_keys", "admin_keys", "triton_url", "triton_admin_key", *null}
     # The rendered environment is one the gateway accepts, and means what values.yaml says.
     settings = Settings.model_validate(
         {n.removeprefix("RESNET_SERVE_").lower(): v for n, v in env.items()}
@@ -247,6 +249,7 @@ def test_every_value_reaches_the_gateway_as_typed(chart) -> None:
         "logLevel": "debug",
         "defaultModel": "a",
         "targetP99Ms": 240,
+        "pollIntervalS": 2.5,
     }
     env = env_of(
         container(
@@ -279,6 +282,14 @@ def test_every_value_reaches_the_gateway_as_typed(chart) -> None:
         ({"modelRepository": {"source": "s3"}}, "/modelRepository/source"),
         ({"gateway": {"ports": {"http": 70000}}}, "/gateway/ports/http"),
         ({"gateway": {"apiKeys": {"keys": ["a,b"]}}}, "/gateway/apiKeys/keys/0"),
+        ({"gateway": {"adminKeys": {"keys": ["a b"]}}}, "/gateway/adminKeys/keys/0"),
+        # Keys are never a plain gateway.config value: they come from a Secret.
+        ({"gateway": {"config": {"adminKeys": ["k"]}}}, "additional properties 'adminKeys'"),
+        (
+            {"gateway": {"config": {"tritonAdminKey": "k"}}},
+            "additional properties 'tritonAdminKey'",
+        ),
+        ({"gateway": {"config": {"pollIntervalS": -1}}}, "/gateway/config/pollIntervalS"),
         ({"triton": {"extraArgs": ["model-control-mode=poll"]}}, "/triton/extraArgs/0"),
         ({"replicas": 3}, "additional properties 'replicas'"),
     ],
@@ -296,6 +307,14 @@ def test_bad_values_are_refused_at_render(chart, values, message) -> None:
             {"gateway": {"extraEnv": [{"name": "RESNET_SERVE_PORT", "value": "1"}]}},
             "RESNET_SERVE_PORT is a gateway setting",
         ),
+        (
+            {"gateway": {"extraEnv": [{"name": "RESNET_SERVE_ADMIN_KEYS", "value": "k"}]}},
+            "RESNET_SERVE_ADMIN_KEYS is a gateway setting",
+        ),
+        (
+            {"gateway": {"extraEnv": [{"name": "RESNET_SERVE_TRITON_ADMIN_KEY", "value": "k"}]}},
+            "RESNET_SERVE_TRITON_ADMIN_KEY is a gateway setting",
+        ),
         ({"modelRepository": {"source": "fetch"}}, "modelRepository.fetch.url is required"),
         ({"triton": {"enabled": True}, "gateway": {"gpus": 1}}, "the gateway needs no GPU"),
         (
@@ -309,21 +328,62 @@ def test_inconsistent_values_fail_with_the_reason(chart, values, message) -> Non
         render(chart, values)
 
 
-def test_api_keys_come_from_a_secret(chart) -> None:
-    objs = render(chart, {"gateway": {"apiKeys": {"keys": ["k1", "k2"]}}})
+@pytest.mark.parametrize(("keys", "variable"), KEY_SETS)
+def test_keys_come_from_a_secret(chart, keys: str, variable: str) -> None:
+    objs = render(chart, {"gateway": {keys: {"keys": ["k1", "k2"]}}})
     (secret,) = by_kind(objs, "Secret").values()
     env = env_of(container(component(objs, "Deployment", "gateway"), "gateway"))
-    ref = env["RESNET_SERVE_API_KEYS"]["secretKeyRef"]
+    ref = env[variable]["secretKeyRef"]
     assert ref["name"] == secret["metadata"]["name"]
     assert base64.b64decode(secret["data"][ref["key"]]).decode() == "k1,k2"
+    assert set(env) & {v for _, v in KEY_SETS} == {variable}  # the other set stays off
     objs = render(
-        chart, {"gateway": {"apiKeys": {"existingSecret": "mine", "existingSecretKey": "keys"}}}
+        chart, {"gateway": {keys: {"existingSecret": "mine", "existingSecretKey": "keys"}}}
     )
     assert not by_kind(objs, "Secret")
     env = env_of(container(component(objs, "Deployment", "gateway"), "gateway"))
-    assert env["RESNET_SERVE_API_KEYS"]["secretKeyRef"] == {"name": "mine", "key": "keys"}
+    assert env[variable]["secretKeyRef"] == {"name": "mine", "key": "keys"}
     env = env_of(container(component(render(chart), "Deployment", "gateway"), "gateway"))
-    assert "RESNET_SERVE_API_KEYS" not in env  # no keys: no variable, no Secret
+    assert variable not in env  # no keys: no variable, no Secret
+
+
+def test_api_and_admin_keys_are_kept_apart(chart) -> None:
+    """Two Secrets, so that access to one does not give the other; the `helm test` pod
+    gets the API key only."""
+    objs = render(
+        chart, {"gateway": {"apiKeys": {"keys": ["api"]}, "adminKeys": {"keys": ["admin"]}}}
+    )
+    secrets = by_kind(objs, "Secret")
+    env = env_of(container(component(objs, "Deployment", "gateway"), "gateway"))
+    refs = {v: env[v]["secretKeyRef"] for _, v in KEY_SETS}
+    assert len({r["name"] for r in refs.values()}) == 2
+    for variable, value in (("RESNET_SERVE_API_KEYS", "api"), ("RESNET_SERVE_ADMIN_KEYS", "admin")):
+        data = secrets[refs[variable]["name"]]["data"]
+        assert list(data) == [refs[variable]["key"]]
+        assert base64.b64decode(data[refs[variable]["key"]]).decode() == value
+    (pod,) = by_kind(objs, "Pod").values()
+    (test_env,) = [env_of(c) for c in pod["spec"]["containers"]]
+    assert test_env["API_KEY"]["secretKeyRef"] == refs["RESNET_SERVE_API_KEYS"]
+    assert "admin" not in json.dumps(pod) and refs["RESNET_SERVE_ADMIN_KEYS"]["name"] not in (
+        json.dumps(pod)
+    )
+
+
+@pytest.mark.parametrize(("keys", "variable"), KEY_SETS)
+def test_pods_roll_when_keys_given_in_values_change(chart, keys: str, variable: str) -> None:
+    """The gateway reads its keys at start: a checksum of the keys given in values changes
+    the pod template, so an upgrade that changes them rolls the pods."""
+
+    def annotations(values: dict[str, Any]) -> dict[str, str]:
+        gw = component(render(chart, {"gateway": {keys: values}}), "Deployment", "gateway")
+        return gw["spec"]["template"]["metadata"].get("annotations") or {}
+
+    name = f"checksum/{'api-keys' if keys == 'apiKeys' else 'admin-keys'}"
+    one, two = annotations({"keys": ["k1"]}), annotations({"keys": ["k2"]})
+    assert one[name] != two[name]
+    assert {k for k in one if k.startswith("checksum/")} == {name}
+    # An existing Secret is the operator's: the chart cannot see it change.
+    assert name not in annotations({"existingSecret": "mine"})
 
 
 def test_pdb_only_where_it_can_hold(chart) -> None:
@@ -403,13 +463,20 @@ def test_no_triton_by_default(chart) -> None:
         o for o in objs if o["metadata"]["labels"].get("app.kubernetes.io/component") == "triton"
     ]
     env = env_of(container(component(objs, "Deployment", "gateway"), "gateway"))
-    assert env["RESNET_SERVE_BACKEND"] == "onnxruntime" and "RESNET_SERVE_TRITON_URL" not in env
+    assert env["RESNET_SERVE_BACKEND"] == "onnxruntime"
+    assert "RESNET_SERVE_TRITON_URL" not in env and "RESNET_SERVE_TRITON_ADMIN_KEY" not in env
+    assert not by_kind(objs, "Secret")  # no Triton: no Triton admin key either
 
 
 def test_triton_is_hardened_and_reached_through_a_headless_service(chart) -> None:
     objs = render(chart, {"triton": {"enabled": True}})
     args = triton_args(objs)
-    assert "--model-control-mode=none" in args
+    # Every model at start, then what the gateway loads and unloads (service.lifecycle).
+    assert "--model-control-mode=explicit" in args and "--load-model=*" in args
+    assert not [a for a in args if a.startswith("--model-control-mode=") and "explicit" not in a]
+    # A failed load request must not take the pod out of the Service while the versions
+    # already loaded serve on (strict readiness would, measured with Triton 2.51).
+    assert "--strict-readiness=false" in args and "--exit-on-error=true" in args
     assert "--disable-auto-complete-config" in args
     for flag in ("--http-restricted-api=", "--grpc-restricted-protocol="):
         (arg,) = [a for a in args if a.startswith(flag)]
@@ -434,6 +501,29 @@ def test_triton_is_hardened_and_reached_through_a_headless_service(chart) -> Non
     # Triton's grace period covers its own exit timeout.
     timeout = int(next(a for a in args if a.startswith("--exit-timeout-secs=")).split("=")[1])
     assert pod_spec(triton)["terminationGracePeriodSeconds"] > timeout
+
+
+def test_the_gateway_holds_tritons_admin_key(chart) -> None:
+    """Triton takes load and unload requests only with its admin key: the gateway, which
+    loads and unloads versions, reads it from Triton's own Secret (never a plain value);
+    nothing else gets it."""
+    objs = render(chart, {"triton": {"enabled": True}, "gateway": {"apiKeys": {"keys": ["k"]}}})
+    secrets = by_kind(objs, "Secret")
+    triton_env = env_of(container(component(objs, "Deployment", "triton"), "triton"))
+    ref = triton_env["TRITON_ADMIN_KEY"]["secretKeyRef"]
+    assert ref == {
+        "name": component(objs, "Secret", "triton")["metadata"]["name"],
+        "key": "admin-key",
+    }
+    key = base64.b64decode(secrets[ref["name"]]["data"]["admin-key"]).decode()
+    assert len(key) == 32 and key.isalnum()
+    gateway = container(component(objs, "Deployment", "gateway"), "gateway")
+    (var,) = [e for e in gateway["env"] if e["name"] == "RESNET_SERVE_TRITON_ADMIN_KEY"]
+    assert var == {"name": var["name"], "valueFrom": {"secretKeyRef": ref}}
+    # Nothing else refers to it: not the helm test pod, not another Secret.
+    (pod,) = by_kind(objs, "Pod").values()
+    assert ref["name"] not in json.dumps(pod)
+    assert key not in json.dumps([o for o in objs if o is not secrets[ref["name"]]])
 
 
 def test_only_the_gateway_reaches_triton(chart) -> None:
@@ -517,8 +607,15 @@ def test_notes_are_true(chart) -> None:
     assert "kubectl -n ml rollout status deployment/rel-resnet-serving-gateway" in notes
     assert "grace period 25 s" in notes  # drainSeconds 15 + requestTimeoutS 5 + 5
     assert "X-API-Key" in notes and "https://resnet.example.com" in notes
+    assert "The admin API is on (keys in Secret resnet-admin-keys)" in notes
+    assert "/v1/models/MODEL/reload" in notes and "looks at the repository" not in notes
     default = chart.render(name="rel", namespace="ml")["resnet-serving/templates/NOTES.txt"]
     assert "embedded ONNX Runtime" in default and "The claim starts empty" in default
+    assert "admin API" not in default and "looks at the repository" not in default
+    polling = chart.render(values=scenario("default-values.yaml"), name="rel", namespace="ml")[
+        "resnet-serving/templates/NOTES.txt"
+    ]
+    assert "Every gateway looks at the repository every 30 s" in polling
 
 
 def test_helm_test_pod_classifies_through_the_service(chart) -> None:

@@ -13,11 +13,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from prometheus_client.metrics import MetricWrapperBase
 from tritonclient.grpc import service_pb2
 
 from service.api.kserve import v2, v2_models
 from service.api.ops import ops
-from service.api.v1 import api
+from service.api.v1 import admin, api
 from service.errors import ServiceError
 from service.grpc import classifier_pb2
 from service.metrics import Metrics
@@ -260,6 +261,52 @@ def test_dashboard_covers_gateway_and_triton(dashboard):
     assert not [m for m in used if m.startswith(("nv_gpu", "nv_energy"))]  # a CPU Triton
 
 
+def _row(dashboard, title: str) -> list[dict]:
+    """The panels below the row ``title``, up to the next row."""
+    out: list[dict] = []
+    inside = False
+    for p in sorted(dashboard["panels"], key=lambda p: (p["gridPos"]["y"], p["gridPos"]["x"])):
+        if p["type"] == "row":
+            inside = p["title"] == title
+        elif inside:
+            out.append(p)
+    return out
+
+
+def test_dashboard_shows_versions_and_rollout(dashboard):
+    """Traffic weights, images per version, reloads, and how each shadow compares with the
+    version it shadows (ratios of its counters, drift quantiles, images by outcome)."""
+    panels = _row(dashboard, "Versions and rollout")
+    metrics = {
+        u.metric
+        for p in panels
+        for t in p["targets"]
+        for u in promql.parse(p["title"], promql.grafana_to_promql(t["expr"])).uses
+    }
+    assert metrics == {
+        "resnet_serve_traffic_weight",
+        "resnet_serve_images_total",
+        "resnet_serve_model_loads_total",
+        "resnet_serve_model_load_failing",
+        "resnet_serve_shadow_top1_agreements_total",
+        "resnet_serve_shadow_top5_overlap_total",
+        "resnet_serve_shadow_images_total",
+        "resnet_serve_shadow_score_drift_bucket",
+    }
+    by_title = {p["title"]: p for p in panels}
+    # Agreement is over the images compared, not those dropped or failed.
+    agreement = by_title["Shadow agreement"]
+    for t in agreement["targets"]:
+        assert t["expr"].endswith('outcome="compared"}[$__rate_interval]))'), t["expr"]
+    # The line drawn is the alert's threshold.
+    (alert,) = [r for r in promql.rules() if r.get("alert") == "ResnetServeShadowDisagrees"]
+    (threshold,) = re.findall(r"\) < ([\d.]+)", alert["expr"])
+    steps = agreement["fieldConfig"]["defaults"]["thresholds"]["steps"]
+    assert steps[-1]["value"] == float(threshold)
+    drift = [t["expr"] for t in by_title["Shadow score drift"]["targets"]]
+    assert [e.split(",")[0] for e in drift] == ["histogram_quantile(0.5", "histogram_quantile(0.99"]
+
+
 # --- the gateway's names: metrics, routes, outcomes ----------------------------------------
 
 #: The gateway's own metrics (resnet_serve_*) and prometheus_client's standard ones.
@@ -267,14 +314,17 @@ _GATEWAY = ("resnet_serve_", "process_", "python_")
 #: The recording rule that defines a failed call.
 ERRORS_RULE = "namespace:resnet_serve_call_errors:rate5m"
 _MATCHER = re.compile(r'(\w+)\s*(=~|!~|!=|=)\s*"((?:[^"\\]|\\.)*)"')
+_SELECTOR = re.compile(r"([A-Za-z_:][\w:]*)\s*\{((?:[^}\"]|\"(?:[^\"\\]|\\.)*\")*)\}")
 
 
-def _matchers(label: str) -> list[tuple[str, str, str]]:
-    """(where, operator, value) of every matcher on ``label`` in the rules and dashboard."""
+def _matchers(label: str) -> list[tuple[str, str, str, str]]:
+    """(where, metric, operator, value) of every matcher on ``label`` in the rules and
+    dashboard."""
     return [
-        (q.where, op, value)
+        (q.where, metric, op, value)
         for q in promql.all_queries()
-        for name, op, value in _MATCHER.findall(q.expr)
+        for metric, body in _SELECTOR.findall(q.expr)
+        for name, op, value in _MATCHER.findall(body)
         if name == label
     ]
 
@@ -306,15 +356,53 @@ def test_every_gateway_metric_used_is_in_its_registry():
     assert not wrong, "\n".join(wrong)
 
 
+def _gateway_labels() -> dict[str, set[str]]:
+    """Sample name -> label names, for every metric service.metrics defines (from its
+    declarations: a labelled family has no samples until used)."""
+    out: dict[str, set[str]] = {}
+    for m in vars(Metrics()).values():
+        if not isinstance(m, MetricWrapperBase):
+            continue
+        names = set(m._labelnames)
+        if m._type == "counter":
+            out[m._name + "_total"] = names
+        elif m._type == "histogram":
+            out.update({m._name + "_sum": names, m._name + "_count": names})
+            out[m._name + "_bucket"] = names | {"le"}
+        else:
+            out[m._name] = names
+    return out
+
+
+def test_every_gateway_label_used_is_on_its_metric():
+    """Without a running gateway (the e2e test checks a real exposition, where a family
+    only has samples once used, e.g. the shadow metrics): the labels each selector of a
+    resnet_serve_* metric matches on are its own or target labels, and so are those a
+    by/on clause names in a query made of gateway metrics only."""
+    labels = _gateway_labels()
+    assert labels["resnet_serve_shadow_images_total"] == {"model", "version", "shadow", "outcome"}
+    wrong = []
+    for q in promql.all_queries():
+        gateway = [u for u in q.uses if u.metric in labels]
+        for use in gateway:
+            if extra := use.labels - labels[use.metric] - promql.TARGET_LABELS:
+                wrong.append(f"{q.where}: {use.metric} has no label {sorted(extra)}")
+        if gateway and len(gateway) == len(q.uses):
+            have = set(promql.TARGET_LABELS).union(*(labels[u.metric] for u in gateway))
+            if extra := q.grouping - have:
+                wrong.append(f"{q.where}: no metric of it has {sorted(extra)}")
+    assert not wrong, "\n".join(wrong)
+
+
 def _routes() -> tuple[set[str], set[str]]:
     """Every route label the gateway gives (HTTP route templates, gRPC methods), and the
-    calls among them: HTTP POSTs (every classify and infer route) and gRPC Classify and
-    ModelInfer."""
+    calls among them: HTTP POSTs but the admin API's (every classify and infer route) and
+    gRPC Classify and ModelInfer (not ReloadModel)."""
     routes, calls = {"unmatched"}, set()
-    for router in (api, ops, v2, v2_models):
+    for router in (api, admin, ops, v2, v2_models):
         for r in router.routes:
             routes.add(r.path)
-            if "POST" in r.methods:
+            if "POST" in r.methods and router is not admin:
                 calls.add(r.path)
     for pb in (classifier_pb2, service_pb2):
         for svc in pb.DESCRIPTOR.services_by_name.values():
@@ -328,11 +416,15 @@ def _routes() -> tuple[set[str], set[str]]:
 
 def test_one_call_selector_selects_every_classify_and_infer_route_and_nothing_else():
     routes, calls = _routes()
-    assert len(calls) == 6, calls
+    # /v1/classify, /v1/models/{model}/classify, .../versions/{version}/classify, the two
+    # KServe infer routes, Classify, ModelInfer.
+    assert len(calls) == 7, calls
+    assert "/v1/models/{model}/reload" in routes - calls
+    assert "resnet_serving.v1.Classifier/ReloadModel" in routes - calls
     used = _matchers("route")
     assert used
-    assert {(op, value) for _, op, value in used} == {("=~", used[0][2])}, used
-    selected = {r for r in routes if re.fullmatch(used[0][2], r)}
+    assert {(op, value) for _, _, op, value in used} == {("=~", used[0][3])}, used
+    selected = {r for r in routes if re.fullmatch(used[0][3], r)}
     assert selected == calls
 
 
@@ -354,9 +446,26 @@ def test_outcomes_used_are_real_codes_and_failures_are_the_5xx_other_than_503():
     codes = _codes()
     failures = {c for c, cls in codes.items() if cls.http_status >= 500 and cls.http_status != 503}
     assert failures == {"internal", "deadline_exceeded"}
-    for where, op, value in _matchers("outcome"):
+    # The admin API's refusals are the caller's (403), or the repository's (409: the
+    # versions serving go on serving; ResnetServeModelLoadFailing watches those).
+    assert {"forbidden", "load_failed"} <= set(codes) - failures
+    # Other counters' outcomes are their own (service/lifecycle.py, service/shadow.py), as
+    # their help texts say.
+    metrics, vocabulary = Metrics(), {}
+    for attr, words in (
+        ("model_loads", {"ok", "failed"}),
+        ("shadow_images", {"compared", "dropped", "failed"}),
+    ):
+        family = getattr(metrics, attr)
+        assert all(w in family._documentation for w in words), attr
+        vocabulary[family._name + "_total"] = words
+    seen = set()
+    for where, metric, op, value in _matchers("outcome"):
         values = value.split("|") if op in ("=~", "!~") else [value]
-        assert set(values) <= {"ok", *codes}, f"{where}: {op}{value!r}"
+        allowed = vocabulary.get(metric, {"ok", *codes})
+        assert set(values) <= allowed, f"{where}: {metric} {op}{value!r}"
+        seen.add(metric)
+    assert "resnet_serve_shadow_images_total" in seen
     (errors,) = [r for r in promql.rules() if r.get("record") == ERRORS_RULE]
     (regex,) = [v for name, _, v in _MATCHER.findall(errors["expr"]) if name == "outcome"]
     assert {c for c in [*codes, "ok"] if re.fullmatch(regex, c)} == failures

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Literal
 
 import pytest
 
-from service.testing import GatewayProcess, free_port
+from service.testing import GatewayProcess, free_ports
 
 
 @pytest.fixture(scope="module")
@@ -36,11 +37,14 @@ def start_real_triton(
     log: Path,
     ports: tuple[int, int, int] | None = None,
     extra_args: tuple[str, ...] = (),
+    control: Literal["none", "explicit"] = "none",
 ):
     from service.triton_launcher import start_triton
 
-    http, grpc, metrics = ports or (free_port(), free_port(), free_port())
-    server = start_triton(repo, http, grpc, metrics, log_path=log, extra_args=extra_args)
+    http, grpc, metrics = ports or free_ports(3)
+    server = start_triton(
+        repo, http, grpc, metrics, log_path=log, extra_args=extra_args, control=control
+    )
     server.wait_ready(180)
     return server
 

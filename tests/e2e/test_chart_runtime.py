@@ -21,13 +21,16 @@ from tests.deploy.conftest import CHART
 from tests.e2e.conftest import start_real_triton
 
 ADMIN_KEY = "s3cret-admin-key"
-# Flags service.triton_launcher sets for loopback ports and the local repository.
+# Flags service.triton_launcher sets for loopback ports and the local repository, and for
+# the model control mode (control="explicit": the chart's --model-control-mode=explicit
+# --load-model=*).
 LAUNCHER_FLAGS = (
     "--model-repository",
     "--http-port",
     "--grpc-port",
     "--metrics-port",
     "--model-control-mode",
+    "--load-model",
     "--strict-readiness",
     "--exit-on-error",
     "--allow-metrics",
@@ -62,8 +65,12 @@ def chart_triton(triton_repo, tmp_path_factory):
         if not a.startswith(LAUNCHER_FLAGS)
     )
     assert any(a.startswith("--grpc-restricted-protocol=") for a in extra)
+    assert {"--model-control-mode=explicit", "--load-model=*"} <= set(args)
     server = start_real_triton(
-        triton_repo, tmp_path_factory.mktemp("ct") / "triton.log", extra_args=extra
+        triton_repo,
+        tmp_path_factory.mktemp("ct") / "triton.log",
+        extra_args=extra,
+        control="explicit",
     )
     yield server
     server.stop()
@@ -94,6 +101,36 @@ def test_triton_accepts_the_charts_flags_and_restricts_shared_memory(chart_trito
     inp.set_data_from_numpy(x)
     out = client.infer(tiny.name, [inp]).as_numpy(tiny.contract.output_name)
     assert out.shape == (1, tiny.contract.num_classes)
+
+
+async def test_the_gateway_loads_into_the_charts_triton_with_the_key_the_chart_gives_it(
+    chart_triton, triton_repo, tiny
+):
+    """The chart gives the gateway Triton's admin key (Triton's own Secret key): its load
+    requests pass Triton's restriction of repository control; without the key they do not."""
+    from service.backends.triton import TritonBackend
+    from service.repository import RepositoryError, load_spec
+
+    objs = rendered({"triton": {"enabled": True}})
+    gateway = {e["name"]: e for e in pod_container(objs, "Deployment", "gateway")["env"]}
+    triton = {e["name"]: e for e in pod_container(objs, "Deployment", "triton")["env"]}
+    given = gateway["RESNET_SERVE_TRITON_ADMIN_KEY"]
+    assert "value" not in given and given["valueFrom"] == triton["TRITON_ADMIN_KEY"]["valueFrom"]
+    spec = load_spec(triton_repo / tiny.name)
+    x = np.zeros((1, *tiny.contract.input_shape), dtype=np.float32)
+
+    async def load(key: str | None) -> None:
+        backend = TritonBackend(chart_triton.grpc_url, admin_key=key)
+        try:
+            await backend.start([])
+            await backend.load(spec)  # Triton loads the version anew: a load request
+            assert (await backend.infer(spec, x, 30)).shape == (1, tiny.contract.num_classes)
+        finally:
+            await backend.close()
+
+    with pytest.raises(RepositoryError, match="needs its admin key"):
+        await load(None)
+    await load(ADMIN_KEY)
 
 
 def run_helm_test(env: dict[str, str]) -> subprocess.CompletedProcess[str]:

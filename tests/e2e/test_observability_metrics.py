@@ -2,8 +2,10 @@
 gateway or Triton really exports, with the labels they match and group on, and of the type
 they treat it as (rate() of counters and histogram parts only). The expositions come from
 a real tritonserver after inferences, and from the Triton-backend gateway in front of it
-after REST and gRPC classifications, a rejected request and failed backend calls (Triton
-killed), so that every labelled family has samples. The gateway's metrics are its own
+(Triton in explicit model control, driven by the gateway) after REST and gRPC
+classifications shadowed to a second version, a rejected request, one admin reload that
+loads a version and one that fails, and failed backend calls (Triton killed), so that every
+labelled family has samples. The gateway's metrics are its own
 (resnet_serve_*) and prometheus_client's standard process_* and python_* ones; everything
 else is Triton's (nv_*). `up` is Prometheus's own."""
 
@@ -18,13 +20,15 @@ import httpx
 import pytest
 
 from service.grpc import classifier_pb2, classifier_pb2_grpc
-from service.testing import wait_until
+from service.repository import MODEL_FILENAME, Rollout, write_rollout
+from service.testing import GatewayProcess, scrape, wait_until
 from tests.conftest import image_bytes
 from tests.deploy import promql
-from tests.e2e.conftest import gateway_on_triton, start_real_triton
+from tests.e2e.conftest import start_real_triton
 
 pytestmark = pytest.mark.triton
 PNG = {"content-type": "image/png"}
+ADMIN = "obs-admin-key"
 _SAMPLE = re.compile(r"(?P<name>[A-Za-z_:][\w:]*)(?:\{(?P<labels>.*)\})? \S+( \d+)?$")
 _LABEL = re.compile(r'(\w+)="(?:[^"\\]|\\.)*"')
 
@@ -65,11 +69,20 @@ def expositions(tiny, tmp_path_factory) -> dict[str, Exposition]:
 
     base = tmp_path_factory.mktemp("obs")
     repo = base / "repo"
-    republish(tiny.model_dir, repo, "python-ort")
-    triton = start_real_triton(repo, base / "triton.log")
+    # Versions 1 (serving) and 2 (its shadow): the gateway asks Triton for both.
+    for _ in range(2):
+        republish(tiny.model_dir, repo, "python-ort")
+    model_dir = repo / tiny.name
+    write_rollout(model_dir, Rollout(weights={"1": 1}, shadow="2"))
+    triton = start_real_triton(repo, base / "triton.log", control="explicit")
     gw = None
     try:
-        gw = gateway_on_triton(base / "gw.log", repo, triton)
+        gw = GatewayProcess.start(
+            base / "gw.log",
+            *("--repository", str(repo), "--backend", "triton", "--triton-url", triton.grpc_url),
+            grpc=True,
+            env={"RESNET_SERVE_ADMIN_KEYS": ADMIN},
+        )
         image = image_bytes()
         with httpx.Client(base_url=gw.url, timeout=30) as client:
             assert client.post("/v1/classify", content=image, headers=PNG).status_code == 200
@@ -77,6 +90,22 @@ def expositions(tiny, tmp_path_factory) -> dict[str, Exposition]:
             with grpc.insecure_channel(gw.grpc_target) as channel:
                 stub = classifier_pb2_grpc.ClassifierStub(channel)
                 stub.Classify(classifier_pb2.ClassifyRequest(images=[image]), timeout=30)
+            wait_until(
+                lambda: scrape(gw.url, "resnet_serve_shadow_images_total", outcome="compared") == 2,
+                30,
+                "the shadow did not compare both classifications",
+            )
+            # One reload that loads a version (3), one that cannot (4: a truncated graph).
+            admin = {"X-API-Key": ADMIN}
+            republish(model_dir, repo, "python-ort")
+            reload = client.post(f"/v1/models/{tiny.name}/reload", headers=admin)
+            assert reload.status_code == 200 and reload.json()["added"] == ["3"], reload.text
+            broken = model_dir / str(republish(model_dir, repo, "python-ort")) / MODEL_FILENAME
+            data = broken.read_bytes()
+            broken.unlink()  # publishing hard-links files between versions
+            broken.write_bytes(data[:16])
+            reload = client.post(f"/v1/models/{tiny.name}/reload", headers=admin)
+            assert reload.status_code == 409, reload.text
             triton_text = httpx.get(f"http://127.0.0.1:{triton.metrics_port}/metrics").text
             # Failed backend calls: Triton gone under the gateway (README: Triton backend).
             triton.proc.send_signal(signal.SIGKILL)
@@ -96,6 +125,15 @@ def expositions(tiny, tmp_path_factory) -> dict[str, Exposition]:
             gw.stop()
         triton.stop()
     return {"gateway": Exposition.parse(gateway_text), "triton": Exposition.parse(triton_text)}
+
+
+def samples(exp: Exposition, name: str) -> list[dict[str, str]]:
+    """The label sets of ``name``'s samples."""
+    return [
+        dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', m["labels"] or ""))
+        for line in exp.text.splitlines()
+        if (m := _SAMPLE.match(line)) and m["name"] == name
+    ]
 
 
 #: Metric name prefixes the gateway exports (the rest, nv_*, are Triton's).
@@ -126,17 +164,25 @@ def test_the_real_expositions_hold_what_the_checks_rely_on(expositions):
     assert gw.types["resnet_serve_request_duration_seconds_bucket"] == "histogram"
     assert gw.types["resnet_serve_requests_total"] == "counter"
     # Both transports, and an error's code as the outcome, are in the one counter.
-    requests = [
-        dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', m["labels"]))
-        for line in gw.text.splitlines()
-        if (m := _SAMPLE.match(line)) and m["name"] == "resnet_serve_requests_total"
-    ]
+    requests = samples(gw, "resnet_serve_requests_total")
     for transport, route, outcome in (
         ("http", "/v1/classify", "ok"),
         ("http", "/v1/classify", "unsupported_media_type"),
         ("grpc", "resnet_serving.v1.Classifier/Classify", "ok"),
     ):
         assert {"transport": transport, "route": route, "outcome": outcome} in requests, requests
+    # The lifecycle's: a reload that loaded version 3, one that could not load version 4;
+    # version 1 serves every unpinned request, version 2 shadows it.
+    loads = {(s["version"], s["outcome"]) for s in samples(gw, "resnet_serve_model_loads_total")}
+    assert loads == {("3", "ok"), ("4", "failed")}
+    assert gw.labels["resnet_serve_model_load_failing"] == {"model"}
+    weights = {s["version"] for s in samples(gw, "resnet_serve_traffic_weight")}
+    assert weights == {"1", "2", "3"}
+    assert {
+        (s["version"], s["shadow"], s["outcome"])
+        for s in samples(gw, "resnet_serve_shadow_images_total")
+    } == {("1", "2", "compared")}
+    assert gw.types["resnet_serve_shadow_score_drift_bucket"] == "histogram"
     assert gw.types["process_cpu_seconds_total"] == "counter"
     assert gw.types["process_resident_memory_bytes"] == "gauge"
     assert not [name for name in gw.labels if name.endswith("_created")]

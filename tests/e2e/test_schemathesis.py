@@ -46,7 +46,7 @@ def test_the_api_keeps_its_own_openapi_promises(tiny, tmp_path):
     finally:
         gw.stop()
     assert proc.returncode == 0, proc.stdout[-6000:]
-    assert "Tested: 21" in proc.stdout  # every operation
+    assert "Tested: 24" in proc.stdout  # every operation
     # No error of ours: nothing answered 500, nothing logged as unexpected.
     assert 'status="500"' not in metrics and 'reason="internal"' not in metrics
     assert "Traceback" not in output and "unhandled error" not in output

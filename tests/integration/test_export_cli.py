@@ -274,3 +274,103 @@ def test_validate_missing_repository(tmp_path):
     proc = run_cli("resnet-export", "validate", "--repository", str(tmp_path / "nope"))
     assert proc.returncode == 1
     assert "not a directory" in proc.stderr
+
+
+# --- rollout ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def three(tiny, tmp_path):
+    """A copy of the tiny model with versions 1, 2, 3 (config: the newest is served)."""
+    import shutil
+
+    repo = tmp_path / "repo"
+    shutil.copytree(tiny.repository, repo)
+    for version in ("2", "3"):
+        shutil.copytree(repo / "tiny" / "1", repo / "tiny" / version)
+    return repo
+
+
+def _rollout(repo, *args):
+    return run_cli("resnet-export", "rollout", "tiny", "--repository", str(repo), *args)
+
+
+def test_rollout_canary_and_shadow_then_clear(three):
+    from service.repository import Rollout, read_rollout
+
+    proc = _rollout(three)  # nothing yet: the newest served version takes everything
+    assert proc.returncode == 0, proc.stderr
+    assert (
+        proc.stdout == "tiny: serving versions 3; unpinned traffic all to 3 (the newest served)\n"
+    )
+
+    proc = _rollout(three, "--weight", "1=90", "--weight", "2=10", "--shadow", "3")
+    assert proc.returncode == 0, proc.stderr
+    line = "tiny: serving versions 1, 2, 3; unpinned traffic 1=90 2=10; shadow 3\n"
+    assert proc.stdout == line
+    assert read_rollout(three / "tiny") == Rollout(weights={"1": 90, "2": 10}, shadow="3")
+    assert _rollout(three).stdout == line  # shown, unchanged
+    assert run_cli("resnet-export", "validate", "-r", str(three)).returncode == 0
+
+    # Each call states the whole rollout: a rollback to version 1 alone drops the rest.
+    proc = _rollout(three, "--weight", "01=1")
+    assert proc.stdout == "tiny: serving versions 1, 3; unpinned traffic 1=1\n"
+    assert read_rollout(three / "tiny") == Rollout(weights={"1": 1})
+
+    proc = _rollout(three, "--clear")
+    assert proc.returncode == 0, proc.stderr
+    assert (
+        proc.stdout == "tiny: serving versions 3; unpinned traffic all to 3 (the newest served)\n"
+    )
+    assert not (three / "tiny" / "rollout.json").exists()
+    assert _rollout(three, "--clear").returncode == 0  # clearing nothing is not an error
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--weight", "7=1"], "model 'tiny' has no version 7 (versions: 1, 2, 3)"),
+        (["--weight", "1=1", "--weight", "8=0"], "model 'tiny' has no version 8"),
+        (["--shadow", "9"], "model 'tiny' has no version 9 (versions: 1, 2, 3)"),
+        (["--weight", "1:90"], "--weight takes VERSION=WEIGHT (e.g. --weight 2=10), got '1:90'"),
+        (
+            ["--weight", "1=lots"],
+            "--weight takes VERSION=WEIGHT (e.g. --weight 2=10), got '1=lots'",
+        ),
+        (["--weight", "one=5"], "--weight: version 'one' is not a version number"),
+        (["--shadow", "latest"], "--shadow 'latest' is not a version number"),
+        (
+            ["--weight", "1=-5"],
+            "invalid rollout: weights: weight of version 1 must be 0 or more, got -5.0",
+        ),
+        (
+            ["--weight", "1=0", "--weight", "2=0"],
+            "invalid rollout: weights: at least one weight must be above 0",
+        ),
+        (["--weight", "1=1", "--weight", "01=2"], "--weight: version 1 given twice"),
+        (["--clear", "--shadow", "2"], "--clear takes no --weight or --shadow"),
+    ],
+)
+def test_rollout_refusals(three, args, message):
+    from service.repository import Rollout, write_rollout
+
+    write_rollout(three / "tiny", Rollout(weights={"2": 1}))  # a refusal leaves it as it was
+    before = tree_digest(three)
+    proc = _rollout(three, *args)
+    assert_one_line_failure(proc, message)
+    assert tree_digest(three) == before
+
+
+def test_rollout_of_a_model_not_there(three, tmp_path):
+    proc = run_cli("resnet-export", "rollout", "nope", "-r", str(three), "--weight", "1=1")
+    assert_one_line_failure(proc, f"no model 'nope' in {three} (models: tiny)")
+    proc = run_cli("resnet-export", "rollout", "tiny", "-r", str(tmp_path / "none"), "--clear")
+    assert_one_line_failure(proc, f"model repository {tmp_path / 'none'} is not a directory")
+    assert not (tmp_path / "none").exists()
+
+
+def test_rollout_shows_a_broken_rollout_in_one_line(three):
+    (three / "tiny" / "rollout.json").write_text('{"weights": {"5": 1}}')
+    assert_one_line_failure(_rollout(three), "rollout.json names version 5, not in the repository")
+    proc = _rollout(three, "--weight", "3=1")  # and a new one replaces it
+    assert proc.stdout == "tiny: serving versions 3; unpinned traffic 3=1\n"

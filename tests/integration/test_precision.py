@@ -16,8 +16,8 @@ from export.errors import ExportError
 from export.gate import run_onnx
 from export.pipeline import Images, PrecisionPlan, export_and_publish
 from export.repository import ServingConfig
-from service.repository import load_spec
-from service.testing import GatewayProcess, scrape
+from service.repository import Rollout, load_spec, write_rollout
+from service.testing import GatewayProcess, scrape, wait_until
 from tests.conftest import TINY_CONTRACT, TINY_LABELS, image_bytes, run_cli
 from tests.integration.test_export_cli import assert_one_line_failure
 
@@ -298,3 +298,38 @@ def test_run_onnx_scores_in_batches(tmp_path):
     spec = load_spec(result.model_dir)
     x = _images(11).tensors
     assert run_onnx(spec.model_path, spec.contract, x).shape == (11, 10)
+
+
+def test_a_shadow_int8_version_agrees_with_fp32_as_evaluate_says(int8_repo, demo, tmp_path):
+    """FP32 (version 1) answers, INT8 (version 2) shadows it: the gateway's live agreement
+    report on the held-out digits is the offline comparison `evaluate --compare` makes."""
+    repo = tmp_path / "repo"
+    shutil.copytree(int8_repo, repo)
+    write_rollout(repo / "digits", Rollout(weights={"1": 1}, shadow="2"))
+    offline = _evaluate("--images", str(demo.images), "--model", "digits:2", "-r", str(repo),
+                        "--compare", "1", out=tmp_path / "int8.json")  # fmt: skip
+    files = [p for p, _ in demo.pngs()]
+    gw = GatewayProcess.start(tmp_path / "gw.log", "--repository", str(repo))
+    try:
+        sent = 0
+        for i in range(0, len(files), 16):
+            chunk = files[i : i + 16]
+            parts = [("file", (p.name, p.read_bytes(), "image/png")) for p in chunk]
+            resp = httpx.post(gw.url + "/v1/models/digits/classify", files=parts, timeout=60)
+            assert resp.status_code == 200 and resp.json()["version"] == "1", resp.text
+            sent += len(chunk)
+
+            def accounted(sent: int = sent) -> dict | None:
+                pairs = httpx.get(gw.url + "/v1/models/digits/shadow").json()["comparisons"]
+                pair = pairs[0] if pairs else {"images_compared": 0, "images_dropped": 0}
+                return pair if pair["images_compared"] + pair["images_dropped"] == sent else None
+
+            pair = wait_until(accounted, 30, "shadow copy not accounted for")
+    finally:
+        gw.stop()
+    assert (pair["primary"], pair["shadow"], pair["images_failed"]) == ("1", "2", 0)
+    # One client, one request at a time: nothing is dropped for load.
+    assert pair["images_compared"] == len(files) == 450
+    live = 100 * pair["top1_agreement"]
+    assert abs(live - offline["agreement"]["top1_agreement_pct"]) <= 100 / 450, (live, offline)
+    assert pair["top5_overlap"] > 0.9 and 0 <= pair["score_drift_mean"] < 0.05

@@ -48,6 +48,9 @@ class ScriptedTriton(pbg.GRPCInferenceServiceServicer):
         #: Each ModelInfer's metadata (what a tracing gateway sends along).
         self.metadata: list[dict[str, str]] = []
 
+    def ServerLive(self, request, context):  # noqa: N802
+        return pb.ServerLiveResponse(live=True)
+
     def ServerReady(self, request, context):  # noqa: N802
         return pb.ServerReadyResponse(ready=True)
 

@@ -57,17 +57,34 @@ app.kubernetes.io/part-of: resnet-serving
 {{- end }}
 {{- end }}
 
-{{/* The Secret holding the API keys, or "" when there are none. */}}
-{{- define "resnet-serving.apiKeysSecret" -}}
-{{- if .Values.gateway.apiKeys.existingSecret }}
-{{- .Values.gateway.apiKeys.existingSecret }}
-{{- else if .Values.gateway.apiKeys.keys }}
-{{- include "resnet-serving.componentName" (dict "root" . "component" "api-keys") }}
+{{/*
+The gateway's key sets: gateway.apiKeys (RESNET_SERVE_API_KEYS) and gateway.adminKeys
+(RESNET_SERVE_ADMIN_KEYS). Each comes from a Secret, never a plain value: one the chart
+creates from `keys` (named <fullname>-api-keys / -admin-keys, under the key api-keys /
+admin-keys), or `existingSecret` under `existingSecretKey`. Called with (dict "root" .
+"set" "apiKeys").
+*/}}
+{{- define "resnet-serving.keysSecret" -}}
+{{- $k := index .root.Values.gateway .set }}
+{{- if $k.existingSecret }}
+{{- $k.existingSecret }}
+{{- else if $k.keys }}
+{{- include "resnet-serving.componentName" (dict "root" .root "component" (kebabcase .set)) }}
 {{- end }}
 {{- end }}
 
+{{- define "resnet-serving.keysSecretKey" -}}
+{{- $k := index .root.Values.gateway .set }}
+{{- if $k.existingSecret }}{{ $k.existingSecretKey }}{{ else }}{{ kebabcase .set }}{{ end }}
+{{- end }}
+
+{{/* The Secret holding the API keys, or "" when there are none. */}}
+{{- define "resnet-serving.apiKeysSecret" -}}
+{{- include "resnet-serving.keysSecret" (dict "root" . "set" "apiKeys") }}
+{{- end }}
+
 {{- define "resnet-serving.apiKeysSecretKey" -}}
-{{- if .Values.gateway.apiKeys.existingSecret }}{{ .Values.gateway.apiKeys.existingSecretKey }}{{ else }}api-keys{{ end }}
+{{- include "resnet-serving.keysSecretKey" (dict "root" . "set" "apiKeys") }}
 {{- end }}
 
 {{/* The repository's PersistentVolumeClaim name (source: pvc). */}}

@@ -6,24 +6,38 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from tritonclient.grpc import model_config_pb2 as mc
 
 from export.errors import ExportError
+from export.gate import run_onnx
 from export.models import BasicBlock, ResNet
-from export.onnx_export import real_images
-from export.pipeline import export_and_publish
+from export.onnx_export import preprocess_real, real_images
+from export.pipeline import Images, PrecisionPlan, export_and_publish
 from export.repository import (
+    PROBE_SIZE,
+    Probe,
+    Publication,
     ServingConfig,
     build_config,
+    publish,
     render_config,
     republish,
+    set_rollout,
     validate_model,
     validate_repository,
 )
 from service.contract import PreprocessContract
-from service.repository import load_spec, parse_config
+from service.repository import (
+    Rollout,
+    load_probe,
+    load_spec,
+    parse_config,
+    read_rollout,
+    served_versions,
+)
 from tests.conftest import tree_digest
 
 
@@ -50,7 +64,15 @@ def small_contract(**kw) -> PreprocessContract:
     return PreprocessContract(**{**base, **kw})
 
 
-def publish_small(repo: Path, name: str = "tiny", flavor="onnxruntime", model=None, seed=0, **kw):
+def publish_small(
+    repo: Path,
+    name: str = "tiny",
+    flavor="onnxruntime",
+    model=None,
+    seed=0,
+    real_images_override=None,
+    **kw,
+):
     torch.manual_seed(seed)
     return export_and_publish(
         model=model or small_model(),
@@ -61,7 +83,7 @@ def publish_small(repo: Path, name: str = "tiny", flavor="onnxruntime", model=No
         flavor=flavor,
         serving=ServingConfig(max_batch_size=16),
         opset=17,
-        real_images=real_images(),
+        real_images=real_images() if real_images_override is None else real_images_override,
         source="test",
         log=lambda _: None,
         **kw,
@@ -226,6 +248,8 @@ def test_validate_finds_contract_graph_disagreement(good):
     data["crop"] = 28
     (good / "1" / "preprocess.json").write_text(json.dumps(data))
     assert validate_model(good) == [
+        "tiny: version 1: probe.npz inputs are float32 [2, 3, 32, 32], the contract says "
+        "float32 [n, 3, 28, 28] with n >= 1",
         "tiny: version 1: config.pbtxt inputs ['input' FP32 [-1, 3, 32, 32]] != preprocess.json "
         "['input' FP32 [-1, 3, 28, 28]]",
         "tiny: version 1: graph inputs ['input' FP32 [-1, 3, 32, 32]] != preprocess.json "
@@ -298,3 +322,168 @@ def test_an_engine_is_published_with_its_tensorrt_config_until_a_newer_onnx(tmp_
     pub.engine = None
     assert publish(repo, pub) == 3
     assert not (repo / "tiny" / "configs").exists()
+
+
+# --- the parity probe ------------------------------------------------------------------------
+
+
+def probe_of(version_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    with np.load(version_dir / "probe.npz", allow_pickle=False) as data:
+        return data["inputs"], data["outputs"]
+
+
+def test_publish_writes_a_probe_of_the_published_graph(good):
+    inputs, outputs = probe_of(good / "1")
+    # The parity check's two real photographs, and ONNX Runtime's logits for them.
+    assert inputs.dtype == outputs.dtype == np.float32
+    assert inputs.shape == (2, 3, 32, 32) and outputs.shape == (2, 3)
+    spec = load_spec(good)
+    np.testing.assert_array_equal(outputs, run_onnx(spec.model_path, spec.contract, inputs))
+    stored = load_probe(spec)  # the gateway's reader
+    assert stored is not None and np.array_equal(stored[0], inputs)
+    report = json.loads((good / "1" / "export_report.json").read_text())
+    assert report["probe"] == {"inputs": 2, "source": "parity images"}
+
+
+def test_probe_without_real_images_uses_the_parity_checks_random_inputs(tmp_path):
+    result = publish_small(tmp_path, real_images_override=[])
+    inputs, outputs = probe_of(result.model_dir / "1")
+    assert inputs.shape == (PROBE_SIZE, 3, 32, 32) and outputs.shape == (PROBE_SIZE, 3)
+    assert result.report["probe"]["source"] == "random inputs"
+    assert validate_model(result.model_dir) == []
+
+
+@pytest.mark.parametrize("precision", ["fp16", "int8"])
+def test_a_reduced_precision_probe_holds_the_reduced_graphs_outputs(tmp_path, precision):
+    """The probe is the published graph's (the gate's images through the INT8/FP16 graph),
+    not the FP32 graph's: that is what the gateway serves."""
+    images = Images(np.stack(preprocess_real(small_contract(), real_images() * 3)), "photos")
+    plan = PrecisionPlan(
+        precision=precision,
+        calibration=images if precision == "int8" else None,
+        validation=images,
+        min_agreement=0,  # untrained weights: near-tied logits
+    )
+    result = publish_small(tmp_path, plan=plan)
+    vdir = result.model_dir / "1"
+    inputs, outputs = probe_of(vdir)
+    assert len(inputs) == PROBE_SIZE
+    contract = load_spec(result.model_dir).contract
+    assert contract.precision == precision
+    np.testing.assert_array_equal(outputs, run_onnx(vdir / "model.onnx", contract, inputs))
+    assert result.report["probe"] == {"inputs": PROBE_SIZE, "source": "photos"}
+
+
+def test_republish_copies_the_probe(good, tmp_path):
+    target = tmp_path / "other"
+    republish(good, target, "python-ort")
+    for got, want in zip(probe_of(target / "tiny" / "1"), probe_of(good / "1"), strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_republish_of_a_version_without_probe_publishes_none(good, tmp_path):
+    (good / "1" / "probe.npz").unlink()  # exported before probes existed
+    target = tmp_path / "other"
+    republish(good, target, "python-ort")
+    assert not (target / "tiny" / "1" / "probe.npz").exists()
+    assert validate_repository(target) == (["tiny"], [])
+
+
+def test_a_version_without_probe_is_valid(good):
+    (good / "1" / "probe.npz").unlink()
+    assert validate_model(good) == []
+
+
+def _write_npz(path: Path, **arrays) -> None:
+    with path.open("wb") as fh:
+        np.savez(fh, **arrays)
+
+
+X = np.zeros((2, 3, 32, 32), np.float32)
+Y = np.zeros((2, 3), np.float32)
+
+
+@pytest.mark.parametrize(
+    ("arrays", "problem"),
+    [
+        (b"", "probe.npz is not an .npz archive"),
+        (b"PK\x03\x04 cut short", "probe.npz is not an .npz archive"),
+        ({"inputs": X}, "probe.npz has no outputs array"),
+        ({"x": X, "y": Y}, "probe.npz has no inputs or outputs array"),
+        (
+            {"inputs": X[:, :, :28, :28], "outputs": Y},
+            "probe.npz inputs are float32 [2, 3, 28, 28], the contract says float32 "
+            "[n, 3, 32, 32] with n >= 1",
+        ),
+        (
+            {"inputs": X.astype(np.float64), "outputs": Y},
+            "probe.npz inputs are float64 [2, 3, 32, 32], the contract says float32 "
+            "[n, 3, 32, 32] with n >= 1",
+        ),
+        (
+            {"inputs": X[:0], "outputs": Y[:0]},
+            "probe.npz inputs are float32 [0, 3, 32, 32], the contract says float32 "
+            "[n, 3, 32, 32] with n >= 1",
+        ),
+        (
+            {"inputs": X, "outputs": np.zeros((2, 10), np.float32)},
+            "probe.npz outputs are float32 [2, 10], the contract says float32 [2, 3] "
+            "(logits per input)",
+        ),
+        (
+            {"inputs": X, "outputs": Y[:1]},
+            "probe.npz outputs are float32 [1, 3], the contract says float32 [2, 3] "
+            "(logits per input)",
+        ),
+        ({"inputs": np.array([1, "a"], dtype=object), "outputs": Y}, "probe.npz unreadable"),
+    ],
+)
+def test_validate_finds_a_malformed_probe(good, arrays, problem):
+    path = good / "1" / "probe.npz"
+    if isinstance(arrays, bytes):
+        path.write_bytes(arrays)
+    else:
+        _write_npz(path, **arrays)
+    problems = validate_model(good)
+    assert len(problems) == 1 and problems[0].startswith(f"tiny: version 1: {problem}")
+
+
+def test_publish_refuses_a_malformed_probe(good):
+    repo = good.parent
+    before = tree_digest(repo)
+    spec = load_spec(good)
+    report = json.loads((good / "1" / "export_report.json").read_text())
+    pub = Publication("tiny", spec.contract, list(spec.labels), spec.model_path, "onnxruntime",
+                      ServingConfig(max_batch_size=8), report, probe=Probe(X, Y[:, :2]))  # fmt: skip
+    with pytest.raises(ExportError, match=r"refusing to publish: tiny: version 2: probe.npz out"):
+        publish(repo, pub)
+    assert tree_digest(repo) == before
+
+
+# --- rollout.json ----------------------------------------------------------------------------
+
+
+def test_a_new_version_keeps_the_rollout(tmp_path):
+    publish_small(tmp_path, seed=0)
+    model_dir = publish_small(tmp_path, seed=1).model_dir
+    rollout = Rollout(weights={"1": 90, "2": 10})
+    assert set_rollout(tmp_path, "tiny", rollout) == ([1, 2], rollout)
+    publish_small(tmp_path, seed=2)
+    assert read_rollout(model_dir) == rollout
+    assert served_versions(model_dir) == ([1, 2, 3], rollout)
+    assert validate_model(model_dir) == []
+
+
+def test_set_rollout_refuses_a_version_not_on_disk(good):
+    with pytest.raises(ExportError, match=r"model 'tiny' has no version 4, 7 \(versions: 1\)"):
+        set_rollout(good.parent, "tiny", Rollout(weights={"1": 1, "7": 0}, shadow="4"))
+    assert not (good / "rollout.json").exists()
+
+
+def test_validate_finds_a_rollout_naming_a_missing_version(good):
+    (good / "rollout.json").write_text('{"weights": {"1": 1, "5": 2}}')
+    assert validate_model(good) == ["tiny: rollout.json names version 5, not on disk"]
+    (good / "rollout.json").write_text('{"weights": {"1": -1}}')
+    assert validate_model(good) == [
+        "tiny: rollout.json: weights: weight of version 1 must be 0 or more, got -1.0"
+    ]

@@ -1,0 +1,181 @@
+"""Shadow traffic: a candidate version gets a copy of live (unpinned) requests; its answers
+are compared with the primary's, never returned.
+
+The copy is the primary's own input batch, sent after the primary has answered, so the
+shadow never delays or fails a primary request. It is bounded (at most one batch of the
+shadow's in flight) and dropped first under load (whenever the primary has a full batch
+waiting or decoding is behind): under pressure the report gets fewer images, the callers
+lose nothing. A shadow must preprocess as its primary does (the reload refuses one that
+does not), since it receives the primary's tensors.
+
+Per (primary, shadow) pair it records, per image: whether the top-1 classes agree, the
+share of the primary's top-5 classes in the shadow's top-5, and the score drift (how much
+the probability of the primary's top-1 class moved). ``GET /v1/models/{m}/shadow`` and the
+``resnet_serve_shadow_*`` metrics report them: the figures that decide a rollout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from service.errors import ServiceError
+
+if TYPE_CHECKING:
+    from service.dataplane import DataPlane, Version
+
+log = logging.getLogger(__name__)
+
+TOP = 5
+
+
+@dataclass
+class Comparison:
+    """What one primary/shadow pair has agreed on so far."""
+
+    primary: str
+    shadow: str
+    since: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
+    compared: int = 0
+    dropped: int = 0
+    failed: int = 0
+    top1_agreements: int = 0
+    top5_overlap: float = 0.0
+    drift_sum: float = 0.0
+    drift_max: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        n = self.compared
+        return {
+            "primary": self.primary,
+            "shadow": self.shadow,
+            "since": self.since,
+            "images_compared": n,
+            "images_dropped": self.dropped,
+            "images_failed": self.failed,
+            "top1_agreement": round(self.top1_agreements / n, 6) if n else None,
+            "top5_overlap": round(self.top5_overlap / n, 6) if n else None,
+            "score_drift_mean": round(self.drift_sum / n, 6) if n else None,
+            "score_drift_max": round(self.drift_max, 6) if n else None,
+        }
+
+
+def compare(primary: np.ndarray, shadow: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per image: top-1 agreement (bool), top-5 overlap (0..1), and the drift of the
+    primary's top-1 probability, for two logit batches of the same images."""
+    from service.dataplane import softmax, top_indices
+
+    k = min(TOP, primary.shape[1])
+    p_top, s_top = top_indices(primary, k), top_indices(shadow, k)
+    agree = p_top[:, 0] == s_top[:, 0]
+    overlap = np.array([len(set(a) & set(b)) / k for a, b in zip(p_top, s_top, strict=True)])
+    rows = np.arange(len(primary))
+    drift = np.abs(softmax(primary)[rows, p_top[:, 0]] - softmax(shadow)[rows, p_top[:, 0]])
+    return agree, overlap, drift
+
+
+class Shadows:
+    def __init__(self, plane: DataPlane) -> None:
+        self.plane = plane
+        self._pairs: dict[str, dict[tuple[str, str], Comparison]] = {}
+        self._inflight: dict[str, int] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def _pair(self, primary: Version, shadow: Version) -> Comparison:
+        pairs = self._pairs.setdefault(primary.spec.name, {})
+        key = (primary.spec.version, shadow.spec.version)
+        if key not in pairs:
+            pairs[key] = Comparison(*key)
+        return pairs[key]
+
+    def _count(self, primary: Version, shadow: Version, outcome: str, n: int) -> None:
+        self.plane.metrics.shadow_images.labels(
+            primary.spec.name, primary.spec.version, shadow.spec.version, outcome
+        ).inc(n)
+
+    def mirror(self, primary: Version, batch: np.ndarray, logits: np.ndarray) -> None:
+        """Send a copy of ``batch``, which ``primary`` answered with ``logits``, to the
+        model's shadow version, if it has one and there is room."""
+        routing = self.plane.models.get(primary.spec.name)
+        if routing is None or routing.shadow in (None, primary.spec.version):
+            return
+        shadow = routing.versions.get(routing.shadow or "")
+        if shadow is None:
+            return
+        pair = self._pair(primary, shadow)
+        n = len(batch)
+        name = primary.spec.name
+        busy = (
+            primary.batcher.waiting >= primary.batcher.max_batch
+            or self.plane.decoder.backlog >= self.plane.decoder.workers
+            or self._inflight.get(name, 0) + n > shadow.batcher.max_batch
+        )
+        if busy:
+            pair.dropped += n
+            self._count(primary, shadow, "dropped", n)
+            return
+        self._inflight[name] = self._inflight.get(name, 0) + n
+        # A context of its own: the request's record and span are the primary's, and
+        # the primary request may be finished before this runs.
+        task = asyncio.create_task(
+            self._run(pair, primary, shadow, batch, logits), context=contextvars.Context()
+        )
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run(
+        self,
+        pair: Comparison,
+        primary: Version,
+        shadow: Version,
+        batch: np.ndarray,
+        logits: np.ndarray,
+    ) -> None:
+        n = len(batch)
+        now = time.perf_counter()
+        try:
+            done = await shadow.batcher.submit(
+                list(batch), now + self.plane.settings.request_timeout_s, False, arrived=now
+            )
+        except ServiceError as exc:
+            pair.failed += n
+            self._count(primary, shadow, "failed", n)
+            log.debug("shadow %s v%s: %s", shadow.spec.name, shadow.spec.version, exc.message)
+            return
+        finally:
+            self._inflight[primary.spec.name] -= n
+        agree, overlap, drift = compare(logits, np.stack(done.rows))
+        pair.compared += n
+        pair.top1_agreements += int(agree.sum())
+        pair.top5_overlap += float(overlap.sum())
+        pair.drift_sum += float(drift.sum())
+        pair.drift_max = max(pair.drift_max, float(drift.max()))
+        m = self.plane.metrics
+        ids = (primary.spec.name, primary.spec.version, shadow.spec.version)
+        self._count(primary, shadow, "compared", n)
+        m.shadow_top1_agreements.labels(*ids).inc(int(agree.sum()))
+        m.shadow_top5_overlap.labels(*ids).inc(float(overlap.sum()))
+        for d in drift:
+            m.shadow_score_drift.labels(*ids).observe(float(d))
+
+    def report(self, model: str) -> dict[str, Any]:
+        """The model's shadow now, and every primary/shadow comparison since the start."""
+        routing = self.plane.routing(model)
+        name = model or self.plane.default_model
+        return {
+            "model": name,
+            "shadow": routing.shadow,
+            "comparisons": [c.as_dict() for c in self._pairs.get(name, {}).values()],
+        }
+
+    async def close(self) -> None:
+        """Let the copies in flight finish (their batchers are draining too)."""
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -1,0 +1,244 @@
+"""TritonBackend's model lifecycle against a real Triton (the CPU tritonserver from
+nvidia-pytriton) in explicit model control mode: a new version served beside the one
+serving (which answers throughout), then the old one released; a version that cannot load
+refused with Triton's reason while the others keep answering; a Triton that lost a version
+asked for it again; a Triton that restricts repository control to a key (as the Helm chart
+runs it), which loads only for a backend holding the key; and a Triton in mode none, which
+takes no load requests."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.grpc as triton_grpc
+
+from service.backends.triton import TritonBackend
+from service.errors import BackendUnavailable
+from service.repository import MODEL_FILENAME, ModelSpec, RepositoryError, load_spec
+from service.testing import wait_until
+from tests.e2e.conftest import start_real_triton
+
+pytestmark = pytest.mark.triton
+BATCH = np.random.default_rng(0).normal(size=(3, 3, 32, 32)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny, tmp_path_factory) -> Path:
+    """The tiny model as flavor python-ort, alone in a repository this module publishes
+    versions into."""
+    from export.repository import republish
+
+    repo = tmp_path_factory.mktemp("lifecycle") / "repo"
+    republish(tiny.model_dir, repo, "python-ort")
+    return repo / "tiny"
+
+
+@pytest.fixture(scope="module")
+def explicit(model_dir, tmp_path_factory):
+    server = start_real_triton(
+        model_dir.parent, tmp_path_factory.mktemp("tlog") / "triton.log", control="explicit"
+    )
+    yield server
+    server.stop()
+
+
+def publish_next(model_dir: Path, shift: float = 0.0) -> ModelSpec:
+    """Publish the newest version again as the next one, its logits shifted by ``shift``
+    (added to the classifier's bias) so that answers tell the versions apart."""
+    import onnx
+    from onnx import numpy_helper
+
+    from export.repository import republish
+
+    version = republish(model_dir, model_dir.parent, "python-ort")
+    if shift:
+        path = model_dir / str(version) / MODEL_FILENAME
+        model = onnx.load(str(path))
+        bias = next(n for n in model.graph.node if n.op_type == "Gemm").input[2]
+        init = next(i for i in model.graph.initializer if i.name == bias)
+        init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) + shift, bias))
+        path.unlink()  # publishing hard-links files between versions: never write through
+        onnx.save(model, str(path))
+    return load_spec(model_dir, version)
+
+
+def expected(spec: ModelSpec) -> np.ndarray:
+    """What this version's graph answers, computed by ONNX Runtime here."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(spec.model_path), providers=["CPUExecutionProvider"])
+    return session.run(None, {spec.contract.input_name: BATCH})[0]
+
+
+async def answers(backend: TritonBackend, spec: ModelSpec, want: np.ndarray | None = None) -> None:
+    """The backend answers this version's logits (``want``: computed already)."""
+    logits = await backend.infer(spec, BATCH, timeout_s=30)
+    np.testing.assert_allclose(
+        logits, expected(spec) if want is None else want, rtol=1e-5, atol=1e-5
+    )
+
+
+@contextlib.asynccontextmanager
+async def backend_on(
+    triton, *specs: ModelSpec, admin_key: str | None = None
+) -> AsyncIterator[TritonBackend]:
+    backend = TritonBackend(triton.grpc_url, health_interval_s=0.1, admin_key=admin_key)
+    try:
+        await backend.start(list(specs))
+        assert backend.is_ready()
+        yield backend
+    finally:
+        await backend.close()
+
+
+def version_states(triton, name: str) -> dict[str, str]:
+    client = triton_grpc.InferenceServerClient(triton.grpc_url)
+    index = client.get_model_repository_index(as_json=True).get("models", [])
+    client.close()
+    return {m["version"]: m.get("state", "") for m in index if m["name"] == name}
+
+
+def is_ready(triton, name: str, version: str) -> bool:
+    client = triton_grpc.InferenceServerClient(triton.grpc_url)
+    ready = client.is_model_ready(name, version)
+    client.close()
+    return bool(ready)
+
+
+async def test_a_new_version_serves_beside_the_old_then_the_old_is_released(explicit, model_dir):
+    old = load_spec(model_dir)
+    async with backend_on(explicit, old) as backend:
+        new = publish_next(model_dir, shift=1.0)
+        want = expected(old)
+        assert not np.allclose(expected(new), want)  # the answers tell them apart
+
+        # The old version answers all the while Triton loads the new one beside it.
+        served, done = [], asyncio.Event()
+
+        async def keep_asking() -> None:
+            while not done.is_set():
+                await answers(backend, old, want)
+                served.append(1)
+
+        asking = asyncio.create_task(keep_asking())
+        try:
+            await backend.load(new)
+        finally:
+            done.set()
+            await asking  # raises if one request failed
+        assert served
+
+        await answers(backend, old)
+        await answers(backend, new)
+        assert is_ready(explicit, "tiny", old.version) and is_ready(explicit, "tiny", new.version)
+
+        await backend.unload(old)
+        assert not is_ready(explicit, "tiny", old.version)
+        assert version_states(explicit, "tiny")[old.version] != "READY"
+        with pytest.raises(BackendUnavailable, match="not loaded"):
+            await backend.infer(old, BATCH, timeout_s=30)
+        await answers(backend, new)
+        assert backend.is_ready()
+
+
+async def test_a_version_that_cannot_load_is_refused_and_the_others_keep_serving(
+    explicit, model_dir
+):
+    serving = load_spec(model_dir)
+    async with backend_on(explicit, serving) as backend:
+        broken = publish_next(model_dir)
+        try:
+            data = broken.model_path.read_bytes()
+            broken.model_path.unlink()
+            broken.model_path.write_bytes(data[:16])
+            with pytest.raises(RepositoryError) as info:
+                await backend.load(broken)
+            message = str(info.value)
+            assert "\n" not in message, message  # Triton's reason ends with a traceback
+            assert f"version {broken.version}" in message and "model.onnx failed" in message
+            assert version_states(explicit, "tiny")[broken.version] == "UNAVAILABLE"
+            await answers(backend, serving)
+            with pytest.raises(BackendUnavailable, match="not loaded"):
+                await backend.infer(broken, BATCH, timeout_s=30)
+            # Triton's own (strict) readiness is false from now on, until that version loads;
+            # the gateway's follows the versions it serves.
+            await asyncio.sleep(0.5)  # a few health checks
+            assert backend.is_ready()
+        finally:
+            shutil.rmtree(broken.model_path.parent)
+
+
+async def test_a_version_triton_lost_is_asked_for_again(explicit, model_dir):
+    """A restarted Triton loads what config.pbtxt names, not what the gateway loaded since:
+    the health loop asks for the versions served again."""
+    spec = load_spec(model_dir)
+    async with backend_on(explicit, spec) as backend:
+        client = triton_grpc.InferenceServerClient(explicit.grpc_url)
+        client.unload_model("tiny")
+        client.close()
+        assert not is_ready(explicit, "tiny", spec.version)  # only the gateway can bring it back
+        await asyncio.to_thread(
+            wait_until,
+            lambda: backend.is_ready() and is_ready(explicit, "tiny", spec.version),
+            60,
+            "the version did not return",
+        )
+        await answers(backend, spec)
+
+
+async def test_a_triton_restricting_repository_control_loads_only_with_its_key(tiny, tmp_path):
+    """The Helm chart restricts Triton's repository control to an admin key (and gives it
+    to the gateway): without it, or with another, a load is refused with one line that says
+    so, and the versions serving keep answering; with it, the version loads."""
+    from export.repository import republish
+
+    republish(tiny.model_dir, tmp_path / "repo", "python-ort")
+    model_dir = tmp_path / "repo" / "tiny"
+    triton = start_real_triton(
+        model_dir.parent,
+        tmp_path / "triton.log",
+        extra_args=("--grpc-restricted-protocol=model-repository:triton-admin-key=s3cret",),
+        control="explicit",
+    )
+    try:
+        serving = load_spec(model_dir)
+        new = publish_next(model_dir, shift=1.0)
+        for key, sent in ((None, "sent none"), ("wrong", "a key Triton does not accept")):
+            async with backend_on(triton, serving, admin_key=key) as backend:
+                with pytest.raises(RepositoryError) as info:
+                    await backend.load(new)
+                message = str(info.value)
+                assert "\n" not in message, message
+                assert "admin key" in message and sent in message, message
+                assert "RESNET_SERVE_TRITON_ADMIN_KEY" in message, message
+                assert not is_ready(triton, "tiny", new.version)
+                await answers(backend, serving)
+        async with backend_on(triton, serving, admin_key="s3cret") as backend:
+            await backend.load(new)
+            assert is_ready(triton, "tiny", new.version)
+            await answers(backend, new)
+            await answers(backend, serving)
+    finally:
+        triton.stop()
+
+
+async def test_a_triton_in_mode_none_takes_no_load_request(tiny, tmp_path):
+    from export.repository import republish
+
+    republish(tiny.model_dir, tmp_path / "repo", "python-ort")
+    model_dir = tmp_path / "repo" / "tiny"
+    triton = start_real_triton(model_dir.parent, tmp_path / "triton.log")  # mode none
+    try:
+        serving = load_spec(model_dir)
+        async with backend_on(triton, serving) as backend:
+            with pytest.raises(RepositoryError, match="--model-control-mode=explicit"):
+                await backend.load(publish_next(model_dir))
+            await answers(backend, serving)
+    finally:
+        triton.stop()
