@@ -11,6 +11,9 @@ same model file and the same machine, in this order:
    clients with tracing off and on (every request sampled, exported over OTLP/gRPC to a
    receiver in this process), off-on-on-off; then overload: a gateway of its own whose requests have a 2 s deadline, under 2x and
    10x the clients it can serve within it (they wait Retry-After; 10x also without);
+   Then a rollout's cost: p99 under Poisson arrivals at 0.4x bare batch 8 with one
+   version, with a second one shadowing it, and across a reload to a version published
+   during the window (``--lifecycle-only`` runs just that);
 5. the gateway with the Triton backend: a real tritonserver (CPU, python backend running
    ORT on the same ONNX file), 16 REST clients;
 6. INT8: the same network quantized by ``resnet-export export --precision int8`` (calibrated
@@ -29,7 +32,8 @@ HTTP/1.1 on raw asyncio streams, grpc.aio with pre-serialized messages), each st
 in time. Results print as a table and are written to ``bench-results.json``. Figures are
 reported as ratios to bare ORT from the same run, because the machines are shared and noisy.
 
-    python -m deploy.bench [--seconds 20] [--out bench-results.json] [--latency-only]
+    python -m deploy.bench [--seconds 20] [--out bench-results.json]
+        [--latency-only | --tracing-only | --lifecycle-only]
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ import asyncio
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -279,6 +284,58 @@ def tracing_cost(repo: Path, body: bytes, seconds: float) -> dict[str, Any]:
     }
 
 
+def rollout_cost(repo: Path, body: bytes, seconds: float, bare8: float) -> dict[str, Any]:
+    """Poisson arrivals at 0.4x bare batch 8, each phase on a gateway of its own over a copy
+    of the repository: one version (plain, before and after); version 1 answering with
+    version 2 as its shadow (the primary's latency, and how much traffic the shadow
+    compared or dropped); a new version published a third into the window and picked up by
+    polling (latency while it loads beside the one serving; no request may fail)."""
+    import httpx
+
+    from export.repository import republish
+    from service.repository import Rollout, write_rollout
+
+    rate = 0.4 * bare8
+    out: dict[str, Any] = {"rate_per_s": round(rate, 2), "phases": {}}
+    with tempfile.TemporaryDirectory(prefix="resnet-bench-rollout-") as tmp:
+        model_dir = Path(tmp) / NAME
+        shutil.copytree(repo / NAME, model_dir)
+        republish(model_dir, model_dir.parent, "onnxruntime")  # version 2, the same graph
+        for phase in ("plain", "shadow", "reload", "plain again"):
+            rollout = Rollout(weights={"1": 1}, shadow="2") if phase == "shadow" else Rollout()
+            write_rollout(model_dir, rollout)
+            env = {"RESNET_SERVE_POLL_INTERVAL_S": "0.5"} if phase == "reload" else {}
+            gw = start_gateway(model_dir.parent, env=env)
+            publisher = None
+            if phase == "reload":  # the next version, published a third into the window
+                publisher = threading.Timer(
+                    2 + seconds / 3, republish, (model_dir, model_dir.parent, "onnxruntime")
+                )
+                publisher.start()
+            try:
+                log(f"rollout: {phase}, Poisson arrivals at {rate:.1f}/s ...")
+                step = load(gw, body, seconds, rate=rate, warmup_s=2)
+                log(f"  {line(step)}")
+                result: dict[str, Any] = step.summary()
+                if phase == "shadow":
+                    report = httpx.get(f"{gw.url}/v1/models/{NAME}/shadow").json()
+                    result["shadow"] = report["comparisons"][0]
+                if phase == "reload":
+                    detail = httpx.get(f"{gw.url}/v1/models/{NAME}").json()
+                    result["serving_after"] = detail["versions"]
+                    result["last_reload"] = detail["last_reload"]
+            finally:
+                if publisher is not None:
+                    publisher.join()
+                gw.stop()
+            out["phases"][phase] = result
+    plain = [out["phases"][p]["latency_ms"]["p99"] for p in ("plain", "plain again")]
+    for phase in ("shadow", "reload"):
+        p99 = out["phases"][phase]["latency_ms"]["p99"]
+        out[f"{phase}_p99_vs_plain"] = round(p99 / (sum(plain) / 2), 3)
+    return out
+
+
 def tuned_settings(budget_ms: float) -> dict[str, str]:
     """tune's choice, as the gateway's environment; a latency target becomes this run's."""
     env = {}
@@ -486,6 +543,7 @@ def run(
             gw.stop()
         results["overload"] = overload(repo, body, r16.images_per_s, seconds, 2.0)
         results["tracing"] = tracing_cost(repo, body, seconds)
+        results["rollout"] = rollout_cost(repo, body, seconds, bare8)
         results["gateway_rest_onnxruntime"] = {
             "clients16": r16.summary(),
             "clients1": r1.summary(),
@@ -682,9 +740,22 @@ def main() -> None:
     parser.add_argument(
         "--tracing-only", action="store_true", help="tracing on vs off (16 clients) only"
     )
+    parser.add_argument(
+        "--lifecycle-only",
+        action="store_true",
+        help="p99 under Poisson arrivals with a shadow and across a reload only",
+    )
     args = parser.parse_args()
     if not 1 <= args.seconds <= 120:
         parser.error("--seconds must be between 1 and 120")
+    if args.lifecycle_only:
+        with tempfile.TemporaryDirectory(prefix="resnet-bench-") as tmp:
+            export_model(Path(tmp))
+            bare8 = bare_ort(Path(tmp) / NAME / "1" / "model.onnx", 8, args.seconds)
+            found = {"rollout": rollout_cost(Path(tmp), test_jpeg(), args.seconds, bare8)}
+        args.out.write_text(json.dumps(found, indent=2) + "\n")
+        print(json.dumps(found, indent=2))
+        return
     if args.tracing_only:
         with tempfile.TemporaryDirectory(prefix="resnet-bench-") as tmp:
             export_model(Path(tmp))

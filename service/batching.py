@@ -176,6 +176,11 @@ class Batcher:
         return max(fits, default=1)
 
     @property
+    def running(self) -> int:
+        """Batches in the backend now."""
+        return len(self._started)
+
+    @property
     def waiting(self) -> int:
         """Images ahead of a new request: queued, and admitted but still decoding."""
         return len(self._pending) + self._reserved

@@ -2,10 +2,11 @@
 are compared with the primary's, never returned.
 
 The copy is the primary's own input batch, sent after the primary has answered, so the
-shadow never delays or fails a primary request. It is bounded (at most one batch of the
-shadow's in flight) and dropped first under load (whenever the primary has a full batch
-waiting or decoding is behind): under pressure the report gets fewer images, the callers
-lose nothing. A shadow must preprocess as its primary does (the reload refuses one that
+shadow never fails a primary request, and it runs only in the primary's idle time: it is
+dropped whenever the primary has anything waiting, running or decoding, and at most one
+shadow batch is in flight. Under load the report gets fewer images; the callers lose
+nothing. (A primary request that arrives while a shadow batch runs on the same CPUs still
+shares them: measured in ``make bench``, README.) A shadow must preprocess as its primary does (the reload refuses one that
 does not), since it receives the primary's tensors.
 
 Per (primary, shadow) pair it records, per image: whether the top-1 classes agree, the
@@ -109,26 +110,27 @@ class Shadows:
         shadow = routing.versions.get(routing.shadow or "")
         if shadow is None:
             return
-        pair = self._pair(primary, shadow)
-        n = len(batch)
-        name = primary.spec.name
-        busy = (
-            primary.batcher.waiting >= primary.batcher.max_batch
-            or self.plane.decoder.backlog >= self.plane.decoder.workers
-            or self._inflight.get(name, 0) + n > shadow.batcher.max_batch
-        )
-        if busy:
-            pair.dropped += n
-            self._count(primary, shadow, "dropped", n)
-            return
-        self._inflight[name] = self._inflight.get(name, 0) + n
         # A context of its own: the request's record and span are the primary's, and
         # the primary request may be finished before this runs.
         task = asyncio.create_task(
-            self._run(pair, primary, shadow, batch, logits), context=contextvars.Context()
+            self._run(self._pair(primary, shadow), primary, shadow, batch, logits),
+            context=contextvars.Context(),
         )
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    def _busy(self, primary: Version, shadow: Version, n: int) -> bool:
+        """Whether a copy would compete with live traffic. Only idle time is used: a shadow
+        batch takes the same CPUs (embedded backend) or the same server, so it starts only
+        while the primary has nothing waiting, no batch running and no image decoding, and
+        one shadow batch at most is in flight."""
+        return (
+            primary.batcher.waiting > 0
+            or primary.batcher.running > 0
+            or self.plane.decoder.backlog > 0
+            or self._inflight.get(primary.spec.name, 0) > 0
+            or n > shadow.batcher.max_batch
+        )
 
     async def _run(
         self,
@@ -138,7 +140,15 @@ class Shadows:
         batch: np.ndarray,
         logits: np.ndarray,
     ) -> None:
+        # Decided here, not in mirror(): there the primary's own batch is still counted as
+        # running (it is done once its answers have been handed out).
         n = len(batch)
+        if self._busy(primary, shadow, n):
+            pair.dropped += n
+            self._count(primary, shadow, "dropped", n)
+            return
+        name = primary.spec.name
+        self._inflight[name] = self._inflight.get(name, 0) + n
         now = time.perf_counter()
         try:
             done = await shadow.batcher.submit(
@@ -150,7 +160,7 @@ class Shadows:
             log.debug("shadow %s v%s: %s", shadow.spec.name, shadow.spec.version, exc.message)
             return
         finally:
-            self._inflight[primary.spec.name] -= n
+            self._inflight[name] -= n
         agree, overlap, drift = compare(logits, np.stack(done.rows))
         pair.compared += n
         pair.top1_agreements += int(agree.sum())
