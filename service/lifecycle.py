@@ -155,6 +155,7 @@ class Lifecycle:
                 raise RepositoryError("; ".join(problems))
             self._switch(name, new)
             self.reloads[name] = Reload(name, serving=sorted(new.versions, key=int))
+            self.metrics.model_load_failing.labels(name).set(0)  # a series from the start
         if self.settings.poll_interval_s > 0:
             self._poll = asyncio.create_task(self._polling(), name="repository-poll")
 
