@@ -209,6 +209,13 @@ class Routing:
     def newest(self) -> Version:
         return self.versions[max(self.versions, key=int)]
 
+    def shares(self) -> dict[str, float]:
+        """Each version unpinned requests go to, with its share of them (0..1)."""
+        if not self.weights:
+            return {self.newest.spec.version: 1.0}
+        total = sum(w for _, w in self.weights)
+        return {v: w / total for v, w in self.weights}
+
     def pick(self, model: str, client: str | None) -> Version:
         """The version an unpinned request goes to: by weight, the same one for the same
         client key (hashed onto [0, 1)), at random without one."""
@@ -219,9 +226,8 @@ class Routing:
             point = int.from_bytes(digest, "big") / 2**64
         else:
             point = random.random()
-        point *= sum(w for _, w in self.weights)
-        for version, weight in self.weights:
-            point -= weight
+        for version, share in self.shares().items():
+            point -= share
             if point < 0:
                 return self.versions[version]
         return self.versions[self.weights[-1][0]]
@@ -378,7 +384,7 @@ class DataPlane:
             candidates = [self.served_version(model, version)]
         else:
             routing = self.routing(model)
-            candidates = [routing.versions[v] for v, _ in routing.weights] or [routing.newest]
+            candidates = [routing.versions[v] for v in routing.shares()]
         min(candidates, key=lambda v: v.batcher.waiting).batcher.admissible(1, deadline)
 
     def with_top_k(self, plan: Plan, top_k: int | None, name: str = "top_k") -> Plan:

@@ -43,8 +43,6 @@ from service.dataplane import DataPlane, Routing, Version
 from service.errors import LoadFailed, ServiceError, cut
 from service.metrics import Metrics
 from service.repository import (
-    CONTRACT_FILENAME,
-    MODEL_FILENAME,
     ModelSpec,
     RepositoryError,
     Rollout,
@@ -175,8 +173,7 @@ class Lifecycle:
         """Every version of ``model`` the gateway knows of: serving (with its share of the
         unpinned traffic), retiring (finishing its last requests), failed (and why)."""
         routing = self.plane.models[model]
-        total = sum(w for _, w in routing.weights)
-        share = {v: w / total for v, w in routing.weights} or {routing.newest.spec.version: 1.0}
+        share = routing.shares()
         states: dict[str, dict[str, Any]] = {}
         for v, served in routing.versions.items():
             states[v] = {
@@ -268,13 +265,10 @@ class Lifecycle:
     async def _load(self, model_dir: Path, version: str, layout: list[str]) -> Version:
         """Check, load, warm and probe one version; raise RepositoryError if it cannot be
         served (the backend then holds nothing of it)."""
-        name = model_dir.name
+        # The layout check names a missing contract or graph too: nothing else to look at.
         mine = [p for p in layout if f": version {version}: " in p or ": version " not in p]
         if mine:
             raise RepositoryError("; ".join(mine))
-        for needed in (CONTRACT_FILENAME, MODEL_FILENAME):
-            if not (model_dir / version / needed).is_file():
-                raise RepositoryError(f"model {name!r} version {version}: {needed} missing")
         spec = load_spec(model_dir, int(version))
         await self.backend.load(spec)
         try:
@@ -336,7 +330,7 @@ class Lifecycle:
                 problems.append(f"model {name!r}: shadow version {shadow} is not served")
                 shadow = None
             else:
-                primaries = [versions[v] for v, _ in weights] or [versions[max(versions, key=int)]]
+                primaries = [versions[v] for v in Routing(versions, weights).shares()]
                 contract = versions[shadow].spec.contract
                 odd = [p.spec.version for p in primaries if not p.spec.contract.same_io(contract)]
                 if odd:
@@ -355,8 +349,7 @@ class Lifecycle:
         m = self.metrics
         for v in set(old.versions) - set(routing.versions):
             m.traffic_weight.remove(name, v)
-        total = sum(w for _, w in routing.weights)
-        share = {v: w / total for v, w in routing.weights} or {routing.newest.spec.version: 1.0}
+        share = routing.shares()
         for v, served in routing.versions.items():
             m.traffic_weight.labels(name, v).set(share.get(v, 0.0))
             s = served.spec

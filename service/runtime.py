@@ -120,7 +120,7 @@ class Runtime:
         check_key(key, self._admin_hashes, how)
 
     def manage(self) -> Lifecycle:
-        """The model lifecycle, for an admin call (refused as :meth:`admit` refuses)."""
+        """The model lifecycle (reloads, version states), refused as :meth:`admit` refuses."""
         self.admit()
         assert self.lifecycle is not None  # set with the data plane, in one step
         return self.lifecycle

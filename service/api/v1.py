@@ -234,8 +234,7 @@ async def get_model(model: str, plane: PlaneDep, rt: RuntimeDep) -> ModelDetail:
     share, and what the newest reload did."""
     spec = plane.spec(model)
     summary = ModelSummary.model_validate(plane.summary(spec))
-    lifecycle = rt.lifecycle
-    assert lifecycle is not None  # the plane is admitted: the runtime has started
+    lifecycle = rt.manage()
     return ModelDetail(
         **summary.model_dump(),
         contract=spec.contract,
