@@ -37,6 +37,17 @@ class Call:
     model: str = "tiny"
     top_k: int | None = None
     key: str | None = None
+    #: A pinned version (None: the model's routing picks one).
+    version: str | None = None
+
+    def path(self, prefix: str) -> str:
+        """``prefix/{model}`` or ``prefix/{model}/versions/{version}``, and the template."""
+        if self.version is None:
+            return f"{prefix}/{self.model}", prefix + "/{model}"
+        return (
+            f"{prefix}/{self.model}/versions/{self.version}",
+            prefix + "/{model}/versions/{version}",
+        )
 
 
 @dataclass
@@ -58,13 +69,14 @@ class Gateway:
     # --- the four transports ------------------------------------------------------------------
 
     def rest(self, call: Call) -> Answer:
+        path, template = call.path("/v1/models")
         resp = self.client.post(
-            f"/v1/models/{call.model}/classify",
+            path + "/classify",
             files=[("file", (f"{n}.png", d, "image/png")) for n, d in enumerate(call.images)],
             params={} if call.top_k is None else {"top_k": call.top_k},
             headers={"x-api-key": call.key} if call.key else {},
         )
-        assert_documented(self.client, "/v1/models/{model}/classify", "post", resp.status_code)
+        assert_documented(self.client, template + "/classify", "post", resp.status_code)
         return Answer(
             resp.status_code, resp.json()["error"]["code"], resp.headers.get("retry-after")
         )
@@ -82,12 +94,11 @@ class Gateway:
         }
         if call.top_k is not None:
             body["outputs"] = [{"name": "logits", "parameters": {"classification": call.top_k}}]
+        path, template = call.path("/v2/models")
         resp = self.client.post(
-            f"/v2/models/{call.model}/infer",
-            json=body,
-            headers={"x-api-key": call.key} if call.key else {},
+            path + "/infer", json=body, headers={"x-api-key": call.key} if call.key else {}
         )
-        assert_documented(self.client, "/v2/models/{model}/infer", "post", resp.status_code)
+        assert_documented(self.client, template + "/infer", "post", resp.status_code)
         return Answer(resp.status_code, resp.json()["code"], resp.headers.get("retry-after"))
 
     def _grpc(self, method: str, request, call: Call) -> Answer:
@@ -101,7 +112,7 @@ class Gateway:
         )
 
     def kserve_grpc(self, call: Call) -> Answer:
-        request = kpb.ModelInferRequest(model_name=call.model)
+        request = kpb.ModelInferRequest(model_name=call.model, model_version=call.version or "")
         request.inputs.add(name="images", datatype="BYTES", shape=[len(call.images)])
         request.raw_input_contents.append(serialize_bytes(call.images))
         if call.top_k is not None:
@@ -110,7 +121,12 @@ class Gateway:
         return self._grpc("/inference.GRPCInferenceService/ModelInfer", request, call)
 
     def classifier_grpc(self, call: Call) -> Answer:
-        request = cpb.ClassifyRequest(model=call.model, images=call.images, top_k=call.top_k or 0)
+        request = cpb.ClassifyRequest(
+            model=call.model,
+            images=call.images,
+            top_k=call.top_k or 0,
+            model_version=call.version or "",
+        )
         return self._grpc("/resnet_serving.v1.Classifier/Classify", request, call)
 
 
@@ -205,6 +221,7 @@ CASES = {
     "401 no API key": ("keyed", Call(), 401, "UNAUTHENTICATED", "unauthorized"),
     "401 wrong API key": ("keyed", Call(key="nope"), 401, "UNAUTHENTICATED", "unauthorized"),
     "404 unknown model": ("plain", Call(model="nope"), 404, "NOT_FOUND", "model_not_found"),
+    "404 version not served": ("plain", Call(version="9"), 404, "NOT_FOUND", "model_not_found"),
     "413 too many images": ("plain", Call(images=[GOOD] * 5), 413, "INVALID_ARGUMENT", "payload_too_large"),
     "415 not an image": ("plain", Call(images=[b"hello"]), 415, "INVALID_ARGUMENT", "unsupported_media_type"),
     "422 top_k out of range": ("plain", Call(top_k=11), 422, "INVALID_ARGUMENT", "validation_failed"),
