@@ -59,7 +59,7 @@ from service.bench.run import run as bench_run
 from service.bench.runner import Bounds, Step, closed_loop, open_loop
 from service.bench.server import Scraper
 from service.bench.targets import make_target
-from service.cpus import usable_cpus
+from service.cpus import cpu_isa, usable_cpus
 from service.testing import GatewayProcess, free_port
 
 BIN = Path(sys.executable).parent
@@ -192,8 +192,18 @@ def gateway_clients16(
     return result
 
 
+def onnx_of(repo: Path) -> Path:
+    """The FP32 graph export_model published into ``repo``."""
+    return repo / NAME / "1" / "model.onnx"
+
+
 def bench_int8(
-    root: Path, body: bytes, seconds: float, bare8_fp32: float, latency_only: bool = False
+    root: Path,
+    body: bytes,
+    seconds: float,
+    bare8_fp32: float,
+    latency_only: bool = False,
+    latency: bool = True,
 ) -> dict[str, Any]:
     repo = root / "int8"
     calib = calibration_images(root / "calibration")
@@ -217,13 +227,34 @@ def bench_int8(
         "bare_batch1_images_per_s": round(bare1, 2),
         "bare_batch8_images_per_s": round(bare8, 2),
         "bare_int8_vs_fp32_batch8": round(bare8 / bare8_fp32, 3),
+        "export_gates": int8_gates(repo / NAME / "1" / "export_report.json"),
     }
     if not latency_only:
         r16 = gateway_clients16("gateway INT8", repo, body, seconds)
         out["gateway_clients16"] = r16.summary()
         out["gateway_vs_bare_int8_batch8"] = round(r16.images_per_s / bare8, 3)
-    out["latency_under_load"] = latency_under_load(repo, calib, seconds, bare1, bare8)
+    if latency:
+        out["latency_under_load"] = latency_under_load(repo, calib, seconds, bare1, bare8)
     return out
+
+
+def int8_gates(report_path: Path) -> dict[str, Any]:
+    """What export measured of the INT8 file: top-1 agreement with FP32 on this CPU's
+    kernels and for the exact reference, and the kernels' largest logit difference from
+    the reference as a share of the largest logit (random weights: the gate only reports)."""
+    report = json.loads(report_path.read_text())
+    versus = report["kernels_vs_exact"]
+    return {
+        "kernels": versus["kernels"],
+        "scheme": report["int8_scheme"],
+        "images": report["accuracy_gate"]["images"],
+        "kernels_top1_vs_fp32_pct": report["accuracy_gate"]["top1_agreement_pct"],
+        "exact_top1_vs_fp32_pct": report["accuracy_gate_exact"]["top1_agreement_pct"],
+        "kernels_top1_vs_exact_pct": versus["top1_agreement_pct"],
+        "kernels_max_diff_vs_exact_pct_of_largest": round(
+            100 * versus["max_abs_logit_diff"] / versus["largest_logit"], 3
+        ),
+    }
 
 
 class Collector:
@@ -383,23 +414,6 @@ def latency_under_load(
     return out
 
 
-def cpu_flags() -> str:
-    """What decides INT8 speed on x86: VNNI (AVX-512 or AVX) or only AVX2."""
-    try:
-        flags = next(
-            line
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("flags")
-        ).split()
-    except (OSError, StopIteration):
-        return "unknown"
-    if "avx512_vnni" in flags:
-        return "AVX-512 VNNI"
-    if "avx_vnni" in flags:
-        return "AVX-VNNI"
-    return "AVX2 (no VNNI)" if "avx2" in flags else "no AVX2"
-
-
 def bare_ort(onnx_path: Path, batch: int, seconds: float) -> float:
     """Images/s of a plain ORT session (all usable CPUs, default options) at a fixed batch."""
     import onnxruntime as ort
@@ -498,7 +512,7 @@ def run(
     seconds: float, out: Path, triton: bool = True, latency_only: bool = False
 ) -> dict[str, Any]:
     results: dict[str, Any] = {
-        "machine": {"cpus": usable_cpus(), "node_cpus": os.cpu_count(), "isa": cpu_flags()}
+        "machine": {"cpus": usable_cpus(), "node_cpus": os.cpu_count(), "isa": cpu_isa()}
     }
     with tempfile.TemporaryDirectory(prefix="resnet-bench-") as tmp:
         repo = Path(tmp)
@@ -623,6 +637,14 @@ def table(results: dict[str, Any]) -> str:
                 f"{q['bare_batch1_images_per_s']:.1f} / {q['bare_batch8_images_per_s']:.1f} img/s",
                 f"{q['bare_int8_vs_fp32_batch8']:.2f}x (INT8 vs FP32)",
             ),
+            (
+                f"INT8 top-1 vs FP32, {q['export_gates']['images']} photo crops: "
+                f"{q['export_gates']['kernels']} kernels / exact reference",
+                f"{q['export_gates']['kernels_top1_vs_fp32_pct']:.2f}% / "
+                f"{q['export_gates']['exact_top1_vs_fp32_pct']:.2f}%",
+                f"kernels vs exact: max diff "
+                f"{q['export_gates']['kernels_max_diff_vs_exact_pct_of_largest']:.2f}% of the largest",
+            ),
             *latency_rows("INT8", q["latency_under_load"]),
         ]
         if "gateway_clients16" in q:
@@ -741,6 +763,11 @@ def main() -> None:
         "--tracing-only", action="store_true", help="tracing on vs off (16 clients) only"
     )
     parser.add_argument(
+        "--int8-only",
+        action="store_true",
+        help="bare FP32 and INT8, INT8's export gates, the gateway serving INT8 (16 clients)",
+    )
+    parser.add_argument(
         "--lifecycle-only",
         action="store_true",
         help="p99 under Poisson arrivals with a shadow and across a reload only",
@@ -748,21 +775,28 @@ def main() -> None:
     args = parser.parse_args()
     if not 1 <= args.seconds <= 120:
         parser.error("--seconds must be between 1 and 120")
-    if args.lifecycle_only:
-        with tempfile.TemporaryDirectory(prefix="resnet-bench-") as tmp:
-            export_model(Path(tmp))
-            bare8 = bare_ort(Path(tmp) / NAME / "1" / "model.onnx", 8, args.seconds)
-            found = {"rollout": rollout_cost(Path(tmp), test_jpeg(), args.seconds, bare8)}
-        args.out.write_text(json.dumps(found, indent=2) + "\n")
-        print(json.dumps(found, indent=2))
-        return
-    if args.tracing_only:
-        with tempfile.TemporaryDirectory(prefix="resnet-bench-") as tmp:
-            export_model(Path(tmp))
-            traced = {"tracing": tracing_cost(Path(tmp), test_jpeg(), args.seconds)}
-        args.out.write_text(json.dumps(traced, indent=2) + "\n")
-        print(json.dumps(traced, indent=2))
-        return
+    s = args.seconds
+    phases = {
+        "lifecycle_only": lambda root: {
+            "rollout": rollout_cost(root, test_jpeg(), s, bare_ort(onnx_of(root), 8, s))
+        },
+        "int8_only": lambda root: {
+            "machine": {"isa": cpu_isa()},
+            "int8": bench_int8(
+                root / "q", test_jpeg(), s, bare_ort(onnx_of(root), 8, s), latency=False
+            ),
+        },
+        "tracing_only": lambda root: {"tracing": tracing_cost(root, test_jpeg(), s)},
+    }
+    for flag, phase in phases.items():
+        if getattr(args, flag):
+            # One phase on its own: the FP32 export it starts from, then the phase.
+            with tempfile.TemporaryDirectory(prefix="resnet-bench-") as tmp:
+                export_model(Path(tmp))
+                found = phase(Path(tmp))
+            args.out.write_text(json.dumps(found, indent=2) + "\n")
+            print(json.dumps(found, indent=2))
+            return
     results = run(args.seconds, args.out, triton=not args.no_triton, latency_only=args.latency_only)
     print(table(results))
 

@@ -523,6 +523,7 @@ def validate(
     """Check every model: config parses, files exist, contract agrees with the ONNX graph."""
     with _errors():
         from export.repository import validate_repository
+        from service.cpus import cpu_isa
         from service.repository import load_spec
 
         models, problems = validate_repository(repository)
@@ -531,9 +532,19 @@ def validate(
         if problems:
             raise typer.Exit(1)
         if not quiet:
+            kernels = cpu_isa()
             for model in models:
                 spec = load_spec(repository / model)
-                typer.echo(f"ok: {model} (version {spec.version}, {spec.precision})")
+                precision = spec.precision
+                if precision == "int8":
+                    # An INT8 file from before the scheme was recorded has 8-bit weights,
+                    # whose answers depend on the CPU's kernels (export.quantize).
+                    scheme = (
+                        spec.contract.int8_scheme
+                        or "(scheme not recorded: answers may differ by CPU)"
+                    )
+                    precision = f"int8 {scheme}"
+                typer.echo(f"ok: {model} (version {spec.version}, {precision}; {kernels} kernels)")
 
 
 def _version(text: str, what: str) -> str:

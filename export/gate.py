@@ -22,12 +22,21 @@ DEFAULT_MIN_AGREEMENT = 99.0
 BATCH = 8
 
 
-def run_onnx(path: Path, contract: PreprocessContract, x: np.ndarray) -> np.ndarray:
-    """Logits of the ONNX model at ``path`` for ``x`` (N images), on the CPU."""
+def run_onnx(
+    path: Path, contract: PreprocessContract, x: np.ndarray, *, exact: bool = False
+) -> np.ndarray:
+    """Logits of the ONNX model at ``path`` for ``x`` (N images), on the CPU.
+
+    ``exact``: with graph optimizations off, nothing fuses a QDQ graph's
+    QuantizeLinear/DequantizeLinear pairs into integer kernels, so each quantized op runs
+    as float arithmetic on dequantized values: what an exact integer kernel computes, on
+    any CPU (the INT8 reference; export.quantize says why the kernels may differ)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    if exact:
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     out = [
         session.run([contract.output_name], {contract.input_name: x[i : i + BATCH]})[0]

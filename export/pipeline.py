@@ -37,6 +37,8 @@ from export.repository import (
     publish,
 )
 from service.contract import ContractError, PreprocessContract, read_labels
+from service.cpus import cpu_isa
+from service.repository import PROBE_TOLERANCE, parity_problem
 
 
 @dataclass(frozen=True)
@@ -142,8 +144,10 @@ def export_and_publish(
         fallback = Images(np.stack(real), "parity images") if real else None
         validation = plan.validation or sample or fallback
         reduced = _reduce(onnx_path, contract, plan, validation, serving.max_batch_size, log)
-        probe, probe_source = _probe(reduced.onnx, contract, validation)
-        contract = contract.model_copy(update={"precision": plan.precision})
+        exact = plan.precision == "int8"
+        probe, probe_source = _probe(reduced.onnx, contract, validation, exact)
+        scheme = reduced.report["quantization"]["scheme"] if exact else None
+        contract = contract.model_copy(update={"precision": plan.precision, "int8_scheme": scheme})
         report: dict[str, Any] = {
             "name": name,
             "arch": contract.arch,
@@ -151,11 +155,17 @@ def export_and_publish(
             "source_sha256": contract.source_sha256,
             "opset": opset,
             "precision": contract.precision,
+            **({"int8_scheme": scheme} if scheme else {}),
+            "cpu_isa": cpu_isa(),
             "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "onnx_checker": "pass",
             "parity": parity.as_dict(),
             **reduced.report,
-            "probe": {"inputs": len(probe.inputs), "source": probe_source},
+            "probe": {
+                "inputs": len(probe.inputs),
+                "source": probe_source,
+                "outputs": "INT8 exact reference" if exact else "onnxruntime",
+            },
             "versions": {
                 "torch": torch.__version__,
                 "onnx": onnx.__version__,
@@ -173,12 +183,14 @@ def export_and_publish(
 
 
 def _probe(
-    published: Path, contract: PreprocessContract, images: Images | None
+    published: Path, contract: PreprocessContract, images: Images | None, exact: bool
 ) -> tuple[Probe, str]:
     """The parity probe published with the version: up to PROBE_SIZE of the real images the
     published graph was checked on (the accuracy gate's, else the parity check's), and that
-    graph's ONNX Runtime logits for them. With no real image at all, the parity check's
-    random inputs (same seed): a probe checks the arithmetic, which random inputs exercise."""
+    graph's ONNX Runtime logits for them; for INT8 the exact reference's (``run_onnx``), not
+    this CPU's kernels', so that a version loads wherever its kernels compute the exact
+    result. With no real image at all, the parity check's random inputs (same seed): a probe
+    checks the arithmetic, which random inputs exercise."""
     if images is not None and len(images):
         picked = spread(list(images.tensors), PROBE_SIZE)
         inputs, source = np.stack(picked).astype(np.float32), images.source
@@ -186,7 +198,7 @@ def _probe(
         rng = np.random.default_rng(0)
         inputs = rng.standard_normal((PROBE_SIZE, *contract.input_shape), dtype=np.float32)
         source = "random inputs"
-    return Probe(inputs, run_onnx(published, contract, inputs)), source
+    return Probe(inputs, run_onnx(published, contract, inputs, exact=exact)), source
 
 
 @dataclass(frozen=True)
@@ -237,15 +249,7 @@ def _reduce(
             settings = convert_fp16(fp32, published)
         check_onnx(published, contract)
         report["quantization"] = settings
-        gate = _gate(
-            reference,
-            run_onnx(published, contract, validation.tensors),
-            plan,
-            plan.precision.upper(),
-            validation,
-            log,
-        )
-        report["accuracy_gate"] = gate.as_dict()
+        report.update(_gate_reduced(published, contract, reference, plan, validation, log))
     engine = None
     if plan.tensorrt:
         engine, outputs = _engine(fp32, published, contract, plan, validation, max_batch_size, log)
@@ -266,6 +270,20 @@ def _gate(
     validation: Images,
     log: Callable[[str], None],
 ) -> AgreementReport:
+    gate = _score(reference, candidate, plan, what, validation, log)
+    if not gate.passed:
+        raise ExportError(gate.refusal())
+    return gate
+
+
+def _score(
+    reference: np.ndarray,
+    candidate: np.ndarray,
+    plan: PrecisionPlan,
+    what: str,
+    validation: Images,
+    log: Callable[[str], None],
+) -> AgreementReport:
     gate = compare(
         reference,
         candidate,
@@ -274,9 +292,62 @@ def _gate(
         min_agreement_pct=plan.min_agreement,
     )
     log(gate.summary())
-    if not gate.passed:
-        raise ExportError(gate.refusal())
     return gate
+
+
+def _gate_reduced(
+    published: Path,
+    contract: PreprocessContract,
+    reference: np.ndarray,
+    plan: PrecisionPlan,
+    validation: Images,
+    log: Callable[[str], None],
+) -> dict[str, Any]:
+    """The accuracy gate of the reduced graph as this CPU's kernels run it and, for INT8,
+    as the exact reference computes it (what the kernels of every other CPU must match):
+    both against FP32, both reported before either refuses; then the kernels against the
+    reference within the gateway's probe tolerance, so that the file published gives here
+    what it gives on any node."""
+    candidate = run_onnx(published, contract, validation.tensors)
+    if plan.precision != "int8":
+        gate = _gate(reference, candidate, plan, plan.precision.upper(), validation, log)
+        return {"accuracy_gate": gate.as_dict()}
+    kernels = cpu_isa()
+    exact = run_onnx(published, contract, validation.tensors, exact=True)
+    on_kernels = _score(reference, candidate, plan, f"INT8 on {kernels} kernels", validation, log)
+    on_exact = _score(reference, exact, plan, "INT8 exact reference", validation, log)
+    versus = compare(
+        exact,
+        candidate,
+        names=(f"INT8 on {kernels} kernels", "INT8 exact reference"),
+        images_source=validation.source,
+    )
+    problem = parity_problem(exact, candidate)
+    log(
+        f"INT8 on {kernels} kernels vs the exact reference: top-1 agreement "
+        f"{versus.top1_agreement_pct:.2f}% of {versus.images}, max |logit diff| "
+        f"{versus.max_abs_logit_diff:.3g} ({'PASS' if problem is None else 'FAIL'}: the "
+        f"gateway's probe allows {PROBE_TOLERANCE:.0%} of the largest logit)"
+    )
+    for gate in (on_kernels, on_exact):
+        if not gate.passed:
+            raise ExportError(gate.refusal())
+    if problem is not None:
+        raise ExportError(
+            f"not published: INT8 on this CPU's {kernels} kernels differs from the exact "
+            f"reference on {validation.source}: {problem}"
+        )
+    return {
+        "accuracy_gate": on_kernels.as_dict(),
+        "accuracy_gate_exact": on_exact.as_dict(),
+        "kernels_vs_exact": {
+            "kernels": kernels,
+            "top1_agreement_pct": versus.top1_agreement_pct,
+            "max_abs_logit_diff": versus.max_abs_logit_diff,
+            "largest_logit": float(np.abs(exact).max()),
+            "tolerance_pct_of_largest": PROBE_TOLERANCE * 100,
+        },
+    }
 
 
 def _engine(

@@ -40,6 +40,10 @@ def describe_validation_error(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
+#: How an INT8 graph is quantized (export.quantize): activations x weights, 7-bit weights.
+Int8Scheme = Literal["u8s8-reduce-range", "s8s8-reduce-range"]
+
+
 class PreprocessContract(BaseModel):
     """What a model expects as input and what its output means."""
 
@@ -62,6 +66,13 @@ class PreprocessContract(BaseModel):
     num_classes: int = Field(gt=0)
     labels_file: str = LABELS_FILENAME
     precision: Literal["fp32", "fp16", "int8"] = "fp32"
+    int8_scheme: Int8Scheme | None = Field(
+        default=None,
+        description="INT8 only: activations x weights (u8s8: uint8 activations for ONNX "
+        "Runtime's CPU kernels, s8s8: symmetric for TensorRT), weights in 7 bits (reduce "
+        "range) so that every x86 kernel path computes the exact result. None for other "
+        "precisions and for INT8 versions exported before the scheme was recorded.",
+    )
     source_sha256: str | None = Field(
         default=None, description="sha256 of the checkpoint the model was exported from."
     )
@@ -76,6 +87,8 @@ class PreprocessContract(BaseModel):
             )
         if any(s <= 0 for s in self.std):
             raise ValueError("std values must be positive")
+        if self.int8_scheme is not None and self.precision != "int8":
+            raise ValueError(f"int8_scheme is for INT8 models, not {self.precision}")
         if self.crop > self.resize:
             raise ValueError(f"crop ({self.crop}) cannot exceed resize ({self.resize})")
         return self
@@ -93,7 +106,7 @@ class PreprocessContract(BaseModel):
         """Whether ``other`` takes the same input tensors from the same images and answers
         with the same classes (it may differ in weights, precision, architecture): what a
         shadow of this model must do to be fed its tensors and compared with it."""
-        mine = {"arch", "precision", "source_sha256"}
+        mine = {"arch", "precision", "int8_scheme", "source_sha256"}
         return self.model_dump(exclude=mine) == other.model_dump(exclude=mine)
 
     def to_json(self) -> str:

@@ -20,6 +20,7 @@ cgroup file must never stop the gateway.
 from __future__ import annotations
 
 import os
+import platform
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -173,3 +174,34 @@ def _ratio(quota: str, period: str) -> float | None:
     except ValueError:
         return None
     return q / p if q > 0 and p > 0 else None
+
+
+#: The integer-kernel path ONNX Runtime's CPU kernels (MLAS) take for INT8, by the CPU
+#: flags it dispatches on, most capable first. It matters because the paths round
+#: differently: AVX2 and AVX-512 without VNNI add pairs of u8 x s8 products in 16 bits
+#: with saturation (VPMADDUBSW), VNNI and AMX accumulate in 32 bits exactly, so the same
+#: INT8 file can answer differently by path unless its weights leave room (export.quantize).
+_ISA_FLAGS = (
+    ("AMX", {"amx_tile", "amx_int8"}),
+    ("AVX-512 VNNI", {"avx512_vnni", "avx512bw"}),
+    ("AVX-VNNI", {"avx_vnni", "avx2"}),
+    ("AVX-512", {"avx512bw"}),
+    ("AVX2", {"avx2"}),
+    ("SSE4.1", {"sse4_1"}),
+)
+
+
+def cpu_isa(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The instruction set this machine's CPU kernels run on ("AVX2", "AVX-512 VNNI",
+    "AMX"...), from the CPU flags; the machine's architecture where there are no x86 flags
+    to read (``aarch64``)."""
+    flags: set[str] = set()
+    for line in _read(cpuinfo).splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+            flags = set(value.split())
+            break
+    for name, needed in _ISA_FLAGS:
+        if needed <= flags:
+            return name
+    return platform.machine() or "unknown"

@@ -97,6 +97,8 @@ class ModelSummary:
     max_batch_size: int
     precision: str
     backend: str
+    #: What computes its batches (Backend.kernels): the CPU's instruction set, CUDA, triton.
+    kernels: str
     default: bool
     platform: str
     inputs: list[TensorSig]
@@ -539,6 +541,7 @@ class DataPlane:
             max_batch_size=served.batcher.max_batch,
             precision=spec.precision,
             backend=self.backend.name,
+            kernels=self.backend.kernels,
             default=spec.name == self.default_model,
             platform=spec.platform,
             inputs=inputs,

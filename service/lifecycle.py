@@ -48,6 +48,7 @@ from service.repository import (
     Rollout,
     load_probe,
     load_spec,
+    parity_problem,
     served_versions,
     validate_model,
 )
@@ -55,10 +56,6 @@ from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
-#: Parity probe: the backend's logits may differ from export's by this share of the
-#: largest logit (another execution provider or Triton's own ONNX Runtime build may fuse
-#: differently; a wrong or corrupted graph is off by far more), and top-1 must agree.
-PROBE_TOLERANCE = 0.02
 PROBE_TIMEOUT_S = 60.0
 
 
@@ -297,18 +294,8 @@ class Lifecycle:
             )
         if expected is None:
             return
-        diff = float(np.abs(logits - expected).max())
-        tolerance = PROBE_TOLERANCE * max(1.0, float(np.abs(expected).max()))
-        # A different top-1 counts only where export's own top two were not a tie (within
-        # the tolerance): there any rounding may pick either.
-        rows = np.arange(len(inputs))
-        picked = expected[rows, logits.argmax(1)]
-        agree = int((picked >= expected.max(1) - tolerance).sum())
-        if diff > tolerance or agree < len(inputs):
-            raise RepositoryError(
-                f"{where} failed: max abs logit difference {diff:.4g} from what export "
-                f"verified (tolerance {tolerance:.4g}), top-1 agrees on {agree} of {len(inputs)}"
-            )
+        if problem := parity_problem(expected, logits):
+            raise RepositoryError(f"{where} failed against what export verified: {problem}")
 
     def _route(
         self, name: str, versions: dict[str, Version], rollout: Rollout
@@ -353,7 +340,12 @@ class Lifecycle:
         for v, served in routing.versions.items():
             m.traffic_weight.labels(name, v).set(share.get(v, 0.0))
             s = served.spec
-            m.model_info.labels(name, v, s.precision, s.contract.arch, self.backend.name).set(1)
+            m.model_info.labels(*self._info(s)).set(1)
+
+    def _info(self, spec: ModelSpec) -> tuple[str, ...]:
+        """The model-info metric's labels for ``spec``."""
+        b = self.backend
+        return spec.name, spec.version, spec.precision, spec.contract.arch, b.name, b.kernels
 
     def _retire(self, version: Version) -> None:
         self._retiring[version] = asyncio.create_task(
@@ -388,9 +380,7 @@ class Lifecycle:
             # The session's weights and arenas went back to malloc, which keeps them in its
             # arenas: hand them to the kernel (service.memory), or RSS grows by reloads.
             await asyncio.to_thread(memory.trim)
-            self.metrics.model_info.remove(
-                spec.name, spec.version, spec.precision, spec.contract.arch, self.backend.name
-            )
+            self.metrics.model_info.remove(*self._info(spec))
             log.info("released %s version %s", spec.name, spec.version)
         finally:
             if self._retiring.get(version) is me:

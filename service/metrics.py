@@ -103,8 +103,9 @@ class Metrics:
         )
         self.model_info = Gauge(
             p + "model_info",
-            "Served models (value 1).",
-            ["model", "version", "precision", "arch", "backend"],
+            "Served models (value 1); kernels: what computes their batches (the CPU's "
+            "instruction set, CUDA, triton).",
+            ["model", "version", "precision", "arch", "backend", "kernels"],
             registry=r,
         )
         self.ready = Gauge(p + "ready", "1 when the gateway is ready to serve.", registry=r)

@@ -326,6 +326,33 @@ def served_versions(model_dir: Path) -> tuple[list[int], Rollout]:
     return sorted(versions), rollout
 
 
+#: Parity probe: a backend's logits may differ from export's by this share of the largest
+#: logit (another execution provider, Triton's own ONNX Runtime build or another CPU's INT8
+#: kernels may round differently; a wrong or corrupted graph is off by far more), and top-1
+#: must agree.
+PROBE_TOLERANCE = 0.02
+
+
+def parity_problem(expected: np.ndarray, logits: np.ndarray) -> str | None:
+    """Why ``logits`` are not the ``expected`` ones within PROBE_TOLERANCE (None: they are).
+
+    One check for the gateway's probe at load and export's check of an INT8 file's kernels
+    against the exact result."""
+    diff = float(np.abs(logits - expected).max())
+    tolerance = PROBE_TOLERANCE * max(1.0, float(np.abs(expected).max()))
+    # A different top-1 counts only where the expected top two were a tie (within the
+    # tolerance): there any rounding may pick either.
+    rows = np.arange(len(expected))
+    picked = expected[rows, logits.argmax(1)]
+    agree = int((picked >= expected.max(1) - tolerance).sum())
+    if diff > tolerance or agree < len(expected):
+        return (
+            f"max abs logit difference {diff:.4g} (tolerance {tolerance:.4g}), "
+            f"top-1 agrees on {agree} of {len(expected)}"
+        )
+    return None
+
+
 def load_probe(spec: ModelSpec) -> tuple[np.ndarray, np.ndarray] | None:
     """The stored parity probe of a version: (inputs, the outputs export verified), or None
     for a version published without one."""

@@ -51,6 +51,10 @@ class ModelSummary(BaseModel):
     max_batch_size: int
     precision: str
     backend: str
+    kernels: str = Field(
+        description="What computes its batches: the instruction set of the gateway's CPU "
+        "kernels (AVX2, AVX-512, AVX-512 VNNI, AMX), an accelerator (CUDA) or triton."
+    )
     default: bool
 
 

@@ -25,6 +25,9 @@ class Backend(abc.ABC):
     #: CPUs of this process one batch keeps busy (its inference threads; 0: it runs on a
     #: server or a GPU). The data plane holds that many while the batch runs.
     cpus_per_batch: int = 0
+    #: What computes a batch: the instruction set of this CPU's kernels (``AVX2``,
+    #: ``AVX-512 VNNI``, ``AMX``: service.cpus.cpu_isa), an accelerator, or a server.
+    kernels: str = "unknown"
 
     def warm_costs(self, spec: ModelSpec) -> dict[int, float]:
         """Seconds a batch of each size took at warm-up, for the sizes the backend timed

@@ -11,7 +11,7 @@ import numpy as np
 import onnxruntime as ort
 
 from service.backends.base import Backend
-from service.cpus import usable_cpus
+from service.cpus import cpu_isa, usable_cpus
 from service.errors import BackendUnavailable, brief
 from service.repository import ModelSpec, RepositoryError, TensorSig, tensor_problems
 
@@ -50,6 +50,9 @@ class OnnxRuntimeBackend(Backend):
         self._threads = intra_op_threads or max(1, usable_cpus() // self.max_inflight_batches)
         if self._providers[0] == "CPUExecutionProvider":
             self.cpus_per_batch = self._threads
+            self.kernels = cpu_isa()
+        else:
+            self.kernels = self._providers[0].removesuffix("ExecutionProvider")
         # Per (model, version): versions of one model are served side by side.
         self._sessions: dict[tuple[str, str], ort.InferenceSession] = {}
         # Threads that call session.run (the GIL is released while ORT computes).

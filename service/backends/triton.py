@@ -86,6 +86,7 @@ def metadata_problems(spec: ModelSpec, meta: dict[str, Any], max_batch: int) -> 
 class TritonBackend(Backend):
     name = "triton"
     max_inflight_batches = 4
+    kernels = "triton"  # whatever Triton's node runs on; its own metrics say
 
     def __init__(
         self,

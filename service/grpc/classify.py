@@ -44,6 +44,7 @@ def methods(runtime: Runtime) -> dict[str, Method]:
                     precision=s.precision,
                     is_default=s.default,
                     versions=s.versions,
+                    kernels=s.kernels,
                 )
                 for s in runtime.admit().summaries()
             ]

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from export.models import build_model
+from service.cpus import cpu_isa
 from tests.conftest import run_cli, tree_digest
 
 
@@ -97,7 +98,7 @@ def test_export_then_validate(tmp_path, r18_ckpt, labels5):
 
     proc = run_cli("resnet-export", "validate", "--repository", str(repo))
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == "ok: fruit (version 2, fp32)"
+    assert proc.stdout.strip() == f"ok: fruit (version 2, fp32; {cpu_isa()} kernels)"
 
     # Exported logits are PyTorch's logits.
     import onnxruntime as ort

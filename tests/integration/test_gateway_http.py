@@ -15,6 +15,7 @@ from PIL import Image
 
 from service.app import create_app
 from service.backends.onnxruntime import OnnxRuntimeBackend
+from service.cpus import cpu_isa
 from service.settings import Settings
 from service.testing import SlowBackend, counted
 from tests.conftest import TINY_LABELS, image_bytes
@@ -183,7 +184,9 @@ def test_metrics_use_route_templates(client, images):
     ):
         assert name in text
     assert re.search(
-        r'resnet_serve_model_info\{arch="tiny",backend="onnxruntime",model="tiny",precision="fp32",version="1"\} 1\.0',
+        r'resnet_serve_model_info\{arch="tiny",backend="onnxruntime",kernels="'
+        + re.escape(cpu_isa())
+        + r'",model="tiny",precision="fp32",version="1"\} 1\.0',
         text,
     )
 

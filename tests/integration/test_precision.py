@@ -16,7 +16,8 @@ from export.errors import ExportError
 from export.gate import run_onnx
 from export.pipeline import Images, PrecisionPlan, export_and_publish
 from export.repository import ServingConfig
-from service.repository import Rollout, load_spec, write_rollout
+from service.cpus import cpu_isa
+from service.repository import Rollout, load_spec, parity_problem, write_rollout
 from service.testing import GatewayProcess, scrape, wait_until
 from tests.conftest import TINY_CONTRACT, TINY_LABELS, image_bytes, run_cli
 from tests.integration.test_export_cli import assert_one_line_failure
@@ -31,7 +32,8 @@ def int8_repo(demo, tmp_path_factory):
     shutil.copytree(demo.model_dir, repo / "digits")
     proc = run_cli("resnet-export", "demo", "--precision", "int8", "--repository", str(repo))
     assert proc.returncode == 0, proc.stderr
-    assert "accuracy gate PASS: INT8 agrees with FP32" in proc.stdout
+    assert f"accuracy gate PASS: INT8 on {cpu_isa()} kernels agrees with FP32" in proc.stdout
+    assert "accuracy gate PASS: INT8 exact reference agrees with FP32" in proc.stdout
     return repo
 
 
@@ -46,11 +48,74 @@ def test_int8_demo_is_published_with_its_proof(int8_repo):
     gate = report["accuracy_gate"]
     assert gate["passed"] and gate["images"] == 450 and gate["images_source"] == "held-out digits"
     assert gate["top1_agreement_pct"] >= 99.0
+    exact = report["accuracy_gate_exact"]
+    assert exact["passed"] and exact["images"] == 450 and exact["top1_agreement_pct"] >= 99.0
+    versus = report["kernels_vs_exact"]
+    assert versus["kernels"] == report["cpu_isa"] == cpu_isa()
+    assert versus["max_abs_logit_diff"] <= 0.02 * versus["largest_logit"]
+    assert report["int8_scheme"] == spec.contract.int8_scheme == "u8s8-reduce-range"
+    assert report["probe"]["outputs"] == "INT8 exact reference"
     assert report["quantization"]["calibration_images"] == 256
     assert report["quantization"]["calibration_method"] == "percentile"
     assert {"QuantizeLinear", "DequantizeLinear"} <= _ops(spec.model_path)
     proc = run_cli("resnet-export", "validate", "--repository", str(int8_repo))
-    assert proc.stdout.strip() == "ok: digits (version 2, int8)", proc.stderr
+    line = f"ok: digits (version 2, int8 u8s8-reduce-range; {cpu_isa()} kernels)"
+    assert proc.stdout.strip() == line, proc.stderr
+
+
+def _digits(spec, split):
+    """The held-out digits as the model's contract makes them (what its gate judged)."""
+    from export.demo import _tensors
+
+    return _tensors(split.test_png, spec.contract).numpy()
+
+
+def test_the_int8_file_computes_the_exact_result_on_this_cpus_kernels(int8_repo):
+    """The published INT8 file, through the optimized session (this CPU's integer kernels)
+    and through the exact reference (QDQ as float arithmetic): the same answers within the
+    gateway's probe tolerance, whatever kernels this CPU has."""
+    from export.demo import load_split
+
+    spec = load_spec(int8_repo / "digits")
+    x = _digits(spec, load_split())
+    kernels = run_onnx(spec.model_path, spec.contract, x)
+    exact = run_onnx(spec.model_path, spec.contract, x, exact=True)
+    assert parity_problem(exact, kernels) is None, cpu_isa()
+    # The stored probe is the reference's, so the gateway checks this CPU against it too.
+    inputs, outputs = np.load(spec.model_path.parent / "probe.npz").values()
+    assert np.allclose(outputs, run_onnx(spec.model_path, spec.contract, inputs, exact=True))
+
+
+#: Kernel paths that add u8 x s8 pairs in 16 bits with saturation (service.cpus).
+SATURATING = {"AVX2", "AVX-512"}
+
+
+def test_8_bit_weights_answer_differently_on_saturating_kernels(demo, tmp_path, monkeypatch):
+    """Why weights are 7-bit: the same quantization with 8-bit weights is exact on VNNI and
+    AMX but not on AVX2 or AVX-512 without VNNI, where it fails the probe tolerance (on
+    AVX2, measured: top-1 98.4 % of the exact result's, logits off by 36 % of the largest)."""
+    import onnxruntime.quantization as q
+
+    from export.demo import load_split
+    from export.images import spread
+    from export.quantize import quantize_int8
+
+    real = q.quantize_static
+    monkeypatch.setattr(
+        q, "quantize_static", lambda *a, **k: real(*a, **{**k, "reduce_range": False})
+    )
+    spec = load_spec(demo.model_dir)
+    split = load_split()
+    x = _digits(spec, split)
+    dst = tmp_path / "int8-8bit.onnx"
+    quantize_int8(spec.model_path, dst, spec.contract, np.stack(spread(list(x), 128)))
+    problem = parity_problem(
+        run_onnx(dst, spec.contract, x, exact=True), run_onnx(dst, spec.contract, x)
+    )
+    if cpu_isa() in SATURATING:
+        assert problem is not None
+    else:
+        assert problem is None, cpu_isa()
 
 
 def _evaluate(*args: str, out) -> dict:
@@ -72,11 +137,20 @@ def test_int8_through_the_gateway_is_within_one_point_and_evaluate_agrees(
         served = _evaluate("--images", images, "--model", "digits", "--url", gw.url,
                            "-r", str(int8_repo), out=tmp_path / "http.json")  # fmt: skip
         models = httpx.get(gw.url + "/v1/models").json()["models"]
-        info = {"arch": "resnet18", "backend": "onnxruntime", "model": "digits"}
+        info = {
+            "arch": "resnet18",
+            "backend": "onnxruntime",
+            "model": "digits",
+            "kernels": cpu_isa(),
+        }
         assert scrape(gw.url, "resnet_serve_model_info", **info, precision="int8", version="2") == 1
+        detail = httpx.get(gw.url + "/v1/models/digits").json()
     finally:
         gw.stop()
     assert models[0]["precision"] == "int8"
+    assert (
+        detail["kernels"] == cpu_isa() and detail["contract"]["int8_scheme"] == "u8s8-reduce-range"
+    )
     assert served["images"] == local["images"] == fp32["images"] == 450
     assert served["model"] == local["model"] == "digits:2"
     assert abs(served["top1_accuracy_pct"] - fp32["top1_accuracy_pct"]) <= 1.0
@@ -185,7 +259,9 @@ def test_the_gate_refuses_a_corrupted_quantization_and_publishes_nothing(tmp_pat
     monkeypatch.setattr(pipeline, "quantize_int8", corrupted)
     repo = tmp_path / "repo"
     plan = PrecisionPlan(precision="int8", calibration=_images(16), validation=_images(24, 50))
-    with pytest.raises(ExportError, match=r"not published: INT8 top-1 agreement with FP32 is "):
+    with pytest.raises(
+        ExportError, match=r"not published: INT8 on \S+ kernels top-1 agreement with FP32 is "
+    ):
         _export(repo, plan)
     assert not (repo / "tiny").exists()
     # --min-agreement 0: the same figures, reported, and published (benchmarks).

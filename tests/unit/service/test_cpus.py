@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from service.cpus import CpuBudget, cpu_budget, usable_cpus
+from service.cpus import CpuBudget, cpu_budget, cpu_isa, usable_cpus
 
 
 class Host:
@@ -223,3 +223,30 @@ async def test_gateway_start_logs_and_sizes_from_the_budget(tiny, monkeypatch, c
         ]
     finally:
         await runtime.close()
+
+
+# Flags as /proc/cpuinfo lists them on each kind (trimmed to what decides the kernel path).
+@pytest.mark.parametrize(
+    ("flags", "isa"),
+    [
+        ("fpu sse4_1 avx2 avx512f avx512bw avx512_vnni amx_tile amx_int8 amx_bf16", "AMX"),
+        ("fpu sse4_1 avx2 avx512f avx512bw avx512_vnni", "AVX-512 VNNI"),  # Cascade Lake, Zen 4
+        ("fpu sse4_1 avx2 avx_vnni", "AVX-VNNI"),  # Alder Lake
+        ("fpu sse4_1 avx2 avx512f avx512bw", "AVX-512"),  # Skylake-SP: saturating, like AVX2
+        ("fpu sse4_1 avx2", "AVX2"),  # Zen 2/3
+        ("fpu sse4_1", "SSE4.1"),
+    ],
+)
+def test_cpu_isa_names_the_int8_kernel_path_from_the_flags(tmp_path, flags, isa):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nmodel name\t: X\nflags\t\t: {flags}\n\nprocessor\t: 1\n")
+    assert cpu_isa(cpuinfo) == isa
+
+
+def test_cpu_isa_without_x86_flags_is_the_architecture(tmp_path):
+    """aarch64's /proc/cpuinfo has "Features", not "flags"; a missing file says nothing."""
+    import platform
+
+    (tmp_path / "cpuinfo").write_text("processor\t: 0\nFeatures\t: fp asimd\n")
+    assert cpu_isa(tmp_path / "cpuinfo") == platform.machine()
+    assert cpu_isa(tmp_path / "missing") == platform.machine()
