@@ -21,8 +21,9 @@ from service.backends.onnxruntime import OnnxRuntimeBackend
 from service.backends.triton import TritonBackend
 from service.grpc import classifier_pb2 as cpb
 from service.openinference import serialize_bytes
+from service.preprocess import preprocess
 from service.settings import Settings
-from service.testing import SlowBackend, counted, free_port, wait_until
+from service.testing import SlowBackend, counted, fastest_of, free_port, wait_until
 from tests.conftest import image_bytes, slow_to_decode
 
 GOOD = image_bytes()
@@ -174,11 +175,21 @@ def busy(tiny):
     )
 
 
+#: The "late" gateway's deadline: shorter than decoding ``slow_to_decode()`` takes.
+LATE_S = 0.2
+
+
 @pytest.fixture(scope="module")
 def late(tiny):
     """A deadline shorter than decoding one large image takes: admitted (decoding is known
     to be fast), then answered 504 at the deadline while the decode runs out."""
-    yield from gateway(tiny, request_timeout_s=0.2)
+    yield from gateway(tiny, request_timeout_s=LATE_S)
+
+
+@pytest.fixture(scope="module")
+def slow_decode_s(tiny) -> float:
+    """One decode of ``slow_to_decode()`` the way the gateway decodes it, timed here."""
+    return fastest_of(lambda: preprocess(slow_to_decode(), tiny.contract), runs=2)
 
 
 @pytest.fixture(scope="module")
@@ -240,6 +251,8 @@ def test_every_fault_maps_alike_on_every_transport(request, case, transport):
         call, images=[slow_to_decode() if i == "slow" else i for i in call.images]
     )
     join = fill_queue(gw) if fixture == "busy" else None
+    # Timed before the call: what the 504 must not wait for.
+    decode_s = request.getfixturevalue("slow_decode_s") if code == "deadline_exceeded" else 0
     before = gw.rejections(code)
     t0 = time.perf_counter()
     try:
@@ -256,4 +269,6 @@ def test_every_fault_maps_alike_on_every_transport(request, case, transport):
     if code == "overloaded":
         assert answer.retry_after is not None and int(answer.retry_after) >= 1
     if code == "deadline_exceeded":
-        assert elapsed < 0.4  # at the deadline (0.2 s), not when the decode ends
+        # At the deadline, not when the decode ends: the decode, in this process and on its
+        # cores, may delay the answer by a part of itself, never by the whole of it.
+        assert elapsed < LATE_S + decode_s / 2, (elapsed, decode_s)
