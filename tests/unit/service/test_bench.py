@@ -92,16 +92,20 @@ def test_max_requests_bounds_a_step():
 
 
 def test_retry_after_is_honoured_with_jitter():
+    retry_after = 0.2
+
     class Refusing(Scripted):
         async def send(self, i):
             self.calls.append(time.perf_counter())
-            return Answer("503", False, retry_after=0.2)
+            return Answer("503", False, retry_after=retry_after)
 
     target = Refusing()
     step = asyncio.run(closed_loop(target, 1, Bounds(0.5), honor_retry_after=True))
     assert 2 <= step.requests <= 6  # 0.1-0.3 s apart, not a tight loop
     assert step.errors == {"503": step.requests} and step.ok == 0
-    assert step.latency_ms(50, "503") < 5 and step.latency_ms(50) != step.latency_ms(50)  # NaN
+    # A refusal's latency is its answer's, without the wait after it (at least 0.1 s).
+    assert step.latency_ms(50, "503") < 1000 * 0.5 * retry_after
+    assert step.latency_ms(50) != step.latency_ms(50)  # NaN: nothing succeeded
 
 
 def test_slo_search_brackets_the_highest_passing_rate():
