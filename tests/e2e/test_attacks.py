@@ -33,6 +33,9 @@ from service.testing import (
 from tests.conftest import ROOT, TINY_CONTRACT, image_bytes, slow_to_decode
 
 PNG = {"content-type": "image/png"}
+IMAGE = image_bytes()
+HEADER_TIMEOUT_S = 1
+BODY_TIMEOUT_S = 3
 
 
 @pytest.fixture(scope="module")
@@ -43,9 +46,9 @@ def gw(two_models, tmp_path_factory):
         "--repository",
         str(two_models),
         env={
-            "RESNET_SERVE_HEADER_TIMEOUT_S": "1",
+            "RESNET_SERVE_HEADER_TIMEOUT_S": str(HEADER_TIMEOUT_S),
             "RESNET_SERVE_BODY_IDLE_TIMEOUT_S": "1",
-            "RESNET_SERVE_BODY_TIMEOUT_S": "3",
+            "RESNET_SERVE_BODY_TIMEOUT_S": str(BODY_TIMEOUT_S),
             "RESNET_SERVE_MAX_CONNECTIONS": "60",
         },
     )
@@ -53,11 +56,14 @@ def gw(two_models, tmp_path_factory):
     gw.stop()
 
 
-def other_model_latency(url: str) -> float:
-    t0 = time.perf_counter()
-    resp = httpx.post(url + "/v1/models/other/classify", content=image_bytes(), headers=PNG)
+def classify(url: str, model: str, data: bytes = IMAGE) -> None:
+    resp = httpx.post(f"{url}/v1/models/{model}/classify", content=data, headers=PNG, timeout=30)
     assert resp.status_code == 200, resp.text
-    return time.perf_counter() - t0
+
+
+def other_model_latency(url: str, runs: int = 1) -> float:
+    """Seconds an ordinary image takes on the other model (the fastest of ``runs``)."""
+    return fastest_of(lambda: classify(url, "other"), runs)
 
 
 def png(size: tuple[int, int]) -> bytes:
@@ -69,12 +75,14 @@ def png(size: tuple[int, int]) -> bytes:
 @pytest.mark.parametrize("size", [(1, 20_000), (100_000, 1), (1, 1_000_000)])
 def test_extreme_aspect_ratios_cost_only_their_crop(gw, size):
     """Was: a 121-byte 1x20000 PNG took 14 s and 5.3 GB; 1x1000000 was a 500."""
-    before = rss_mb(gw.proc.pid)
     data = png(size)
-    t0 = time.perf_counter()
-    resp = httpx.post(gw.url + "/v1/models/tiny/classify", content=data, headers=PNG, timeout=30)
-    assert resp.status_code == 200, resp.text
-    assert time.perf_counter() - t0 < 1.0
+    # What it may cost, timed here first: an ordinary request to the same model, plus
+    # decoding these very bytes as the gateway does (it cannot avoid that part).
+    ordinary = fastest_of(lambda: classify(gw.url, "tiny"))
+    decode = fastest_of(lambda: preprocess(data, TINY_CONTRACT))
+    before = rss_mb(gw.proc.pid)
+    elapsed = fastest_of(lambda: classify(gw.url, "tiny", data))
+    assert elapsed < 2 * (ordinary + decode), (elapsed, ordinary, decode)
     assert rss_mb(gw.proc.pid) - before < 50
 
 
@@ -189,6 +197,7 @@ def test_slow_headers_and_slow_bodies_are_cut_off(gw):
     head = b"POST /v1/models/tiny/classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
     body_first = head + b"Content-Length: 1000\r\n\r\n"
     timed_out = scrape(gw.url, "resnet_serve_requests_total", outcome="request_timeout")
+    unloaded = other_model_latency(gw.url, runs=3)
     with ThreadPoolExecutor(20) as pool:
         headers = [pool.submit(_dribble, gw.url, b"", head * 100, 0.2, 10) for _ in range(10)]
         # Whole headers at once, then a body a byte every 0.5 s: never idle for 1 s, but
@@ -197,13 +206,16 @@ def test_slow_headers_and_slow_bodies_are_cut_off(gw):
         during = other_model_latency(gw.url)
         results = [f.result() for f in headers]
         body_results = [f.result() for f in bodies]
+    # Cut off at the timeout, plus the loop's answer to every connection cut off with it,
+    # each costing less than one ordinary request here (timed before the attack, and during).
+    late = len(results) * max(unloaded, during)
     for answer, at in results:
         assert answer.startswith("HTTP/1.1 408") and '"request_timeout"' in answer, answer
-        assert at < 2.0, at
+        assert at < HEADER_TIMEOUT_S + late, (at, late)
     for answer, at in body_results:
         assert answer == "closed", answer  # the app was waiting for the body: nothing to say
-        assert 2.9 < at < 5.0, at
-    assert during < 1.0
+        assert BODY_TIMEOUT_S - 0.1 < at < BODY_TIMEOUT_S + late, (at, late)
+    assert during < HEADER_TIMEOUT_S  # served before the first attacker was even cut off
     wait_until(
         lambda: (
             scrape(gw.url, "resnet_serve_requests_total", outcome="request_timeout")
@@ -218,6 +230,7 @@ def test_huge_and_endless_headers_are_refused_with_bounded_memory(gw):
     """Was: a 16 MB header line was answered 200; 20 connections with a 50 MB unterminated
     header added 430 MB."""
     host, port = gw.url.removeprefix("http://").split(":")
+    unloaded = other_model_latency(gw.url, runs=3)
     before = rss_mb(gw.proc.pid)
 
     def send(header_bytes: int) -> str:
@@ -245,7 +258,8 @@ def test_huge_and_endless_headers_are_refused_with_bounded_memory(gw):
     with socket.create_connection((host, int(port)), timeout=10) as sock:
         sock.sendall(f"GET /healthz HTTP/1.1\r\nHost: x\r\n{many}\r\n".encode())
         assert sock.recv(4096).startswith(b"HTTP/1.1 431")
-    assert other_model_latency(gw.url) < 1.0
+    after = other_model_latency(gw.url, runs=3)
+    assert after < 3 * unloaded, (after, unloaded)  # served as before the attack
 
 
 def test_connections_past_the_limit_are_refused_at_once(gw):
@@ -283,6 +297,10 @@ def load(url: str, images: Path, output: Path, clients: int, seconds: float, pol
     return json.loads((output / "report.json").read_text())["steps"][0]
 
 
+#: What one batch costs in the overload test (SlowBackend), whatever the CPU.
+BATCH_S = 0.2
+
+
 @pytest.mark.parametrize("polite", [True, False], ids=["retry-after", "no-backoff"])
 def test_overload_keeps_goodput_and_refuses_in_milliseconds(tiny, tmp_path, polite):
     """Was: 256 / 512 / 1,024 clients got 6.6 / 3.5 / 3.7 img/s of a ~20 img/s replica;
@@ -302,12 +320,13 @@ def test_overload_keeps_goodput_and_refuses_in_milliseconds(tiny, tmp_path, poli
     images = tmp_path / "images"
     images.mkdir()
     (images / "image.png").write_bytes(image_bytes())
-    with ThreadedGateway(settings, SlowBackend(OnnxRuntimeBackend(), 0.2)) as gw:
+    clients = 100
+    with ThreadedGateway(settings, SlowBackend(OnnxRuntimeBackend(), BATCH_S)) as gw:
         labels = {"route": "/v1/models/{model}/classify", "outcome": "ok"}
         registry = gw.runtime.metrics.registry
         load(gw.url, images, tmp_path / "warm-up", 4, 1.0)
         before = counted(registry, "resnet_serve_requests_total", **labels)
-        step = load(gw.url, images, tmp_path / "load", 100, 5.0, polite)  # its own GIL
+        step = load(gw.url, images, tmp_path / "load", clients, 5.0, polite)  # its own GIL
         served = counted(registry, "resnet_serve_requests_total", **labels) - before
     statuses = {**({"200": step["ok"]} if step["ok"] else {}), **step["errors"]}
     goodput = step["requests_per_s"]  # over the window and its last answers
@@ -322,7 +341,12 @@ def test_overload_keeps_goodput_and_refuses_in_milliseconds(tiny, tmp_path, poli
     assert goodput >= 0.8 * 20
     assert served == step["ok"]  # what the client got is what the server counted
     if polite:  # else the client's clock includes the pause it is made to take
-        assert refused_p50_ms < 10
-        assert step["latency_ms"]["max"] < 1000 + 250  # the deadline, plus the client's own
+        assert refused_p50_ms < 1000 * BATCH_S  # a refusal waited for no batch
+        # The deadline, plus the client's own share: at worst every other client's answer
+        # handled first, each costing what this client's round trip for a refusal costs (its
+        # own p50 for a 503, measured in the same step).
+        own_ms = clients * refused_p50_ms
+        assert step["latency_ms"]["max"] < 1000 * settings.request_timeout_s + own_ms, own_ms
     else:  # each connection is read again only after part of its Retry-After: no flood
-        assert step["errors"].get("503", 0) < 100 * 5.0 / 0.15, step["errors"]  # ~20,000 without
+        refused = step["errors"].get("503", 0)
+        assert refused < clients * 5.0 / 0.15, step["errors"]  # ~20,000 without
