@@ -20,16 +20,18 @@ POLL_S = 0.5
 
 @pytest.fixture
 def served(demo, tmp_path):
-    """A copy of the digits repository behind a gateway that polls it."""
+    """A copy of the digits repository behind a gateway that polls it, and the seconds that
+    gateway took to start: loading, warming and probing the version, and more."""
     repo = tmp_path / "repo"
     shutil.copytree(demo.model_dir, repo / "digits")
+    t0 = time.monotonic()
     gw = GatewayProcess.start(
         tmp_path / "gw.log",
         "--repository",
         str(repo),
         env={"RESNET_SERVE_POLL_INTERVAL_S": str(POLL_S), "RESNET_SERVE_REQUEST_TIMEOUT_S": "3"},
     )
-    yield gw, repo / "digits"
+    yield gw, repo / "digits", time.monotonic() - t0
     gw.stop()
 
 
@@ -76,7 +78,7 @@ class Load:
 
 @pytest.mark.slow
 def test_versions_published_under_load_lose_no_request_and_release_memory(served, demo):
-    gw, model_dir = served
+    gw, model_dir, started_s = served
     images = [p.read_bytes() for p, _ in demo.pngs()[:40]]
     onnx_mb = (model_dir / "1" / MODEL_FILENAME).stat().st_size / 2**20
     switches, rss = [], {}
@@ -84,8 +86,10 @@ def test_versions_published_under_load_lose_no_request_and_release_memory(served
         time.sleep(2)
         rss["1"] = rss_mb(gw.proc.pid)
         for _ in range(3):
-            published = time.monotonic()
             version = str(republish(model_dir, model_dir.parent, "onnxruntime"))
+            # Published from here: the export's own work (seconds, the first time, in this
+            # process) is not the gateway's to pick up.
+            published = time.monotonic()
             wait_until(lambda v=version: list(states(gw)) == [v], 30, f"v{version} not alone")
             switches.append((version, load.first(version) - published))
             rss[version] = rss_mb(gw.proc.pid)
@@ -97,8 +101,10 @@ def test_versions_published_under_load_lose_no_request_and_release_memory(served
         versions = [int(v) for _, _, v in client]
         assert versions == sorted(versions)
     for _, seconds in switches:
-        # Within the poll interval, plus loading, warming and probing the new version.
-        assert seconds < POLL_S + 5, switches
+        # Within the poll interval, plus loading, warming and probing the new version: less
+        # than the gateway's own start took here (the same work and more: a process and its
+        # imports), twice over, as the new version shares the cores with the load.
+        assert seconds < POLL_S + 2 * started_s, (switches, started_s)
     # Versions came and went: the memory of the retired ones was given back (a session
     # kept, or kept by malloc, would be about the graph's size each; measured without the
     # trim after a release: +64 MB from version 2 to 4, with it +1 MB).
@@ -109,7 +115,7 @@ def test_versions_published_under_load_lose_no_request_and_release_memory(served
 
 
 def test_a_corrupt_version_leaves_the_serving_one_and_says_why(served, demo):
-    gw, model_dir = served
+    gw, model_dir, _ = served
     image = demo.pngs()[0][0].read_bytes()
     assert republish(model_dir, model_dir.parent, "onnxruntime") == 2
     wait_until(lambda: list(states(gw)) == ["2"], 30, "version 2 not alone")
