@@ -91,7 +91,10 @@ def test_heldout_over_rest_and_grpc_through_triton(via_triton, demo, embedded_to
     assert 'resnet_serve_inference_seconds_count{backend="triton",model="digits",version="1"}' in (
         metrics
     )
-    assert 'backend="triton",model="digits",precision="fp32",version="1"} 1.0' in metrics
+    assert (
+        'backend="triton",kernels="triton",model="digits",precision="fp32",version="1"} 1.0'
+        in metrics
+    )
 
 
 def _answers(client, module, x: np.ndarray, images: list[bytes]) -> dict:
