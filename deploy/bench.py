@@ -227,7 +227,7 @@ def bench_int8(
         "--min-agreement",
         "0",
     )
-    onnx_path = repo / NAME / "1" / "model.onnx"
+    onnx_path = onnx_of(repo)
     log("bare ONNX Runtime, INT8 ...")
     bare1 = bare_ort(onnx_path, 1, seconds / 2)
     bare8 = bare_ort(onnx_path, 8, seconds)
@@ -526,7 +526,7 @@ def run(
     with tempfile.TemporaryDirectory(prefix="resnet-bench-") as tmp:
         repo = Path(tmp)
         export_model(repo)
-        onnx_path = repo / NAME / "1" / "model.onnx"
+        onnx_path = onnx_of(repo)
         log("bare ONNX Runtime ...")
         bare1 = bare_ort(onnx_path, 1, seconds / 2)
         bare8 = bare_ort(onnx_path, 8, seconds)
