@@ -16,7 +16,9 @@ arrives as a batch starts waits for it, then runs in the next).
 
 Admission comes before any work: :meth:`Batcher.reserve` refuses a request at once (503 +
 Retry-After) when the queue is full or when the queue ahead of it could not be worked off
-before its deadline, and holds its place while its images are decoded.
+before its deadline, and holds its place while its images are decoded. The prediction is
+checked against what happens: where queued images wait longer than predicted (batches
+start late on a busy event loop, a shared CPU), admission's slack grows by that ratio.
 
 Every accepted request gets exactly one answer: a result, or the error of its batch, or
 ``ShuttingDown`` if the gateway is closing before its batch could run (``close`` first
@@ -159,6 +161,10 @@ class Batcher:
         self._worker: asyncio.Task[None] | None = None
         self._max_inflight = max_inflight
         self._reserved = 0  # images admitted, still being decoded
+        # Averages of the seconds queued images waited for their results, and of what
+        # wait_s predicted for them when they were queued: their ratio is the lateness.
+        self._waited = self._predicted = 0.0
+        metrics.queue_lateness.labels(*ids).set(1.0)
         self.costs = CostModel(warm_costs)
         for size, seconds in self.costs.measured.items():
             metrics.batch_cost.labels(*ids, str(size)).set(seconds)
@@ -203,6 +209,16 @@ class Batcher:
         ahead = (full * self.costs.cost(cap) + last) / self._max_inflight
         return max(0.0, running) + ahead
 
+    @property
+    def lateness(self) -> float:
+        """How much longer queued images waited than predicted (1: as predicted)."""
+        return self._waited / self._predicted if self._predicted > 0 else 1.0
+
+    def _learn_wait(self, predicted: float, waited: float) -> None:
+        self._predicted += 0.1 * (predicted - self._predicted)
+        self._waited += 0.1 * (waited - self._waited)
+        self._metrics.queue_lateness.labels(self.model, self.version).set(self.lateness)
+
     def admissible(self, images: int, deadline: float, extra_s: float = 0.0) -> None:
         """Raise unless a request of ``images`` images could be taken now: Overloaded (503 +
         Retry-After) if the queue is full or what waits ahead of it (plus ``extra_s`` of its
@@ -218,9 +234,11 @@ class Batcher:
             )
         wait = self.wait_s(images) + extra_s
         # 25% of slack: the prediction is an average, a request admitted at the limit of its
-        # deadline would be answered 504 by any batch that runs a little late.
+        # deadline would be answered 504 by any batch that runs a little late; more where
+        # queued images have been waiting longer than predicted (never less: a pessimistic
+        # prediction only refuses early).
         left = deadline - time.perf_counter()
-        if wait * ADMISSION_SLACK <= left:
+        if wait * ADMISSION_SLACK * max(1.0, self.lateness) <= left:
             return
         alone = self.costs.work_s(images, self.cap) + extra_s
         if alone * ADMISSION_SLACK > left:  # not even an idle model: retrying cannot help
@@ -268,6 +286,9 @@ class Batcher:
             due = min(deadline, (arrived or time.perf_counter()) + self.target_s)
         span = trace.get_current_span().get_span_context() if self._tracer else None
         items = [_Item(t, deadline, due, loop.create_future(), span) for t in tensors]
+        predicted = self.wait_s(len(items))
+        if not self._started and self.waiting + len(items) < self.cap:
+            predicted += self.max_delay_s  # a partial batch waits for company first
         at = bisect.bisect_right(self._pending, deadline, key=lambda it: it.deadline)
         self._pending[at:at] = items
         self._metrics.queue_depth.labels(self.model, self.version).set(len(self._pending))
@@ -280,6 +301,8 @@ class Batcher:
                 timeout=max(0.0, deadline - submitted),
                 return_when=asyncio.FIRST_EXCEPTION,
             )
+            # Answered or at its deadline (not a client gone, which cuts the wait short).
+            self._learn_wait(predicted, time.perf_counter() - submitted)
             for fut in done:
                 if (exc := fut.exception()) is not None:
                     raise exc
@@ -459,7 +482,11 @@ class Batcher:
         """Drop this version's gauge series (it is no longer served: a stale queue capacity
         or batch cost would read as a live one)."""
         ids = (self.model, self.version)
-        for gauge in (self._metrics.queue_depth, self._metrics.queue_capacity):
+        for gauge in (
+            self._metrics.queue_depth,
+            self._metrics.queue_capacity,
+            self._metrics.queue_lateness,
+        ):
             with contextlib.suppress(KeyError):
                 gauge.remove(*ids)
         for size in range(1, self.max_batch + 1):

@@ -95,6 +95,13 @@ class Metrics:
             ["model", "version", "batch_size"],
             registry=r,
         )
+        self.queue_lateness = Gauge(
+            p + "queue_lateness_ratio",
+            "Time admitted images waited for their results over the time admission predicted "
+            "for them (an average); above 1, admission's slack grows by it.",
+            ["model", "version"],
+            registry=r,
+        )
         self.backend_errors = Counter(
             p + "backend_errors",
             "Failed backend calls, by error code.",

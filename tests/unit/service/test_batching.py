@@ -211,6 +211,38 @@ async def test_admission_refuses_what_cannot_finish_before_its_deadline():
     await b.close()
 
 
+async def test_admission_slack_grows_where_queued_images_wait_longer_than_predicted():
+    """Batches that start late (the event loop held between them: what a busy gateway or a
+    shared CPU does) are not in the batch costs; admission learns it from the waits."""
+    rec = Recorder(delay=0.02)
+
+    async def late(x: np.ndarray, timeout: float) -> np.ndarray:
+        out = await rec(x, timeout)
+        # Blocking on purpose, once the batch is back: the next one starts 30 ms late.
+        asyncio.get_running_loop().call_soon(time.sleep, 0.03)
+        return out
+
+    b = Batcher(
+        "m", late, metrics=Metrics(), backend_name="test", max_batch=2, max_delay_s=0,
+        max_queue=100, warm_costs={1: 0.02, 2: 0.02},
+    )  # fmt: skip
+    b.start()
+    for _ in range(3):
+        await asyncio.gather(*(b.submit([tensor(i), tensor(i)], far()) for i in range(5)))
+    # Each wave costs 0.02 s as predicted and starts about 0.03 s late: ~2.5x.
+    assert b.lateness > 1.5, b.lateness
+    gauge = b._metrics.queue_lateness.labels(b.model, b.version)._value.get()
+    assert gauge == b.lateness
+    running = asyncio.create_task(b.submit([tensor(i) for i in range(10)], far()))
+    await until(lambda: b.waiting <= 8)
+    wait = b.wait_s(2)
+    with pytest.raises(Overloaded, match="after its deadline"):
+        # Admitted with the fixed slack alone; not after this lateness.
+        b.reserve(2, time.perf_counter() + wait * 1.25 * min(b.lateness, 1.5) * 0.99 + 0.01)
+    await running
+    await b.close()
+
+
 def test_cost_model_learns_per_batch_size_and_interpolates():
     from service.batching import CostModel
 
