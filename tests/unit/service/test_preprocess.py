@@ -12,7 +12,14 @@ from PIL import Image
 
 from service.contract import PreprocessContract
 from service.errors import InvalidImage, PayloadTooLarge, UnsupportedMediaType
-from service.preprocess import DEFAULT_LIMITS, DecodeLimits, open_image, preprocess, sniff_format
+from service.preprocess import (
+    BOX_RESIZE_TOLERANCE,
+    DEFAULT_LIMITS,
+    DecodeLimits,
+    open_image,
+    preprocess,
+    sniff_format,
+)
 from service.testing import fastest_of
 
 RGB = PreprocessContract(
@@ -67,6 +74,16 @@ def reference(data: bytes, c: PreprocessContract) -> np.ndarray:
     return arr.transpose(2, 0, 1)
 
 
+def assert_matches(got: np.ndarray, data: bytes, c: PreprocessContract) -> None:
+    """``got`` is the reference transform of ``data`` within the crop-box resize's stated
+    tolerance: no value more than BOX_RESIZE_TOLERANCE 8-bit steps off, fewer than 1 % of
+    the values off at all."""
+    want = reference(data, c)
+    steps = np.abs(got - want) * 255 * np.asarray(c.std, np.float32).reshape(-1, 1, 1)
+    assert steps.max() <= BOX_RESIZE_TOLERANCE + 1e-3, steps.max()
+    assert (steps > 1e-3).mean() < 0.01, (steps > 1e-3).mean()
+
+
 def noise_image(w: int, h: int, mode: str = "RGB", seed: int = 0) -> Image.Image:
     rng = np.random.default_rng(seed)
     channels = {"RGB": 3, "L": 1, "RGBA": 4, "LA": 2}[mode]
@@ -82,7 +99,7 @@ def test_parity_with_reference_on_real_photos(index):
     data = photos()[index]
     got = preprocess(data, RGB, NO_DRAFT)
     assert got.shape == (3, 224, 224) and got.dtype == np.float32 and got.flags.c_contiguous
-    np.testing.assert_allclose(got, reference(data, RGB), atol=1e-5)
+    assert_matches(got, data, RGB)
 
 
 @pytest.mark.parametrize("size", [(640, 480), (480, 640), (300, 300), (257, 1000), (1001, 256)])
@@ -91,17 +108,17 @@ def test_parity_with_reference_on_real_photos(index):
 def test_parity_with_reference_sizes_and_interpolations(size, interp, fmt):
     c = RGB.model_copy(update={"interpolation": interp})
     data = encode(noise_image(*size), fmt, **({"lossless": True} if fmt == "WEBP" else {}))
-    np.testing.assert_allclose(preprocess(data, c), reference(data, c), atol=1e-5)
+    assert_matches(preprocess(data, c), data, c)
 
 
 def test_parity_greyscale_contract_from_colour_photo():
     data = photos()[0]
-    np.testing.assert_allclose(preprocess(data, GREY, NO_DRAFT), reference(data, GREY), atol=1e-5)
+    assert_matches(preprocess(data, GREY, NO_DRAFT), data, GREY)
 
 
 def test_upscaling_small_images():
     data = encode(noise_image(8, 8, "L"), "PNG")
-    np.testing.assert_allclose(preprocess(data, GREY), reference(data, GREY), atol=1e-5)
+    assert_matches(preprocess(data, GREY), data, GREY)
 
 
 @pytest.mark.parametrize("size", [(4000, 100), (100, 4000)])
