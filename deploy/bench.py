@@ -461,6 +461,188 @@ def preprocess_ms(repo: Path) -> dict[str, float]:
     return out
 
 
+#: The images of "gateway cost per image": (key, how it is made). 12 MP is a phone's photo.
+COST_IMAGES: tuple[tuple[str, tuple[int, int] | None], ...] = (
+    ("jpeg_500x375", (500, 375)),
+    ("jpeg_1920x1440", (1920, 1440)),
+    ("jpeg_4032x3024", (4032, 3024)),
+    ("png_8x8", None),
+)
+
+
+def process_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) of ``pid`` and every process under it, from /proc: what
+    the server itself spent, whatever the wall clock or the load generator did."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rpartition(")")[2].split()
+            total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # exited meanwhile
+    return total
+
+
+def near_free_repo(src: Path, dst: Path, name: str = NAME) -> Path:
+    """A copy of the exported repository whose graph costs almost nothing but has
+    ResNet-50's input and output (mean over each plane, one 3 x 1000 MatMul): behind it
+    only the serving is measured. Its probe is dropped (its logits are not the network's)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from service.repository import load_spec
+
+    shutil.copytree(src, dst)
+    version = next(p for p in (dst / name).iterdir() if (p / "model.onnx").exists())
+    c = load_spec(dst / name).contract
+    weights = np.random.default_rng(0).standard_normal((3, c.num_classes)).astype(np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("ReduceMean", [c.input_name], ["planes"], axes=[2, 3], keepdims=0),
+            helper.make_node("MatMul", ["planes", "w"], [c.output_name]),
+        ],
+        "near_free",
+        [helper.make_tensor_value_info(c.input_name, TensorProto.FLOAT, ["n", *c.input_shape])],
+        [helper.make_tensor_value_info(c.output_name, TensorProto.FLOAT, ["n", c.num_classes])],
+        [numpy_helper.from_array(weights, "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, version / "model.onnx")
+    (version / "probe.npz").unlink(missing_ok=True)
+    return version
+
+
+def cost_image(size: tuple[int, int] | None) -> bytes:
+    if size is None:
+        buf = io.BytesIO()
+        from PIL import Image
+
+        pixels = np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+        Image.fromarray(pixels, "RGB").save(buf, format="PNG")
+        return buf.getvalue()
+    return test_jpeg(*size)
+
+
+def cpu_ms_of(work: Any, runs: int) -> float:
+    """This thread's CPU milliseconds for one ``work()``, the fastest of ``runs``."""
+    best = float("inf")
+    for _ in range(runs):
+        start = time.thread_time()
+        work()
+        best = min(best, time.thread_time() - start)
+    return best * 1000
+
+
+def decode_floor_ms(data: bytes, contract: Any, runs: int) -> float:
+    """libjpeg-turbo decoding the JPEG alone (simplejpeg), at the DCT scale the gateway's
+    draft rule picks (the shorter side kept at least draft_margin x the resize); a PNG
+    decoded by Pillow (zlib, nothing to skip). One thread's CPU time."""
+    import simplejpeg
+    from PIL import Image
+
+    from service.preprocess import DEFAULT_LIMITS
+
+    if not data.startswith(b"\xff\xd8"):
+        return cpu_ms_of(lambda: Image.open(io.BytesIO(data)).load(), runs)
+    need = int(contract.resize * DEFAULT_LIMITS.draft_margin)
+    return cpu_ms_of(
+        lambda: simplejpeg.decode_jpeg(data, "RGB", min_height=need, min_width=need), runs
+    )
+
+
+def server_cpu_per_request(
+    pid: int, url: str, body: bytes, seconds: float, model: str = NAME
+) -> dict[str, Any]:
+    """16 closed-loop REST clients (``service.bench``) for ``seconds`` after 2 s of warm-up:
+    the server's CPU milliseconds per answered request, from /proc, and its throughput."""
+
+    async def step() -> tuple[Step, float]:
+        target = make_target("rest", url, model, [[body]])
+        await target.open()
+        cpu: list[float] = []
+
+        async def window_opens() -> None:
+            cpu.append(process_cpu_s(pid))
+
+        try:
+            result = await closed_loop(target, 16, Bounds(seconds, 2.0), before_window=window_opens)
+        finally:
+            await target.close()
+        return result, process_cpu_s(pid) - cpu[0]
+
+    result, cpu_s = asyncio.run(step())
+    return {
+        "cpu_ms_per_request": round(cpu_s * 1000 / max(result.ok, 1), 2),
+        "requests_per_s": round(result.ok / result.duration_s, 1),
+        "statuses": result.statuses,
+    }
+
+
+def gateway_cost(repo: Path, seconds: float) -> dict[str, Any]:
+    """ "Gateway cost per image": the gateway and the tutorial server (deploy/
+    tutorial_server.py), each behind the same near-free graph, under 16 clients posting each
+    of COST_IMAGES; each image's decode floor and the gateway's own preprocessing, as one
+    thread's CPU time, in this process."""
+    import httpx
+
+    from service.preprocess import preprocess
+    from service.repository import load_spec
+
+    free = Path(tempfile.mkdtemp(prefix="resnet-bench-free-")) / "repo"
+    version = near_free_repo(repo, free)
+    contract = load_spec(free / NAME).contract
+    images = {key: cost_image(size) for key, size in COST_IMAGES}
+    out: dict[str, Any] = {}
+    for key, data in images.items():
+        runs = 30 if len(data) < 200_000 else 8
+        out[key] = {
+            "bytes": len(data),
+            "decode_floor_ms": round(decode_floor_ms(data, contract, runs), 2),
+            "preprocess_ms": round(cpu_ms_of(lambda d=data: preprocess(d, contract), runs), 2),
+        }
+    gw = start_gateway(free)
+    try:
+        for key, data in images.items():
+            log(f"gateway cost, {key}, 16 clients ...")
+            out[key]["gateway"] = server_cpu_per_request(gw.proc.pid, gw.url, data, seconds)
+            log(f"  {out[key]['gateway']}")
+    finally:
+        gw.stop()
+    port = free_port()
+    tutorial = subprocess.Popen(
+        [sys.executable, "-m", "deploy.tutorial_server", str(version), str(port)],
+        cwd=Path(__file__).parent.parent,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(300):
+            try:
+                if httpx.get(f"{url}/v1/models/{NAME}", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        for key, data in images.items():
+            log(f"tutorial server, {key}, 16 clients ...")
+            out[key]["tutorial"] = server_cpu_per_request(tutorial.pid, url, data, seconds)
+            log(f"  {out[key]['tutorial']}")
+    finally:
+        tutorial.terminate()
+        tutorial.wait(30)
+    for row in out.values():
+        gw_ms = row["gateway"]["cpu_ms_per_request"]
+        row["gateway_vs_floor"] = round(gw_ms / row["decode_floor_ms"], 2)
+        row["gateway_beyond_preprocess_ms"] = round(gw_ms - row["preprocess_ms"], 2)
+        row["tutorial_vs_floor"] = round(
+            row["tutorial"]["cpu_ms_per_request"] / row["decode_floor_ms"], 2
+        )
+    return out
+
+
 def start_gateway(
     repo: Path, *args: str, grpc: bool = False, env: dict[str, str] | None = None
 ) -> GatewayProcess:
@@ -545,6 +727,7 @@ def run(
         log("preprocessing ...")
         results["preprocess"] = preprocess_ms(repo)
         log(f"  {results['preprocess']}")
+        results["cost"] = gateway_cost(repo, seconds)
 
         body = test_jpeg()
         gw = start_gateway(repo, grpc=True)
@@ -672,6 +855,24 @@ def table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def cost_table(cost: dict[str, Any]) -> str:
+    """ "Gateway cost per image": server CPU per request (from /proc) beside the floors."""
+    lines = [
+        "| image | decode floor | gateway preprocessing | gateway CPU per request "
+        "| beyond preprocessing | tutorial server CPU per request |",
+        "|---|---|---|---|---|---|",
+    ]
+    for key, r in cost.items():
+        gw, tut = r["gateway"], r["tutorial"]
+        lines.append(
+            f"| {key} ({r['bytes']:,} bytes) | {r['decode_floor_ms']:.2f} ms "
+            f"| {r['preprocess_ms']:.2f} ms | {gw['cpu_ms_per_request']:.2f} ms "
+            f"({r['gateway_vs_floor']:.2f}x floor) | {r['gateway_beyond_preprocess_ms']:.2f} ms "
+            f"| {tut['cpu_ms_per_request']:.2f} ms ({r['tutorial_vs_floor']:.2f}x floor) |"
+        )
+    return "\n".join(lines)
+
+
 def gateway_rows(results: dict[str, Any]) -> list[tuple[str, str, str]]:
     """The closed-loop, overload, Triton and preprocessing rows of a full run."""
     gw = results["gateway_rest_onnxruntime"]
@@ -777,6 +978,11 @@ def main() -> None:
         help="bare FP32 and INT8, INT8's export gates, the gateway serving INT8 (16 clients)",
     )
     parser.add_argument(
+        "--cost-only",
+        action="store_true",
+        help="gateway cost per image: server CPU per request vs decode floor and a tutorial server",
+    )
+    parser.add_argument(
         "--lifecycle-only",
         action="store_true",
         help="p99 under Poisson arrivals with a shadow and across a reload only",
@@ -796,6 +1002,7 @@ def main() -> None:
             ),
         },
         "tracing_only": lambda root: {"tracing": tracing_cost(root, test_jpeg(), s)},
+        "cost_only": lambda root: {"machine": {"isa": cpu_isa()}, "cost": gateway_cost(root, s)},
     }
     for flag, phase in phases.items():
         if getattr(args, flag):
@@ -804,10 +1011,12 @@ def main() -> None:
                 export_model(Path(tmp))
                 found = phase(Path(tmp))
             args.out.write_text(json.dumps(found, indent=2) + "\n")
-            print(json.dumps(found, indent=2))
+            print(cost_table(found["cost"]) if "cost" in found else json.dumps(found, indent=2))
             return
     results = run(args.seconds, args.out, triton=not args.no_triton, latency_only=args.latency_only)
     print(table(results))
+    if "cost" in results:
+        print("\n" + cost_table(results["cost"]))
 
 
 if __name__ == "__main__":

@@ -240,7 +240,7 @@ def normalize(
     if out is None:
         out = np.empty(contract.input_shape, dtype=np.float32)
     for k in range(arr.shape[2]):
-        np.take(table[k], arr[:, :, k], out=out[k])
+        np.take(table[k], arr[:, :, k], out=out[k], mode="clip")  # unbuffered: 8-bit indexes
     return out
 
 

@@ -8,6 +8,8 @@ import asyncio
 import json
 import random
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +18,7 @@ import pytest
 from service.bench.run import BenchConfig, execute
 from service.settings import Settings
 from service.testing import GatewayProcess, SlowBackend, ThreadedGateway
-from tests.conftest import image_bytes, run_cli
+from tests.conftest import ROOT, image_bytes, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -183,3 +185,46 @@ def test_bad_arguments_are_one_line_and_exit_1(gateway, tiny, images, tmp_path):
         assert len(lines) == 1 and lines[0].startswith("resnet-serve: error: "), proc.stderr
         assert re.search(message, lines[0]), (message, lines[0])
         assert not out.exists()  # nothing made for a run that never started
+
+
+def test_gateway_cost_measures_both_servers_behind_the_same_near_free_graph(tiny, tmp_path):
+    """``make bench``'s "gateway cost per image" parts on the tiny model: the near-free graph
+    keeps the model's real input, the gateway and the tutorial server answer the same class
+    from it for a real photo crop, and the server CPU per request is read from /proc."""
+    import httpx
+
+    from deploy.bench import near_free_repo, process_cpu_s, server_cpu_per_request, test_jpeg
+    from service.testing import free_port, wait_until
+
+    version = near_free_repo(tiny.repository, tmp_path / "repo", tiny.name)
+    photo = test_jpeg(200, 150)
+    gw = GatewayProcess.start(tmp_path / "gw.log", "--repository", str(tmp_path / "repo"))
+    port = free_port()
+    tutorial = subprocess.Popen(
+        [sys.executable, "-m", "deploy.tutorial_server", str(version), str(port)], cwd=ROOT
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        meta = httpx.get(f"{gw.url}/v2/models/{tiny.name}").json()
+        assert meta["inputs"][0]["shape"] == [-1, *tiny.contract.input_shape]
+
+        def answers() -> bool:
+            try:
+                return httpx.get(f"{url}/v1/models/{tiny.name}", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_until(answers, 60, "tutorial server not up")
+        path = f"/v1/models/{tiny.name}/classify"
+        jpeg = {"Content-Type": "image/jpeg"}
+        ours = httpx.post(gw.url + path, content=photo, headers=jpeg, timeout=30).json()
+        theirs = httpx.post(url + path, content=photo, headers=jpeg, timeout=30).json()
+        assert ours["predictions"][0][0]["label"] == theirs["predictions"][0]["label"]
+        before = process_cpu_s(gw.proc.pid)
+        step = server_cpu_per_request(gw.proc.pid, gw.url, photo, 1.0, tiny.name)
+        assert process_cpu_s(gw.proc.pid) > before
+        assert step["cpu_ms_per_request"] > 0 and set(step["statuses"]) == {"200"}, step
+    finally:
+        tutorial.terminate()
+        tutorial.wait(30)
+        gw.stop()
