@@ -5,6 +5,9 @@ same model file and the same machine, in this order:
 
 1. bare ONNX Runtime, batch 1 and batch 8 (the ceiling: no HTTP, no decoding);
 2. image preprocessing alone (500x375 JPEG; 4032x3024 JPEG with and without DCT draft);
+   then the gateway's cost per image (``--cost-only`` runs just that): server CPU per
+   request from /proc, behind a near-free graph of the real input shape, for four images,
+   beside each one's decode floor and a tutorial server (deploy/tutorial_server.py);
 3. the gateway (a real process, embedded ORT backend): 16 and 1 closed-loop clients posting
    a 500x375 JPEG, and Poisson arrivals at half the bare model's throughput;
 4. the same 16 clients over the gateway's gRPC API (same process, same backend); 16
@@ -33,7 +36,7 @@ in time. Results print as a table and are written to ``bench-results.json``. Fig
 reported as ratios to bare ORT from the same run, because the machines are shared and noisy.
 
     python -m deploy.bench [--seconds 20] [--out bench-results.json]
-        [--latency-only | --tracing-only | --lifecycle-only]
+        [--latency-only | --tracing-only | --lifecycle-only | --int8-only | --cost-only]
 """
 
 from __future__ import annotations
@@ -60,7 +63,7 @@ from service.bench.runner import Bounds, Step, closed_loop, open_loop
 from service.bench.server import Scraper
 from service.bench.targets import make_target
 from service.cpus import cpu_isa, usable_cpus
-from service.testing import GatewayProcess, free_port
+from service.testing import GatewayProcess, free_port, wait_until
 
 BIN = Path(sys.executable).parent
 NAME = "resnet50"
@@ -619,13 +622,15 @@ def gateway_cost(repo: Path, seconds: float) -> dict[str, Any]:
         cwd=Path(__file__).parent.parent,
     )
     url = f"http://127.0.0.1:{port}"
+
+    def answers() -> bool:
+        try:
+            return httpx.get(f"{url}/v1/models/{NAME}", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
     try:
-        for _ in range(300):
-            try:
-                if httpx.get(f"{url}/v1/models/{NAME}", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.1)
+        wait_until(answers, 60, "tutorial server not up")
         for key, data in images.items():
             log(f"tutorial server, {key}, 16 clients ...")
             out[key]["tutorial"] = server_cpu_per_request(tutorial.pid, url, data, seconds)
