@@ -228,11 +228,15 @@ async def open_loop(
         if window:
             step.record(answer, time.perf_counter() - scheduled)
 
-    async def arrivals(until: Callable[[float], bool], window: _Window | None) -> None:
-        """Send every arrival scheduled before ``until`` says stop (by its scheduled time,
-        not the clock: the schedule is the seeded one, whatever the loop's delays)."""
+    async def arrivals(
+        start: float, until: Callable[[float], bool], window: _Window | None
+    ) -> None:
+        """Send every arrival scheduled from ``start`` before ``until`` says stop (by its
+        scheduled time, not the clock: the schedule is the seeded one, whatever the loop's
+        delays; the window's starts when it opens, so its last arrival is never lost to
+        the moment between opening it and reading the clock here)."""
         i = 0
-        next_at = time.perf_counter()
+        next_at = start
         while until(next_at):
             delay = next_at - time.perf_counter()
             if delay > 0:
@@ -252,13 +256,16 @@ async def open_loop(
             await asyncio.gather(*in_flight)
 
     if bounds.warmup_s > 0:
-        warm_end = time.perf_counter() + bounds.warmup_s
-        await arrivals(lambda at: at < warm_end, None)
+        warm_start = time.perf_counter()
+        warm_end = warm_start + bounds.warmup_s
+        await arrivals(warm_start, lambda at: at < warm_end, None)
     if before_window:
         await before_window()
     window = _Window(step, bounds, progress)
     window.open()
-    await arrivals(lambda at: at < window.end and window.sent < bounds.max_requests, window)
+    await arrivals(
+        window.start, lambda at: at < window.end and window.sent < bounds.max_requests, window
+    )
     window.close()
     return step
 
