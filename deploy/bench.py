@@ -473,6 +473,10 @@ COST_IMAGES: tuple[tuple[str, tuple[int, int] | None], ...] = (
 )
 
 
+#: The servers of "gateway cost per image", in the table's order.
+COST_SERVERS = ("gateway", "gateway_uint8", "gateway_triton", "gateway_triton_uint8", "tutorial")
+
+
 def process_cpu_s(pid: int) -> float:
     """CPU seconds (user + system) of ``pid`` and every process under it, from /proc: what
     the server itself spent, whatever the wall clock or the load generator did."""
@@ -490,34 +494,32 @@ def process_cpu_s(pid: int) -> float:
     return total
 
 
-def near_free_repo(src: Path, dst: Path, name: str = NAME) -> Path:
-    """A copy of the exported repository whose graph costs almost nothing but has
-    ResNet-50's input and output (mean over each plane, one 3 x 1000 MatMul): behind it
-    only the serving is measured. Its probe is dropped (its logits are not the network's)."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
+def near_free_repo(dst: Path, input_dtype: str = "float32", name: str = NAME) -> Path:
+    """A repository of one model that costs almost nothing but takes ResNet-50's input
+    (ImageNet's contract, 224x224 crops, float planes or ``--input uint8`` pixels) and
+    answers 1000 logits (the mean of each plane, one 3x1000 layer): behind it only the
+    serving is measured. Published through export's own path; its version directory."""
+    import torch
+    from torch import nn
 
-    from service.repository import load_spec
+    from export.pipeline import default_labels, export_and_publish
+    from export.repository import ServingConfig
+    from export.weights import IMAGENET_MEAN, IMAGENET_STD
+    from service.contract import PreprocessContract, input_fields
 
-    shutil.copytree(src, dst)
-    version = next(p for p in (dst / name).iterdir() if (p / "model.onnx").exists())
-    c = load_spec(dst / name).contract
-    weights = np.random.default_rng(0).standard_normal((3, c.num_classes)).astype(np.float32)
-    graph = helper.make_graph(
-        [
-            helper.make_node("ReduceMean", [c.input_name], ["planes"], axes=[2, 3], keepdims=0),
-            helper.make_node("MatMul", ["planes", "w"], [c.output_name]),
-        ],
-        "near_free",
-        [helper.make_tensor_value_info(c.input_name, TensorProto.FLOAT, ["n", *c.input_shape])],
-        [helper.make_tensor_value_info(c.output_name, TensorProto.FLOAT, ["n", c.num_classes])],
-        [numpy_helper.from_array(weights, "w")],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.save(model, version / "model.onnx")
-    (version / "probe.npz").unlink(missing_ok=True)
-    return version
+    contract = PreprocessContract(
+        arch="near-free", input_name="input", output_name="logits", channels="RGB",
+        resize=256, crop=224, mean=IMAGENET_MEAN, std=IMAGENET_STD, num_classes=1000,
+        **input_fields(input_dtype),
+    )  # fmt: skip
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 1000))
+    export_and_publish(
+        model=net, contract=contract, labels=default_labels(1000), name=name, repository=dst,
+        flavor="onnxruntime", serving=ServingConfig(max_batch_size=16), opset=17,
+        real_images=[], source="deploy/bench.py near-free graph", log=lambda _: None,
+    )  # fmt: skip
+    return dst / name / "1"
 
 
 def cost_image(size: tuple[int, int] | None) -> bytes:
@@ -586,19 +588,24 @@ def server_cpu_per_request(
     }
 
 
-def gateway_cost(repo: Path, seconds: float) -> dict[str, Any]:
-    """ "Gateway cost per image": the gateway and the tutorial server (deploy/
-    tutorial_server.py), each behind the same near-free graph, under 16 clients posting each
-    of COST_IMAGES; each image's decode floor and the gateway's own preprocessing, as one
-    thread's CPU time, in this process."""
+def gateway_cost(seconds: float, triton: bool = True) -> dict[str, Any]:
+    """ "Gateway cost per image": the gateway behind the near-free graph taking float planes
+    and taking uint8 pixels, embedded and (``triton``) in front of a real Triton (then only
+    the gateway's own process is counted: the graph runs in Triton's), and the tutorial
+    server (deploy/tutorial_server.py) behind the float one, under 16 clients posting each
+    of COST_IMAGES; each image's decode floor and the gateway's own preprocessing (float
+    planes), as one thread's CPU time, here."""
     import httpx
 
+    from export.repository import republish
     from service.preprocess import preprocess
     from service.repository import load_spec
+    from service.triton_launcher import start_triton
 
-    free = Path(tempfile.mkdtemp(prefix="resnet-bench-free-")) / "repo"
-    version = near_free_repo(repo, free)
-    contract = load_spec(free / NAME).contract
+    root = Path(tempfile.mkdtemp(prefix="resnet-bench-free-"))
+    names = {"float32": NAME, "uint8": f"{NAME}_pixels"}
+    versions = {d: near_free_repo(root / d, d, name) for d, name in names.items()}
+    contract = load_spec(root / "float32" / NAME).contract
     images = {key: cost_image(size) for key, size in COST_IMAGES}
     out: dict[str, Any] = {}
     for key, data in images.items():
@@ -608,17 +615,39 @@ def gateway_cost(repo: Path, seconds: float) -> dict[str, Any]:
             "decode_floor_ms": round(decode_floor_ms(data, contract, runs), 2),
             "preprocess_ms": round(cpu_ms_of(lambda d=data: preprocess(d, contract), runs), 2),
         }
-    gw = start_gateway(free)
-    try:
-        for key, data in images.items():
-            log(f"gateway cost, {key}, 16 clients ...")
-            out[key]["gateway"] = server_cpu_per_request(gw.proc.pid, gw.url, data, seconds)
-            log(f"  {out[key]['gateway']}")
-    finally:
-        gw.stop()
+
+    def measure_gateway(what: str, repo: Path, dtype: str, *args: str) -> None:
+        gw = start_gateway(repo, *args)
+        try:
+            for key, data in images.items():
+                log(f"{what}, {key}, 16 clients ...")
+                found = server_cpu_per_request(gw.proc.pid, gw.url, data, seconds, names[dtype])
+                out[key][what] = found
+                log(f"  {found}")
+        finally:
+            gw.stop()
+
+    for dtype, what in (("float32", "gateway"), ("uint8", "gateway_uint8")):
+        measure_gateway(what, root / dtype, dtype)
+    if triton:
+        trepo = root / "triton"
+        for dtype, name in names.items():
+            republish(root / dtype / name, trepo, "python-ort")
+        log("starting tritonserver (CPU, python backend + ORT) ...")
+        tritond = start_triton(
+            trepo, free_port(), free_port(), free_port(), log_path=root / "t.log"
+        )
+        try:
+            tritond.wait_ready(180)
+            for dtype, what in (("float32", "gateway_triton"), ("uint8", "gateway_triton_uint8")):
+                measure_gateway(
+                    what, trepo, dtype, "--backend", "triton", "--triton-url", tritond.grpc_url
+                )
+        finally:
+            tritond.stop()
     port = free_port()
     tutorial = subprocess.Popen(
-        [sys.executable, "-m", "deploy.tutorial_server", str(version), str(port)],
+        [sys.executable, "-m", "deploy.tutorial_server", str(versions["float32"]), str(port)],
         cwd=Path(__file__).parent.parent,
     )
     url = f"http://127.0.0.1:{port}"
@@ -633,17 +662,18 @@ def gateway_cost(repo: Path, seconds: float) -> dict[str, Any]:
         wait_until(answers, 60, "tutorial server not up")
         for key, data in images.items():
             log(f"tutorial server, {key}, 16 clients ...")
-            out[key]["tutorial"] = server_cpu_per_request(tutorial.pid, url, data, seconds)
+            out[key]["tutorial"] = server_cpu_per_request(tutorial.pid, url, data, seconds, NAME)
             log(f"  {out[key]['tutorial']}")
     finally:
         tutorial.terminate()
         tutorial.wait(30)
     for row in out.values():
-        gw_ms = row["gateway"]["cpu_ms_per_request"]
-        row["gateway_vs_floor"] = round(gw_ms / row["decode_floor_ms"], 2)
-        row["gateway_beyond_preprocess_ms"] = round(gw_ms - row["preprocess_ms"], 2)
-        row["tutorial_vs_floor"] = round(
-            row["tutorial"]["cpu_ms_per_request"] / row["decode_floor_ms"], 2
+        floor = row["decode_floor_ms"]
+        for what in COST_SERVERS:
+            if what in row:
+                row[f"{what}_vs_floor"] = round(row[what]["cpu_ms_per_request"] / floor, 2)
+        row["gateway_beyond_preprocess_ms"] = round(
+            row["gateway"]["cpu_ms_per_request"] - row["preprocess_ms"], 2
         )
     return out
 
@@ -732,7 +762,7 @@ def run(
         log("preprocessing ...")
         results["preprocess"] = preprocess_ms(repo)
         log(f"  {results['preprocess']}")
-        results["cost"] = gateway_cost(repo, seconds)
+        results["cost"] = gateway_cost(seconds, triton)
 
         body = test_jpeg()
         gw = start_gateway(repo, grpc=True)
@@ -862,18 +892,29 @@ def table(results: dict[str, Any]) -> str:
 
 def cost_table(cost: dict[str, Any]) -> str:
     """ "Gateway cost per image": server CPU per request (from /proc) beside the floors."""
+    heads = {
+        "gateway": "gateway (float planes)",
+        "gateway_uint8": "gateway (uint8 graph)",
+        "gateway_triton": "gateway before Triton (float planes)",
+        "gateway_triton_uint8": "gateway before Triton (uint8 graph)",
+        "tutorial": "tutorial server",
+    }
+    servers = [s for s in COST_SERVERS if all(s in r for r in cost.values())]
     lines = [
-        "| image | decode floor | gateway preprocessing | gateway CPU per request "
-        "| beyond preprocessing | tutorial server CPU per request |",
-        "|---|---|---|---|---|---|",
+        "| image | decode floor | gateway preprocessing | "
+        + " | ".join(heads[s] for s in servers)
+        + " | gateway beyond preprocessing |",
+        "|---" * (len(servers) + 4) + "|",
     ]
     for key, r in cost.items():
-        gw, tut = r["gateway"], r["tutorial"]
+        cells = [
+            f"{r[s]['cpu_ms_per_request']:.2f} ms ({r[s + '_vs_floor']:.2f}x)" for s in servers
+        ]
         lines.append(
             f"| {key} ({r['bytes']:,} bytes) | {r['decode_floor_ms']:.2f} ms "
-            f"| {r['preprocess_ms']:.2f} ms | {gw['cpu_ms_per_request']:.2f} ms "
-            f"({r['gateway_vs_floor']:.2f}x floor) | {r['gateway_beyond_preprocess_ms']:.2f} ms "
-            f"| {tut['cpu_ms_per_request']:.2f} ms ({r['tutorial_vs_floor']:.2f}x floor) |"
+            f"| {r['preprocess_ms']:.2f} ms | "
+            + " | ".join(cells)
+            + f" | {r['gateway_beyond_preprocess_ms']:.2f} ms |"
         )
     return "\n".join(lines)
 
@@ -1007,13 +1048,18 @@ def main() -> None:
             ),
         },
         "tracing_only": lambda root: {"tracing": tracing_cost(root, test_jpeg(), s)},
-        "cost_only": lambda root: {"machine": {"isa": cpu_isa()}, "cost": gateway_cost(root, s)},
+        # Its near-free graphs are its own: no ResNet-50 export first.
+        "cost_only": lambda _: {
+            "machine": {"isa": cpu_isa()},
+            "cost": gateway_cost(s, triton=not args.no_triton),
+        },
     }
     for flag, phase in phases.items():
         if getattr(args, flag):
             # One phase on its own: the FP32 export it starts from, then the phase.
             with tempfile.TemporaryDirectory(prefix="resnet-bench-") as tmp:
-                export_model(Path(tmp))
+                if flag != "cost_only":
+                    export_model(Path(tmp))
                 found = phase(Path(tmp))
             args.out.write_text(json.dumps(found, indent=2) + "\n")
             print(cost_table(found["cost"]) if "cost" in found else json.dumps(found, indent=2))

@@ -28,7 +28,11 @@ from service.contract import PreprocessContract
 def app_for(version_dir: Path) -> FastAPI:
     contract = PreprocessContract.load(version_dir / "preprocess.json")
     labels = (version_dir.parent / contract.labels_file).read_text().splitlines()
-    session = ort.InferenceSession(str(version_dir / "model.onnx"))
+    # One setting beyond the tutorials': no spin-waiting threads, as the gateway runs ORT
+    # (spinning would bill the near-free graph's idle cores to the tutorial server).
+    opts = ort.SessionOptions()
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session = ort.InferenceSession(str(version_dir / "model.onnx"), opts)
     mean = np.asarray(contract.mean, np.float32)
     std = np.asarray(contract.std, np.float32)
     app = FastAPI()

@@ -49,6 +49,23 @@ class InterpOpt(enum.StrEnum):
     bicubic = "bicubic"
 
 
+class InputOpt(enum.StrEnum):
+    float32 = "float32"
+    uint8 = "uint8"
+
+
+#: --input: what the published graph takes (the contract's dtype and layout).
+InputOption = Annotated[
+    InputOpt,
+    typer.Option(
+        "--input",
+        help="float32: normalized NCHW planes, the gateway normalizes. uint8: the cropped "
+        "image's NHWC pixels as decoded; the graph's first nodes normalize them (no float "
+        "work per pixel in the gateway, a quarter of the bytes to Triton).",
+    ),
+]
+
+
 class WeightsKeyOpt(enum.StrEnum):
     auto = "auto"
     model = "model"
@@ -221,6 +238,7 @@ def export(
         str | None,
         typer.Option(help="Per-channel std in 0..1, comma-separated. Default: ImageNet's."),
     ] = None,
+    input: InputOption = InputOpt.float32,
     max_batch_size: MaxBatchOpt = 32,
     max_queue_delay_us: QueueDelayOpt = 2000,
     instance_count: InstanceCountOpt = 1,
@@ -291,7 +309,7 @@ def export(
         from export.pipeline import default_labels, export_and_publish, read_labels_file
         from export.repository import ServingConfig, check_name, ensure_writable
         from export.weights import IMAGENET_MEAN, IMAGENET_STD, load_weights, resolve_torchvision
-        from service.contract import PreprocessContract
+        from service.contract import PreprocessContract, input_fields
 
         # Everything that can be checked cheaply is checked before any heavy work.
         check_name(name)
@@ -322,6 +340,7 @@ def export(
                 mean=_floats(mean, "--mean") or default_mean,
                 std=_floats(std, "--std") or default_std,
                 num_classes=num_classes,
+                **input_fields(input.value),
             )
         except ValidationError as exc:
             detail = describe_validation_error(exc)
@@ -487,6 +506,7 @@ def demo(
     max_queue_delay_us: QueueDelayOpt = 2000,
     precision: PrecisionOption = PrecisionOpt.fp32,
     min_agreement: MinAgreementOpt = DEFAULT_MIN_AGREEMENT,
+    input: InputOption = InputOpt.float32,
 ) -> None:
     """Train the demo model (ResNet-18 on scikit-learn's digits, offline); export as 'digits'.
 
@@ -509,6 +529,7 @@ def demo(
             ),
             precision=precision.value,
             min_agreement=min_agreement,
+            input_dtype=input.value,
             log=typer.echo,
         )
         acc = result.report["training"]["heldout_accuracy_torch"]

@@ -27,7 +27,7 @@ from export.models import build_model
 from export.pipeline import ExportResult, Images, PrecisionPlan, export_and_publish
 from export.quantize import DEFAULT_CALIBRATION_COUNT, Precision
 from export.repository import Flavor, ServingConfig, ensure_writable
-from service.contract import PreprocessContract
+from service.contract import PreprocessContract, input_fields
 from service.cpus import usable_cpus
 from service.preprocess import preprocess
 
@@ -168,6 +168,7 @@ def run_demo(
     serving: ServingConfig | None = None,
     precision: Precision = "fp32",
     min_agreement: float = DEFAULT_MIN_AGREEMENT,
+    input_dtype: str = "float32",
     log: Callable[[str], None] = print,
 ) -> ExportResult:
     ensure_writable(repository)  # before a minute of training, not after
@@ -181,6 +182,9 @@ def run_demo(
         raise ExportError(
             f"demo model reached only {acc:.2%} held-out accuracy (< {MIN_ACCURACY:.0%})"
         )
+    # Trained on float planes; published to take what ``input_dtype`` says (a uint8 graph
+    # normalizes the same pixels in its first nodes).
+    contract = contract.model_copy(update=input_fields(input_dtype))
     plan = None
     if precision != "fp32":
         # INT8 calibrates on training digits and is judged on the held-out ones, which the

@@ -23,7 +23,14 @@ from torch import nn
 from export.errors import ExportError
 from export.gate import DEFAULT_MIN_AGREEMENT, AgreementReport, compare, run_onnx
 from export.images import spread
-from export.onnx_export import check_onnx, export_onnx, parity_check, preprocess_real
+from export.onnx_export import (
+    check_onnx,
+    export_onnx,
+    for_contract,
+    parity_check,
+    preprocess_real,
+    random_inputs,
+)
 from export.quantize import CalibrationMethod, Precision, convert_fp16, quantize_int8
 from export.repository import (
     PROBE_SIZE,
@@ -33,6 +40,7 @@ from export.repository import (
     Publication,
     ServingConfig,
     check_name,
+    check_same_input,
     ensure_writable,
     publish,
 )
@@ -125,9 +133,11 @@ def export_and_publish(
     that too), and publish the result as the next version of ``name``."""
     check_name(name)
     ensure_writable(repository)
+    check_same_input(repository / name, contract)  # before the work; publish checks again
     plan = plan or PrecisionPlan()
     if len(labels) != contract.num_classes:
         raise ExportError(f"{len(labels)} labels for {contract.num_classes} classes")
+    model = for_contract(model, contract)
     with tempfile.TemporaryDirectory(prefix="resnet-export-") as tmp:
         onnx_path = Path(tmp) / "model.onnx"
         log(f"exporting {contract.arch} to ONNX (opset {opset}) ...")
@@ -193,11 +203,12 @@ def _probe(
     checks the arithmetic, which random inputs exercise."""
     if images is not None and len(images):
         picked = spread(list(images.tensors), PROBE_SIZE)
-        inputs, source = np.stack(picked).astype(np.float32), images.source
+        inputs, source = np.stack(picked).astype(contract.dtype), images.source
     else:
-        rng = np.random.default_rng(0)
-        inputs = rng.standard_normal((PROBE_SIZE, *contract.input_shape), dtype=np.float32)
-        source = "random inputs"
+        inputs, source = (
+            random_inputs(np.random.default_rng(0), PROBE_SIZE, contract),
+            "random inputs",
+        )
     return Probe(inputs, run_onnx(published, contract, inputs, exact=exact)), source
 
 
@@ -245,8 +256,8 @@ def _reduce(
             )
             settings["calibration_source"] = plan.calibration.source
         else:
-            log("converting to FP16 (FP32 inputs and outputs) ...")
-            settings = convert_fp16(fp32, published)
+            log(f"converting to FP16 ({contract.dtype} inputs, float32 outputs) ...")
+            settings = convert_fp16(fp32, published, contract)
         check_onnx(published, contract)
         report["quantization"] = settings
         report.update(_gate_reduced(published, contract, reference, plan, validation, log))

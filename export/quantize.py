@@ -26,8 +26,9 @@ guide names reduce_range as the remedy). u8u8 is exact too but only 1.49x. Tenso
 accumulates exactly with either range; 7-bit weights cost it a little resolution, which its
 own accuracy gate measures, and keep its ONNX file servable by any CPU node.
 
-FP16 converts weights and compute to float16 and keeps the graph's inputs and outputs
-float32, so the contract (FP32 in, FP32 logits out) and every client stay unchanged.
+FP16 converts weights and compute to float16 and keeps the graph's inputs and outputs as
+they were (float32 planes or uint8 pixels in, float32 logits out), so the contract and
+every client stay unchanged.
 """
 
 from __future__ import annotations
@@ -121,6 +122,7 @@ def quantize_int8(
                 str(prepared),
                 str(dst),
                 reader,
+                nodes_to_exclude=_before_first_conv(prepared, contract.input_name),
                 quant_format=QuantFormat.QDQ,
                 per_channel=True,
                 reduce_range=True,  # 7-bit weights: exact on every x86 kernel path
@@ -147,8 +149,27 @@ def quantize_int8(
     }
 
 
-def convert_fp16(src: Path, dst: Path) -> dict[str, Any]:
-    """Write ``src`` with FP16 weights and compute, FP32 inputs and outputs, to ``dst``."""
+def _before_first_conv(path: Path, input_name: str) -> list[str]:
+    """The nodes between the graph's input and its first convolution: a uint8 graph's
+    normalization (export.onnx_export.PixelInput). They stay float: quantizing the pixels
+    with a calibrated scale would only round values that are exact integers (none in a
+    float-input graph, whose input goes straight to a Conv)."""
+    import onnx
+
+    graph = onnx.load(str(path)).graph
+    reached, names = {input_name}, []
+    for node in graph.node:  # topological order
+        if node.op_type == "Conv":
+            break
+        if reached.intersection(node.input):
+            reached.update(node.output)
+            names.append(node.name)
+    return names
+
+
+def convert_fp16(src: Path, dst: Path, contract: PreprocessContract) -> dict[str, Any]:
+    """Write ``src`` with FP16 weights and compute, its inputs and outputs unchanged (the
+    contract's input, FP32 logits), to ``dst``."""
     import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
@@ -157,7 +178,7 @@ def convert_fp16(src: Path, dst: Path) -> dict[str, Any]:
     # (and onnx.checker) wants topological order.
     _sort_topologically(model.graph)
     onnx.save(model, str(dst))
-    return {"weights": "fp16", "compute": "fp16", "inputs_outputs": "fp32"}
+    return {"weights": "fp16", "compute": "fp16", "inputs": contract.dtype, "outputs": "float32"}
 
 
 def _sort_topologically(graph: Any) -> None:

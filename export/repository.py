@@ -43,6 +43,7 @@ from service.repository import (
     ROLLOUT_FILENAME,
     RepositoryError,
     Rollout,
+    contract_tensors,
     latest_version,
     load_probe,
     load_spec,
@@ -107,7 +108,8 @@ def build_config(
         cfg.backend = "python"
         kind = mc.ModelInstanceGroup.KIND_CPU  # the python backend runs ORT on the CPU
         cfg.parameters["onnx_file"].string_value = MODEL_FILENAME
-    cfg.input.add(name=contract.input_name, data_type=mc.TYPE_FP32, dims=contract.input_shape)
+    datatype = mc.DataType.Value("TYPE_" + contract.datatype)  # TYPE_FP32, TYPE_UINT8
+    cfg.input.add(name=contract.input_name, data_type=datatype, dims=contract.input_shape)
     cfg.output.add(
         name=contract.output_name,
         data_type=mc.TYPE_FP32,
@@ -120,7 +122,7 @@ def build_config(
     # Only the newest version is served; older ones stay on disk for rollback.
     cfg.version_policy.latest.num_versions = 1
     warm = cfg.model_warmup.add(name="zeros_batch1", batch_size=1)
-    warm.inputs[contract.input_name].data_type = mc.TYPE_FP32
+    warm.inputs[contract.input_name].data_type = datatype
     warm.inputs[contract.input_name].dims.extend(contract.input_shape)
     warm.inputs[contract.input_name].zero_data = True
     return cfg
@@ -243,6 +245,7 @@ def publish(repository: Path, pub: Publication) -> int:
         final = repository / pub.name
         if final.exists() and not final.is_dir():
             raise ExportError(f"{final} exists and is not a model directory")
+        check_same_input(final, pub.contract)
         version = (latest_version(final) or 0) + 1
         staging = Path(tempfile.mkdtemp(dir=repository, prefix=f".{pub.name}.staging-"))
         try:
@@ -266,7 +269,7 @@ def publish(repository: Path, pub: Publication) -> int:
             if pub.probe is not None:
                 np.savez(
                     vdir / PROBE_FILENAME,
-                    inputs=np.ascontiguousarray(pub.probe.inputs, dtype=np.float32),
+                    inputs=np.ascontiguousarray(pub.probe.inputs, dtype=pub.contract.dtype),
                     outputs=np.ascontiguousarray(pub.probe.outputs, dtype=np.float32),
                 )
             (staging / CONFIG_FILENAME).write_text(config_text)
@@ -293,6 +296,24 @@ def publish(repository: Path, pub: Publication) -> int:
             shutil.rmtree(staging, ignore_errors=True)
             raise
     return version
+
+
+def check_same_input(model_dir: Path, contract: PreprocessContract) -> None:
+    """A new version takes the input its model's other versions take: config.pbtxt, Triton's
+    and the gateway's, holds one input per model (a uint8-pixel graph beside float-plane
+    ones needs a model of its own)."""
+    new = contract_tensors(contract)[0][0]
+    for v in numbered_versions(model_dir):
+        try:
+            old = contract_tensors(PreprocessContract.load(model_dir / str(v) / CONTRACT_FILENAME))
+        except ContractError:
+            continue  # a broken version: the layout check names it
+        if old[0][0] != new:
+            raise ExportError(
+                f"model {model_dir.name!r} takes {old[0][0]} (version {v}); this version would "
+                f"take {new}, and config.pbtxt holds one input per model: publish it under "
+                "another --name (or with the other --input)"
+            )
 
 
 def republish(

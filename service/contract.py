@@ -12,6 +12,11 @@ The pipeline it describes, in order (the same as torchvision's classic eval tran
 3. center-crop ``crop`` x ``crop``;
 4. scale to 0..1, subtract ``mean``, divide by ``std`` (per channel);
 5. lay out as ``layout`` with ``dtype``; a batch axis of its own comes first.
+
+With ``dtype`` uint8 (``layout`` NHWC) step 4 is the graph's: its input is the cropped
+image's 8-bit pixels as decoded, and its first nodes normalize them with the same
+``mean`` and ``std`` (export.onnx_export.PixelInput). The gateway then does no float work
+per pixel, and a batch to Triton is a quarter of the bytes.
 """
 
 from __future__ import annotations
@@ -40,6 +45,17 @@ def describe_validation_error(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
+#: The input's dtype -> its layout: normalized planes, or the pixels as decoded.
+PAIRS = (("float32", "NCHW"), ("uint8", "NHWC"))
+#: The input's dtype -> its KServe v2 / Triton datatype name.
+DATATYPES = {"float32": "FP32", "uint8": "UINT8"}
+
+
+def input_fields(dtype: str) -> dict[str, str]:
+    """The contract fields of an input dtype: ``{"dtype": ..., "layout": ...}``."""
+    return {"dtype": dtype, "layout": dict(PAIRS)[dtype]}
+
+
 #: How an INT8 graph is quantized (export.quantize): activations x weights, 7-bit weights.
 Int8Scheme = Literal["u8s8-reduce-range", "s8s8-reduce-range"]
 
@@ -53,8 +69,15 @@ class PreprocessContract(BaseModel):
     arch: str = Field(description="Registry name of the network, e.g. resnet50.")
     input_name: str = Field(description="Name of the ONNX/Triton input tensor.")
     output_name: str = Field(description="Name of the ONNX/Triton output tensor (logits).")
-    layout: Literal["NCHW"] = "NCHW"
-    dtype: Literal["float32"] = "float32"
+    layout: Literal["NCHW", "NHWC"] = Field(
+        default="NCHW",
+        description="NCHW: normalized planes (float32). NHWC: pixels as decoded (uint8).",
+    )
+    dtype: Literal["float32", "uint8"] = Field(
+        default="float32",
+        description="float32: the gateway normalizes. uint8: the graph normalizes the "
+        "8-bit pixels with mean and std in its first nodes.",
+    )
     channels: Literal["RGB", "L"] = Field(
         description="Colour model the network was trained on: RGB (3 planes) or L (1 plane)."
     )
@@ -87,6 +110,10 @@ class PreprocessContract(BaseModel):
             )
         if any(s <= 0 for s in self.std):
             raise ValueError("std values must be positive")
+        if (self.dtype, self.layout) not in PAIRS:
+            raise ValueError(
+                f"dtype {self.dtype} goes with layout {dict(PAIRS)[self.dtype]}, not {self.layout}"
+            )
         if self.int8_scheme is not None and self.precision != "int8":
             raise ValueError(f"int8_scheme is for INT8 models, not {self.precision}")
         if self.crop > self.resize:
@@ -100,7 +127,14 @@ class PreprocessContract(BaseModel):
     @property
     def input_shape(self) -> tuple[int, int, int]:
         """Shape of one image tensor, without the batch axis."""
+        if self.layout == "NHWC":
+            return (self.crop, self.crop, self.num_channels)
         return (self.num_channels, self.crop, self.crop)
+
+    @property
+    def datatype(self) -> str:
+        """The input's datatype as KServe v2 and Triton name it (FP32, UINT8)."""
+        return DATATYPES[self.dtype]
 
     def same_io(self, other: PreprocessContract) -> bool:
         """Whether ``other`` takes the same input tensors from the same images and answers

@@ -450,7 +450,8 @@ class DataPlane:
         plan.served.batcher.reserve(n, plan.deadline, extra_s=decode_s)
         start = time.perf_counter()
         # Each image is written into its row of the request's batch (no stacking copy).
-        batch = np.empty((n, *plan.spec.contract.input_shape), dtype=np.float32)
+        contract = plan.spec.contract
+        batch = np.empty((n, *contract.input_shape), dtype=contract.dtype)
         jobs = [self._decode_one(plan, k, d, batch[k]) for k, d in enumerate(images)]
         try:
             results = await asyncio.wait_for(

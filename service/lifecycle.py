@@ -283,10 +283,10 @@ class Lifecycle:
         probe = load_probe(spec)
         c = spec.contract
         if probe is None:
-            inputs, expected = np.zeros((1, *c.input_shape), np.float32), None
+            inputs, expected = np.zeros((1, *c.input_shape), c.dtype), None
         else:
             inputs, expected = probe
-        logits = await self.backend.infer(spec, inputs.astype(np.float32), PROBE_TIMEOUT_S)
+        logits = await self.backend.infer(spec, inputs.astype(c.dtype), PROBE_TIMEOUT_S)
         if logits.shape != (len(inputs), c.num_classes) or not np.isfinite(logits).all():
             raise RepositoryError(
                 f"{where}: the backend answered {list(logits.shape)} with non-finite or "

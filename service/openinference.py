@@ -30,6 +30,8 @@ from service.errors import InvalidRequest, ValidationFailed, cut
 SERVER_NAME = "resnet-serving"
 EXTENSIONS = ["classification", "binary_tensor_data", "model_configuration", "statistics"]
 _FP32_MAX = float(np.finfo(np.float32).max)
+#: The tensor datatypes a model's input may have (its contract's dtype), as they arrive.
+TENSOR_DTYPES: dict[str, np.dtype[Any]] = {"FP32": np.dtype("<f4"), "UINT8": np.dtype("u1")}
 
 
 @dataclass
@@ -37,8 +39,8 @@ class InferInput:
     name: str
     datatype: str
     shape: list[int]
-    #: BYTES: the elements, as a list. Any other datatype: float32 values (an array, any
-    #: layout; reshaped to ``shape``), or an empty one where the datatype is unsupported.
+    #: BYTES: the elements, as a list. FP32 / UINT8: the values (an array, any layout;
+    #: reshaped to ``shape``); an empty one where the datatype is unsupported.
     data: np.ndarray | list[bytes]
 
 
@@ -117,15 +119,18 @@ def raw_input(name: str, datatype: str, shape: list[int], raw: bytes) -> InferIn
     """An input whose data came in the raw/binary form."""
     if datatype == "BYTES":
         return InferInput(name, datatype, shape, parse_bytes(raw))
-    if datatype != "FP32":  # refused, by name, in infer()
+    dtype = TENSOR_DTYPES.get(datatype)
+    if dtype is None:  # refused, by name, in infer()
         return InferInput(name, datatype, shape, np.empty(0, np.float32))
-    if len(raw) % 4:
-        raise InvalidRequest(f"input {cut(name)}: {len(raw)} bytes is not a whole FP32 tensor")
-    return InferInput(name, datatype, shape, np.frombuffer(raw, dtype="<f4"))
+    if len(raw) % dtype.itemsize:
+        raise InvalidRequest(
+            f"input {cut(name)}: {len(raw)} bytes is not a whole {datatype} tensor"
+        )
+    return InferInput(name, datatype, shape, np.frombuffer(raw, dtype=dtype))
 
 
 def number_input(name: str, datatype: str, shape: list[int], values: list[Any]) -> InferInput:
-    """An FP32 input whose data came as JSON numbers (flat or nested, row-major)."""
+    """An FP32 or UINT8 input whose data came as JSON numbers (flat or nested, row-major)."""
     flat: list[Any] = values
     while flat and isinstance(flat[0], list):
         flat = [v for row in flat if isinstance(row, list) for v in row]
@@ -136,6 +141,10 @@ def number_input(name: str, datatype: str, shape: list[int], values: list[Any]) 
         arr = np.asarray(flat, dtype=np.float64)
     except OverflowError:  # an integer beyond any float
         arr = np.array([_FP32_MAX * 2])
+    if datatype == "UINT8":
+        if any(type(v) is not int for v in flat) or ((arr < 0) | (arr > 255)).any():
+            raise InvalidRequest(f"input {cut(name)}: UINT8 values are integers from 0 to 255")
+        return InferInput(name, datatype, shape, arr.astype(np.uint8))
     if (np.abs(arr[np.isfinite(arr)]) > _FP32_MAX).any():  # NaN and inf: refused later
         raise InvalidRequest(f"input {cut(name)}: a value is out of FP32 range")
     return InferInput(name, datatype, shape, arr.astype(np.float32))
@@ -164,11 +173,11 @@ async def _input_batch(plane: DataPlane, plan: Plan, inp: InferInput) -> tuple[n
     if inp.name != c.input_name:
         raise InvalidRequest(
             f"unexpected input {cut(inp.name)}: model {cut(plan.spec.name)} takes "
-            f"{c.input_name!r} (FP32) or a BYTES input of encoded images"
+            f"{c.input_name!r} ({c.datatype}) or a BYTES input of encoded images"
         )
-    if inp.datatype != "FP32":
-        raise InvalidRequest(f"input {cut(inp.name)} must be FP32, got {cut(inp.datatype)}")
-    want = [c.num_channels, c.crop, c.crop]
+    if inp.datatype != c.datatype:
+        raise InvalidRequest(f"input {cut(inp.name)} must be {c.datatype}, got {cut(inp.datatype)}")
+    want = list(c.input_shape)
     if len(inp.shape) != 4 or inp.shape[1:] != want or inp.shape[0] < 1:
         raise InvalidRequest(
             f"input {inp.name!r} has shape {inp.shape}; expected [n, {', '.join(map(str, want))}]"
@@ -177,7 +186,7 @@ async def _input_batch(plane: DataPlane, plan: Plan, inp: InferInput) -> tuple[n
     if inp.data.size != math.prod(inp.shape):
         raise InvalidRequest(f"input {inp.name!r}: {inp.data.size} values for shape {inp.shape}")
     batch = inp.data.reshape(inp.shape)
-    if not np.isfinite(batch).all():
+    if batch.dtype.kind == "f" and not np.isfinite(batch).all():
         raise InvalidRequest(f"input {inp.name!r} holds NaN or infinite values")
     return batch, False
 

@@ -228,6 +228,13 @@ def _lookup(mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
     return np.ascontiguousarray((values / np.float32(255.0) - m) / s, dtype=np.float32)
 
 
+def normalized(pixels: np.ndarray, contract: PreprocessContract) -> np.ndarray:
+    """8-bit pixels (..., H, W, C) -> float32 planes (..., C, H, W), with the same table as
+    :func:`normalize` (what a float-input graph is fed for the same image)."""
+    table = _lookup(contract.mean, contract.std)
+    return np.stack([table[k][pixels[..., k]] for k in range(pixels.shape[-1])], axis=-3)
+
+
 def normalize(
     img: Image.Image, contract: PreprocessContract, out: np.ndarray | None = None
 ) -> np.ndarray:
@@ -244,17 +251,31 @@ def normalize(
     return out
 
 
+def pixels(
+    img: Image.Image, contract: PreprocessContract, out: np.ndarray | None = None
+) -> np.ndarray:
+    """uint8 image -> its pixels (H, W, C) as decoded, for a graph that normalizes them
+    itself (a uint8 contract): no arithmetic, one copy into ``out`` at most."""
+    arr = np.asarray(img).reshape(contract.input_shape)
+    if out is None:
+        return arr
+    out[...] = arr
+    return out
+
+
 def preprocess(
     data: bytes,
     contract: PreprocessContract,
     limits: DecodeLimits = DEFAULT_LIMITS,
     out: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Encoded image bytes -> one float32 tensor of shape ``contract.input_shape``."""
+    """Encoded image bytes -> one tensor of ``contract.input_shape`` and ``contract.dtype``."""
     img = open_image(data, contract, limits)
     large = img.width * img.height >= memory.LARGE_IMAGE_PIXELS
     cropped = resize_and_crop(img, contract)
     del img  # the large buffer is free before the trim
     if large:
         memory.trim()
+    if contract.dtype == "uint8":
+        return pixels(cropped, contract, out)
     return normalize(cropped, contract, out)

@@ -74,9 +74,10 @@ class TensorSig:
 
 
 def contract_tensors(contract: PreprocessContract) -> tuple[list[TensorSig], list[TensorSig]]:
-    """(inputs, outputs) the contract promises: FP32 images in, FP32 logits out."""
+    """(inputs, outputs) the contract promises: images in (FP32 planes, or UINT8 pixels),
+    FP32 logits out."""
     return (
-        [TensorSig(contract.input_name, "FP32", (-1, *contract.input_shape))],
+        [TensorSig(contract.input_name, contract.datatype, (-1, *contract.input_shape))],
         [TensorSig(contract.output_name, "FP32", (-1, contract.num_classes))],
     )
 
@@ -408,7 +409,7 @@ def validate_model(model_dir: Path, expected_name: str | None = None) -> list[st
         problems.append(f"{name}: {where}{msg}")
 
     def probe_problems(path: Path, contract: PreprocessContract) -> list[str]:
-        """A probe must load and hold what the contract says: float32 inputs
+        """A probe must load and hold what the contract says: inputs of its dtype
         (n, *input_shape) and logits (n, num_classes), 1 <= n. None is fine (older exports)."""
         if not zipfile.is_zipfile(path):
             return [f"{PROBE_FILENAME} is not an .npz archive"]
@@ -421,11 +422,11 @@ def validate_model(model_dir: Path, expected_name: str | None = None) -> list[st
         except Exception as exc:  # zipfile, zlib and numpy each raise their own errors
             return [f"{PROBE_FILENAME} unreadable ({type(exc).__name__}: {exc})"]
         n = inputs.shape[0] if inputs.ndim else 0
-        if inputs.dtype != np.float32 or inputs.shape != (n, *contract.input_shape) or n < 1:
+        if inputs.dtype != contract.dtype or inputs.shape != (n, *contract.input_shape) or n < 1:
             dims = ", ".join(map(str, contract.input_shape))
             return [
                 f"{PROBE_FILENAME} inputs are {inputs.dtype} {list(inputs.shape)}, the contract "
-                f"says float32 [n, {dims}] with n >= 1"
+                f"says {contract.dtype} [n, {dims}] with n >= 1"
             ]
         if outputs.dtype != np.float32 or outputs.shape != (n, contract.num_classes):
             return [

@@ -138,23 +138,22 @@ def slow_to_decode() -> bytes:
     return buf.getvalue()
 
 
-@pytest.fixture(scope="session")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> Tiny:
+def publish_tiny(repository: Path, name: str, contract: PreprocessContract) -> Tiny:
+    """The tiny network (the same weights every time: seed 0) published as ``name``."""
     import torch
 
     from export.models import BasicBlock, ResNet
     from export.pipeline import export_and_publish
     from export.repository import ServingConfig
 
-    base = tmp_path_factory.mktemp("tiny")
     torch.manual_seed(0)
     model = ResNet(BasicBlock, (1, 1, 1, 1), num_classes=10, channels=(4, 8, 8, 8))
     export_and_publish(
         model=model,
-        contract=TINY_CONTRACT,
+        contract=contract,
         labels=TINY_LABELS,
-        name="tiny",
-        repository=base / "repo",
+        name=name,
+        repository=repository,
         flavor="onnxruntime",
         serving=ServingConfig(max_batch_size=8),
         opset=17,
@@ -162,7 +161,21 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Tiny:
         source="tests",
         log=lambda _: None,
     )
-    return Tiny(base / "repo")
+    return Tiny(repository, name)
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Tiny:
+    return publish_tiny(tmp_path_factory.mktemp("tiny") / "repo", "tiny", TINY_CONTRACT)
+
+
+@pytest.fixture(scope="session")
+def tiny_pixels(tmp_path_factory: pytest.TempPathFactory) -> Tiny:
+    """The tiny network taking uint8 pixels (``--input uint8``), as "tinypixels"."""
+    from service.contract import input_fields
+
+    contract = TINY_CONTRACT.model_copy(update=input_fields("uint8"))
+    return publish_tiny(tmp_path_factory.mktemp("pixels") / "repo", "tinypixels", contract)
 
 
 @pytest.fixture(scope="session")

@@ -20,7 +20,12 @@ log = logging.getLogger(__name__)
 
 def _sigs(args: list[ort.NodeArg]) -> list[TensorSig]:
     """ORT's view of a graph's tensors ("tensor(float)", symbolic dims) in protocol terms."""
-    types = {"tensor(float)": "FP32", "tensor(float16)": "FP16", "tensor(double)": "FP64"}
+    types = {
+        "tensor(float)": "FP32",
+        "tensor(float16)": "FP16",
+        "tensor(double)": "FP64",
+        "tensor(uint8)": "UINT8",
+    }
     return [
         TensorSig(
             a.name,
@@ -101,7 +106,7 @@ class OnnxRuntimeBackend(Backend):
         costs = self._warm.setdefault((spec.name, spec.version), {})
         for n in (*sizes, *sizes):
             start = time.perf_counter()
-            session.run([c.output_name], {c.input_name: np.zeros((n, *c.input_shape), np.float32)})
+            session.run([c.output_name], {c.input_name: np.zeros((n, *c.input_shape), c.dtype)})
             costs[n] = time.perf_counter() - start
         return session
 

@@ -375,7 +375,7 @@ class TritonBackend(Backend):
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         c = spec.contract
-        inp = InferInput(c.input_name, list(batch.shape), "FP32")
+        inp = InferInput(c.input_name, list(batch.shape), c.datatype)
         inp.set_data_from_numpy(batch)
         out = InferRequestedOutput(c.output_name)
         attempt = 0

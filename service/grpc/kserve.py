@@ -38,6 +38,10 @@ def _inputs(request: pb.ModelInferRequest) -> list[oi.InferInput]:
             inputs.append(oi.raw_input(t.name, t.datatype, shape, raw[n]))
         elif t.datatype == "BYTES":
             inputs.append(oi.InferInput(t.name, t.datatype, shape, list(t.contents.bytes_contents)))
+        elif t.datatype == "UINT8":  # the protocol carries UINT8 in uint_contents
+            inputs.append(
+                oi.number_input(t.name, t.datatype, shape, list(t.contents.uint_contents))
+            )
         else:  # any other datatype than FP32 is refused, by name, in oi.infer
             values = np.asarray(t.contents.fp32_contents, dtype=np.float32)
             inputs.append(oi.InferInput(t.name, t.datatype, shape, values))

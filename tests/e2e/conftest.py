@@ -21,13 +21,14 @@ def server(demo, tmp_path_factory) -> Iterator[GatewayProcess]:
 
 
 @pytest.fixture(scope="session")
-def triton_repo(demo, tiny, tmp_path_factory) -> Path:
-    """The demo's and the tiny model's ONNX files republished as flavor python-ort (what
-    the CPU tritonserver runs): one Triton serves both."""
+def triton_repo(demo, tiny, tiny_pixels, tmp_path_factory) -> Path:
+    """The demo's and the tiny model's ONNX files (the tiny one also taking uint8 pixels)
+    republished as flavor python-ort (what the CPU tritonserver runs): one Triton serves
+    them all."""
     from export.repository import republish
 
     repo = tmp_path_factory.mktemp("triton") / "repo"
-    for model_dir in (demo.model_dir, tiny.model_dir):
+    for model_dir in (demo.model_dir, tiny.model_dir, tiny_pixels.model_dir):
         republish(model_dir, repo, "python-ort")
     return repo
 

@@ -187,17 +187,18 @@ def test_bad_arguments_are_one_line_and_exit_1(gateway, tiny, images, tmp_path):
         assert not out.exists()  # nothing made for a run that never started
 
 
-def test_gateway_cost_measures_both_servers_behind_the_same_near_free_graph(tiny, tmp_path):
-    """``make bench``'s "gateway cost per image" parts on the tiny model: the near-free graph
-    keeps the model's real input, the gateway and the tutorial server answer the same class
-    from it for a real photo crop, and the server CPU per request is read from /proc."""
+def test_gateway_cost_measures_both_servers_behind_the_same_near_free_graph(tmp_path):
+    """``make bench``'s "gateway cost per image" parts: the near-free graph takes ResNet-50's
+    real input, the gateway and the tutorial server answer the same classes from it for a
+    real photo, and the server CPU per request is read from /proc."""
     import httpx
 
     from deploy.bench import near_free_repo, process_cpu_s, server_cpu_per_request, test_jpeg
     from service.testing import free_port, wait_until
 
-    version = near_free_repo(tiny.repository, tmp_path / "repo", tiny.name)
-    photo = test_jpeg(200, 150)
+    name = "nearfree"
+    version = near_free_repo(tmp_path / "repo", "float32", name)
+    photo = test_jpeg(400, 300)
     gw = GatewayProcess.start(tmp_path / "gw.log", "--repository", str(tmp_path / "repo"))
     port = free_port()
     tutorial = subprocess.Popen(
@@ -205,23 +206,26 @@ def test_gateway_cost_measures_both_servers_behind_the_same_near_free_graph(tiny
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        meta = httpx.get(f"{gw.url}/v2/models/{tiny.name}").json()
-        assert meta["inputs"][0]["shape"] == [-1, *tiny.contract.input_shape]
+        meta = httpx.get(f"{gw.url}/v2/models/{name}").json()
+        assert meta["inputs"][0]["shape"] == [-1, 3, 224, 224]
 
         def answers() -> bool:
             try:
-                return httpx.get(f"{url}/v1/models/{tiny.name}", timeout=1).status_code == 200
+                return httpx.get(f"{url}/v1/models/{name}", timeout=1).status_code == 200
             except httpx.HTTPError:
                 return False
 
         wait_until(answers, 60, "tutorial server not up")
-        path = f"/v1/models/{tiny.name}/classify"
+        path = f"/v1/models/{name}/classify"
         jpeg = {"Content-Type": "image/jpeg"}
         ours = httpx.post(gw.url + path, content=photo, headers=jpeg, timeout=30).json()
         theirs = httpx.post(url + path, content=photo, headers=jpeg, timeout=30).json()
-        assert ours["predictions"][0][0]["label"] == theirs["predictions"][0]["label"]
+        # The top 3 of 1000 near-tied classes: the same within one 8-bit step per value.
+        assert [p["label"] for p in ours["predictions"][0][:3]] == [
+            p["label"] for p in theirs["predictions"][:3]
+        ]
         before = process_cpu_s(gw.proc.pid)
-        step = server_cpu_per_request(gw.proc.pid, gw.url, photo, 1.0, tiny.name)
+        step = server_cpu_per_request(gw.proc.pid, gw.url, photo, 1.0, name)
         assert process_cpu_s(gw.proc.pid) > before
         assert step["cpu_ms_per_request"] > 0 and set(step["statuses"]) == {"200"}, step
     finally:

@@ -172,6 +172,28 @@ def test_encoded_images_through_the_triton_backend(via_triton):
     client.close()
 
 
+def test_pixels_through_triton_are_answered_as_float_planes(via_triton, triton, tiny_pixels):
+    """A uint8 graph in Triton: its metadata is the contract's UINT8 NHWC input (the gateway
+    checked it at start), the gateway sends it the decoded pixels, a quarter of the float
+    planes' bytes, and answers what the same network taking float planes answers."""
+    meta = triton_http.InferenceServerClient(triton.http_url.removeprefix("http://"))
+    inputs = meta.get_model_metadata("tinypixels")["inputs"]
+    assert inputs == [{"name": "input", "datatype": "UINT8", "shape": [-1, 32, 32, 3]}]
+    for seed in range(3):
+        photo = image_bytes("JPEG", (80 + 9 * seed, 60), seed=200 + seed)
+        answers = [
+            httpx.post(
+                f"{via_triton.url}/v1/models/{m}/classify?top_k=3", content=photo,
+                headers={"content-type": "image/jpeg"}, timeout=30,
+            ).json()["predictions"][0]
+            for m in ("tiny", "tinypixels")
+        ]  # fmt: skip
+        assert [p["index"] for p in answers[0]] == [p["index"] for p in answers[1]]
+        np.testing.assert_allclose(
+            [p["score"] for p in answers[0]], [p["score"] for p in answers[1]], atol=1e-5
+        )
+
+
 def test_metadata_disagreement_is_refused(triton, triton_repo, tmp_path):
     """The gateway reads Triton's metadata and refuses a model that is not what its
     contract says."""

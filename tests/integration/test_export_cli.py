@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from export.models import build_model
+from service.contract import PreprocessContract
 from service.cpus import cpu_isa
+from service.preprocess import normalized
 from tests.conftest import run_cli, tree_digest
 
 
@@ -54,6 +56,7 @@ def test_help_explains_every_option():
         "--resize",
         "--crop",
         "--mean",
+        "--input",
     ):
         assert option in proc.stdout
 
@@ -113,6 +116,34 @@ def test_export_then_validate(tmp_path, r18_ckpt, labels5):
         np.testing.assert_allclose(
             sess.run(None, {"input": x})[0], model(torch.from_numpy(x)).numpy(), atol=1e-4
         )
+
+    # --input uint8: the graph takes pixels and normalizes them as the contract says. Not
+    # beside float-input versions of the same model (one config.pbtxt, one input).
+    before = tree_digest(repo)
+    proc = run_cli(*args, "--input", "uint8")
+    assert proc.returncode == 1 and tree_digest(repo) == before
+    assert proc.stderr.strip() == (
+        "resnet-export: error: model 'fruit' takes 'input' FP32 [-1, 3, 64, 64] (version 1); "
+        "this version would take 'input' UINT8 [-1, 64, 64, 3], and config.pbtxt holds one "
+        "input per model: publish it under another --name (or with the other --input)"
+    )
+    args[args.index("fruit")] = "pixels"
+    proc = run_cli(*args, "--input", "uint8")
+    assert proc.returncode == 0, proc.stderr
+    assert "max |uint8 graph - float input|" in proc.stdout
+    contract = PreprocessContract.load(repo / "pixels" / "1" / "preprocess.json")
+    assert (contract.dtype, contract.layout) == ("uint8", "NHWC")
+    pixels = np.random.default_rng(1).integers(0, 256, (3, 64, 64, 3), dtype=np.uint8)
+    sess = ort.InferenceSession(
+        str(repo / "pixels" / "1" / "model.onnx"), providers=["CPUExecutionProvider"]
+    )
+    with torch.no_grad():
+        planes = torch.from_numpy(normalized(pixels, contract))
+        np.testing.assert_allclose(
+            sess.run(None, {"input": pixels})[0], model(planes).numpy(), atol=1e-4
+        )
+    proc = run_cli("resnet-export", "validate", "--repository", str(repo))
+    assert proc.returncode == 0, proc.stderr
 
 
 def test_imagenet_default_labels(tmp_path):

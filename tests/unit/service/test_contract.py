@@ -21,3 +21,21 @@ def test_an_int8_scheme_belongs_to_int8_models_only():
         PreprocessContract.model_validate({**int8, "int8_scheme": "u8s8"})  # 8-bit: not ours
     # A shadow may differ from its primary in how it is quantized, not in what it takes.
     assert TINY_CONTRACT.same_io(scheme)
+
+
+def test_an_input_dtype_goes_with_its_layout():
+    pixels = PreprocessContract.model_validate(
+        {**TINY_CONTRACT.model_dump(), "dtype": "uint8", "layout": "NHWC"}
+    )
+    assert (pixels.input_shape, pixels.datatype) == ((32, 32, 3), "UINT8")
+    assert (TINY_CONTRACT.input_shape, TINY_CONTRACT.datatype) == ((3, 32, 32), "FP32")
+    # A version published before the fields' second values existed reads as float planes.
+    old = {k: v for k, v in TINY_CONTRACT.model_dump().items() if k not in ("dtype", "layout")}
+    assert PreprocessContract.model_validate(old) == TINY_CONTRACT
+    for dtype, layout, pair in (("uint8", "NCHW", "NHWC"), ("float32", "NHWC", "NCHW")):
+        with pytest.raises(ValidationError, match=f"dtype {dtype} goes with layout {pair}"):
+            PreprocessContract.model_validate(
+                {**TINY_CONTRACT.model_dump(), "dtype": dtype, "layout": layout}
+            )
+    # Pixels and planes are different inputs: no shadow between them.
+    assert not TINY_CONTRACT.same_io(pixels)

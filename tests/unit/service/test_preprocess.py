@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.contract import PreprocessContract
+from service.contract import PreprocessContract, input_fields
 from service.errors import InvalidImage, PayloadTooLarge, UnsupportedMediaType
 from service.preprocess import (
     BOX_RESIZE_TOLERANCE,
     DEFAULT_LIMITS,
     DecodeLimits,
+    normalized,
     open_image,
     preprocess,
     sniff_format,
@@ -109,6 +110,21 @@ def test_parity_with_reference_sizes_and_interpolations(size, interp, fmt):
     c = RGB.model_copy(update={"interpolation": interp})
     data = encode(noise_image(*size), fmt, **({"lossless": True} if fmt == "WEBP" else {}))
     assert_matches(preprocess(data, c), data, c)
+
+
+@pytest.mark.parametrize("contract", [RGB, GREY], ids=["RGB", "L"])
+def test_a_uint8_contract_gets_the_pixels_the_float_planes_are_made_of(contract):
+    """--input uint8: the cropped image's pixels as decoded (H, W, C), no arithmetic; the
+    float contract's planes are exactly those pixels through the normalization table."""
+    pixels_contract = contract.model_copy(update=input_fields("uint8"))
+    data = photos()[1]
+    pixels = preprocess(data, pixels_contract)
+    side, channels = contract.crop, contract.num_channels
+    assert pixels.dtype == np.uint8 and pixels.shape == (side, side, channels)
+    np.testing.assert_array_equal(normalized(pixels, contract), preprocess(data, contract))
+    out = np.zeros((2, side, side, channels), np.uint8)
+    assert np.shares_memory(preprocess(data, pixels_contract, out=out[1]), out)  # its batch row
+    np.testing.assert_array_equal(out[1], pixels)
 
 
 def test_parity_greyscale_contract_from_colour_photo():
