@@ -52,6 +52,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -589,13 +590,12 @@ def server_cpu_per_request(
 
 
 def gateway_cost(seconds: float, triton: bool = True) -> dict[str, Any]:
-    """ "Gateway cost per image": the gateway behind the near-free graph taking float planes
+    """The "gateway cost per image" phase: the gateway behind the near-free graph taking float planes
     and taking uint8 pixels, embedded and (``triton``) in front of a real Triton (then only
     the gateway's own process is counted: the graph runs in Triton's), and the tutorial
     server (deploy/tutorial_server.py) behind the float one, under 16 clients posting each
     of COST_IMAGES; each image's decode floor and the gateway's own preprocessing (float
     planes), as one thread's CPU time, here."""
-    import httpx
 
     from export.repository import republish
     from service.preprocess import preprocess
@@ -651,15 +651,8 @@ def gateway_cost(seconds: float, triton: bool = True) -> dict[str, Any]:
         cwd=Path(__file__).parent.parent,
     )
     url = f"http://127.0.0.1:{port}"
-
-    def answers() -> bool:
-        try:
-            return httpx.get(f"{url}/v1/models/{NAME}", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
-
     try:
-        wait_until(answers, 60, "tutorial server not up")
+        wait_until(lambda: _answers(url), 60, "tutorial server not up")
         for key, data in images.items():
             log(f"tutorial server, {key}, 16 clients ...")
             out[key]["tutorial"] = server_cpu_per_request(tutorial.pid, url, data, seconds, NAME)
@@ -676,6 +669,103 @@ def gateway_cost(seconds: float, triton: bool = True) -> dict[str, Any]:
             row["gateway"]["cpu_ms_per_request"] - row["preprocess_ms"], 2
         )
     return out
+
+
+def ideal_latencies_s(
+    arrivals: list[float], cost: Callable[[int], float], max_batch: int
+) -> list[float]:
+    """Each request's latency on an ideal server under the same ``arrivals``: no overhead
+    at all, first come first served, and whenever it is free it takes up to ``max_batch``
+    of the requests that have arrived, each batch of n costing ``cost(n)`` (the bare
+    model's, measured in the same run)."""
+    latencies: list[float] = []
+    free_at, i = 0.0, 0
+    while i < len(arrivals):
+        start = max(free_at, arrivals[i])
+        j = i + 1
+        while j < len(arrivals) and j - i < max_batch and arrivals[j] <= start:
+            j += 1
+        free_at = start + cost(j - i)
+        latencies += [free_at - at for at in arrivals[i:j]]
+        i = j
+    return latencies
+
+
+def poisson_p99_ms(url: str, body: bytes, rate: float, seconds: float, seed: int) -> dict[str, Any]:
+    """One window of Poisson arrivals (``service.bench``'s open loop, no warm-up, so its
+    schedule is ``poisson_schedule(rate, seconds, seed)``) against ``url``: p99 and answers."""
+
+    async def step() -> Step:
+        target = make_target("rest", url, NAME, [[body]])
+        await target.open()
+        try:
+            return await open_loop(target, rate, Bounds(seconds), seed=seed)
+        finally:
+            await target.close()
+
+    result = asyncio.run(step())
+    return {"p99_ms": round(result.latency_ms(99), 1), "statuses": result.statuses}
+
+
+def tail_vs_ideal(repo: Path, body: bytes, seconds: float, rounds: int = 3) -> dict[str, Any]:
+    """p99 under Poisson arrivals at 0.4x bare batch 8 (FP32 ResNet-50), the gateway's and
+    the tutorial server's, each against the ideal server (``ideal_latencies_s``) under the
+    very same arrivals, from the bare model's batch costs measured here; ``rounds``
+    interleaved rounds (gateway, tutorial), one seed each."""
+    from service.batching import CostModel
+    from service.bench.runner import poisson_schedule
+
+    sizes = (1, 2, 4, 8)
+    per_s = {n: bare_ort(onnx_of(repo), n, min(5.0, seconds / 4)) for n in sizes}
+    costs = CostModel({n: n / per_s[n] for n in sizes})
+    rate = 0.4 * per_s[8]
+    out: dict[str, Any] = {
+        "rate_per_s": round(rate, 2),
+        "bare_batch_cost_ms": {n: round(costs.cost(n) * 1000, 1) for n in sizes},
+        "rounds": [],
+    }
+    gw = start_gateway(repo)
+    port = free_port()
+    version = next(p for p in (repo / NAME).iterdir() if (p / "model.onnx").exists())
+    tutorial = subprocess.Popen(
+        [sys.executable, "-m", "deploy.tutorial_server", str(version), str(port)],
+        cwd=Path(__file__).parent.parent,
+    )
+    turl = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: _answers(turl), 120, "tutorial server not up")
+        for url in (gw.url, turl):  # warm: connections, sessions, the batcher's costs
+            poisson_p99_ms(url, body, rate, 3.0, seed=1000)
+        for seed in range(rounds):
+            ideal = np.percentile(
+                ideal_latencies_s(poisson_schedule(rate, seconds, seed), costs.cost, 8), 99
+            )
+            row: dict[str, Any] = {"seed": seed, "ideal_p99_ms": round(float(ideal) * 1000, 1)}
+            for what, url in (("gateway", gw.url), ("tutorial", turl)):
+                log(f"tail vs ideal, round {seed + 1}, {what}: Poisson {rate:.1f}/s ...")
+                row[what] = poisson_p99_ms(url, body, rate, seconds, seed)
+                row[f"{what}_vs_ideal"] = round(row[what]["p99_ms"] / row["ideal_p99_ms"], 2)
+            log(f"  {row}")
+            out["rounds"].append(row)
+    finally:
+        tutorial.terminate()
+        tutorial.wait(30)
+        gw.stop()
+    for what in ("gateway", "tutorial"):
+        out[f"{what}_vs_ideal_median"] = float(
+            np.median([r[f"{what}_vs_ideal"] for r in out["rounds"]])
+        )
+    return out
+
+
+def _answers(url: str) -> bool:
+    """Whether ``url`` serves the bench's model (a server starting up)."""
+    import httpx
+
+    try:
+        return httpx.get(f"{url}/v1/models/{NAME}", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
 def start_gateway(
@@ -891,7 +981,7 @@ def table(results: dict[str, Any]) -> str:
 
 
 def cost_table(cost: dict[str, Any]) -> str:
-    """ "Gateway cost per image": server CPU per request (from /proc) beside the floors."""
+    """The "gateway cost per image" table: server CPU per request (from /proc) beside the floors."""
     heads = {
         "gateway": "gateway (float planes)",
         "gateway_uint8": "gateway (uint8 graph)",
@@ -1024,6 +1114,11 @@ def main() -> None:
         help="bare FP32 and INT8, INT8's export gates, the gateway serving INT8 (16 clients)",
     )
     parser.add_argument(
+        "--tail-only",
+        action="store_true",
+        help="p99 under Poisson arrivals vs an ideal server under the same arrivals",
+    )
+    parser.add_argument(
         "--cost-only",
         action="store_true",
         help="gateway cost per image: server CPU per request vs decode floor and a tutorial server",
@@ -1048,6 +1143,10 @@ def main() -> None:
             ),
         },
         "tracing_only": lambda root: {"tracing": tracing_cost(root, test_jpeg(), s)},
+        "tail_only": lambda root: {
+            "machine": {"isa": cpu_isa()},
+            "tail": tail_vs_ideal(root, test_jpeg(), s),
+        },
         # Its near-free graphs are its own: no ResNet-50 export first.
         "cost_only": lambda _: {
             "machine": {"isa": cpu_isa()},

@@ -209,6 +209,17 @@ async def closed_loop(
     return step
 
 
+def poisson_schedule(rate_per_s: float, duration_s: float, seed: int = 0) -> list[float]:
+    """The arrival times (seconds from the window's opening) :func:`open_loop` sends in a
+    window of ``duration_s`` without warm-up, for ``seed``: what a simulation of another
+    server under the same arrivals needs."""
+    rng, at, times = random.Random(seed), 0.0, []
+    while at < duration_s:
+        times.append(at)
+        at += rng.expovariate(rate_per_s)
+    return times
+
+
 async def open_loop(
     target: Target,
     rate_per_s: float,

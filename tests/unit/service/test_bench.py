@@ -5,13 +5,12 @@ warm-up excluded, the bounds, and the SLO search's bracketing. Real gateways: te
 from __future__ import annotations
 
 import asyncio
-import random
 import time
 
 import pytest
 
 from service.bench import BenchError
-from service.bench.runner import Bounds, Step, closed_loop, open_loop
+from service.bench.runner import Bounds, Step, closed_loop, open_loop, poisson_schedule
 from service.bench.server import breakdown, parse
 from service.bench.slo import passes, search
 from service.bench.targets import Answer, Target
@@ -44,18 +43,10 @@ class Scripted(Target):
         return Answer("200", True)
 
 
-def expected_arrivals(rate: float, duration: float, seed: int) -> int:
-    rng, t, n = random.Random(seed), 0.0, 0
-    while t < duration:
-        n += 1
-        t += rng.expovariate(rate)
-    return n
-
-
 def test_open_loop_sends_the_seeded_poisson_schedule():
     target = Scripted()
     step = asyncio.run(open_loop(target, 200, Bounds(1.0), seed=7))
-    assert step.requests == step.ok == expected_arrivals(200, 1.0, 7)
+    assert step.requests == step.ok == len(poisson_schedule(200, 1.0, 7))
     gaps = [b - a for a, b in zip(target.calls, target.calls[1:], strict=False)]
     mean_gap = sum(gaps) / len(gaps)
     assert 1 / 200 * 0.75 < mean_gap < 1 / 200 * 1.25
@@ -68,7 +59,7 @@ def test_open_loop_latency_counts_from_the_scheduled_time():
     """A client that falls behind (here: its loop blocked 0.3 s) must not hide it: the
     requests that were due meanwhile are measured from when they were due."""
     step = asyncio.run(open_loop(Scripted(stall_at=20), 100, Bounds(1.0), seed=1))
-    assert step.requests == expected_arrivals(100, 1.0, 1)  # none dropped
+    assert step.requests == len(poisson_schedule(100, 1.0, 1))  # none dropped
     assert step.latency_ms(100) >= 250  # the stalled request's successors waited
     assert step.latency_ms(50) < 250
 
@@ -188,3 +179,13 @@ def test_bad_numbers_are_refused_before_anything_runs(tmp_path):
     ):
         with pytest.raises(BenchError, match=message):
             BenchConfig(**base, **bad).check()
+
+
+def test_the_ideal_server_batches_what_has_arrived_when_it_is_free():
+    """make bench's tail reference: FIFO, no overhead, up to max_batch of what is waiting."""
+    from deploy.bench import ideal_latencies_s
+
+    got = ideal_latencies_s([0.0, 0.0, 0.0, 1.0], lambda n: 0.1 * n, max_batch=2)
+    # Two at once (0.2 s), the third after them alone (0.1 s), the fourth on an idle server.
+    assert got == pytest.approx([0.2, 0.2, 0.3, 0.1])
+    assert ideal_latencies_s([], lambda n: 1.0, 8) == []
