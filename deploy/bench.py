@@ -14,6 +14,8 @@ same model file and the same machine, in this order:
    clients with tracing off and on (every request sampled, exported over OTLP/gRPC to a
    receiver in this process), off-on-on-off; then overload: a gateway of its own whose requests have a 2 s deadline, under 2x and
    10x the clients it can serve within it (they wait Retry-After; 10x also without);
+   then p99 under Poisson arrivals at 0.4x bare batch 8 against an ideal server under the
+   same arrivals, the gateway's and the tutorial server's (``--tail-only`` runs just that);
    Then a rollout's cost: p99 under Poisson arrivals at 0.4x bare batch 8 with one
    version, with a second one shadowing it, and across a reload to a version published
    during the window (``--lifecycle-only`` runs just that);
@@ -873,6 +875,7 @@ def run(
         finally:
             gw.stop()
         results["overload"] = overload(repo, body, r16.images_per_s, seconds, 2.0)
+        results["tail"] = tail_vs_ideal(repo, body, seconds)
         results["tracing"] = tracing_cost(repo, body, seconds)
         results["rollout"] = rollout_cost(repo, body, seconds, bare8)
         results["gateway_rest_onnxruntime"] = {
@@ -973,6 +976,17 @@ def table(results: dict[str, Any]) -> str:
                     f"{q['gateway_vs_bare_int8_batch8']:.2f}x bare INT8",
                 )
             )
+    if "tail" in results:
+        t = results["tail"]
+        rows.append(
+            (
+                f"p99 vs an ideal server, Poisson {t['rate_per_s']:.1f}/s (0.4x bare batch 8), "
+                f"median of {len(t['rounds'])} rounds",
+                f"gateway {t['gateway_vs_ideal_median']:.2f}x, "
+                f"tutorial server {t['tutorial_vs_ideal_median']:.2f}x",
+                "",
+            )
+        )
     if "gateway_rest_onnxruntime" in results:
         rows += gateway_rows(results)
     lines = ["| what | figure | vs bare batch 8 |", "|---|---|---|"]

@@ -122,6 +122,13 @@ def image_bytes(fmt: str = "PNG", size: tuple[int, int] = (48, 40), seed: int = 
     return buf.getvalue()
 
 
+def assert_same_predictions(ours: list[dict], theirs: list[dict]) -> None:
+    """Two answers' prediction lists for one image (REST ``predictions[i]``): the same
+    classes in the same order, the same probabilities within float32 rounding."""
+    assert [p["index"] for p in ours] == [p["index"] for p in theirs]
+    np.testing.assert_allclose([p["score"] for p in ours], [p["score"] for p in theirs], atol=1e-5)
+
+
 @functools.cache
 def slow_to_decode() -> bytes:
     """A 36-megapixel PNG of 0.5 MB, within the default pixel limit: ~0.45 s to decode on

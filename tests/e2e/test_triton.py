@@ -22,7 +22,7 @@ from service.grpc import classifier_pb2, classifier_pb2_grpc
 from service.preprocess import preprocess
 from service.settings import Settings
 from service.testing import GatewayProcess, fastest_of, free_port, wait_until
-from tests.conftest import TINY_LABELS, image_bytes, run_cli
+from tests.conftest import TINY_LABELS, assert_same_predictions, image_bytes, run_cli
 from tests.e2e.conftest import gateway_on_triton, start_real_triton
 
 pytestmark = pytest.mark.triton
@@ -188,10 +188,7 @@ def test_pixels_through_triton_are_answered_as_float_planes(via_triton, triton, 
             ).json()["predictions"][0]
             for m in ("tiny", "tinypixels")
         ]  # fmt: skip
-        assert [p["index"] for p in answers[0]] == [p["index"] for p in answers[1]]
-        np.testing.assert_allclose(
-            [p["score"] for p in answers[0]], [p["score"] for p in answers[1]], atol=1e-5
-        )
+        assert_same_predictions(*answers)
 
 
 def test_metadata_disagreement_is_refused(triton, triton_repo, tmp_path):

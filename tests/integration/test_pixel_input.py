@@ -16,7 +16,7 @@ from service.app import create_app
 from service.contract import PreprocessContract, input_fields
 from service.preprocess import preprocess
 from service.settings import Settings
-from tests.conftest import TINY_CONTRACT, TINY_LABELS, image_bytes
+from tests.conftest import TINY_CONTRACT, TINY_LABELS, assert_same_predictions, image_bytes
 
 PIXELS = TINY_CONTRACT.model_copy(update=input_fields("uint8"))
 
@@ -87,10 +87,7 @@ def test_pixels_are_answered_as_the_float_input_graph_answers(client):
             ).json()["predictions"][0]
             for m in ("planes", "pixels")
         ]  # fmt: skip
-        assert [p["index"] for p in answers[0]] == [p["index"] for p in answers[1]]
-        np.testing.assert_allclose(
-            [p["score"] for p in answers[0]], [p["score"] for p in answers[1]], atol=1e-5
-        )
+        assert_same_predictions(*answers)
     int8 = client.post(
         "/v1/models/pixels8/classify", content=photo, headers={"content-type": "image/jpeg"}
     )
