@@ -151,9 +151,9 @@ def quantize_int8(
 
 def _before_first_conv(path: Path, input_name: str) -> list[str]:
     """The nodes between the graph's input and its first convolution: a uint8 graph's
-    normalization (export.onnx_export.PixelInput). They stay float: quantizing the pixels
-    with a calibrated scale would only round values that are exact integers (none in a
-    float-input graph, whose input goes straight to a Conv)."""
+    normalization (export.onnx_export.PixelInput). They stay float: quantizing them with a
+    calibrated scale would only round pixels that are exact integers. A float-input graph
+    has none: its input goes straight to a Conv."""
     import onnx
 
     graph = onnx.load(str(path)).graph
