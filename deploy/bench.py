@@ -38,13 +38,15 @@ in time. Results print as a table and are written to ``bench-results.json``. Fig
 reported as ratios to bare ORT from the same run, because the machines are shared and noisy.
 
     python -m deploy.bench [--seconds 20] [--out bench-results.json]
-        [--latency-only | --tracing-only | --lifecycle-only | --int8-only | --cost-only]
+        [--latency-only | --tracing-only | --lifecycle-only | --int8-only | --cost-only
+         | --tail-only]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import io
 import json
 import os
@@ -54,7 +56,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -647,21 +649,11 @@ def gateway_cost(seconds: float, triton: bool = True) -> dict[str, Any]:
                 )
         finally:
             tritond.stop()
-    port = free_port()
-    tutorial = subprocess.Popen(
-        [sys.executable, "-m", "deploy.tutorial_server", str(versions["float32"]), str(port)],
-        cwd=Path(__file__).parent.parent,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until(lambda: _answers(url), 60, "tutorial server not up")
+    with tutorial_server(versions["float32"]) as (pid, url):
         for key, data in images.items():
             log(f"tutorial server, {key}, 16 clients ...")
-            out[key]["tutorial"] = server_cpu_per_request(tutorial.pid, url, data, seconds, NAME)
+            out[key]["tutorial"] = server_cpu_per_request(pid, url, data, seconds, NAME)
             log(f"  {out[key]['tutorial']}")
-    finally:
-        tutorial.terminate()
-        tutorial.wait(30)
     for row in out.values():
         floor = row["decode_floor_ms"]
         for what in COST_SERVERS:
@@ -727,31 +719,25 @@ def tail_vs_ideal(repo: Path, body: bytes, seconds: float, rounds: int = 3) -> d
         "rounds": [],
     }
     gw = start_gateway(repo)
-    port = free_port()
-    version = next(p for p in (repo / NAME).iterdir() if (p / "model.onnx").exists())
-    tutorial = subprocess.Popen(
-        [sys.executable, "-m", "deploy.tutorial_server", str(version), str(port)],
-        cwd=Path(__file__).parent.parent,
-    )
-    turl = f"http://127.0.0.1:{port}"
     try:
-        wait_until(lambda: _answers(turl), 120, "tutorial server not up")
-        for url in (gw.url, turl):  # warm: connections, sessions, the batcher's costs
-            poisson_p99_ms(url, body, rate, 3.0, seed=1000)
-        for seed in range(rounds):
-            ideal = np.percentile(
-                ideal_latencies_s(poisson_schedule(rate, seconds, seed), costs.cost, 8), 99
-            )
-            row: dict[str, Any] = {"seed": seed, "ideal_p99_ms": round(float(ideal) * 1000, 1)}
-            for what, url in (("gateway", gw.url), ("tutorial", turl)):
-                log(f"tail vs ideal, round {seed + 1}, {what}: Poisson {rate:.1f}/s ...")
-                row[what] = poisson_p99_ms(url, body, rate, seconds, seed)
-                row[f"{what}_vs_ideal"] = round(row[what]["p99_ms"] / row["ideal_p99_ms"], 2)
-            log(f"  {row}")
-            out["rounds"].append(row)
+        with tutorial_server(onnx_of(repo).parent) as (_, turl):
+            for url in (gw.url, turl):  # warm: connections, sessions, the batcher's costs
+                poisson_p99_ms(url, body, rate, 3.0, seed=1000)
+            for seed in range(rounds):
+                ideal = np.percentile(
+                    ideal_latencies_s(poisson_schedule(rate, seconds, seed), costs.cost, 8), 99
+                )
+                row: dict[str, Any] = {
+                    "seed": seed,
+                    "ideal_p99_ms": round(float(ideal) * 1000, 1),
+                }
+                for what, url in (("gateway", gw.url), ("tutorial", turl)):
+                    log(f"tail vs ideal, round {seed + 1}, {what}: Poisson {rate:.1f}/s ...")
+                    row[what] = poisson_p99_ms(url, body, rate, seconds, seed)
+                    row[f"{what}_vs_ideal"] = round(row[what]["p99_ms"] / row["ideal_p99_ms"], 2)
+                log(f"  {row}")
+                out["rounds"].append(row)
     finally:
-        tutorial.terminate()
-        tutorial.wait(30)
         gw.stop()
     for what in ("gateway", "tutorial"):
         out[f"{what}_vs_ideal_median"] = float(
@@ -760,14 +746,30 @@ def tail_vs_ideal(repo: Path, body: bytes, seconds: float, rounds: int = 3) -> d
     return out
 
 
-def _answers(url: str) -> bool:
-    """Whether ``url`` serves the bench's model (a server starting up)."""
+@contextlib.contextmanager
+def tutorial_server(version_dir: Path) -> Iterator[tuple[int, str]]:
+    """deploy/tutorial_server.py serving ``version_dir`` on a free port, once it answers:
+    (its pid, its URL)."""
     import httpx
 
+    url = f"http://127.0.0.1:{free_port()}"
+
+    def answers() -> bool:
+        try:
+            return httpx.get(f"{url}/v1/models/{NAME}", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "deploy.tutorial_server", str(version_dir), url.rsplit(":", 1)[1]],
+        cwd=Path(__file__).parent.parent,
+    )
     try:
-        return httpx.get(f"{url}/v1/models/{NAME}", timeout=1).status_code == 200
-    except httpx.HTTPError:
-        return False
+        wait_until(answers, 120, "tutorial server not up")
+        yield proc.pid, url
+    finally:
+        proc.terminate()
+        proc.wait(30)
 
 
 def start_gateway(

@@ -46,14 +46,14 @@ def describe_validation_error(exc: ValidationError) -> str:
 
 
 #: The input's dtype -> its layout: normalized planes, or the pixels as decoded.
-PAIRS = (("float32", "NCHW"), ("uint8", "NHWC"))
+LAYOUTS = {"float32": "NCHW", "uint8": "NHWC"}
 #: The input's dtype -> its KServe v2 / Triton datatype name.
 DATATYPES = {"float32": "FP32", "uint8": "UINT8"}
 
 
 def input_fields(dtype: str) -> dict[str, str]:
     """The contract fields of an input dtype: ``{"dtype": ..., "layout": ...}``."""
-    return {"dtype": dtype, "layout": dict(PAIRS)[dtype]}
+    return {"dtype": dtype, "layout": LAYOUTS[dtype]}
 
 
 #: How an INT8 graph is quantized (export.quantize): activations x weights, 7-bit weights.
@@ -110,9 +110,9 @@ class PreprocessContract(BaseModel):
             )
         if any(s <= 0 for s in self.std):
             raise ValueError("std values must be positive")
-        if (self.dtype, self.layout) not in PAIRS:
+        if self.layout != LAYOUTS[self.dtype]:
             raise ValueError(
-                f"dtype {self.dtype} goes with layout {dict(PAIRS)[self.dtype]}, not {self.layout}"
+                f"dtype {self.dtype} goes with layout {LAYOUTS[self.dtype]}, not {self.layout}"
             )
         if self.int8_scheme is not None and self.precision != "int8":
             raise ValueError(f"int8_scheme is for INT8 models, not {self.precision}")

@@ -24,14 +24,18 @@ from typing import Any
 import numpy as np
 
 from service import __version__
+from service.contract import DATATYPES
 from service.dataplane import DataPlane, ModelSummary, Plan, top_indices
 from service.errors import InvalidRequest, ValidationFailed, cut
 
 SERVER_NAME = "resnet-serving"
 EXTENSIONS = ["classification", "binary_tensor_data", "model_configuration", "statistics"]
 _FP32_MAX = float(np.finfo(np.float32).max)
-#: The tensor datatypes a model's input may have (its contract's dtype), as they arrive.
-TENSOR_DTYPES: dict[str, np.dtype[Any]] = {"FP32": np.dtype("<f4"), "UINT8": np.dtype("u1")}
+#: The tensor datatypes a model's input may have (its contract's dtype), as they arrive
+#: (the protocol's byte order: little-endian).
+TENSOR_DTYPES: dict[str, np.dtype[Any]] = {
+    name: np.dtype(dtype).newbyteorder("<") for dtype, name in DATATYPES.items()
+}
 
 
 @dataclass

@@ -13,8 +13,8 @@ from service.repository import ModelSpec
 class Backend(abc.ABC):
     """Runs batches of preprocessed tensors through models; knows nothing of HTTP or images.
 
-    ``infer`` receives a batch of the contract's dtype shaped ``(n, *spec.contract.input_shape)`` and returns
-    the logits ``(n, num_classes)``. It raises :class:`service.errors.ServiceError`
+    ``infer`` receives a batch of the contract's dtype shaped
+    ``(n, *spec.contract.input_shape)`` and returns the logits ``(n, num_classes)``. It raises :class:`service.errors.ServiceError`
     subclasses (``BackendUnavailable``, ``DeadlineExceeded``...) for failures a caller
     should see; anything else is a bug and becomes a generic 500.
     """

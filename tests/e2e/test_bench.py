@@ -8,8 +8,6 @@ import asyncio
 import json
 import random
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +16,7 @@ import pytest
 from service.bench.run import BenchConfig, execute
 from service.settings import Settings
 from service.testing import GatewayProcess, SlowBackend, ThreadedGateway
-from tests.conftest import ROOT, image_bytes, run_cli
+from tests.conftest import image_bytes, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -193,33 +191,26 @@ def test_gateway_cost_measures_both_servers_behind_the_same_near_free_graph(tmp_
     real photo, and the server CPU per request is read from /proc."""
     import httpx
 
-    from deploy.bench import near_free_repo, process_cpu_s, server_cpu_per_request, test_jpeg
-    from service.testing import free_port, wait_until
+    from deploy.bench import (
+        near_free_repo,
+        process_cpu_s,
+        server_cpu_per_request,
+        test_jpeg,
+        tutorial_server,
+    )
 
     name = "nearfree"
     version = near_free_repo(tmp_path / "repo", "float32", name)
     photo = test_jpeg(400, 300)
     gw = GatewayProcess.start(tmp_path / "gw.log", "--repository", str(tmp_path / "repo"))
-    port = free_port()
-    tutorial = subprocess.Popen(
-        [sys.executable, "-m", "deploy.tutorial_server", str(version), str(port)], cwd=ROOT
-    )
-    url = f"http://127.0.0.1:{port}"
     try:
         meta = httpx.get(f"{gw.url}/v2/models/{name}").json()
         assert meta["inputs"][0]["shape"] == [-1, 3, 224, 224]
-
-        def answers() -> bool:
-            try:
-                return httpx.get(f"{url}/v1/models/{name}", timeout=1).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        wait_until(answers, 60, "tutorial server not up")
-        path = f"/v1/models/{name}/classify"
-        jpeg = {"Content-Type": "image/jpeg"}
-        ours = httpx.post(gw.url + path, content=photo, headers=jpeg, timeout=30).json()
-        theirs = httpx.post(url + path, content=photo, headers=jpeg, timeout=30).json()
+        with tutorial_server(version) as (_, url):
+            path = f"/v1/models/{name}/classify"
+            jpeg = {"Content-Type": "image/jpeg"}
+            ours = httpx.post(gw.url + path, content=photo, headers=jpeg, timeout=30).json()
+            theirs = httpx.post(url + path, content=photo, headers=jpeg, timeout=30).json()
         # The top 3 of 1000 near-tied classes: the same within one 8-bit step per value.
         assert [p["label"] for p in ours["predictions"][0][:3]] == [
             p["label"] for p in theirs["predictions"][:3]
@@ -229,6 +220,4 @@ def test_gateway_cost_measures_both_servers_behind_the_same_near_free_graph(tmp_
         assert process_cpu_s(gw.proc.pid) > before
         assert step["cpu_ms_per_request"] > 0 and set(step["statuses"]) == {"200"}, step
     finally:
-        tutorial.terminate()
-        tutorial.wait(30)
         gw.stop()
