@@ -297,6 +297,15 @@ def test_bad_preprocessing_options(repo):
     assert not repo.exists()
 
 
+def test_an_unknown_input_is_refused_by_name(repo):
+    """--input takes float32 or uint8: anything else is the CLI's usage error (exit 2), with
+    the choices, before any work."""
+    proc = _export(repo, "--arch", "resnet18", "--weights", "random", "--input", "int4")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "Invalid value for '--input'" in proc.stderr and "'uint8'" in proc.stderr
+    assert not repo.exists()
+
+
 def test_bad_opset(repo):
     proc = _export(repo, "--arch", "resnet18", "--weights", "random", "--opset", "7")
     assert_one_line_failure(proc, "--opset must be between 13 and 21")
