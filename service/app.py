@@ -92,14 +92,17 @@ def create_app(
     install_error_handlers(app)
     for router in (api, admin, ops, v2, v2_models):
         app.include_router(router)
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
-    classify_routes = [
-        r
+    # By operation id (a renamed route fails here, at start).
+    routes = {
+        op: r
         for router in (api, v2_models)
         for r in router.routes
-        if getattr(r, "operation_id", None) in SHEDDABLE
-    ]
-    assert len(classify_routes) == len(SHEDDABLE), "a sheddable route was renamed"
+        if (op := getattr(r, "operation_id", None))
+    }
+    # Each added outside the one before: Observe, Admission, BodyLimit, DirectClassify, routes.
+    app.add_middleware(v1.DirectClassify, routes=[routes[op] for op in v1.DIRECT], runtime=runtime)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    classify_routes = [routes[op] for op in SHEDDABLE]
     app.add_middleware(Admission, routes=classify_routes, runtime=runtime)
     app.add_middleware(Observe, runtime=runtime)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]

@@ -9,6 +9,7 @@ from typing import Annotated, Any, TypeVar
 from fastapi import Depends, Request, Security
 from fastapi.security import APIKeyHeader, HTTPBearer
 from pydantic import BaseModel, ValidationError
+from starlette.datastructures import Headers
 
 from service.auth import key_from_headers
 from service.contract import describe_validation_error
@@ -44,11 +45,16 @@ async def data_plane(request: Request) -> DataPlane:
     return _runtime(request).admit()
 
 
-async def require_api_key(request: Request) -> None:
-    _runtime(request).authorize(
-        key_from_headers(request.headers.get("authorization"), request.headers.get("x-api-key")),
+def check_api_key(runtime: Runtime, headers: Headers) -> None:
+    """Unauthorized unless the request's headers carry a key the gateway takes."""
+    runtime.authorize(
+        key_from_headers(headers.get("authorization"), headers.get("x-api-key")),
         "Authorization: Bearer KEY or X-API-Key",
     )
+
+
+async def require_api_key(request: Request) -> None:
+    check_api_key(_runtime(request), request.headers)
 
 
 async def admin(request: Request) -> Lifecycle:

@@ -80,14 +80,20 @@ def _as_service_error(exc: Exception, request: Request) -> BaseException:
     return exc
 
 
-def install_error_handlers(app: FastAPI) -> None:
-    async def handle(request: Request, exc: Exception) -> JSONResponse:
-        headers = getattr(exc, "headers", None)  # a 405's Allow
-        return error_response(_as_service_error(exc, request), request.url.path, headers)
+#: What a route's handler answers itself (:func:`handle`). Anything else escapes the routes
+#: and is answered by the Observe middleware, through error_response too (a handler for
+#: Exception would also re-raise it to the server).
+HANDLED = (ServiceError, RequestValidationError, StarletteHTTPException, ClientDisconnect)
 
-    # Anything else escapes the routes and is answered by the Observe middleware, through
-    # error_response too (a handler for Exception would also re-raise it to the server).
-    for cls in (ServiceError, RequestValidationError, StarletteHTTPException, ClientDisconnect):
+
+async def handle(request: Request, exc: Exception) -> JSONResponse:
+    """The answer to one of :data:`HANDLED` raised while serving ``request``."""
+    headers = getattr(exc, "headers", None)  # a 405's Allow
+    return error_response(_as_service_error(exc, request), request.url.path, headers)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    for cls in HANDLED:
         app.add_exception_handler(cls, handle)
 
 

@@ -402,6 +402,68 @@ def test_api_keys(tiny, images):
             assert c.get(open_path).status_code == 200, open_path
 
 
+# --- the direct path --------------------------------------------------------------------------
+
+# (path, query, headers) of classify requests: the direct path takes the first group and
+# leaves the second to FastAPI's route.
+DIRECT_CASES = [
+    ("/v1/classify", "", {}),
+    ("/v1/models/tiny/classify", "top_k=3", {"x-request-timeout": "2.5"}),
+    ("/v1/models/tiny/versions/1/classify", "top_k=10&other=1", {"x-api-key": "wrong"}),
+    ("/v1/models/tiny/classify", "", {"authorization": "Bearer s3cret"}),
+    ("/v1/models/tiny/classify", "top_k=11", {}),  # the data plane's range check
+    ("/v1/models/nope/classify", "", {}),
+    ("/v1/models/tiny/versions/9/classify", "", {}),
+]
+ROUTE_CASES = [
+    ("/v1/classify", "top_k=abc", {}),
+    ("/v1/classify", "top_k=0", {}),
+    ("/v1/classify", "top_k=2&top_k=3", {}),
+    ("/v1/classify", "top_k=+3", {}),
+    ("/v1/classify", "", {"x-request-timeout": "1e1"}),
+    ("/v1/classify", "", {"x-request-timeout": "inf"}),
+    ("/v1/classify", "", {"x-request-timeout": "0.0005"}),  # below MIN_TIMEOUT_S
+    ("/v1/classify/", "", {}),
+]
+
+
+def test_the_direct_path_answers_as_the_routes_do(tiny, images, monkeypatch):
+    """Every classify request gets the same status, body and headers from the direct path
+    (service.api.v1.DirectClassify) as from FastAPI's route; plain ones take the direct
+    path, the rest the route."""
+    from service.api import v1
+
+    app = create_app(Settings(repository=tiny.repository, api_keys=["s3cret"]))
+    direct: list[str] = []
+    serve = v1.DirectClassify._serve
+
+    async def counted_serve(self, scope, *args):
+        direct.append(scope["path"])
+        await serve(self, scope, *args)
+
+    monkeypatch.setattr(v1.DirectClassify, "_serve", counted_serve)
+    plain = v1._plain_params
+
+    def answer(c, path, query, headers, use_direct):
+        monkeypatch.setattr(v1, "_plain_params", plain if use_direct else lambda scope: None)
+        hdr = {"content-type": "image/png", "x-api-key": "s3cret", **headers}
+        resp = c.post(f"{path}?{query}", content=images[1], headers=hdr, follow_redirects=False)
+        kept = {k: v for k, v in resp.headers.items() if k not in ("x-request-id", "date")}
+        return resp.status_code, resp.content, kept
+
+    with TestClient(app) as c:
+        for path, query, headers in DIRECT_CASES + ROUTE_CASES:
+            direct.clear()
+            via_direct = answer(c, path, query, headers, True)
+            took_direct = bool(direct)
+            direct.clear()
+            assert answer(c, path, query, headers, False) == via_direct, (path, query, headers)
+            assert not direct
+            assert took_direct == ((path, query, headers) in DIRECT_CASES), (path, query)
+        statuses = {answer(c, *case, True)[0] for case in DIRECT_CASES}
+        assert statuses == {200, 401, 404, 422}, statuses
+
+
 # --- overload and deadlines -------------------------------------------------------------------
 
 
