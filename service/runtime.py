@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import gc
 import logging
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
@@ -42,6 +43,17 @@ class Phase(enum.Enum):
     DRAINING = "draining"
     STOPPING = "stopping"
     STOPPED = "stopped"
+
+
+def freeze_heap() -> None:
+    """Move everything alive now (modules, sessions, the repository's models) out of the
+    cyclic garbage collector's reach. A full collection scans every tracked object and
+    stops every thread meanwhile: with the gateway's start-up heap (90 k objects) one took
+    44-50 ms here, 200-250 ms in a test process with torch loaded; a tail-latency spike
+    and, for requests admitted at the edge of their deadline, a 504. Reference counting
+    still frees frozen objects; only cycles among them are never collected."""
+    gc.collect()
+    gc.freeze()
 
 
 class StartupError(RuntimeError):
@@ -90,6 +102,7 @@ class Runtime:
         except RepositoryError as exc:
             raise StartupError(str(exc)) from exc
         self.lifecycle = lifecycle
+        freeze_heap()
         self.phase = Phase.SERVING
         log.info(
             "serving %s with %s (default model %s)",
