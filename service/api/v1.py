@@ -231,7 +231,7 @@ async def classify_default(
 DIRECT = ("classify", "classify_version", "classify_default")
 # The parameter spellings the direct path takes; any other spelling (signs, exponents,
 # spaces, repeats, a value out of range) goes to the route, whose validation words the 422.
-_TOP_K = re.compile(rb"[1-9][0-9]{0,5}")
+_TOP_K = re.compile(r"[1-9][0-9]{0,5}")
 _SECONDS = re.compile(rb"[0-9]{1,6}(\.[0-9]{0,9})?")
 
 
@@ -288,7 +288,9 @@ def _plain_params(scope: Scope) -> tuple[int | None, float | None] | None:
     plainly and in range; None otherwise (the route validates it)."""
     top_k = timeout = None
     if query := scope["query_string"]:
-        values = [v for k, v in parse_qsl(query, keep_blank_values=True) if k == b"top_k"]
+        # As Starlette reads it (a str: bytes would fail on a percent-escaped non-ASCII).
+        pairs = parse_qsl(query.decode("latin-1"), keep_blank_values=True)
+        values = [v for k, v in pairs if k == "top_k"]
         if len(values) > 1 or (values and not _TOP_K.fullmatch(values[0])):
             return None
         top_k = int(values[0]) if values else None

@@ -432,6 +432,7 @@ ROUTE_CASES = [
     ("/v1/classify", "top_k=0", {}),
     ("/v1/classify", "top_k=2&top_k=3", {}),
     ("/v1/classify", "top_k=+3", {}),
+    ("/v1/classify", "top_k=%C2%B2&%C3%AD=%F2%BB%9D%B6", {}),  # non-ASCII, percent-escaped
     ("/v1/classify", "", {"x-request-timeout": "1e1"}),
     ("/v1/classify", "", {"x-request-timeout": "inf"}),
     ("/v1/classify", "", {"x-request-timeout": "0.0005"}),  # below MIN_TIMEOUT_S
