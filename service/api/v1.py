@@ -239,10 +239,11 @@ class DirectClassify:
     """Pure ASGI middleware (the innermost: Observe, Admission and BodyLimit have run): a
     classify request with plain parameters goes from here straight to :func:`_classify`,
     skipping FastAPI's routing, dependency solving and exception middleware (0.2-0.5 ms
-    of CPU per request measured, 10-20 % of a small image's cost). Each step the route's dependencies
-    take is taken here, by the same function: the API key (``check_api_key``), admission
-    (``Runtime.admit``), its errors (``service.api.errors.handle``). A request this path is
-    not sure of (an unusual parameter, any method but POST) goes on to the route."""
+    of CPU per request measured, 10-20 % of a small image's cost). Each step the route's
+    dependencies take is taken here, in their order and by the same function: the API key
+    (``check_api_key``), admission (``Runtime.admit``), the errors
+    (``service.api.errors.handle``). A request this path is not sure of (an unusual
+    parameter, any method but POST) goes on to the route."""
 
     def __init__(self, app: ASGIApp, routes: list[BaseRoute], runtime: Runtime) -> None:
         self.app = app
