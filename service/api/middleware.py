@@ -3,11 +3,15 @@ metrics, the last resort for errors (all answered through ``service.api.errors``
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
+
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import observe
 from service.api.errors import error_response
+from service.dataplane import MIN_TIMEOUT_S
 from service.errors import (
     DeadlineExceeded,
     InvalidRequest,
@@ -71,6 +75,8 @@ class Admission:
     microseconds instead of the whole request path (about 0.5 ms measured), which is what
     keeps an overloaded replica's CPU for the requests it accepted. Anything the check
     cannot decide (unknown model, bad timeout header) goes on to the route, which answers it.
+    What it found is left in the scope (:class:`Matched`), so that the direct path
+    (``service.api.v1.DirectClassify``) neither matches the route nor reads the header again.
     """
 
     def __init__(self, app: ASGIApp, routes: list[BaseRoute], runtime: Runtime) -> None:
@@ -79,15 +85,16 @@ class Admission:
         self.runtime = runtime
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        plane = self.runtime.plane
-        if scope["type"] == "http" and scope["method"] == "POST" and plane is not None:
+        if scope["type"] == "http" and scope["method"] == "POST":
             for route in self.routes:
                 match, child = route.matches(scope)
                 if match is not Match.FULL:
                     continue
+                found = scope[MATCHED] = Matched(route, child["path_params"], *_timeout(scope))
+                if (plane := self.runtime.plane) is None:
+                    break  # not started: the route answers 503
                 try:
-                    params = child["path_params"]
-                    plane.shed(params.get("model"), _timeout_header(scope), params.get("version"))
+                    plane.shed(found.model, found.timeout, found.version)
                 except (Overloaded, DeadlineExceeded) as exc:
                     scope["route"] = route  # labels the metrics as routing would
                     response = error_response(exc, scope["path"])
@@ -99,14 +106,44 @@ class Admission:
         await self.app(scope, receive, send)
 
 
-def _timeout_header(scope: Scope) -> float | None:
-    for name, value in scope["headers"]:
-        if name == b"x-request-timeout":
-            try:
-                return float(value)
-            except ValueError:
-                return None
-    return None
+MATCHED = "resnet_serving.matched"  # the scope key Admission leaves its Matched under
+
+
+@dataclass(frozen=True, slots=True)
+class Matched:
+    """A classify request's route, path parameters and timeout header, as Admission read them."""
+
+    route: BaseRoute
+    path_params: dict[str, str]
+    # x-request-timeout as float() reads it, for shedding; None when absent or unreadable.
+    timeout: float | None
+    # Absent, or once and spelled as plain decimal seconds of at least MIN_TIMEOUT_S: the
+    # direct path may take it; any other spelling goes to the route, whose 422 words it.
+    plain_timeout: bool
+
+    @property
+    def model(self) -> str | None:
+        return self.path_params.get("model")
+
+    @property
+    def version(self) -> str | None:
+        return self.path_params.get("version")
+
+
+_SECONDS = re.compile(rb"[0-9]{1,6}(\.[0-9]{0,9})?")
+
+
+def _timeout(scope: Scope) -> tuple[float | None, bool]:
+    """(seconds, plain) of the x-request-timeout header: see :class:`Matched`."""
+    values = [value for name, value in scope["headers"] if name == b"x-request-timeout"]
+    if not values:
+        return None, True
+    try:
+        seconds = float(values[0])
+    except ValueError:
+        return None, False
+    plain = len(values) == 1 and bool(_SECONDS.fullmatch(values[0])) and seconds >= MIN_TIMEOUT_S
+    return seconds, plain
 
 
 class Observe:

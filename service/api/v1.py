@@ -16,7 +16,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException
 from starlette.responses import JSONResponse
-from starlette.routing import BaseRoute, Match
+from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service import observe
@@ -30,6 +30,7 @@ from service.api.deps import (
     parse_json,
 )
 from service.api.errors import HANDLED, handle, responses
+from service.api.middleware import MATCHED, Matched
 from service.api.schemas import (
     ClassifyJSON,
     ClassifyResponse,
@@ -229,10 +230,10 @@ async def classify_default(
 
 #: Operation ids of the routes :class:`DirectClassify` serves.
 DIRECT = ("classify", "classify_version", "classify_default")
-# The parameter spellings the direct path takes; any other spelling (signs, exponents,
-# spaces, repeats, a value out of range) goes to the route, whose validation words the 422.
+# The top_k spelling the direct path takes; any other (signs, spaces, repeats, a value out
+# of range) goes to the route, whose validation words the 422. The timeout header's is
+# middleware.Matched's.
 _TOP_K = re.compile(r"[1-9][0-9]{0,5}")
-_SECONDS = re.compile(rb"[0-9]{1,6}(\.[0-9]{0,9})?")
 
 
 class DirectClassify:
@@ -242,7 +243,8 @@ class DirectClassify:
     of CPU per request measured, 10-20 % of a small image's cost). Each step the route's
     dependencies take is taken here, in their order and by the same function: the API key
     (``check_api_key``), admission (``Runtime.admit``), the errors
-    (``service.api.errors.handle``). A request this path is not sure of (an unusual
+    (``service.api.errors.handle``). The route, its path parameters and the timeout header
+    are Admission's (``Matched``). A request this path is not sure of (an unusual
     parameter, any method but POST) goes on to the route."""
 
     def __init__(self, app: ASGIApp, routes: list[BaseRoute], runtime: Runtime) -> None:
@@ -251,58 +253,43 @@ class DirectClassify:
         self.runtime = runtime
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST":
-            for route in self.routes:
-                match, child = route.matches(scope)
-                if match is Match.FULL:
-                    params = _plain_params(scope)
-                    if params is not None:
-                        scope["route"] = route  # labels the metrics as routing would
-                        await self._serve(scope, receive, send, child["path_params"], *params)
-                        return
-                    break
+        found: Matched | None = scope.get(MATCHED)
+        if found is not None and any(found.route is route for route in self.routes):
+            plain, top_k = _plain_params(scope, found)
+            if plain:
+                scope["route"] = found.route  # labels the metrics as routing would
+                await self._serve(scope, receive, send, found, top_k)
+                return
         await self.app(scope, receive, send)
 
     async def _serve(
-        self,
-        scope: Scope,
-        receive: Receive,
-        send: Send,
-        path: dict[str, str],
-        top_k: int | None,
-        timeout: float | None,
+        self, scope: Scope, receive: Receive, send: Send, found: Matched, top_k: int | None
     ) -> None:
         request = Request(scope, receive)
         try:
             check_api_key(self.runtime, request.headers)
             plane = self.runtime.admit()
             response = await _classify(
-                request, plane, path.get("model"), top_k, timeout, path.get("version")
+                request, plane, found.model, top_k, found.timeout, found.version
             )
         except HANDLED as exc:
             response = await handle(request, exc)
         await response(scope, receive, send)
 
 
-def _plain_params(scope: Scope) -> tuple[int | None, float | None] | None:
-    """``top_k`` (query) and ``x-request-timeout`` (header) when each is absent or spelled
-    plainly and in range; None otherwise (the route validates it)."""
-    top_k = timeout = None
-    if query := scope["query_string"]:
-        # As Starlette reads it (a str: bytes would fail on a percent-escaped non-ASCII).
-        pairs = parse_qsl(query.decode("latin-1"), keep_blank_values=True)
-        values = [v for k, v in pairs if k == "top_k"]
-        if len(values) > 1 or (values and not _TOP_K.fullmatch(values[0])):
-            return None
-        top_k = int(values[0]) if values else None
-    seconds = [v for k, v in scope["headers"] if k == b"x-request-timeout"]
-    if seconds:
-        if len(seconds) > 1 or not _SECONDS.fullmatch(seconds[0]):
-            return None
-        timeout = float(seconds[0])
-        if timeout < MIN_TIMEOUT_S:
-            return None
-    return top_k, timeout
+def _plain_params(scope: Scope, found: Matched) -> tuple[bool, int | None]:
+    """(plain, top_k): plain when the timeout header is (``Matched.plain_timeout``) and
+    ``top_k`` (query) is absent or spelled plainly; otherwise the route validates them."""
+    if not found.plain_timeout:
+        return False, None
+    if not (query := scope["query_string"]):
+        return True, None
+    # As Starlette reads it (a str: bytes would fail on a percent-escaped non-ASCII).
+    pairs = parse_qsl(query.decode("latin-1"), keep_blank_values=True)
+    values = [v for k, v in pairs if k == "top_k"]
+    if len(values) > 1 or (values and not _TOP_K.fullmatch(values[0])):
+        return False, None
+    return True, int(values[0]) if values else None
 
 
 @api.get(

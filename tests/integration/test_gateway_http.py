@@ -458,7 +458,7 @@ def test_the_direct_path_answers_as_the_routes_do(tiny, images, monkeypatch):
     plain = v1._plain_params
 
     def answer(c, path, query, headers, use_direct):
-        monkeypatch.setattr(v1, "_plain_params", plain if use_direct else lambda scope: None)
+        monkeypatch.setattr(v1, "_plain_params", plain if use_direct else lambda *_: (False, None))
         hdr = {"content-type": "image/png", "x-api-key": "s3cret", **headers}
         resp = c.post(f"{path}?{query}", content=images[1], headers=hdr, follow_redirects=False)
         kept = {k: v for k, v in resp.headers.items() if k not in ("x-request-id", "date")}
