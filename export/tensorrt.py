@@ -65,7 +65,7 @@ OPT_BATCH_SIZE = trt_node.OPT_BATCH_SIZE
 opt_batch_size = trt_node.opt_batch_size
 #: The image the build Job runs. Its YY.MM must be the Triton image's (nvcr.io/nvidia/
 #: tritonserver:YY.MM-py3): both then ship the same TensorRT, the only one that loads the plan.
-TRT_IMAGE = "nvcr.io/nvidia/tensorrt:25.01-py3"
+TRT_IMAGE = "nvcr.io/nvidia/tensorrt:25.11-py3"
 
 Precision = Literal["fp32", "fp16", "int8"]
 PRECISIONS: tuple[str, ...] = get_args(Precision)

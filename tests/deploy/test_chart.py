@@ -318,6 +318,10 @@ def test_bad_values_are_refused_at_render(chart, values, message) -> None:
         ({"modelRepository": {"source": "fetch"}}, "modelRepository.fetch.url is required"),
         ({"triton": {"enabled": True}, "gateway": {"gpus": 1}}, "the gateway needs no GPU"),
         (
+            {"triton": {"enabled": True, "image": {"tag": "25.01-py3"}}},
+            "triton.image.tag 25.01-py3 predates Triton 25.07, which fixes CVE-2025-23319",
+        ),
+        (
             {"gateway": {"autoscaling": {"enabled": True, "minReplicas": 5, "maxReplicas": 2}}},
             "minReplicas 5 is above maxReplicas 2",
         ),
@@ -326,6 +330,36 @@ def test_bad_values_are_refused_at_render(chart, values, message) -> None:
 def test_inconsistent_values_fail_with_the_reason(chart, values, message) -> None:
     with pytest.raises(helm.HelmRenderError, match=message):
         render(chart, values)
+
+
+@pytest.mark.parametrize(
+    ("image", "expected"),
+    [
+        ({}, None),  # the default: a release with the fixes
+        ({"tag": "25.07-py3"}, "nvcr.io/nvidia/tritonserver:25.07-py3"),
+        ({"tag": "25.10-py3"}, "nvcr.io/nvidia/tritonserver:25.10-py3"),
+        ({"tag": "24.12-py3", "acceptUnpatched": True}, "nvcr.io/nvidia/tritonserver:24.12-py3"),
+        (
+            {"repository": "registry.local/triton", "tag": "our-build-7"},
+            "registry.local/triton:our-build-7",
+        ),
+    ],
+)
+def test_tritons_tag_is_a_patched_release_unless_accepted(chart, image, expected) -> None:
+    """The render takes a Triton release of 25.07 or later, an older one only when
+    acceptUnpatched says so, and a tag that is no release number as it is."""
+    objs = render(chart, {"triton": {"enabled": True, "image": image}})
+    triton = component(objs, "Deployment", "triton")
+    got = next(
+        c["image"]
+        for c in triton["spec"]["template"]["spec"]["containers"]
+        if c["name"] == "triton"
+    )
+    if expected is None:
+        release = got.rsplit(":", 1)[1][:5]
+        assert float(release) >= 25.07, got
+    else:
+        assert got == expected
 
 
 @pytest.mark.parametrize(("keys", "variable"), KEY_SETS)
@@ -603,7 +637,7 @@ def test_notes_are_true(chart) -> None:
     notes = chart.render(values=scenario("gpu-triton-values.yaml"), name="rel", namespace="ml")[
         "resnet-serving/templates/NOTES.txt"
     ]
-    assert "NVIDIA Triton (nvcr.io/nvidia/tritonserver:25.01-py3, 2 replica(s), TensorRT" in notes
+    assert "NVIDIA Triton (nvcr.io/nvidia/tritonserver:25.11-py3, 2 replica(s), TensorRT" in notes
     assert "kubectl -n ml rollout status deployment/rel-resnet-serving-gateway" in notes
     assert "grace period 25 s" in notes  # drainSeconds 15 + requestTimeoutS 5 + 5
     assert "X-API-Key" in notes and "https://resnet.example.com" in notes

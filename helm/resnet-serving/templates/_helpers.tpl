@@ -183,3 +183,18 @@ imagePullSecrets:
 {{- define "resnet-serving.tritonUrl" -}}
 {{- printf "dns:///%s.%s.svc:%v" (include "resnet-serving.componentName" (dict "root" . "component" "triton")) .Release.Namespace .Values.triton.ports.grpc }}
 {{- end }}
+
+{{/*
+Triton's image. A release tag (YY.MM...) older than 25.07 fails the render: those releases
+have CVE-2025-23319, -23320 and -23334 (server PRs #8269, #8273), which a scanner flags on
+sight; triton.image.acceptUnpatched takes one anyway. A tag that is not a release number (a
+build of one's own) is not judged.
+*/}}
+{{- define "resnet-serving.tritonImage" -}}
+{{- $i := .Values.triton.image }}
+{{- $release := regexFind "^[0-9]{2}[.][0-9]{2}" $i.tag }}
+{{- if and $release (lt (float64 $release) 25.07) (not $i.acceptUnpatched) }}
+{{- fail (printf "triton.image.tag %s predates Triton 25.07, which fixes CVE-2025-23319, -23320 and -23334: use 25.07 or later, or set triton.image.acceptUnpatched=true" $i.tag) }}
+{{- end }}
+{{- printf "%s:%s" $i.repository $i.tag }}
+{{- end }}
