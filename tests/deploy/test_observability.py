@@ -256,9 +256,16 @@ def test_dashboard_covers_gateway_and_triton(dashboard):
         "nv_inference_queue_duration_us",
         "nv_inference_compute_infer_duration_us",
         "nv_inference_request_duration_us",
+        "nv_gpu_utilization",
+        "nv_gpu_memory_used_bytes",
+        "nv_gpu_memory_total_bytes",
     ):
         assert needed in used, needed
-    assert not [m for m in used if m.startswith(("nv_gpu", "nv_energy"))]  # a CPU Triton
+    # The GPU families, which only a GPU Triton exports, only in the "GPUs" row.
+    gpu_panels = {p["title"] for p in _row(dashboard, "GPUs")}
+    for q in promql.dashboard_queries():
+        if any(u.metric.startswith("nv_gpu") for u in q.uses):
+            assert any(f"panel {title!r} " in q.where for title in gpu_panels), q.where
 
 
 def _row(dashboard, title: str) -> list[dict]:

@@ -7,13 +7,15 @@ classifications shadowed to a second version, a rejected request, one admin relo
 loads a version and one that fails, and failed backend calls (Triton killed), so that every
 labelled family has samples. The gateway's metrics are its own
 (resnet_serve_*) and prometheus_client's standard process_* and python_* ones; everything
-else is Triton's (nv_*). `up` is Prometheus's own."""
+else is Triton's (nv_*): a CPU Triton's, with the GPU families a GPU Triton adds
+(tests/data/triton_gpu_metrics.txt). `up` is Prometheus's own."""
 
 from __future__ import annotations
 
 import re
 import signal
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 import httpx
@@ -29,6 +31,7 @@ from tests.e2e.conftest import start_real_triton
 pytestmark = pytest.mark.triton
 PNG = {"content-type": "image/png"}
 ADMIN = "obs-admin-key"
+GPU_METRICS = Path(__file__).parents[1] / "data" / "triton_gpu_metrics.txt"
 _SAMPLE = re.compile(r"(?P<name>[A-Za-z_:][\w:]*)(?:\{(?P<labels>.*)\})? \S+( \d+)?$")
 _LABEL = re.compile(r'(\w+)="(?:[^"\\]|\\.)*"')
 
@@ -124,7 +127,14 @@ def expositions(tiny, tmp_path_factory) -> dict[str, Exposition]:
         if gw is not None:
             gw.stop()
         triton.stop()
-    return {"gateway": Exposition.parse(gateway_text), "triton": Exposition.parse(triton_text)}
+    # A CPU Triton has no GPU families: a GPU Triton's are added (tests/data), after
+    # checking that they are not there already, so none is hidden.
+    gpu_text = GPU_METRICS.read_text()
+    assert not set(Exposition.parse(gpu_text).labels) & set(Exposition.parse(triton_text).labels)
+    return {
+        "gateway": Exposition.parse(gateway_text),
+        "triton": Exposition.parse(triton_text + gpu_text),
+    }
 
 
 def samples(exp: Exposition, name: str) -> list[dict[str, str]]:
