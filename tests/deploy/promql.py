@@ -16,6 +16,7 @@ import yaml
 from tests.deploy.conftest import DEPLOY
 
 RULES = DEPLOY / "prometheus" / "alerts.yml"
+ADAPTER_RULES = DEPLOY / "prometheus" / "adapter-rules.yaml"
 DASHBOARD = DEPLOY / "grafana" / "resnet-serving.json"
 
 #: The labels Prometheus adds to every target (prometheus-operator's ServiceMonitor, or
@@ -152,5 +153,26 @@ def dashboard_queries() -> Iterator[Query]:
         yield q
 
 
+def adapter_rules() -> list[dict]:
+    return yaml.safe_load(ADAPTER_RULES.read_text())["rules"]
+
+
+def adapter_to_promql(rule: dict, series: str | None = None) -> str:
+    """A prometheus-adapter metricsQuery as the adapter sends it for one pod (its
+    templates filled in; ``series``: the metric seriesQuery names)."""
+    name = series or re.match(r"[A-Za-z_:][\w:]*", rule["seriesQuery"])[0]  # type: ignore[index]
+    return (
+        rule["metricsQuery"]
+        .replace("<<.Series>>", name)
+        .replace("<<.LabelMatchers>>", 'namespace="ns",pod="p"')
+        .replace("<<.GroupBy>>", "pod")
+    )
+
+
+def adapter_queries() -> Iterator[Query]:
+    for r in adapter_rules():
+        yield parse(f"adapter-rules.yaml: {r['name']['as']}", adapter_to_promql(r))
+
+
 def all_queries() -> list[Query]:
-    return [*rule_queries(), *dashboard_queries()]
+    return [*rule_queries(), *dashboard_queries(), *adapter_queries()]

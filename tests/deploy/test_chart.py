@@ -17,6 +17,7 @@ import yaml
 
 from deploy.settings_doc import CHART_OWNED, SCHEMA, config_schema
 from service.settings import Settings, helm_key
+from tests.deploy import promql
 from tests.deploy.conftest import CHART, ROOT, tool
 
 KUBE_VERSION = "1.30.0"
@@ -318,6 +319,24 @@ def test_bad_values_are_refused_at_render(chart, values, message) -> None:
         ({"modelRepository": {"source": "fetch"}}, "modelRepository.fetch.url is required"),
         ({"triton": {"enabled": True}, "gateway": {"gpus": 1}}, "the gateway needs no GPU"),
         (
+            {
+                "triton": {
+                    "enabled": True,
+                    "autoscaling": {"enabled": True, "keda": {"enabled": True}},
+                }
+            },
+            "triton.autoscaling.keda.serverAddress is required",
+        ),
+        (
+            {
+                "triton": {
+                    "enabled": True,
+                    "autoscaling": {"enabled": True, "minReplicas": 3, "maxReplicas": 2},
+                }
+            },
+            "triton.autoscaling: minReplicas 3 is above maxReplicas 2",
+        ),
+        (
             {"triton": {"enabled": True, "image": {"tag": "25.01-py3"}}},
             "triton.image.tag 25.01-py3 predates Triton 25.07, which fixes CVE-2025-23319",
         ),
@@ -436,6 +455,73 @@ def test_hpa_on_cpu_and_queue_depth(chart) -> None:
     # The HPA owns the replica count: the Deployment must not fight it on every upgrade.
     assert "replicas" not in component(objs, "Deployment", "gateway")["spec"]
     assert not by_kind(render(chart), "HorizontalPodAutoscaler")
+
+
+def test_triton_scales_on_its_own_queue(chart) -> None:
+    """triton.autoscaling: an HPA on Triton's pending requests and queue time per pod (the
+    Pods metrics deploy/prometheus/adapter-rules.yaml serves, as it serves the gateway's),
+    or a KEDA ScaledObject with the same two signals queried from Prometheus; either owns
+    the replica count, and a PDB keeps one Triton through node drains."""
+    values = {
+        "gateway": {"autoscaling": {"enabled": True, "queueDepth": {"enabled": True}}},
+        "triton": {"enabled": True, "autoscaling": {"enabled": True, "maxReplicas": 6}},
+    }
+    objs = render(chart, values)
+    hpa = component(objs, "HorizontalPodAutoscaler", "triton")
+    triton = component(objs, "Deployment", "triton")
+    assert hpa["spec"]["scaleTargetRef"]["name"] == triton["metadata"]["name"]
+    assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (1, 6)
+    assert "replicas" not in triton["spec"]
+    assert component(objs, "PodDisruptionBudget", "triton")
+    metrics = {m["pods"]["metric"]["name"]: m["pods"]["target"] for m in hpa["spec"]["metrics"]}
+    assert metrics == {
+        "nv_inference_pending_request_count": {"type": "AverageValue", "averageValue": "16"},
+        "nv_inference_queue_duration_us_per_request": {
+            "type": "AverageValue",
+            "averageValue": "20000",
+        },
+    }
+    assert hpa["spec"]["behavior"]["scaleDown"]["stabilizationWindowSeconds"] == 600
+    # What both HPAs ask for is what the adapter rules serve.
+    pods_metrics = {
+        m["pods"]["metric"]["name"]
+        for h in by_kind(objs, "HorizontalPodAutoscaler").values()
+        for m in h["spec"]["metrics"]
+        if m["type"] == "Pods"
+    }
+    assert pods_metrics == {r["name"]["as"] for r in promql.adapter_rules()}
+
+    keda = {"enabled": True, "serverAddress": "http://prometheus-operated.monitoring:9090"}
+    values["triton"]["autoscaling"]["keda"] = keda
+    objs = render(chart, values)
+    assert "triton" not in {
+        h["metadata"]["labels"]["app.kubernetes.io/component"]
+        for h in by_kind(objs, "HorizontalPodAutoscaler").values()
+    }
+    (scaled,) = by_kind(objs, "ScaledObject").values()
+    assert scaled["apiVersion"] == "keda.sh/v1alpha1"
+    assert scaled["spec"]["scaleTargetRef"]["name"] == triton["metadata"]["name"]
+    assert (scaled["spec"]["minReplicaCount"], scaled["spec"]["maxReplicaCount"]) == (1, 6)
+    behavior = scaled["spec"]["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]
+    assert behavior == hpa["spec"]["behavior"]
+    triggers = scaled["spec"]["triggers"]
+    assert [(t["type"], t["metricType"], t["metadata"]["threshold"]) for t in triggers] == [
+        ("prometheus", "AverageValue", "16"),
+        ("prometheus", "Value", "20000"),
+    ]
+    for t in triggers:
+        assert t["metadata"]["serverAddress"] == keda["serverAddress"]
+        q = promql.parse("keda", t["metadata"]["query"])
+        # This release's Triton pods only, by the labels their scrape targets carry.
+        for use in q.uses:
+            assert use.metric.startswith("nv_inference_"), use
+            assert use.labels == {"namespace", "service"}, use
+        assert f'service="{triton["metadata"]["name"]}"' in t["metadata"]["query"]
+        assert 'namespace="ml"' in t["metadata"]["query"]
+    # The same two signals as the adapter's rules.
+    uses = {u.metric for t in triggers for u in promql.parse("k", t["metadata"]["query"]).uses}
+    adapted = {u.metric for q in promql.adapter_queries() for u in q.uses}
+    assert uses <= adapted
 
 
 def test_rolling_update_keeps_capacity(chart) -> None:
@@ -637,7 +723,7 @@ def test_notes_are_true(chart) -> None:
     notes = chart.render(values=scenario("gpu-triton-values.yaml"), name="rel", namespace="ml")[
         "resnet-serving/templates/NOTES.txt"
     ]
-    assert "NVIDIA Triton (nvcr.io/nvidia/tritonserver:25.11-py3, 2 replica(s), TensorRT" in notes
+    assert "NVIDIA Triton (nvcr.io/nvidia/tritonserver:25.11-py3, 2-8 replicas scaled on its queue, TensorRT" in notes
     assert "kubectl -n ml rollout status deployment/rel-resnet-serving-gateway" in notes
     assert "grace period 25 s" in notes  # drainSeconds 15 + requestTimeoutS 5 + 5
     assert "X-API-Key" in notes and "https://resnet.example.com" in notes

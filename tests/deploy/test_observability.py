@@ -230,6 +230,25 @@ def test_dashboard_queries_are_valid_promql(tmp_path, dashboard):
     assert_ok(promtool("check", "rules", str(path)))
 
 
+def test_adapter_rules_parse_and_select_by_pod(tmp_path):
+    """Each rule of deploy/prometheus/adapter-rules.yaml (its templates filled in as
+    prometheus-adapter fills them) parses, and maps the namespace and pod labels to their
+    resources (the chart's HPAs ask for exactly the metrics they serve: test_chart.py)."""
+    rules = promql.adapter_rules()
+    recs = [
+        {"record": f"adapter:{r['name']['as']}", "expr": promql.adapter_to_promql(r)} for r in rules
+    ]
+    path = tmp_path / "adapter_rules.yml"
+    path.write_text(yaml.safe_dump({"groups": [{"name": "adapter", "rules": recs}]}))
+    assert_ok(promtool("check", "rules", str(path)))
+    for r in rules:
+        assert r["resources"]["overrides"] == {
+            "namespace": {"resource": "namespace"},
+            "pod": {"resource": "pod"},
+        }
+        assert "<<.LabelMatchers>>" in r["metricsQuery"] and "<<.GroupBy>>" in r["metricsQuery"]
+
+
 def test_dashboard_covers_gateway_and_triton(dashboard):
     used = {u.metric for q in promql.dashboard_queries() for u in q.uses}
     for needed in (
