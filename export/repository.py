@@ -121,10 +121,14 @@ def build_config(
     cfg.instance_group.add(kind=kind, count=serving.instance_count)
     # Only the newest version is served; older ones stay on disk for rollback.
     cfg.version_policy.latest.num_versions = 1
-    warm = cfg.model_warmup.add(name="zeros_batch1", batch_size=1)
-    warm.inputs[contract.input_name].data_type = datatype
-    warm.inputs[contract.input_name].dims.extend(contract.input_shape)
-    warm.inputs[contract.input_name].zero_data = True
+    # Triton warms each model instance with every batch size the gateway may send (any,
+    # up to max_batch_size): the first batch of a size it has not run is slow (cuDNN and
+    # TensorRT pick kernels per shape; server#7776, #3473).
+    for n in range(1, serving.max_batch_size + 1):
+        warm = cfg.model_warmup.add(name=f"zeros_batch{n}", batch_size=n)
+        warm.inputs[contract.input_name].data_type = datatype
+        warm.inputs[contract.input_name].dims.extend(contract.input_shape)
+        warm.inputs[contract.input_name].zero_data = True
     return cfg
 
 

@@ -330,6 +330,13 @@ def _has_quantize_layers(trt: Any, network: Any) -> bool:
     )
 
 
+def _has_float16_weights(onnx_path: Path) -> bool:
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    return any(t.data_type == onnx.TensorProto.FLOAT16 for t in model.graph.initializer)
+
+
 def build_engine(
     onnx_path: Path,
     plan_path: Path,
@@ -342,9 +349,11 @@ def build_engine(
     """Build ``plan_path`` from ``onnx_path`` on this machine's GPU; return its manifest.
 
     The settings are :func:`trtexec_command`'s: one optimization profile on the contract's
-    input, batch 1 .. ``max_batch_size`` tuned for ``min(8, max)``; fp16 enables FP16
-    kernels, int8 INT8 and FP16 kernels for a QDQ graph (explicit quantization: the scales
-    are in the graph, so there is no calibrator). The timing cache, when given, is read if
+    input, batch 1 .. ``max_batch_size`` tuned for ``min(8, max)``. With TensorRT 10, fp16
+    enables FP16 kernels, int8 INT8 and FP16 kernels for a QDQ graph (explicit quantization:
+    the scales are in the graph, so there is no calibrator); TensorRT 11 builds what the
+    graph's types say (an fp16 export's float16 graph, an int8 export's Q/DQ nodes), and an
+    fp16 build of a graph without float16 weights is refused. The timing cache, when given, is read if
     present and written back, so rebuilds on the same GPU skip most kernel timing. The plan
     appears whole or not at all (written beside itself, then renamed); the caller writes
     the manifest to ``engine.json``.
@@ -363,7 +372,9 @@ def build_engine(
     logger = _make_logger(trt, log, errors)
     builder = trt.Builder(logger)
     # TensorRT 10 networks are always explicit-batch; the old EXPLICIT_BATCH flag is gone.
+    # TensorRT 11 networks are always strongly typed (trt_node.strongly_typed).
     network = builder.create_network(0)
+    strong = trt_node.strongly_typed(str(trt.__version__))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         found = []
@@ -376,6 +387,12 @@ def build_engine(
     problem = _input_problem(network, contract)
     if problem is not None:
         raise ExportError(f"{onnx_path}: {problem}")
+    if strong and precision == "fp16" and not _has_float16_weights(onnx_path):
+        raise ExportError(
+            f"{onnx_path}: TensorRT {trt.__version__} takes the precision from the graph "
+            "(strongly typed networks), and this graph has no float16 weights: export it "
+            "with --precision fp16"
+        )
     if precision == "int8" and not _has_quantize_layers(trt, network):
         raise ExportError(
             f"{onnx_path}: int8 needs a QDQ graph (QuantizeLinear/DequantizeLinear nodes "
@@ -388,9 +405,11 @@ def build_engine(
     profile = builder.create_optimization_profile()
     profile.set_shape(contract.input_name, (1, *shape), (opt, *shape), (max_batch_size, *shape))
     config.add_optimization_profile(profile)
-    if precision in ("fp16", "int8"):
+    # TensorRT 11 takes the precision from the graph's types (an fp16 export is a float16
+    # graph, an int8 one has Q/DQ nodes): it has no precision flags.
+    if precision in ("fp16", "int8") and not strong:
         config.set_flag(trt.BuilderFlag.FP16)
-    if precision == "int8":
+    if precision == "int8" and not strong:
         # With Q/DQ layers TensorRT quantizes exactly where the graph says (explicit
         # quantization); FP16 above lets the layers between them run in half precision.
         config.set_flag(trt.BuilderFlag.INT8)
@@ -533,6 +552,7 @@ def trtexec_command(
     max_batch_size: int,
     precision: str,
     timing_cache: str | None = None,
+    tensorrt_version: str = "10",
 ) -> list[str]:
     """The ``trtexec`` argv that builds the engine :func:`build_engine` builds: the
     contract's input, ``export/trt_node.py``'s command (the one the GPU node runs)."""
@@ -545,6 +565,7 @@ def trtexec_command(
             max_batch_size,
             precision,
             timing_cache,
+            tensorrt_version,
         )
     except NodeError as exc:
         raise ExportError(str(exc)) from exc

@@ -113,6 +113,14 @@ def shape_spec(name: str, batch: int, shape: tuple[int, ...]) -> str:
     return f"{quoted}:{'x'.join(map(str, (batch, *shape)))}"
 
 
+def strongly_typed(tensorrt_version: str) -> bool:
+    """TensorRT 11 and later build every network strongly typed: the precision is the
+    graph's own (an FP16 export's float16 graph, an INT8 export's Q/DQ nodes), and the
+    precision flags of 10 (BuilderFlag.FP16/INT8, trtexec --fp16/--int8) are gone."""
+    major = tensorrt_version.split(".", 1)[0]
+    return major.isdigit() and int(major) >= 11
+
+
 def trtexec_command(
     onnx_path: str,
     plan_path: str,
@@ -121,10 +129,12 @@ def trtexec_command(
     max_batch_size: int,
     precision: str,
     timing_cache: str | None = None,
+    tensorrt_version: str = "10",
 ) -> list[str]:
     """The ``trtexec`` argv that builds the engine: one optimization profile on the input,
-    batch 1 .. ``max_batch_size`` tuned for :func:`opt_batch_size`; fp16 enables FP16
-    kernels, int8 INT8 and FP16 kernels for a QDQ graph (the scales are in the graph)."""
+    batch 1 .. ``max_batch_size`` tuned for :func:`opt_batch_size`. With TensorRT 10, fp16
+    enables FP16 kernels and int8 INT8 and FP16 kernels for a QDQ graph (the scales are in
+    the graph); with 11 (:func:`strongly_typed`) the graph's types decide, so no flag."""
     check_build_args(max_batch_size, precision)
     argv = [
         "trtexec",
@@ -134,7 +144,9 @@ def trtexec_command(
         f"--optShapes={shape_spec(input_name, opt_batch_size(max_batch_size), input_shape)}",
         f"--maxShapes={shape_spec(input_name, max_batch_size, input_shape)}",
     ]
-    if precision == "fp16":
+    if strongly_typed(tensorrt_version):
+        pass
+    elif precision == "fp16":
         argv.append("--fp16")
     elif precision == "int8":
         argv += ["--int8", "--fp16"]
@@ -607,6 +619,7 @@ def build(vdir: Path, target: Target, node: Node, timeout: float, verbose: bool)
             target.input_shape,
             target.max_batch_size,
             target.precision,
+            tensorrt_version=node.tensorrt_version,
         )
         try:
             proc = subprocess.run(

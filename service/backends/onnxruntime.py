@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -50,6 +49,7 @@ class OnnxRuntimeBackend(Backend):
         One batch on all cores gives the lowest latency; several single-threaded batches
         avoid stalling a whole batch whenever a decoding thread takes one of its cores,
         which gives more throughput under load."""
+        super().__init__()
         self.max_inflight_batches = max(1, parallel_batches)
         self._providers = providers or ["CPUExecutionProvider"]
         self._threads = intra_op_threads or max(1, usable_cpus() // self.max_inflight_batches)
@@ -63,7 +63,6 @@ class OnnxRuntimeBackend(Backend):
         # Threads that call session.run (the GIL is released while ORT computes).
         self._executors: dict[tuple[str, str], ThreadPoolExecutor] = {}
         self._ready = False
-        self._warm: dict[tuple[str, str], dict[int, float]] = {}
 
     def _open(self, spec: ModelSpec) -> ort.InferenceSession:
         opts = ort.SessionOptions()
@@ -95,23 +94,7 @@ class OnnxRuntimeBackend(Backend):
             raise RepositoryError(
                 f"model {spec.name!r} version {spec.version}: " + "; ".join(problems)
             )
-        # Warm-up: first runs allocate arenas and pick kernels; second runs, timed, start the
-        # batcher's cost model: powers of two up to the largest batch, and the largest (the
-        # sizes between are interpolated, then learned from live batches). A version loaded
-        # beside others that serve (a reload) warms batches of 1 and 2 only: the full
-        # warm-up of ResNet-50 at batch 32 is seconds of every core, taken from live traffic
-        # (measured: p99 5x while it ran); larger sizes are extrapolated, then learned.
-        most = spec.max_batch_size if not self._ready else min(2, spec.max_batch_size)
-        sizes = sorted({*(2**k for k in range(most.bit_length())), most})
-        costs = self._warm.setdefault((spec.name, spec.version), {})
-        for n in (*sizes, *sizes):
-            start = time.perf_counter()
-            session.run([c.output_name], {c.input_name: np.zeros((n, *c.input_shape), c.dtype)})
-            costs[n] = time.perf_counter() - start
         return session
-
-    def warm_costs(self, spec: ModelSpec) -> dict[int, float]:
-        return dict(self._warm.get((spec.name, spec.version), {}))
 
     async def start(self, specs: list[ModelSpec]) -> None:
         loop = asyncio.get_running_loop()
@@ -132,7 +115,16 @@ class OnnxRuntimeBackend(Backend):
             self.max_inflight_batches, thread_name_prefix=f"ort-{spec.name}-{spec.version}"
         )
         try:
-            session = await asyncio.get_running_loop().run_in_executor(executor, self._open, spec)
+            loop = asyncio.get_running_loop()
+            session = await loop.run_in_executor(executor, self._open, spec)
+            c = spec.contract
+
+            def run(batch: np.ndarray) -> asyncio.Future[object]:
+                return loop.run_in_executor(
+                    executor, session.run, [c.output_name], {c.input_name: batch}
+                )
+
+            await self.warm_up(spec, run, serving=self._ready)
         except BaseException:
             executor.shutdown(wait=False)
             self._warm.pop(key, None)

@@ -69,6 +69,12 @@ def _code(exc: InferenceServerException) -> str:
     return str(exc.status() or "").rsplit(".", 1)[-1]
 
 
+def _input(name: str, batch: np.ndarray, datatype: str) -> InferInput:
+    inp = InferInput(name, list(batch.shape), datatype)
+    inp.set_data_from_numpy(batch)
+    return inp
+
+
 def metadata_problems(spec: ModelSpec, meta: dict[str, Any], max_batch: int) -> list[str]:
     """How Triton's model metadata disagrees with the model's contract."""
 
@@ -103,6 +109,7 @@ class TritonBackend(Backend):
         every version of the model's new set, warm-up included). ``admin_key``: the key of
         Triton's restricted ``model-repository`` protocol (``--grpc-restricted-protocol=
         model-repository:triton-admin-key=KEY``), sent with load and unload requests."""
+        super().__init__()
         self.url = url
         self.load_timeout_s = load_timeout_s
         self._admin = {ADMIN_HEADER: admin_key} if admin_key else None
@@ -156,6 +163,23 @@ class TritonBackend(Backend):
             )
         self._verified.add(_key(spec))
         log.info("triton: %s version %s verified against its contract", name, version)
+
+    async def _warm_up(self, spec: ModelSpec, serving: bool) -> None:
+        """Time batches through Triton for the batcher's cost model (``Backend.warm_up``: its
+        sizes; Triton's own ``model_warmup`` in config.pbtxt has run every size by now, so
+        these time a warm model, the gRPC transfer included, as live batches are)."""
+        c = spec.contract
+
+        async def run(batch: np.ndarray) -> object:
+            return await self._client.infer(
+                spec.name,
+                [_input(c.input_name, batch, c.datatype)],
+                model_version=spec.version,
+                outputs=[InferRequestedOutput(c.output_name)],
+                client_timeout=self.load_timeout_s,
+            )
+
+        await self.warm_up(spec, run, serving)
 
     async def _serve(self, name: str, versions: set[str]) -> None:
         """Have Triton serve exactly ``versions`` of ``name`` (none: unload the model);
@@ -221,6 +245,18 @@ class TritonBackend(Backend):
             log.warning(
                 "triton at %s not reachable yet (%s); not ready until it is", self.url, _code(exc)
             )
+        else:
+            for spec in specs if self._ready else []:
+                try:
+                    await self._warm_up(spec, serving=False)
+                except InferenceServerException as exc:
+                    log.warning(
+                        "triton: %s version %s could not be timed at warm-up (%s); its "
+                        "batcher starts from a guess and learns from live batches",
+                        spec.name,
+                        spec.version,
+                        _reason(exc),
+                    )
         self._health = asyncio.create_task(self._health_loop(), name="triton-health")
 
     async def load(self, spec: ModelSpec) -> None:
@@ -245,6 +281,7 @@ class TritonBackend(Backend):
                     self._verified.discard((name, old))
                 for spec_ in [spec, *(self._specs[(name, old)] for old in sorted(before))]:
                     await self._verify(spec_)
+                await self._warm_up(spec, serving=True)
             except (InferenceServerException, RepositoryError) as exc:
                 if previous is None:
                     self._configs.pop(name, None)
@@ -375,8 +412,7 @@ class TritonBackend(Backend):
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         c = spec.contract
-        inp = InferInput(c.input_name, list(batch.shape), c.datatype)
-        inp.set_data_from_numpy(batch)
+        inp = _input(c.input_name, batch, c.datatype)
         out = InferRequestedOutput(c.output_name)
         attempt = 0
         while True:

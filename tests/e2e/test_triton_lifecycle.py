@@ -111,6 +111,47 @@ def is_ready(triton, name: str, version: str) -> bool:
     return bool(ready)
 
 
+def executions(triton, spec: ModelSpec) -> dict[int, int]:
+    """Triton's count of executions per batch size of one version (its statistics)."""
+    client = triton_grpc.InferenceServerClient(triton.grpc_url)
+    stats = client.get_inference_statistics(spec.name, spec.version, as_json=True)
+    client.close()
+    return {
+        int(b["batch_size"]): int(b["compute_infer"]["count"])
+        for s in stats.get("model_stats", [])
+        for b in s.get("batch_stats", [])
+    }
+
+
+def added(before: dict[int, int], after: dict[int, int]) -> dict[int, int]:
+    return {n: c - before.get(n, 0) for n, c in after.items() if c > before.get(n, 0)}
+
+
+async def test_the_warm_up_times_every_batch_size_through_triton(explicit, model_dir):
+    """Triton warms every batch size up to max_batch_size as it loads a version
+    (config.pbtxt's model_warmup: one execution of each, in its statistics). Then at start
+    the backend times, through Triton, each size of its warm-up (powers of two up to the
+    largest, and the largest; twice each: Backend.warm_up): exactly those executions more,
+    and the batcher's cost model starts from their timings. A version loaded beside a
+    serving one (a reload) is warmed by Triton alike and timed at sizes 1 and 2."""
+    old = load_spec(model_dir)
+    every = dict.fromkeys(range(1, old.max_batch_size + 1), 1)
+    sizes = [1, 2, 4, 8]
+    assert old.max_batch_size == 8
+    before = executions(explicit, old)
+    assert before == every  # the module's Triton has just started: its warm-up alone
+    async with backend_on(explicit, old) as backend:
+        assert added(before, executions(explicit, old)) == dict.fromkeys(sizes, 2)
+        costs = backend.warm_costs(old)
+        assert sorted(costs) == sizes and all(t > 0 for t in costs.values())
+
+        new = publish_next(model_dir)
+        await backend.load(new)
+        assert executions(explicit, new) == {**every, 1: 3, 2: 3}
+        assert sorted(backend.warm_costs(new)) == [1, 2]
+        await backend.unload(new)  # the module's next tests start from the old one alone
+
+
 async def test_a_new_version_serves_beside_the_old_then_the_old_is_released(explicit, model_dir):
     old = load_spec(model_dir)
     async with backend_on(explicit, old) as backend:

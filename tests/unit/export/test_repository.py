@@ -106,7 +106,12 @@ def test_config_parses_with_tritons_model_config(tmp_path, flavor):
     assert list(cfg.dynamic_batching.preferred_batch_size) == [4, 8, 16]
     assert cfg.dynamic_batching.max_queue_delay_microseconds == 2000
     assert cfg.version_policy.latest.num_versions == 1
-    assert cfg.model_warmup[0].inputs["input"].zero_data
+    # Every batch size the gateway may send is warmed, with zeros of the input's shape.
+    assert [w.batch_size for w in cfg.model_warmup] == list(range(1, 17))
+    assert all(
+        w.inputs["input"].zero_data and list(w.inputs["input"].dims) == [3, 32, 32]
+        for w in cfg.model_warmup
+    )
     assert len(cfg.instance_group) == 1
     if flavor == "onnxruntime":
         assert cfg.platform == "onnxruntime_onnx" and not cfg.backend

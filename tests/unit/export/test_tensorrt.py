@@ -2,8 +2,9 @@
 for real in test_trt_node.py), engine.json, and the Python build's settings.
 
 TensorRT needs an NVIDIA GPU. Where there is none, ``build_engine``'s settings are checked
-against a recording stand-in for the ``tensorrt`` module (names as in TensorRT 10's Python
-API), and the one test that builds and runs a real engine is skipped with the reason.
+against a recording stand-in for the ``tensorrt`` module (names as in TensorRT 10's and
+11's Python API), and the one test that builds and runs a real engine is skipped with the
+reason.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 import numpy as np
 import pytest
 import yaml
+from onnx import TensorProto
 
 from export import tensorrt as trt_mod
 from export.errors import ExportError
@@ -65,6 +67,12 @@ BASE = [
 def test_trtexec_command_shapes_and_precision_flags(precision, flags):
     argv = trtexec_command("m/1/model.onnx", "m/1/model.plan", CONTRACT, 32, precision)
     assert argv == BASE + flags
+    # TensorRT 11: strongly typed, the graph's types are the precision; no such flags.
+    for version in ("11.0.0.12", "11.4.1.3"):
+        argv = trtexec_command(
+            "m/1/model.onnx", "m/1/model.plan", CONTRACT, 32, precision, tensorrt_version=version
+        )
+        assert argv == BASE
 
 
 def test_trtexec_command_timing_cache_and_small_max_batch():
@@ -391,6 +399,10 @@ class _BuilderFlag(enum.Enum):
     TF32 = 3
 
 
+class _BuilderFlag11(enum.Enum):  # TensorRT 11 removed the precision flags
+    TF32 = 3
+
+
 class _LayerType(enum.Enum):
     CONVOLUTION = 1
     QUANTIZE = 2
@@ -404,9 +416,10 @@ def _fake_tensorrt(
     parse_errors: tuple[str, ...] = (),
     quantize_layers: int = 0,
     build_fails: bool = False,
+    version: str = "10.8.0.43",
 ) -> types.ModuleType:
-    """A ``tensorrt`` module with the TensorRT 10 calls build_engine makes, recording them
-    in ``trt.calls``."""
+    """A ``tensorrt`` module with the calls build_engine makes, recording them in
+    ``trt.calls``: TensorRT 10's, or with ``version`` 11.x 11's (no precision flags)."""
     trt = types.ModuleType("tensorrt")
     calls: dict[str, Any] = {"flags": [], "profiles": [], "timing_cache_in": []}
 
@@ -496,9 +509,9 @@ def _fake_tensorrt(
             return memoryview(b"serialized engine")
 
     vars(trt).update(
-        __version__="10.8.0.43",
+        __version__=version,
         calls=calls,
-        BuilderFlag=_BuilderFlag,
+        BuilderFlag=_BuilderFlag11 if version.startswith("11.") else _BuilderFlag,
         LayerType=_LayerType,
         ILogger=ILogger,
         Builder=Builder,
@@ -552,6 +565,45 @@ def test_build_engine_settings(fake_trt, tmp_path, precision, flags, quantize_la
         opt_batch_size=4,
         onnx_sha256=hashlib.sha256(b"graph").hexdigest(),
     )
+
+
+def _graph(path, dtype) -> None:
+    """A one-node ONNX graph whose weight has ``dtype`` (an FP16 export's are float16)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    weight = helper.make_tensor("w", dtype, [1], [1.0])
+    cast = helper.make_node("Cast", ["w"], ["y"], to=TensorProto.FLOAT)
+    out = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])
+    onnx.save(helper.make_model(helper.make_graph([cast], "g", [], [out], [weight])), str(path))
+
+
+@pytest.mark.parametrize(("precision", "quantize_layers"), [("fp32", 0), ("fp16", 0), ("int8", 2)])
+def test_build_engine_on_tensorrt_11_takes_the_graphs_types(
+    fake_trt, tmp_path, precision, quantize_layers
+):
+    """TensorRT 11 has no precision flags (strongly typed): none is set, the engine is the
+    graph's precision, and its version is the manifest's."""
+    trt = fake_trt(quantize_layers=quantize_layers, version="11.4.1.3")
+    onnx_path = tmp_path / "model.onnx"
+    _graph(onnx_path, TensorProto.FLOAT16 if precision == "fp16" else TensorProto.FLOAT)
+    manifest = build_engine(
+        onnx_path, tmp_path / "1" / PLAN_FILENAME, SMALL, 4, precision, log=print
+    )
+    assert trt.calls["flags"] == []
+    assert (manifest.precision, manifest.tensorrt_version) == (precision, "11.4.1.3")
+
+
+def test_build_engine_on_tensorrt_11_refuses_fp16_of_a_float32_graph(fake_trt, tmp_path):
+    fake_trt(version="11.4.1.3")
+    onnx_path = tmp_path / "model.onnx"
+    _graph(onnx_path, TensorProto.FLOAT)
+    plan = tmp_path / "1" / PLAN_FILENAME
+    with pytest.raises(
+        ExportError, match="has no float16 weights: export it with --precision fp16"
+    ):
+        build_engine(onnx_path, plan, SMALL, 4, "fp16", log=print)
+    assert not plan.exists()
 
 
 def test_build_engine_opt_batch_is_eight(fake_trt, tmp_path):

@@ -210,7 +210,12 @@ def test_the_trtexec_command_is_the_exporters(node):
     assert Path(saved).parent == vdir and Path(saved).name.startswith(".model.plan.tmp-")
     spec = load_spec(node.model())
     want = trtexec_command(
-        str(vdir / "model.onnx"), saved, spec.contract, spec.max_batch_size, spec.precision
+        str(vdir / "model.onnx"),
+        saved,
+        spec.contract,
+        spec.max_batch_size,
+        spec.precision,
+        tensorrt_version=TRT_VERSION,
     )
     assert ["trtexec", *argv] == want
 
@@ -350,6 +355,11 @@ def test_int8_for_onnx_runtimes_cpu_kernels_serves_onnx_and_symmetric_int8_build
     assert node.run().returncode == 0
     assert node.calls()[-1][-2:] == ["--int8", "--fp16"]
     assert EngineManifest.load(vdir / "engine.json").precision == "int8"
+    # TensorRT 11 builds strongly typed: the Q/DQ nodes say INT8, no flag (they are gone).
+    (vdir / "model.plan").unlink()
+    assert node.run(FAKE_TRT_VERSION="11.4.1.3").returncode == 0
+    assert not {"--int8", "--fp16"} & set(node.calls()[-1])
+    assert EngineManifest.load(vdir / "engine.json").tensorrt_version == "11.4.1.3"
 
 
 def _publish_copy(repo: Path, src: Path, name: str, flavor: str) -> None:
