@@ -723,7 +723,10 @@ def test_notes_are_true(chart) -> None:
     notes = chart.render(values=scenario("gpu-triton-values.yaml"), name="rel", namespace="ml")[
         "resnet-serving/templates/NOTES.txt"
     ]
-    assert "NVIDIA Triton (nvcr.io/nvidia/tritonserver:25.11-py3, 2-8 replicas scaled on its queue, TensorRT" in notes
+    assert (
+        "NVIDIA Triton (nvcr.io/nvidia/tritonserver:25.11-py3, 2-8 replicas scaled on its queue, TensorRT"
+        in notes
+    )
     assert "kubectl -n ml rollout status deployment/rel-resnet-serving-gateway" in notes
     assert "grace period 25 s" in notes  # drainSeconds 15 + requestTimeoutS 5 + 5
     assert "X-API-Key" in notes and "https://resnet.example.com" in notes
