@@ -110,10 +110,14 @@ def scripted():
     server.stop(0)
 
 
-async def started(url: str, **kw) -> TritonBackend:
+async def started(servicer: ScriptedTriton, url: str, **kw) -> TritonBackend:
+    """A backend started on the scripted Triton; its warm-up (a timed batch of each size
+    1, 2, 4, 8, twice: Backend.warm_up) has run, and is not counted in ``calls``."""
     backend = TritonBackend(url, backoff_s=0.01, **kw)
     await backend.start([SPEC])
     assert backend.is_ready()
+    assert servicer.calls == 8 and sorted(backend.warm_costs(SPEC)) == [1, 2, 4, 8]
+    servicer.calls = 0
     return backend
 
 
@@ -122,7 +126,7 @@ BATCH = np.ones((2, 1, 8, 8), np.float32)
 
 async def test_transient_failures_are_retried(scripted):
     servicer, url = scripted
-    backend = await started(url, max_retries=2)
+    backend = await started(servicer, url, max_retries=2)
     servicer.failures = [grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED]
     logits = await backend.infer(SPEC, BATCH, timeout_s=5)
     assert servicer.calls == 3
@@ -132,7 +136,7 @@ async def test_transient_failures_are_retried(scripted):
 
 async def test_retries_are_bounded(scripted):
     servicer, url = scripted
-    backend = await started(url, max_retries=1)
+    backend = await started(servicer, url, max_retries=1)
     servicer.failures = [grpc.StatusCode.UNAVAILABLE] * 5
     with pytest.raises(BackendUnavailable):
         await backend.infer(SPEC, BATCH, timeout_s=5)
@@ -143,7 +147,7 @@ async def test_retries_are_bounded(scripted):
 
 async def test_exhausted_is_overloaded(scripted):
     servicer, url = scripted
-    backend = await started(url, max_retries=0)
+    backend = await started(servicer, url, max_retries=0)
     servicer.failures = [grpc.StatusCode.RESOURCE_EXHAUSTED]
     with pytest.raises(Overloaded):
         await backend.infer(SPEC, BATCH, timeout_s=5)
@@ -152,7 +156,7 @@ async def test_exhausted_is_overloaded(scripted):
 
 async def test_other_errors_are_not_retried(scripted):
     servicer, url = scripted
-    backend = await started(url, max_retries=3)
+    backend = await started(servicer, url, max_retries=3)
     servicer.failures = [grpc.StatusCode.INTERNAL]
     with pytest.raises(BackendUnavailable, match="INTERNAL"):
         await backend.infer(SPEC, BATCH, timeout_s=5)
@@ -162,7 +166,7 @@ async def test_other_errors_are_not_retried(scripted):
 
 async def test_deadline_is_the_rpc_deadline(scripted):
     servicer, url = scripted
-    backend = await started(url, max_retries=3)
+    backend = await started(servicer, url, max_retries=3)
     servicer.delay = 1.0
     timeout_s = 0.2
     t0 = time.perf_counter()
