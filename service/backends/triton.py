@@ -21,6 +21,10 @@ versions already served keep answering while Triton reloads (it starts every ver
 new set afresh, then swaps), and a reload that fails leaves them served. A Triton that lost
 versions (a restarted one loads what config.pbtxt says) is asked for the served set again by
 the health loop. In model control mode none Triton refuses load requests: ``load`` says so.
+
+Model control fans out to every Triton behind the target (:func:`endpoints`: every pod of a
+headless Service), each on a channel of its own; a version is loaded once every one of them
+serves it, and the health loop keeps each one serving the versions served.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import socket
 from typing import Any
 
 import numpy as np
@@ -67,6 +72,23 @@ def _reason(exc: InferenceServerException) -> str:
 def _code(exc: InferenceServerException) -> str:
     """'StatusCode.UNAVAILABLE' -> 'UNAVAILABLE' (empty if the client raised it itself)."""
     return str(exc.status() or "").rsplit(".", 1)[-1]
+
+
+def endpoints(url: str) -> list[str]:
+    """The Triton servers behind the gateway's gRPC target, each as ``host:port``: every
+    address ``dns:///name:port`` resolves to (a headless Service: every Triton pod), each
+    address of an ``ipv4:``/``ipv6:`` list, or the one server a plain ``host:port`` names.
+    Model control goes to each of them; inference is balanced over them by gRPC."""
+    for scheme in ("ipv4:", "ipv6:"):
+        if url.startswith(scheme):
+            return sorted(set(url.removeprefix(scheme).split(",")))
+    if not url.startswith("dns:"):
+        return [url]
+    target = url.removeprefix("dns:").lstrip("/").split("/")[-1]  # dns://[authority]/host:port
+    host, _, port = target.rpartition(":")
+    infos = socket.getaddrinfo(host.strip("[]"), int(port), type=socket.SOCK_STREAM)
+    addresses = {str(info[4][0]) for info in infos}
+    return sorted(f"[{a}]:{port}" if ":" in a else f"{a}:{port}" for a in addresses)
 
 
 def _input(name: str, batch: np.ndarray, datatype: str) -> InferInput:
@@ -134,9 +156,12 @@ class TritonBackend(Backend):
             ("grpc.max_reconnect_backoff_ms", 2000),
         ]
         self._client_: InferenceServerClient | None = None
+        # Model control goes to each Triton behind the target (endpoints): its own channel.
+        self._pods: list[str] = []
+        self._pod_clients: dict[str, InferenceServerClient] = {}
         # The versions served; per model, those Triton is asked to serve.
         self._specs: dict[Key, ModelSpec] = {}
-        self._verified: set[Key] = set()
+        self._verified: set[tuple[str, Key]] = set()  # (pod, version) checked on that pod
         # Each model's config.pbtxt as last read: what a load request sends Triton, with the
         # version policy replaced by the versions served.
         self._configs: dict[str, mc.ModelConfig] = {}
@@ -149,20 +174,21 @@ class TritonBackend(Backend):
     def _served(self, name: str) -> set[str]:
         return {v for n, v in self._specs if n == name}
 
-    async def _verify(self, spec: ModelSpec) -> None:
+    async def _verify(self, spec: ModelSpec, pod: str) -> None:
         name, version = _key(spec)
-        meta = await self._client.get_model_metadata(name, version, as_json=True, client_timeout=5)
-        cfg = (await self._client.get_model_config(name, version, as_json=True, client_timeout=5))[
+        client = self._pod(pod)
+        meta = await client.get_model_metadata(name, version, as_json=True, client_timeout=5)
+        cfg = (await client.get_model_config(name, version, as_json=True, client_timeout=5))[
             "config"
         ]
         problems = metadata_problems(spec, meta, int(cfg.get("max_batch_size", 0)))
         if problems:
             raise RepositoryError(
-                f"model {name!r} version {version}: Triton at {self.url} serves something "
+                f"model {name!r} version {version}: Triton at {pod} serves something "
                 f"else than its contract describes: " + "; ".join(problems)
             )
-        self._verified.add(_key(spec))
-        log.info("triton: %s version %s verified against its contract", name, version)
+        self._verified.add((pod, _key(spec)))
+        log.info("triton: %s version %s verified against its contract at %s", name, version, pod)
 
     async def _warm_up(self, spec: ModelSpec, serving: bool) -> None:
         """Time batches through Triton for the batcher's cost model (``Backend.warm_up``: its
@@ -181,10 +207,23 @@ class TritonBackend(Backend):
 
         await self.warm_up(spec, run, serving)
 
-    async def _serve(self, name: str, versions: set[str]) -> None:
-        """Have Triton serve exactly ``versions`` of ``name`` (none: unload the model);
-        RepositoryError if Triton takes no load requests (or none without the admin key the
-        gateway lacks), else what Triton raised."""
+    async def _serve(self, name: str, versions: set[str], pods: list[str] | None = None) -> None:
+        """Have every Triton (or those of ``pods``) serve exactly ``versions`` of ``name``
+        (none: unload the model), one after another; RepositoryError if one takes no load
+        requests (or none without the admin key the gateway lacks), else what it raised."""
+        for pod in self._pods if pods is None else pods:
+            try:
+                await self._serve_on(pod, name, versions)
+            except InferenceServerException as exc:
+                if len(self._pods) < 2:
+                    raise
+                # Which of the Tritons refused, in the reason the caller reports.
+                raise InferenceServerException(
+                    f"Triton at {pod}: {exc.message()}", exc.status(), exc.debug_details()
+                ) from exc
+
+    async def _serve_on(self, pod: str, name: str, versions: set[str]) -> None:
+        client = self._pod(pod)
         try:
             if versions:
                 cfg = mc.ModelConfig()
@@ -194,20 +233,20 @@ class TritonBackend(Backend):
                 cfg.version_policy.specific.versions.extend(sorted(map(int, versions)))
                 # Triton parses the override with protobuf's JSON parser (field names as in
                 # config.pbtxt, int64 as strings: both accepted, measured with 2.51).
-                await self._client.load_model(
+                await client.load_model(
                     name,
                     headers=self._admin,
                     config=json_format.MessageToJson(cfg, preserving_proto_field_name=True),
                     client_timeout=self.load_timeout_s,
                 )
             else:
-                await self._client.unload_model(
+                await client.unload_model(
                     name, headers=self._admin, client_timeout=self.load_timeout_s
                 )
         except InferenceServerException as exc:
             if NOT_EXPLICIT in str(exc):
                 raise RepositoryError(
-                    f"Triton at {self.url} takes no load requests: start tritonserver with "
+                    f"Triton at {pod} takes no load requests: start tritonserver with "
                     "--model-control-mode=explicit"
                 ) from exc
             if "This protocol is restricted" in str(exc):
@@ -215,7 +254,7 @@ class TritonBackend(Backend):
                 # header: say which setting holds the key.
                 sent = "a key Triton does not accept" if self._admin else "none"
                 raise RepositoryError(
-                    f"model {name!r}: Triton at {self.url} refused to "
+                    f"model {name!r}: Triton at {pod} refused to "
                     f"{'load' if versions else 'unload'} it: its repository control needs "
                     f"its admin key, and the gateway sent {sent} (RESNET_SERVE_TRITON_ADMIN_KEY)"
                 ) from exc
@@ -228,6 +267,31 @@ class TritonBackend(Backend):
         if self._client_ is None:
             self._client_ = InferenceServerClient(self.url, channel_args=self._channel_args)
         return self._client_
+
+    def _pod(self, pod: str) -> InferenceServerClient:
+        """One Triton's own channel (model control and health), opened on first use."""
+        client = self._pod_clients.get(pod)
+        if client is None:
+            args = [a for a in self._channel_args if a[0] != "grpc.lb_policy_name"]
+            client = self._pod_clients[pod] = InferenceServerClient(pod, channel_args=args)
+        return client
+
+    async def _resolve(self) -> None:
+        """The Tritons behind the target now (pods come and go with scaling); the channels
+        of those gone are closed."""
+        try:
+            pods = await asyncio.to_thread(endpoints, self.url)
+        except (OSError, ValueError) as exc:
+            # No pod ready yet (a headless Service without endpoints does not resolve):
+            # not ready until one is.
+            pods = []
+            if self._pods:
+                log.warning("triton: cannot resolve %s (%s)", self.url, exc)
+        if pods != self._pods:
+            log.info("triton: %s is %s", self.url, ", ".join(pods) or "nobody")
+        for gone in set(self._pod_clients) - set(pods):
+            await self._pod_clients.pop(gone).close()
+        self._pods = pods
 
     async def start(self, specs: list[ModelSpec]) -> None:
         self._specs = {_key(s): s for s in specs}
@@ -269,18 +333,24 @@ class TritonBackend(Backend):
             self._configs[name] = spec.config
             reloaded = False
             try:
+                await self._resolve()
+                if not self._pods:
+                    raise RepositoryError(f"no Triton behind {self.url} to load it on")
                 await self._serve(name, before | {version})
                 reloaded = True
-                if not await self._client.is_model_ready(name, version, client_timeout=5):
-                    raise RepositoryError(
-                        f"model {name!r} version {version}: Triton at {self.url} loaded it "
-                        "but does not report it ready"
-                    )
-                # Every version was started afresh with this config: check them all.
-                for old in before:
-                    self._verified.discard((name, old))
-                for spec_ in [spec, *(self._specs[(name, old)] for old in sorted(before))]:
-                    await self._verify(spec_)
+                # Every Triton serves it before any traffic goes to it (the caller switches
+                # once this returns), and every version was started afresh with this
+                # config: check them all, on each.
+                for pod in self._pods:
+                    if not await self._pod(pod).is_model_ready(name, version, client_timeout=5):
+                        raise RepositoryError(
+                            f"model {name!r} version {version}: Triton at {pod} loaded it "
+                            "but does not report it ready"
+                        )
+                    for old in before:
+                        self._verified.discard((pod, (name, old)))
+                    for spec_ in [spec, *(self._specs[(name, old)] for old in sorted(before))]:
+                        await self._verify(spec_, pod)
                 await self._warm_up(spec, serving=True)
             except (InferenceServerException, RepositoryError) as exc:
                 if previous is None:
@@ -295,36 +365,38 @@ class TritonBackend(Backend):
                     f"it: {_reason(exc)}"
                 ) from exc
             self._specs[key] = spec
-        log.info("triton: serving %s version %s", name, version)
+        log.info("triton: serving %s version %s on %s", name, version, ", ".join(self._pods))
 
     async def _restore(self, name: str, versions: set[str], reloaded: bool) -> None:
-        """After a failed load, make Triton serve ``versions`` of ``name`` again. A failed
-        reload leaves them served (measured, Triton 2.51), but one that Triton did and the
-        gateway then refused must be undone."""
-        try:
-            missing = [
-                v
-                for v in versions
-                if not await self._client.is_model_ready(name, v, client_timeout=5)
-            ]
-            if reloaded or missing:
-                await self._serve(name, versions)
-        except (InferenceServerException, RepositoryError) as exc:
-            # The health loop keeps asking while a version served is missing.
-            log.error(
-                "triton: could not restore %s versions %s in Triton at %s: %s",
-                name,
-                sorted(versions, key=int),
-                self.url,
-                brief(exc),
-            )
+        """After a failed load, make every Triton serve ``versions`` of ``name`` again. A
+        failed reload leaves them served (measured, Triton 2.51), but one that Triton did
+        and the gateway then refused must be undone."""
+        for pod in self._pods:
+            client = self._pod(pod)
+            try:
+                missing = [
+                    v
+                    for v in versions
+                    if not await client.is_model_ready(name, v, client_timeout=5)
+                ]
+                if reloaded or missing:
+                    await self._serve_on(pod, name, versions)
+            except (InferenceServerException, RepositoryError) as exc:
+                # The health loop keeps asking while a version served is missing.
+                log.error(
+                    "triton: could not restore %s versions %s in Triton at %s: %s",
+                    name,
+                    sorted(versions, key=int),
+                    pod,
+                    brief(exc),
+                )
 
     async def unload(self, spec: ModelSpec) -> None:
         name, version = key = _key(spec)
         async with self._control:
             if self._specs.pop(key, None) is None:
                 return
-            self._verified.discard(key)
+            self._verified = {(p, k) for p, k in self._verified if k != key}
             rest = self._served(name)
             try:
                 await self._serve(name, rest)
@@ -346,49 +418,53 @@ class TritonBackend(Backend):
     async def _check(self) -> None:
         # Not Triton's own readiness: with --strict-readiness it is false while any version
         # unloads, and stays false after a failed load until that version loads (measured,
-        # Triton 2.51). What the gateway needs is a live Triton serving its versions.
-        ready = await self._client.is_server_live(client_timeout=2)
-        for key in list(self._specs):
-            if not ready:
-                break
-            ready = await self._check_version(key)
+        # Triton 2.51). What the gateway needs is every Triton live and serving its versions.
+        await self._resolve()
+        ready = bool(self._pods)
+        for pod in self._pods:
+            ready = ready and await self._pod(pod).is_server_live(client_timeout=2)
+            for key in list(self._specs):
+                if not ready:
+                    break
+                ready = await self._check_version(key, pod)
         if ready != self._ready:
             log.warning("triton at %s is %s", self.url, "ready" if ready else "NOT ready")
         self._ready = ready
 
-    async def _check_version(self, key: Key) -> bool:
+    async def _check_version(self, key: Key, pod: str) -> bool:
         name, version = key
-        if not await self._client.is_model_ready(name, version, client_timeout=2):
+        client = self._pod(pod)
+        if not await client.is_model_ready(name, version, client_timeout=2):
             async with self._control:
                 # Unloaded meanwhile, or loaded by a concurrent check: fine.
-                if key not in self._specs or await self._client.is_model_ready(
+                if key not in self._specs or await client.is_model_ready(
                     name, version, client_timeout=2
                 ):
                     return True
-                # Triton lost a version served (a restarted Triton loads what config.pbtxt
-                # names, not what the gateway loaded since): ask for them again.
+                # Triton lost a version served (a restarted or new Triton loads what
+                # config.pbtxt names, not what the gateway loaded since): ask it again.
                 versions = self._served(name)
                 self._ready = False  # fail fast meanwhile
                 log.info(
                     "triton at %s does not serve %s version %s; asking it for versions %s",
-                    self.url,
+                    pod,
                     name,
                     version,
                     sorted(versions, key=int),
                 )
                 try:
-                    await self._serve(name, versions)
+                    await self._serve_on(pod, name, versions)
                 except RepositoryError as exc:
                     raise RepositoryError(
-                        f"model {name!r} version {version}: not served by Triton, which "
-                        f"cannot be asked for it ({exc})"
+                        f"model {name!r} version {version}: not served by Triton at {pod}, "
+                        f"which cannot be asked for it ({exc})"
                     ) from exc
-                self._verified -= {(name, v) for v in versions}
-            if not await self._client.is_model_ready(name, version, client_timeout=2):
+                self._verified -= {(pod, (name, v)) for v in versions}
+            if not await client.is_model_ready(name, version, client_timeout=2):
                 return False
         spec = self._specs.get(key)
-        if spec is not None and key not in self._verified:
-            await self._verify(spec)
+        if spec is not None and (pod, key) not in self._verified:
+            await self._verify(spec, pod)
         return True
 
     async def _health_loop(self) -> None:
@@ -465,3 +541,6 @@ class TritonBackend(Backend):
                 await self._health
         if self._client_ is not None:
             await self._client_.close()
+        for client in self._pod_clients.values():
+            await client.close()
+        self._pod_clients.clear()

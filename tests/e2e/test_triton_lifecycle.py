@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import shutil
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import numpy as np
@@ -127,6 +127,12 @@ def added(before: dict[int, int], after: dict[int, int]) -> dict[int, int]:
     return {n: c - before.get(n, 0) for n, c in after.items() if c > before.get(n, 0)}
 
 
+def executions_reach(triton, spec: ModelSpec, want: Callable[[dict[int, int]], bool]) -> None:
+    """Triton counts an execution once its response is on its way: the last one may land a
+    moment after the client has it."""
+    wait_until(lambda: want(executions(triton, spec)), 10, f"executions {executions(triton, spec)}")
+
+
 async def test_the_warm_up_times_every_batch_size_through_triton(explicit, model_dir):
     """Triton warms every batch size up to max_batch_size as it loads a version
     (config.pbtxt's model_warmup: one execution of each, in its statistics). Then at start
@@ -141,13 +147,13 @@ async def test_the_warm_up_times_every_batch_size_through_triton(explicit, model
     before = executions(explicit, old)
     assert before == every  # the module's Triton has just started: its warm-up alone
     async with backend_on(explicit, old) as backend:
-        assert added(before, executions(explicit, old)) == dict.fromkeys(sizes, 2)
+        executions_reach(explicit, old, lambda e: added(before, e) == dict.fromkeys(sizes, 2))
         costs = backend.warm_costs(old)
         assert sorted(costs) == sizes and all(t > 0 for t in costs.values())
 
         new = publish_next(model_dir)
         await backend.load(new)
-        assert executions(explicit, new) == {**every, 1: 3, 2: 3}
+        executions_reach(explicit, new, lambda e: e == {**every, 1: 3, 2: 3})
         assert sorted(backend.warm_costs(new)) == [1, 2]
         await backend.unload(new)  # the module's next tests start from the old one alone
 
@@ -283,3 +289,49 @@ async def test_a_triton_in_mode_none_takes_no_load_request(tiny, tmp_path):
             await answers(backend, serving)
     finally:
         triton.stop()
+
+
+async def test_a_new_version_reaches_every_triton_before_it_takes_traffic(model_dir, tmp_path):
+    """Two real Tritons behind one gRPC target (an ipv4: address list; the chart's
+    dns:///<headless Service> resolves to every pod the same way): a load is sent to each,
+    and returns (the gateway switches when it does) only once both serve the new version;
+    calls, balanced over both, are then all answered by it; a Triton that lost it (one
+    restarted) is asked for it again; an unload releases it on both."""
+    from service.backends.triton import endpoints
+
+    first = start_real_triton(model_dir.parent, tmp_path / "a.log", control="explicit")
+    second = start_real_triton(model_dir.parent, tmp_path / "b.log", control="explicit")
+    both = (first, second)
+    target = f"ipv4:{first.grpc_url},{second.grpc_url}"
+    assert endpoints(target) == sorted(t.grpc_url for t in both)
+    try:
+        old = load_spec(model_dir)
+        backend = TritonBackend(target, health_interval_s=0.1)
+        await backend.start([old])
+        try:
+            assert backend.is_ready()
+            new = publish_next(model_dir, shift=1.0)
+            await backend.load(new)
+            assert all(is_ready(t, "tiny", new.version) for t in both)
+            want = expected(new)
+            for _ in range(6):  # round-robin: each Triton answers some
+                await answers(backend, new, want)
+            # One Triton loses the version (as a restarted pod would: it loads what
+            # config.pbtxt says): the health loop asks that one for it again.
+            client = triton_grpc.InferenceServerClient(second.grpc_url)
+            client.unload_model("tiny")
+            client.close()
+            await asyncio.to_thread(
+                wait_until,
+                lambda: is_ready(second, "tiny", new.version) and backend.is_ready(),
+                60,
+                "the health loop did not ask the second Triton for the version again",
+            )
+            await backend.unload(new)
+            assert not any(is_ready(t, "tiny", new.version) for t in both)
+            await answers(backend, old)
+        finally:
+            await backend.close()
+    finally:
+        for t in both:
+            t.stop()
