@@ -335,3 +335,17 @@ async def test_a_new_version_reaches_every_triton_before_it_takes_traffic(model_
     finally:
         for t in both:
             t.stop()
+
+
+def test_the_tritons_behind_a_target():
+    """dns:/// resolves to every address (a headless Service: each pod), an address list
+    is each of its addresses, a plain host:port is the one Triton it names."""
+    from service.backends.triton import endpoints
+
+    assert endpoints("triton:8001") == ["triton:8001"]
+    assert endpoints("ipv4:10.0.0.2:8001,10.0.0.1:8001") == ["10.0.0.1:8001", "10.0.0.2:8001"]
+    assert endpoints("dns:///127.0.0.1:8001") == ["127.0.0.1:8001"]
+    assert endpoints("dns://8.8.8.8/127.0.0.1:8001") == ["127.0.0.1:8001"]  # an authority
+    local = endpoints("dns:///localhost:8001")
+    assert local and all(e.endswith(":8001") for e in local)
+    assert set(local) <= {"127.0.0.1:8001", "[::1]:8001"}
