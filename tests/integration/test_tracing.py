@@ -164,7 +164,7 @@ def servers(exporter: InMemorySpanExporter) -> list[ReadableSpan]:
 
 async def test_the_call_to_triton_carries_the_requests_trace(scripted):  # noqa: F811
     servicer, url = scripted
-    backend = await started(url)
+    backend = await started(servicer, url)
     provider, exporter = recorder()
     tracer = provider.get_tracer("test")
 
