@@ -479,7 +479,14 @@ COST_IMAGES: tuple[tuple[str, tuple[int, int] | None], ...] = (
 
 
 #: The servers of "gateway cost per image", in the table's order.
-COST_SERVERS = ("gateway", "gateway_uint8", "gateway_triton", "gateway_triton_uint8", "tutorial")
+COST_SERVERS = (
+    "gateway",
+    "gateway_uint8",
+    "gateway_triton",
+    "gateway_triton_uint8",
+    "gateway_triton_shm",
+    "tutorial",
+)
 
 
 def process_cpu_s(pid: int) -> float:
@@ -620,8 +627,10 @@ def gateway_cost(seconds: float, triton: bool = True) -> dict[str, Any]:
             "preprocess_ms": round(cpu_ms_of(lambda d=data: preprocess(d, contract), runs), 2),
         }
 
-    def measure_gateway(what: str, repo: Path, dtype: str, *args: str) -> None:
-        gw = start_gateway(repo, *args)
+    def measure_gateway(
+        what: str, repo: Path, dtype: str, *args: str, env: dict[str, str] | None = None
+    ) -> None:
+        gw = start_gateway(repo, *args, env=env)
         try:
             for key, data in images.items():
                 log(f"{what}, {key}, 16 clients ...")
@@ -643,9 +652,18 @@ def gateway_cost(seconds: float, triton: bool = True) -> dict[str, Any]:
         )
         try:
             tritond.wait_ready(180)
-            for dtype, what in (("float32", "gateway_triton"), ("uint8", "gateway_triton_uint8")):
+            shm = {"RESNET_SERVE_TRITON_SHARED_MEMORY": "true"}
+            for dtype, what, env in (
+                ("float32", "gateway_triton", None),
+                ("uint8", "gateway_triton_uint8", None),
+                ("uint8", "gateway_triton_shm", shm),
+            ):
                 measure_gateway(
-                    what, trepo, dtype, "--backend", "triton", "--triton-url", tritond.grpc_url
+                    what,
+                    trepo,
+                    dtype,
+                    *("--backend", "triton", "--triton-url", tritond.grpc_url),
+                    env=env,
                 )
         finally:
             tritond.stop()
@@ -654,8 +672,15 @@ def gateway_cost(seconds: float, triton: bool = True) -> dict[str, Any]:
             log(f"tutorial server, {key}, 16 clients ...")
             out[key]["tutorial"] = server_cpu_per_request(pid, url, data, seconds, NAME)
             log(f"  {out[key]['tutorial']}")
+    request_bytes = triton_request_bytes(root)
+    log(f"gRPC request bytes per image to Triton (batch 8): {request_bytes}")
     for row in out.values():
+        row["triton_request_bytes_per_image"] = request_bytes
         floor = row["decode_floor_ms"]
+        embedded = row["gateway_uint8"]["requests_per_s"]
+        for what in ("gateway_triton", "gateway_triton_uint8", "gateway_triton_shm"):
+            if what in row:
+                row[f"{what}_rate_vs_embedded"] = round(row[what]["requests_per_s"] / embedded, 2)
         for what in COST_SERVERS:
             if what in row:
                 row[f"{what}_vs_floor"] = round(row[what]["cpu_ms_per_request"] / floor, 2)
@@ -663,6 +688,40 @@ def gateway_cost(seconds: float, triton: bool = True) -> dict[str, Any]:
             row["gateway"]["cpu_ms_per_request"] - row["preprocess_ms"], 2
         )
     return out
+
+
+def triton_request_bytes(repo: Path, batch: int = 8) -> dict[str, float]:
+    """Bytes per image of the gRPC request the Triton backend sends for a batch: the
+    serialized ModelInferRequest, as tritonclient builds it, for float planes, for uint8
+    pixels, and for uint8 in shared memory (where the request names a region instead)."""
+    from tritonclient.grpc import InferInput, InferRequestedOutput
+    from tritonclient.grpc._utils import _get_inference_request
+
+    from service.repository import load_spec
+
+    def size(spec: Any, shm: bool) -> float:
+        c = spec.contract
+        x = np.zeros((batch, *c.input_shape), c.dtype)
+        inp, out = (
+            InferInput(c.input_name, list(x.shape), c.datatype),
+            InferRequestedOutput(c.output_name),
+        )
+        if shm:
+            inp.set_shared_memory("region", x.nbytes)
+            out.set_shared_memory("region", batch * c.num_classes * 4, offset=x.nbytes)
+        else:
+            inp.set_data_from_numpy(x)
+        request = _get_inference_request(
+            spec.name, [inp], spec.version, "", [out], 0, False, False, 0, None, None
+        )
+        return round(request.ByteSize() / batch, 1)
+
+    fp32, pixels = load_spec(repo / "float32" / NAME), load_spec(repo / "uint8" / f"{NAME}_pixels")
+    return {
+        "grpc_float32": size(fp32, False),
+        "grpc_uint8": size(pixels, False),
+        "shm_uint8": size(pixels, True),
+    }
 
 
 def ideal_latencies_s(
@@ -1003,6 +1062,7 @@ def cost_table(cost: dict[str, Any]) -> str:
         "gateway_uint8": "gateway (uint8 graph)",
         "gateway_triton": "gateway before Triton (float planes)",
         "gateway_triton_uint8": "gateway before Triton (uint8 graph)",
+        "gateway_triton_shm": "gateway before Triton (uint8, shared memory)",
         "tutorial": "tutorial server",
     }
     servers = [s for s in COST_SERVERS if all(s in r for r in cost.values())]
@@ -1021,6 +1081,20 @@ def cost_table(cost: dict[str, Any]) -> str:
             f"| {r['preprocess_ms']:.2f} ms | "
             + " | ".join(cells)
             + f" | {r['gateway_beyond_preprocess_ms']:.2f} ms |"
+        )
+    first: dict[str, Any] = next(iter(cost.values()), {})
+    if "triton_request_bytes_per_image" in first:
+        b = first["triton_request_bytes_per_image"]
+        rates = [
+            f"{heads[s]} {first[s + '_rate_vs_embedded']:.2f}x"
+            for s in ("gateway_triton", "gateway_triton_uint8", "gateway_triton_shm")
+            if s + "_rate_vs_embedded" in first
+        ]
+        lines.append(
+            f"\ngRPC request to Triton per image (batch 8): float planes {b['grpc_float32']:,.0f} "
+            f"bytes, uint8 {b['grpc_uint8']:,.0f} bytes, uint8 in shared memory "
+            f"{b['shm_uint8']:,.0f} bytes. Requests/s vs the embedded uint8 gateway, "
+            f"{next(iter(cost))}: " + ", ".join(rates)
         )
     return "\n".join(lines)
 

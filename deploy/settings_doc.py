@@ -22,6 +22,8 @@ CHART_OWNED = frozenset(
         "backend",
         "triton_url",
         "triton_admin_key",
+        # Shared memory needs the gateway in Triton's pod; the chart runs them apart.
+        "triton_shared_memory",
         "api_keys",
         "admin_keys",
     }

@@ -62,6 +62,13 @@ class Settings(BaseSettings):
         "protocol=model-repository:triton-admin-key=KEY), sent with the load and unload "
         "requests of a reload (default: none; Triton does not restrict it).",
     )
+    triton_shared_memory: bool = Field(
+        False,
+        description="Pass batches to and from Triton through system shared memory, for a "
+        "Triton on this host (the chart's sidecar mode): the gRPC call carries only the "
+        "request. Needs one Triton (host:port); with a restricted shared-memory protocol, "
+        "TRITON_ADMIN_KEY.",
+    )
     triton_max_retries: int = Field(
         2, ge=0, le=10, description="Retries of a batch after a transient Triton failure."
     )

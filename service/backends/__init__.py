@@ -21,6 +21,7 @@ def make_backend(settings: Settings) -> Backend:
         settings.triton_url,
         max_retries=settings.triton_max_retries,
         admin_key=settings.triton_admin_key,
+        shared_memory=settings.triton_shared_memory,
     )
 
 

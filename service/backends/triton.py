@@ -32,6 +32,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
+import os
 import random
 import socket
 from typing import Any
@@ -111,6 +113,61 @@ def metadata_problems(spec: ModelSpec, meta: dict[str, Any], max_batch: int) -> 
     )
 
 
+class Region:
+    """One system shared memory region: a batch's input, then its logits."""
+
+    def __init__(self, name: str, key: str, byte_size: int) -> None:
+        from tritonclient.utils import shared_memory as shm
+
+        self.name, self.key, self.byte_size = name, key, byte_size
+        self.handle = shm.create_shared_memory_region(name, key, byte_size, create_only=True)
+
+    def view(self, dtype: Any, shape: tuple[int, ...], offset: int = 0) -> np.ndarray:
+        buf = self.handle._mpsm_handle.buf  # tritonclient's mapping of the region
+        return np.ndarray(shape, dtype, buffer=buf, offset=offset)
+
+    def destroy(self) -> None:
+        from tritonclient.utils import shared_memory as shm
+
+        shm.destroy_shared_memory_region(self.handle)
+
+
+class SharedMemoryPool:
+    """System shared memory for batches to and from a Triton on this host (the chart's
+    sidecar mode: the gateway in Triton's pod, a memory-backed /dev/shm): one region per
+    batch in flight, each sized for the largest batch of any model served, registered with
+    Triton at start and again whenever Triton lost them (it restarted), unregistered and
+    removed at close."""
+
+    def __init__(self, count: int, byte_size: int) -> None:
+        prefix = f"resnet-serving-{os.getpid()}-{id(self):x}"
+        self.byte_size = byte_size
+        self.regions = [Region(f"{prefix}-{i}", f"/{prefix}-{i}", byte_size) for i in range(count)]
+        self._free: asyncio.Queue[Region] = asyncio.Queue()
+        for region in self.regions:
+            self._free.put_nowait(region)
+
+    async def acquire(self) -> Region:
+        return await self._free.get()
+
+    def release(self, region: Region) -> None:
+        self._free.put_nowait(region)
+
+    def destroy(self) -> None:
+        for region in self.regions:
+            region.destroy()
+
+
+def shared_memory_bytes(specs: list[ModelSpec]) -> int:
+    """A region's size: the largest batch of any model, its input and its FP32 logits."""
+    per_image = [
+        math.prod(s.contract.input_shape) * np.dtype(s.contract.dtype).itemsize
+        + 4 * s.contract.num_classes
+        for s in specs
+    ]
+    return max(s.max_batch_size * b for s, b in zip(specs, per_image, strict=True))
+
+
 class TritonBackend(Backend):
     name = "triton"
     max_inflight_batches = 4
@@ -126,11 +183,14 @@ class TritonBackend(Backend):
         max_message_bytes: int = 64 * _MB,
         load_timeout_s: float = 600.0,
         admin_key: str | None = None,
+        shared_memory: bool = False,
     ) -> None:
         """``load_timeout_s``: how long a load or unload request may take (Triton starts
         every version of the model's new set, warm-up included). ``admin_key``: the key of
         Triton's restricted ``model-repository`` protocol (``--grpc-restricted-protocol=
-        model-repository:triton-admin-key=KEY``), sent with load and unload requests."""
+        model-repository:triton-admin-key=KEY``), sent with load and unload requests, and
+        with the shared-memory ones. ``shared_memory``: batches go through system shared
+        memory (:class:`SharedMemoryPool`; Triton on this host, one server)."""
         super().__init__()
         self.url = url
         self.load_timeout_s = load_timeout_s
@@ -156,6 +216,8 @@ class TritonBackend(Backend):
             ("grpc.max_reconnect_backoff_ms", 2000),
         ]
         self._client_: InferenceServerClient | None = None
+        self.shared_memory = shared_memory
+        self._shm: SharedMemoryPool | None = None
         # Model control goes to each Triton behind the target (endpoints): its own channel.
         self._pods: list[str] = []
         self._pod_clients: dict[str, InferenceServerClient] = {}
@@ -293,9 +355,52 @@ class TritonBackend(Backend):
             await self._pod_clients.pop(gone).close()
         self._pods = pods
 
+    async def _share_memory(self) -> None:
+        """Register with Triton each region it does not hold: all of them at start, all
+        again after Triton restarted (it forgets them)."""
+        pool, pod = self._shm, self._pods[0] if self._pods else None
+        if pool is None or pod is None:
+            return
+        client = self._pod(pod)
+        try:
+            status = await client.get_system_shared_memory_status(
+                headers=self._admin, as_json=True, client_timeout=5
+            )
+            held = set(status.get("regions", {}))
+            missing = [r for r in pool.regions if r.name not in held]
+            for region in missing:
+                await client.register_system_shared_memory(
+                    region.name,
+                    region.key,
+                    region.byte_size,
+                    headers=self._admin,
+                    client_timeout=5,
+                )
+        except InferenceServerException as exc:
+            if "This protocol is restricted" in str(exc):
+                sent = "a key Triton does not accept" if self._admin else "none"
+                raise RepositoryError(
+                    f"Triton at {pod} restricts its shared-memory protocol to a key, and the "
+                    f"gateway sent {sent} (RESNET_SERVE_TRITON_ADMIN_KEY)"
+                ) from exc
+            raise
+        if missing:
+            log.info(
+                "triton: %d shared memory regions of %d bytes registered with Triton at %s",
+                len(missing),
+                pool.byte_size,
+                pod,
+            )
+
     async def start(self, specs: list[ModelSpec]) -> None:
         self._specs = {_key(s): s for s in specs}
         self._configs = {s.name: s.config for s in specs}
+        if self.shared_memory:
+            if self.url.startswith(("dns:", "ipv4:", "ipv6:")) or not specs:
+                raise RepositoryError(
+                    f"shared memory needs one Triton on this host (host:port), not {self.url}"
+                )
+            self._shm = SharedMemoryPool(self.max_inflight_batches, shared_memory_bytes(specs))
         try:
             await self._check()
         except InferenceServerException as exc:
@@ -420,13 +525,17 @@ class TritonBackend(Backend):
         # unloads, and stays false after a failed load until that version loads (measured,
         # Triton 2.51). What the gateway needs is every Triton live and serving its versions.
         await self._resolve()
-        ready = bool(self._pods)
+        # The serving channel too: its calls are what must work, and asking it makes a
+        # channel in reconnect backoff (Triton restarted) connect now.
+        ready = bool(self._pods) and await self._client.is_server_live(client_timeout=2)
         for pod in self._pods:
             ready = ready and await self._pod(pod).is_server_live(client_timeout=2)
             for key in list(self._specs):
                 if not ready:
                     break
                 ready = await self._check_version(key, pod)
+        if ready:
+            await self._share_memory()
         if ready != self._ready:
             log.warning("triton at %s is %s", self.url, "ready" if ready else "NOT ready")
         self._ready = ready
@@ -485,11 +594,37 @@ class TritonBackend(Backend):
             raise BackendUnavailable(f"model {spec.name!r} version {spec.version} is not loaded")
         if not self._ready:
             raise BackendUnavailable("the inference server is not ready; retry later")
+        c = spec.contract
+        out = InferRequestedOutput(c.output_name)
+        shape = (len(batch), c.num_classes)
+        out_bytes = shape[0] * shape[1] * 4  # FP32 logits (config.pbtxt's output)
+        pool = self._shm
+        if pool is None or batch.nbytes + out_bytes > pool.byte_size:
+            inp = _input(c.input_name, batch, c.datatype)
+            result = await self._infer(spec, inp, out, timeout_s)
+            logits = result.as_numpy(c.output_name)
+            if logits is None:
+                raise InternalError()
+            return logits
+        # Shared memory: the batch, then the logits, in one region of this host's memory
+        # that Triton maps too; the RPC carries only the request.
+        region = await pool.acquire()
+        try:
+            region.view(batch.dtype, batch.shape)[:] = batch
+            inp = InferInput(c.input_name, list(batch.shape), c.datatype)
+            inp.set_shared_memory(region.name, batch.nbytes)
+            out.set_shared_memory(region.name, out_bytes, offset=batch.nbytes)
+            await self._infer(spec, inp, out, timeout_s)
+            return region.view(np.float32, shape, offset=batch.nbytes).copy()
+        finally:
+            pool.release(region)
+
+    async def _infer(
+        self, spec: ModelSpec, inp: InferInput, out: InferRequestedOutput, timeout_s: float
+    ) -> Any:
+        """One batch through Triton, retried on transient failures within the deadline."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
-        c = spec.contract
-        inp = _input(c.input_name, batch, c.datatype)
-        out = InferRequestedOutput(c.output_name)
         attempt = 0
         while True:
             remaining = deadline - loop.time()
@@ -504,10 +639,7 @@ class TritonBackend(Backend):
                     client_timeout=remaining,
                     headers=tracing.inject() or None,  # traceparent: Triton's trace joins ours
                 )
-                logits = result.as_numpy(c.output_name)
-                if logits is None:
-                    raise InternalError()
-                return logits
+                return result
             except InferenceServerException as exc:
                 code = _code(exc)
                 if code == "DEADLINE_EXCEEDED":
@@ -539,6 +671,16 @@ class TritonBackend(Backend):
             self._health.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._health
+        if self._shm is not None:
+            if self._pods:
+                client = self._pod(self._pods[0])
+                for region in self._shm.regions:
+                    with contextlib.suppress(InferenceServerException):
+                        await client.unregister_system_shared_memory(
+                            region.name, headers=self._admin, client_timeout=5
+                        )
+            self._shm.destroy()
+            self._shm = None
         if self._client_ is not None:
             await self._client_.close()
         for client in self._pod_clients.values():

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import shutil
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -349,3 +350,95 @@ def test_the_tritons_behind_a_target():
     local = endpoints("dns:///localhost:8001")
     assert local and all(e.endswith(":8001") for e in local)
     assert set(local) <= {"127.0.0.1:8001", "[::1]:8001"}
+
+
+def registered(triton, key: str | None = None) -> set[str]:
+    """The system shared memory regions Triton holds."""
+    from service.backends.triton import ADMIN_HEADER
+
+    client = triton_grpc.InferenceServerClient(triton.grpc_url)
+    headers = {ADMIN_HEADER: key} if key else None
+    status = client.get_system_shared_memory_status(headers=headers, as_json=True)
+    client.close()
+    return set(status.get("regions", {}))
+
+
+async def test_batches_through_shared_memory_survive_a_triton_restart(model_dir, tmp_path):
+    """The shared-memory transport against a real Triton on this host: a region per batch
+    in flight, registered at start; batches answered through them (what ONNX Runtime
+    answers here); registered again when Triton restarts (it forgets them); unregistered
+    and removed at close."""
+    triton = start_real_triton(model_dir.parent, tmp_path / "a.log", control="explicit")
+    ports = (triton.http_port, triton.grpc_port, triton.metrics_port)
+    spec = load_spec(model_dir)
+    backend = TritonBackend(triton.grpc_url, health_interval_s=0.1, shared_memory=True)
+    try:
+        await backend.start([spec])
+        assert backend._shm is not None
+        names = {r.name for r in backend._shm.regions}
+        assert len(names) == backend.max_inflight_batches
+        assert registered(triton) == names
+        used = []
+        acquire = backend._shm.acquire
+
+        async def counted():
+            used.append(1)
+            return await acquire()
+
+        backend._shm.acquire = counted  # type: ignore[method-assign]
+        want = expected(spec)
+        await answers(backend, spec, want)
+        assert used, "the batch did not go through shared memory"
+
+        triton.stop()
+        triton = start_real_triton(model_dir.parent, tmp_path / "b.log", ports, control="explicit")
+        await asyncio.to_thread(
+            wait_until,
+            lambda: registered(triton) == names and backend.is_ready(),
+            60,
+            "the regions were not registered again after Triton restarted",
+        )
+        # Recovered by itself, as callers see it: a 503 (BackendUnavailable) until then.
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                await answers(backend, spec, want)
+                break
+            except BackendUnavailable:
+                assert time.monotonic() < deadline, "no answer after Triton restarted"
+                await asyncio.sleep(0.2)
+    finally:
+        await backend.close()
+    try:
+        assert registered(triton) == set()
+        assert not [p for p in Path("/dev/shm").iterdir() if p.name in names]
+    finally:
+        triton.stop()
+
+
+async def test_shared_memory_restricted_to_a_key_is_refused_without_it(model_dir, tmp_path):
+    """With Triton's shared-memory protocol restricted to a key (as the chart runs it), a
+    backend without the key is refused at start in one line; with it, it registers."""
+    triton = start_real_triton(
+        model_dir.parent,
+        tmp_path / "t.log",
+        extra_args=("--grpc-restricted-protocol=shared-memory:triton-admin-key=s3cret",),
+    )
+    spec = load_spec(model_dir)
+    try:
+        refused = TritonBackend(triton.grpc_url, shared_memory=True)
+        with pytest.raises(RepositoryError) as info:
+            await refused.start([spec])
+        await refused.close()
+        message = str(info.value)
+        assert "\n" not in message
+        assert "restricts its shared-memory protocol to a key, and the gateway sent none" in message
+        async with contextlib.AsyncExitStack() as stack:
+            backend = TritonBackend(triton.grpc_url, shared_memory=True, admin_key="s3cret")
+            stack.push_async_callback(backend.close)
+            await backend.start([spec])
+            assert backend._shm is not None
+            assert registered(triton, "s3cret") == {r.name for r in backend._shm.regions}
+            await answers(backend, spec)
+    finally:
+        triton.stop()
