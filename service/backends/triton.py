@@ -140,6 +140,16 @@ class SharedMemoryPool:
     removed at close."""
 
     def __init__(self, count: int, byte_size: int) -> None:
+        # A region's pages are allocated as they are written: one that does not fit in
+        # /dev/shm (a tmpfs) would kill the gateway with SIGBUS mid-batch, so refuse now.
+        fs = os.statvfs("/dev/shm")
+        free, needed = fs.f_bavail * fs.f_frsize, count * byte_size
+        if needed > free:
+            raise RepositoryError(
+                f"shared memory: {count} regions of {byte_size} bytes need {needed} bytes and "
+                f"/dev/shm has {free} free: give it more (the chart: triton.sidecar.maxBatchSize "
+                "and bytesPerImage) or set TRITON_SHARED_MEMORY=false"
+            )
         prefix = f"resnet-serving-{os.getpid()}-{id(self):x}"
         self.byte_size = byte_size
         self.regions = [Region(f"{prefix}-{i}", f"/{prefix}-{i}", byte_size) for i in range(count)]

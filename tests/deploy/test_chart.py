@@ -86,6 +86,7 @@ def matches(selector: dict[str, str], labels: dict[str, str]) -> bool:
 def test_every_scenario_is_in_ci() -> None:
     assert {
         "default-values.yaml",
+        "gpu-sidecar-values.yaml",
         "gpu-triton-values.yaml",
         "minimal-values.yaml",
     } <= set(SCENARIOS)
@@ -149,11 +150,9 @@ def test_selectors_are_stable_and_find_their_pods(chart, name: str) -> None:
     for svc in by_kind(objs, "Service").values():
         chosen = [n for n, labels in pod_labels.items() if matches(svc["spec"]["selector"], labels)]
         assert len(chosen) == 1, (svc["metadata"]["name"], chosen)
+        # Any container's ports: in sidecar mode the gateway Service also names Triton's.
         ports = {
-            p["name"]
-            for p in container(deployments[chosen[0]], svc["metadata"]["name"].rsplit("-", 1)[1])[
-                "ports"
-            ]
+            p["name"] for c in pod_spec(deployments[chosen[0]])["containers"] for p in c["ports"]
         }
         assert {p["targetPort"] for p in svc["spec"]["ports"]} <= ports
     for kind in ("PodDisruptionBudget", "NetworkPolicy"):
@@ -292,6 +291,8 @@ def test_every_value_reaches_the_gateway_as_typed(chart) -> None:
         ),
         ({"gateway": {"config": {"pollIntervalS": -1}}}, "/gateway/config/pollIntervalS"),
         ({"triton": {"extraArgs": ["model-control-mode=poll"]}}, "/triton/extraArgs/0"),
+        ({"triton": {"shmSizeLimit": "1G"}}, "/triton/shmSizeLimit"),  # the chart adds Ki/Mi/Gi
+        ({"triton": {"sidecar": {"bytesPerImage": 0}}}, "/triton/sidecar/bytesPerImage"),
         ({"replicas": 3}, "additional properties 'replicas'"),
     ],
 )
@@ -684,6 +685,111 @@ def test_tensorrt_engines_are_built_on_the_serving_node(chart) -> None:
     # Triton's copy is pod-local and writable by the init container only.
     mounts = {m["name"]: m for m in container(triton, "triton")["volumeMounts"]}
     assert mounts["triton-models"]["readOnly"] is True
+
+
+def test_sidecar_mode_runs_triton_beside_each_gateway_through_shared_memory(chart) -> None:
+    """One pod per GPU: the gateway and Triton side by side, Triton's gRPC on loopback only,
+    batches through a memory-backed /dev/shm that both mount, sized for the gateway's
+    regions (one per batch in flight) on top of Triton's own share."""
+    from service.backends.triton import TritonBackend
+
+    values = scenario("gpu-sidecar-values.yaml")
+    objs = render(chart, values)
+    assert not [
+        o["kind"]
+        for o in objs
+        if o["metadata"]["labels"].get("app.kubernetes.io/component") == "triton"
+        and o["kind"] != "Secret"  # the admin key stays: shared memory is restricted to it
+    ]
+    gw = component(objs, "Deployment", "gateway")
+    spec = pod_spec(gw)
+    assert [c["name"] for c in spec["containers"]] == ["gateway", "triton"]
+    names = [p["name"] for c in spec["containers"] for p in c["ports"]]
+    assert len(names) == len(set(names))  # a pod's port names are unique
+    gateway, triton = container(gw, "gateway"), container(gw, "triton")
+    args = triton["args"]
+    flag = {a.split("=", 1)[0]: a.split("=", 1)[1] for a in args if "=" in a}
+    assert flag["--grpc-address"] == "127.0.0.1"
+    assert "shared-memory" in flag["--grpc-restricted-protocol"].split(":")[0].split(",")
+    env = env_of(gateway)
+    assert env["RESNET_SERVE_TRITON_URL"] == f"127.0.0.1:{flag['--grpc-port']}"
+    assert env["RESNET_SERVE_TRITON_SHARED_MEMORY"] == "true"
+    assert env["RESNET_SERVE_TRITON_ADMIN_KEY"] == env_of(triton)["TRITON_ADMIN_KEY"]
+    assert triton["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert spec["nodeSelector"] == values["triton"]["nodeSelector"]  # a GPU node
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in spec[
+        "tolerations"
+    ]
+    # /dev/shm: one memory-backed volume that both containers mount there.
+    for c in (gateway, triton):
+        assert {"name": "shm", "mountPath": "/dev/shm"} in c["volumeMounts"], c["name"]
+    (shm,) = [v for v in spec["volumes"] if v["name"] == "shm"]
+    assert shm["emptyDir"]["medium"] == "Memory"
+    sc = values["triton"]["sidecar"]
+    regions = TritonBackend.max_inflight_batches * sc["maxBatchSize"] * sc["bytesPerImage"]
+    mib = -(-(regions + 2**30) // 2**20)  # triton.shmSizeLimit's default 1Gi, then the regions
+    assert shm["emptyDir"]["sizeLimit"] == f"{mib}Mi"
+    # Triton outlives the gateway's drain and its last accepted request, then its own exit.
+    grace = spec["terminationGracePeriodSeconds"]
+    sleep = int(triton["lifecycle"]["preStop"]["exec"]["command"][1])
+    gateway_needs = float(env["RESNET_SERVE_DRAIN_SECONDS"]) + float(
+        env["RESNET_SERVE_REQUEST_TIMEOUT_S"]
+    )
+    assert sleep >= gateway_needs
+    assert grace >= sleep + int(flag["--exit-timeout-secs"])
+    # Scraped: the gateway's metrics and Triton's, both through the gateway Service.
+    (sm,) = by_kind(objs, "ServiceMonitor").values()
+    svc = component(objs, "Service", "gateway")
+    assert [e["port"] for e in sm["spec"]["endpoints"]] == ["http", "triton-metrics"]
+    (metrics_port,) = [p for p in svc["spec"]["ports"] if p["name"] == "triton-metrics"]
+    assert metrics_port["port"] == int(flag["--metrics-port"])
+    policy = component(objs, "NetworkPolicy", "gateway")["spec"]["ingress"]
+    (scrape,) = [r for r in policy if r["ports"] == [{"port": "triton-metrics", "protocol": "TCP"}]]
+    assert scrape["from"] == values["networkPolicy"]["metricsFrom"]
+    # Without sidecar mode the chart says gRPC: Triton is in pods of its own.
+    apart = env_of(
+        container(
+            component(render(chart, {"triton": {"enabled": True}}), "Deployment", "gateway"),
+            "gateway",
+        )
+    )
+    assert apart["RESNET_SERVE_TRITON_SHARED_MEMORY"] == "false"
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        (
+            {"triton": {"sidecar": {"enabled": True}}},
+            "triton.sidecar.enabled: needs triton.enabled",
+        ),
+        (
+            {
+                "triton": {
+                    "enabled": True,
+                    "sidecar": {"enabled": True},
+                    "autoscaling": {"enabled": True},
+                }
+            },
+            "in sidecar mode each pod is a gateway and a Triton; scale them with gateway.autoscaling",
+        ),
+        (
+            {
+                "triton": {
+                    "enabled": True,
+                    "sidecar": {
+                        "enabled": True,
+                        "ports": {"http": 8000, "grpc": 8101, "metrics": 8102},
+                    },
+                }
+            },
+            "triton.sidecar.ports.http 8000 is a gateway port",
+        ),
+    ],
+)
+def test_sidecar_values_that_cannot_work_fail_the_render(chart, values, message) -> None:
+    with pytest.raises(helm.HelmRenderError, match=message):
+        render(chart, values)
 
 
 # --- monitoring -----------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import helm_python as helm
@@ -205,3 +206,66 @@ def test_gateway_spreads_triton_calls_over_every_address(tiny, tmp_path):
     finally:
         for gw in [*upstreams, *([front] if front else [])]:
             gw.stop()
+
+
+def test_sidecar_mode_the_gateway_and_triton_share_memory_as_the_chart_runs_them(
+    triton_repo, tiny, tmp_path
+):
+    """The chart's sidecar pod, run as its two processes: Triton with the sidecar
+    container's flags (gRPC on loopback, shared memory restricted to the admin key), the
+    gateway with the environment the chart gives it. The gateway registers its regions
+    with the key, answers through them, and releases them when it stops (SIGTERM, as the
+    kubelet sends it)."""
+    from tests.e2e.test_triton_lifecycle import registered
+
+    objs = rendered({"triton": {"enabled": True, "sidecar": {"enabled": True}}})
+    (pod,) = [o for o in objs if o["kind"] == "Deployment"]
+    containers = {c["name"]: c for c in pod["spec"]["template"]["spec"]["containers"]}
+    args = containers["triton"]["args"]
+    assert "--grpc-address=127.0.0.1" in args
+    extra = tuple(
+        a.replace("$(TRITON_ADMIN_KEY)", ADMIN_KEY)
+        for a in args
+        if not a.startswith(LAUNCHER_FLAGS)
+    )
+    triton = start_real_triton(
+        triton_repo, tmp_path / "triton.log", extra_args=extra, control="explicit"
+    )
+    chart_env = {e["name"]: e.get("value") for e in containers["gateway"]["env"]}
+    assert chart_env["RESNET_SERVE_TRITON_URL"].startswith("127.0.0.1:")
+    gw = None
+    try:
+        gw = GatewayProcess.start(
+            tmp_path / "gw.log",
+            "--repository",
+            str(triton_repo),
+            "--backend",
+            "triton",
+            "--triton-url",
+            triton.grpc_url,  # the launcher's free port on loopback, where the chart has 8101
+            env={
+                "RESNET_SERVE_TRITON_SHARED_MEMORY": chart_env["RESNET_SERVE_TRITON_SHARED_MEMORY"],
+                "RESNET_SERVE_TRITON_ADMIN_KEY": ADMIN_KEY,  # what the chart's secretKeyRef gives
+            },
+        )
+        regions = registered(triton, ADMIN_KEY)
+        assert len(regions) == 4 and all(r.startswith("resnet-serving-") for r in regions)
+        assert {p.name for p in Path("/dev/shm").iterdir()} >= regions
+        before = scrape(gw.url, "resnet_serve_images_total", model=tiny.name)
+        r = httpx.post(
+            f"{gw.url}/v1/models/{tiny.name}/classify",
+            content=image_bytes(),
+            headers={"content-type": "image/png"},
+        )
+        assert r.status_code == 200, r.text
+        (top,) = r.json()["predictions"]  # one image; what its values are is tested with
+        assert top and top[0]["label"]  # ONNX Runtime's answer in test_triton_lifecycle
+        assert scrape(gw.url, "resnet_serve_images_total", model=tiny.name) == before + 1
+        assert gw.stop() == 0
+        gw = None
+        assert registered(triton, ADMIN_KEY) == set()
+        assert not {p.name for p in Path("/dev/shm").iterdir()} & regions
+    finally:
+        if gw is not None:
+            gw.stop()
+        triton.stop()

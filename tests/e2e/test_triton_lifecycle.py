@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import shutil
 import time
 from collections.abc import AsyncIterator, Callable
@@ -442,3 +443,24 @@ async def test_shared_memory_restricted_to_a_key_is_refused_without_it(model_dir
             await answers(backend, spec)
     finally:
         triton.stop()
+
+
+def test_regions_that_do_not_fit_in_dev_shm_are_refused_before_any_is_made():
+    """Pages of /dev/shm are allocated as they are written: regions larger than its free
+    space would end in SIGBUS mid-batch, so the pool refuses them, in one line, up front."""
+    from service.backends.triton import SharedMemoryPool
+
+    before = set(os.listdir("/dev/shm"))
+    fs = os.statvfs("/dev/shm")
+    too_big = fs.f_bavail * fs.f_frsize // 2 + 1  # four of them cannot fit
+    with pytest.raises(RepositoryError) as info:
+        SharedMemoryPool(4, too_big)
+    message = str(info.value)
+    assert "\n" not in message and f"4 regions of {too_big} bytes" in message
+    assert "/dev/shm has" in message and "triton.sidecar.maxBatchSize" in message
+    assert set(os.listdir("/dev/shm")) == before
+    pool = SharedMemoryPool(4, 4096)  # what fits is made
+    try:
+        assert len(set(os.listdir("/dev/shm")) - before) == 4
+    finally:
+        pool.destroy()

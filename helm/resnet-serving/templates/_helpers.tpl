@@ -198,3 +198,195 @@ build of one's own) is not judged.
 {{- end }}
 {{- printf "%s:%s" $i.repository $i.tag }}
 {{- end }}
+
+{{/*
+Triton's pod pieces, one definition for both layouts: Triton in pods of its own (the
+default), or beside the gateway in each gateway pod (triton.sidecar.enabled), where its
+ports are named triton-* (a pod's port names are unique), it takes triton.sidecar.ports
+(the gateway's own ports are free), and its gRPC listens on loopback only: the gateway
+beside it is its one client.
+*/}}
+{{- define "resnet-serving.tritonRepository" -}}
+{{- ternary "/triton-models" .Values.modelRepository.mountPath .Values.triton.tensorrt.enabled }}
+{{- end }}
+
+{{- define "resnet-serving.tritonPorts" -}}
+{{- toJson (ternary .Values.triton.sidecar.ports .Values.triton.ports .Values.triton.sidecar.enabled) }}
+{{- end }}
+
+{{- define "resnet-serving.tritonInitContainers" -}}
+{{- $t := .Values.triton }}
+{{- if $t.tensorrt.enabled }}
+{{- $repo := include "resnet-serving.tritonRepository" . -}}
+# Keeps or builds each model's TensorRT engine for this node's GPU and TensorRT, in the
+# pod's copy of the repository; a model whose engine cannot be built loses its
+# configs/tensorrt.pbtxt there, so Triton serves its ONNX graph instead.
+- name: tensorrt-engines
+  image: {{ default (printf "nvcr.io/nvidia/tensorrt:%s" $t.image.tag) $t.tensorrt.image }}
+  command:
+    - sh
+    - -c
+    - >-
+      cp -R {{ .Values.modelRepository.mountPath }}/. {{ $repo }}/ &&
+      exec python3 /scripts/trt_node.py --repository {{ $repo }}{{ if $t.tensorrt.require }} --require{{ end }}
+  env:
+    - name: HOME
+      value: /tmp
+  resources:
+    {{- $build := deepCopy $t.tensorrt.resources }}
+    {{- $_ := set $build "limits" (merge (dict "nvidia.com/gpu" $t.gpus) (default dict $build.limits)) }}
+    {{- toYaml $build | nindent 4 }}
+  securityContext:
+    {{- toYaml .Values.securityContext | nindent 4 }}
+  volumeMounts:
+    - name: models
+      mountPath: {{ .Values.modelRepository.mountPath }}
+      readOnly: true
+    - name: triton-models
+      mountPath: {{ $repo }}
+    - name: trt-node
+      mountPath: /scripts
+      readOnly: true
+    - name: tmp
+      mountPath: /tmp
+{{- end }}
+{{- end }}
+
+{{- define "resnet-serving.tritonContainer" -}}
+{{- $t := .Values.triton }}
+{{- $sidecar := $t.sidecar.enabled }}
+{{- $ports := include "resnet-serving.tritonPorts" . | fromJson }}
+{{- $p := ternary "triton-" "" $sidecar }}
+{{- $trt := $t.tensorrt.enabled }}
+{{- $repo := include "resnet-serving.tritonRepository" . -}}
+- name: triton
+  image: {{ include "resnet-serving.tritonImage" . | quote }}
+  imagePullPolicy: {{ $t.image.pullPolicy }}
+  command: [tritonserver]
+  args:
+    - --model-repository={{ $repo }}
+    # Loads every model of the repository at start, as its config.pbtxt says, and then
+    # what the gateway asks for (explicit model control): the gateway loads a new version
+    # beside the ones serving and unloads retired ones. Load and unload are repository
+    # control, restricted to the admin key below: Triton takes them only with that key. The
+    # configs are complete (resnet-export writes them), so nothing is guessed.
+    - --model-control-mode=explicit
+    - --load-model=*
+    - --disable-auto-complete-config
+    # Ready once its ports open, which is after the start-up loads (a failed one exits:
+    # --exit-on-error). Strict readiness would instead turn the pod NotReady after any
+    # failed load request, with the old versions still serving, until that version loads
+    # (measured, Triton 2.51): a version that fails would take every Triton pod out of
+    # the Service.
+    - --strict-readiness=false
+    - --exit-on-error=true
+    - --exit-timeout-secs={{ $t.exitTimeoutSeconds }}
+    - --http-port={{ $ports.http }}
+    - --grpc-port={{ $ports.grpc }}
+    {{- if $sidecar }}
+    - --grpc-address=127.0.0.1
+    {{- end }}
+    - --metrics-port={{ $ports.metrics }}
+    - --allow-metrics=true
+    # Client shared memory, repository control, tracing and logging settings answer only
+    # to the key in Triton's Secret, which only the gateway is given (it loads and unloads
+    # versions, and registers its shared memory) and an operator may read.
+    - --http-restricted-api=shared-memory,model-repository,trace,logging:triton-admin-key=$(TRITON_ADMIN_KEY)
+    - --grpc-restricted-protocol=shared-memory,model-repository,trace,logging:triton-admin-key=$(TRITON_ADMIN_KEY)
+    {{- with ternary "tensorrt" $t.modelConfigName $trt }}
+    - --model-config-name={{ . }}
+    {{- end }}
+    {{- with $t.extraArgs }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+  env:
+    - name: TRITON_ADMIN_KEY
+      valueFrom:
+        secretKeyRef:
+          name: {{ include "resnet-serving.componentName" (dict "root" . "component" "triton") }}
+          key: admin-key
+  ports:
+    - name: {{ $p }}http
+      containerPort: {{ $ports.http }}
+      protocol: TCP
+    {{- if not $sidecar }}
+    - name: grpc
+      containerPort: {{ $ports.grpc }}
+      protocol: TCP
+    {{- end }}
+    - name: {{ $p }}metrics
+      containerPort: {{ $ports.metrics }}
+      protocol: TCP
+  startupProbe:
+    httpGet: {path: /v2/health/ready, port: {{ $p }}http}
+    {{- toYaml $t.probes.startup | nindent 4 }}
+  readinessProbe:
+    httpGet: {path: /v2/health/ready, port: {{ $p }}http}
+    {{- toYaml $t.probes.readiness | nindent 4 }}
+  livenessProbe:
+    httpGet: {path: /v2/health/live, port: {{ $p }}http}
+    {{- toYaml $t.probes.liveness | nindent 4 }}
+  {{- if $sidecar }}
+  # The gateway beside it stops first (it drains, then finishes what it accepted): Triton
+  # takes SIGTERM only once that time is up, so no accepted request finds it gone.
+  lifecycle:
+    preStop:
+      exec:
+        command: [sleep, {{ include "resnet-serving.gatewayGracePeriod" . | quote }}]
+  {{- end }}
+  resources:
+    {{- $res := deepCopy $t.resources }}
+    {{- if gt (int $t.gpus) 0 }}
+    {{- $_ := set $res "limits" (merge (dict "nvidia.com/gpu" $t.gpus) (default dict $res.limits)) }}
+    {{- end }}
+    {{- toYaml $res | nindent 4 }}
+  securityContext:
+    {{- toYaml .Values.securityContext | nindent 4 }}
+  volumeMounts:
+    - name: {{ ternary "triton-models" "models" $trt }}
+      mountPath: {{ $repo }}
+      readOnly: true
+    - name: tmp
+      mountPath: /tmp
+    - name: shm
+      mountPath: /dev/shm
+{{- end }}
+
+{{/* Triton's volumes beside the repository and /tmp: its TensorRT copy, and /dev/shm. */}}
+{{- define "resnet-serving.tritonVolumes" -}}
+{{- if .Values.triton.tensorrt.enabled -}}
+- name: triton-models
+  emptyDir:
+    sizeLimit: {{ .Values.triton.tensorrt.sizeLimit }}
+- name: trt-node
+  configMap:
+    name: {{ include "resnet-serving.componentName" (dict "root" . "component" "trt-node") }}
+{{ end -}}
+- name: shm
+  emptyDir:
+    medium: Memory
+    sizeLimit: {{ include "resnet-serving.shmSize" . }}
+{{- end }}
+
+{{/*
+/dev/shm of a Triton pod: triton.shmSizeLimit (Ki/Mi/Gi) for Triton's own use; in sidecar
+mode plus the gateway's regions: one per batch in flight (the Triton backend's
+max_inflight_batches, 4), each the largest batch of images with their FP32 logits. The pages
+are memory, charged to the gateway container that writes them: its memory limit must hold
+them too.
+*/}}
+{{- define "resnet-serving.shmSize" -}}
+{{- $t := .Values.triton }}
+{{- $q := toString $t.shmSizeLimit }}
+{{- $unit := dict "Ki" 1024 "Mi" 1048576 "Gi" 1073741824 }}
+{{- $suffix := regexFind "(Ki|Mi|Gi)$" $q }}
+{{- if not (regexMatch "^[0-9]+(Ki|Mi|Gi)$" $q) }}
+{{- fail (printf "triton.shmSizeLimit %s: give it in Ki, Mi or Gi (e.g. 1Gi)" $q) }}
+{{- end }}
+{{- $bytes := mul (int64 (trimSuffix $suffix $q)) (index $unit $suffix) }}
+{{- if $t.sidecar.enabled }}
+{{- $bytes = add $bytes (mul 4 (int64 $t.sidecar.maxBatchSize) (int64 $t.sidecar.bytesPerImage)) }}
+{{- printf "%dMi" (div (add $bytes 1048575) 1048576) }}
+{{- else }}{{ $q }}
+{{- end }}
+{{- end }}
