@@ -275,34 +275,79 @@ def int8_gates(report_path: Path) -> dict[str, Any]:
 
 
 class Collector:
-    """An OTLP/gRPC trace receiver on 127.0.0.1 that counts the spans it is sent: the
-    other end of a gateway with tracing on, so the exporter really serializes and sends."""
+    """An OTLP trace receiver on 127.0.0.1 that counts the spans it is sent and keeps their
+    trace ids: the other end of a gateway with tracing on, so the exporter really serializes
+    and sends. ``protocol`` as OTEL_EXPORTER_OTLP_PROTOCOL says: the gRPC TraceService, or
+    ``http/protobuf``, a POST of the same protobuf message to /v1/traces."""
 
-    def __init__(self) -> None:
-        from concurrent import futures
-
-        import grpc
+    def __init__(self, protocol: str = "grpc") -> None:
         from opentelemetry.proto.collector.trace.v1 import trace_service_pb2 as pb
-        from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc as pbg
-
-        collector = self
-
-        class Receiver(pbg.TraceServiceServicer):
-            def Export(self, request: Any, context: Any) -> Any:  # noqa: N802
-                n = sum(len(s.spans) for r in request.resource_spans for s in r.scope_spans)
-                with collector.lock:  # the server's threads export concurrently
-                    collector.spans += n
-                return pb.ExportTraceServiceResponse()
 
         self.spans = 0
+        self.trace_ids: set[str] = set()
         self.lock = threading.Lock()
-        self.server = grpc.server(futures.ThreadPoolExecutor(2))
-        pbg.add_TraceServiceServicer_to_server(Receiver(), self.server)
-        self.port = self.server.add_insecure_port("127.0.0.1:0")
-        self.server.start()
+        self.stop: Callable[[], None]
+        collector = self
 
-    def stop(self) -> None:
-        self.server.stop(0)
+        def received(request: Any) -> None:
+            spans = [s for r in request.resource_spans for ss in r.scope_spans for s in ss.spans]
+            with collector.lock:  # the server's threads export concurrently
+                collector.spans += len(spans)
+                collector.trace_ids.update(s.trace_id.hex() for s in spans)
+
+        if protocol == "grpc":
+            from concurrent import futures
+
+            import grpc
+            from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc as pbg
+
+            class Receiver(pbg.TraceServiceServicer):
+                def Export(self, request: Any, context: Any) -> Any:  # noqa: N802
+                    received(request)
+                    return pb.ExportTraceServiceResponse()
+
+            server = grpc.server(futures.ThreadPoolExecutor(2))
+            pbg.add_TraceServiceServicer_to_server(Receiver(), server)
+            self.port = server.add_insecure_port("127.0.0.1:0")
+            server.start()
+
+            def stop_grpc() -> None:
+                server.stop(0)
+
+            self.stop = stop_grpc
+            return
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("content-length", 0)))
+                if self.path != "/v1/traces" or self.headers.get_content_type() != (
+                    "application/x-protobuf"
+                ):
+                    self.send_error(404 if self.path != "/v1/traces" else 415)
+                    return
+                request = pb.ExportTraceServiceRequest()
+                request.ParseFromString(body)
+                received(request)
+                reply = pb.ExportTraceServiceResponse().SerializeToString()
+                self.send_response(200)
+                self.send_header("content-type", "application/x-protobuf")
+                self.send_header("content-length", str(len(reply)))
+                self.end_headers()
+                self.wfile.write(reply)
+
+            def log_message(self, *args: Any) -> None:  # quiet: the test reads its own output
+                pass
+
+        http = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = http.server_address[1]
+        threading.Thread(target=http.serve_forever, daemon=True).start()
+
+        def stop() -> None:
+            http.shutdown()
+            http.server_close()
+
+        self.stop = stop
 
 
 def tracing_cost(repo: Path, body: bytes, seconds: float) -> dict[str, Any]:

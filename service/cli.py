@@ -107,6 +107,7 @@ def uvicorn_config(asgi: Any, fastapi_app: Any, settings: Any) -> Any:
         log_level=settings.log_level,
         log_config=None,  # the process's logging (service.observe), JSON or text
         access_log=False,
+        server_header=False,  # no "server: uvicorn": what runs here is nobody's business
         lifespan="on",
         timeout_graceful_shutdown=int(settings.request_timeout_s) + 5,
         timeout_keep_alive=settings.keep_alive_timeout_s,

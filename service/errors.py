@@ -12,14 +12,22 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from typing import ClassVar
 
 log = logging.getLogger(__name__)
 
 
+# Where a native library (ONNX Runtime, Triton) raised, as its messages say it: the source
+# file and line, then the C++ function's signature. Of no use to the reader, and long
+# enough to push the reason that follows past any length limit.
+_NATIVE_FRAME = re.compile(r"[\w./-]+\.(?:cc|cpp|h):\d+ (?:[\w:~<>]+\([^()]*\)(?: const)? )?")
+
+
 def brief(exc: BaseException, limit: int = 200) -> str:
-    """The first line of an exception's message (its type if it has none), at most ``limit``."""
-    text = str(exc).strip() or type(exc).__name__
+    """The first line of an exception's message (its type if it has none), at most ``limit``,
+    without native source locations and signatures."""
+    text = _NATIVE_FRAME.sub("", str(exc)).strip() or type(exc).__name__
     return text.splitlines()[0][:limit]
 
 

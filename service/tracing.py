@@ -1,8 +1,8 @@
 """OpenTelemetry tracing: off unless the standard ``OTEL_*`` variables turn it on.
 
-``OTEL_TRACES_EXPORTER=otlp`` (OTLP over gRPC: ``OTEL_EXPORTER_OTLP_ENDPOINT``,
-``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``, headers, timeouts as the SDK reads them) or
-``console``; ``OTEL_TRACES_SAMPLER`` / ``OTEL_TRACES_SAMPLER_ARG``, ``OTEL_SERVICE_NAME``
+``OTEL_TRACES_EXPORTER=otlp`` (over gRPC, or HTTP with ``OTEL_EXPORTER_OTLP_PROTOCOL=
+http/protobuf``; ``OTEL_EXPORTER_OTLP_ENDPOINT``, ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``,
+headers, timeouts as the SDK reads them) or ``console``; ``OTEL_TRACES_SAMPLER`` / ``OTEL_TRACES_SAMPLER_ARG``, ``OTEL_SERVICE_NAME``
 (default ``resnet-serving``), ``OTEL_RESOURCE_ATTRIBUTES`` and ``OTEL_BSP_*`` as the SDK
 defines them; ``OTEL_SDK_DISABLED=true`` turns it off again. Unset, or ``none``: no tracer
 at all, and every place that would make a span tests one attribute instead.
@@ -33,6 +33,8 @@ if TYPE_CHECKING:
 
 W3C = TraceContextTextMapPropagator()
 EXPORTERS = ("otlp", "console")
+# OTLP's transports, by OTEL_EXPORTER_OTLP_PROTOCOL: the Python SDK has no http/json exporter.
+OTLP_PROTOCOLS = ("grpc", "http/protobuf")
 
 
 class TracingError(ValueError):
@@ -51,10 +53,11 @@ def provider_from_env(env: Mapping[str, str]) -> TracerProvider | None:
         )
     protocol = env.get(
         "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", env.get("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
-    )
-    if exporter == "otlp" and protocol != "grpc":
+    ).strip()
+    if exporter == "otlp" and protocol not in OTLP_PROTOCOLS:
         raise TracingError(
-            f"OTEL_EXPORTER_OTLP_PROTOCOL={protocol}: this gateway exports OTLP over grpc only"
+            f"OTEL_EXPORTER_OTLP_PROTOCOL={protocol}: this gateway exports OTLP over "
+            f"{' or '.join(OTLP_PROTOCOLS)}"
         )
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
@@ -66,10 +69,16 @@ def provider_from_env(env: Mapping[str, str]) -> TracerProvider | None:
     resource = Resource.create({} if named else {"service.name": "resnet-serving"})
     provider = TracerProvider(resource=resource)  # the sampler from OTEL_TRACES_SAMPLER
     span_exporter: SpanExporter
-    if exporter == "otlp":
+    if exporter == "otlp" and protocol == "grpc":
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
         span_exporter = OTLPSpanExporter()
+    elif exporter == "otlp":
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
+            OTLPSpanExporter as OTLPHttpSpanExporter,
+        )
+
+        span_exporter = OTLPHttpSpanExporter()  # POSTs to <endpoint>/v1/traces
     else:
         span_exporter = ConsoleSpanExporter()
     provider.add_span_processor(BatchSpanProcessor(span_exporter))

@@ -75,9 +75,11 @@ class OnnxRuntimeBackend(Backend):
         try:
             session = ort.InferenceSession(str(spec.model_path), opts, providers=self._providers)
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph/NoSuchFile types
+            # "[ONNXRuntimeError] : 1 : FAIL : Load model from <path> failed:<reason>"
+            reason = brief(exc).rpartition(" failed:")[2] or brief(exc)
             raise RepositoryError(
                 f"model {spec.name!r} version {spec.version}: ONNX Runtime cannot load it "
-                f"({brief(exc)})"
+                f"({reason})"
             ) from exc
         # ORT falls back to the CPU, with only a log line, when a GPU provider fails to
         # start (no device, missing CUDA libraries): a GPU deployment must not run on the CPU.

@@ -122,16 +122,19 @@ def test_one_json_line_per_request_on_every_transport(gateway):
         assert encoded not in text
 
 
-def test_a_traced_gateway_exports_over_otlp_and_logs_the_trace_id(tiny, tmp_path):
+@pytest.mark.parametrize("protocol", ["grpc", "http/protobuf"])
+def test_a_traced_gateway_exports_over_otlp_and_logs_the_trace_id(tiny, tmp_path, protocol):
     """Tracing on through the standard variables only: a real process exports its spans over
-    OTLP/gRPC to a receiver (the one `make bench` uses), and each request's log line and
-    the trace carry the same trace id as the caller's traceparent."""
+    OTLP (gRPC, or HTTP with protobuf: the specification's default) to a receiver (the one
+    `make bench` uses), and each request's log line and the spans it receives carry the
+    caller's trace id."""
     from deploy.bench import Collector
 
-    collector = Collector()
+    collector = Collector(protocol)
     env = {
         "RESNET_SERVE_LOG_FORMAT": "json",
         "OTEL_TRACES_EXPORTER": "otlp",
+        "OTEL_EXPORTER_OTLP_PROTOCOL": protocol,
         "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{collector.port}",
         "OTEL_BSP_SCHEDULE_DELAY": "100",
     }
@@ -151,5 +154,6 @@ def test_a_traced_gateway_exports_over_otlp_and_logs_the_trace_id(tiny, tmp_path
     finally:
         gw.stop()
         collector.stop()
+    assert trace_id in collector.trace_ids
     line = next(r for r in lines(gw) if r.get("request_id") == resp.headers["x-request-id"])
     assert line["trace_id"] == trace_id

@@ -203,7 +203,13 @@ def test_tracing_is_off_unless_the_environment_asks_and_refuses_what_it_cannot_d
     provider.shutdown()
     with pytest.raises(TracingError, match="otlp or console"):
         provider_from_env({"OTEL_TRACES_EXPORTER": "jaeger"})
-    with pytest.raises(TracingError, match="grpc only"):
+    for protocol in ("grpc", "http/protobuf"):
+        otlp = provider_from_env(
+            {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_PROTOCOL": protocol}
+        )
+        assert otlp is not None
+        otlp.shutdown()
+    with pytest.raises(TracingError, match="over grpc or http/protobuf"):
         provider_from_env(
             {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_PROTOCOL": "http/json"}
         )
