@@ -68,7 +68,7 @@ from service.bench.runner import Bounds, Step, closed_loop, open_loop
 from service.bench.server import Scraper
 from service.bench.targets import make_target
 from service.cpus import cpu_isa, usable_cpus
-from service.testing import GatewayProcess, free_port, wait_until
+from service.processes import GatewayProcess, free_port, wait_until
 
 BIN = Path(sys.executable).parent
 NAME = "resnet50"

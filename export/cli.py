@@ -769,13 +769,15 @@ def tensorrt_job(
         )
         typer.echo(trt.shell_command(argv))
         if output is not None:
-            job = trt.render_build_job(
+            from export.build_job import TRT_IMAGE, render_build_job
+
+            job = render_build_job(
                 name,
                 int(spec.version),
                 spec.max_batch_size,
                 spec.precision,
                 repository_claim=claim,
-                image=image or trt.TRT_IMAGE,
+                image=image or TRT_IMAGE,
                 namespace=namespace,
             )
             output.write_text(job)

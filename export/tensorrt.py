@@ -15,8 +15,9 @@ build mirrors it flag for flag):
 * :func:`trtexec_command`: the same build as a ``trtexec`` command line;
 * ``export/trt_node.py``, the stdlib-only script that runs that command on the GPU node
   (the Helm chart's init container, keeping or building each model's engine before Triton
-  starts), and :func:`render_build_job`, a Kubernetes Job that runs the same script for
-  one model version, writing into the model repository's PersistentVolumeClaim.
+  starts), and :func:`export.build_job.render_build_job`, a Kubernetes Job that runs the
+  same script for one model version, writing into the model repository's
+  PersistentVolumeClaim.
 
 Triton serves the plan through a custom model configuration, ``configs/tensorrt.pbtxt``
 in the model directory, selected with ``tritonserver --model-config-name=tensorrt``; a
@@ -33,7 +34,6 @@ API names follow TensorRT 10's Python API (name-based tensors, ``execute_async_v
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import re
 import shlex
@@ -63,9 +63,6 @@ TRT_CONFIG_NAME = trt_node.TRT_CONFIG_NAME
 #: the dynamic batcher's preferred sizes cluster here for a single GPU.
 OPT_BATCH_SIZE = trt_node.OPT_BATCH_SIZE
 opt_batch_size = trt_node.opt_batch_size
-#: The image the build Job runs. Its YY.MM must be the Triton image's (nvcr.io/nvidia/
-#: tritonserver:YY.MM-py3): both then ship the same TensorRT, the only one that loads the plan.
-TRT_IMAGE = "nvcr.io/nvidia/tensorrt:25.11-py3"
 
 Precision = Literal["fp32", "fp16", "int8"]
 PRECISIONS: tuple[str, ...] = get_args(Precision)
@@ -249,7 +246,7 @@ def _manifest_problems(m: EngineManifest) -> list[str]:
     return problems
 
 
-def _check_build_args(max_batch_size: int, precision: str) -> None:
+def check_build_args(max_batch_size: int, precision: str) -> None:
     try:
         trt_node.check_build_args(max_batch_size, precision)
     except NodeError as exc:
@@ -359,7 +356,7 @@ def build_engine(
     the manifest to ``engine.json``.
     """
 
-    _check_build_args(max_batch_size, precision)
+    check_build_args(max_batch_size, precision)
     reason = unavailable_reason()
     if reason is not None:
         raise ExportError(reason)
@@ -542,7 +539,7 @@ def run_engine(plan_path: Path, batch: np.ndarray, input_name: str, output_name:
     return out
 
 
-# --- trtexec and a Kubernetes Job --------------------------------------------------------------
+# --- trtexec --------------------------------------------------------------
 
 
 def trtexec_command(
@@ -573,140 +570,3 @@ def trtexec_command(
 
 def shell_command(argv: list[str]) -> str:
     return shlex.join(argv)
-
-
-_DNS_LABEL_MAX = 63
-
-
-def job_name(model: str, version: int) -> str:
-    """``trt-<model>-v<version>`` as a DNS-1123 label (what Kubernetes requires of a Job's
-    name: at most 63 of [a-z0-9-], alphanumeric at both ends). A model name that had to be
-    changed to fit gets a short hash of the original, so that ``ResNet_50`` and
-    ``resnet-50`` never share a Job name."""
-    slug = re.sub(r"[^a-z0-9]+", "-", model.lower()).strip("-")
-    suffix = f"-v{version}"
-    room = _DNS_LABEL_MAX - len("trt-") - len(suffix)
-    if slug != model or len(slug) > room:
-        digest = hashlib.sha256(model.encode()).hexdigest()[:6]
-        slug = f"{slug[: room - len(digest) - 1].rstrip('-')}-{digest}".lstrip("-")
-    return f"trt-{slug}{suffix}"
-
-
-def trt_node_source() -> str:
-    """The text of ``export/trt_node.py``, which the build Job runs with ``python3 -c``."""
-    from importlib import resources
-
-    return resources.files("export").joinpath("trt_node.py").read_text(encoding="utf-8")
-
-
-def render_build_job(
-    model: str,
-    version: int,
-    max_batch_size: int,
-    precision: str,
-    repository_claim: str = "model-repository",
-    image: str = TRT_IMAGE,
-    namespace: str | None = None,
-) -> str:
-    """A Kubernetes ``batch/v1`` Job (YAML) that builds ``<model>/<version>/model.plan``
-    and its ``engine.json`` with trtexec on a GPU node, in the repository's PVC.
-
-    The container runs ``export/trt_node.py`` (its source in the ``TRT_NODE`` variable, so
-    the Job stays one self-contained document) with ``--require``: the Job fails when no
-    engine is built, and it keeps an engine already built for the node's GPU and TensorRT.
-    The repository's settings (input, precision, batch size) are read there, at run time.
-    When the version is the newest, it also writes ``configs/tensorrt.pbtxt``."""
-    import yaml
-
-    from export.repository import check_name
-
-    check_name(model)  # also keeps the name from walking out of /models
-    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
-        raise ExportError(f"model version must be a positive integer, got {version!r}")
-    _check_build_args(max_batch_size, precision)
-    node_args = ["--repository", "/models", "--model", model, "--version", str(version)]
-    script = f'exec python3 -c "$TRT_NODE" {shlex.join(node_args)} --require --verbose'
-    name = job_name(model, version)
-    labels = {
-        "app.kubernetes.io/name": "resnet-serving",
-        "app.kubernetes.io/component": "tensorrt-build",
-    }
-    metadata: dict[str, Any] = {"name": name}
-    if namespace:
-        metadata["namespace"] = namespace
-    metadata["labels"] = labels
-    # Annotations, not labels: a model name may be longer than a label value may be.
-    metadata["annotations"] = {
-        "resnet-serving/model": model,
-        "resnet-serving/version": str(version),
-        "resnet-serving/precision": precision,
-    }
-    container = {
-        "name": "build-engine",
-        "image": image,
-        "command": ["sh", "-c", script],
-        "env": [{"name": "TRT_NODE", "value": trt_node_source()}],
-        # The GPU the engine is built for: the node's, so schedule on nodes of the GPU
-        # model that will serve it (add a nodeSelector on the GPU product label if the
-        # cluster mixes models).
-        "resources": {"limits": {"nvidia.com/gpu": 1}},
-        "volumeMounts": [{"name": "models", "mountPath": "/models"}],
-        # NVIDIA's NGC images run as root, and this one does too: it must write into the
-        # repository, whose files the exporter may own. It gets no Linux capabilities and
-        # cannot gain privileges, so root here cannot override file permissions: the model
-        # directory (for configs/) and its version directory must be writable by uid 0
-        # (or set runAsUser to their owner).
-        "securityContext": {
-            "allowPrivilegeEscalation": False,
-            "capabilities": {"drop": ["ALL"]},
-        },
-    }
-    job = {
-        "apiVersion": "batch/v1",
-        "kind": "Job",
-        "metadata": metadata,
-        "spec": {
-            "backoffLimit": 1,  # a build that fails twice will fail a third time
-            "activeDeadlineSeconds": 3600,  # a hung build must not hold a GPU for ever
-            "ttlSecondsAfterFinished": 86400,  # a day to read its logs, then it is removed
-            "template": {
-                "metadata": {"labels": labels},
-                "spec": {
-                    "restartPolicy": "Never",
-                    "securityContext": {"seccompProfile": {"type": "RuntimeDefault"}},
-                    "tolerations": [
-                        {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
-                    ],
-                    "containers": [container],
-                    "volumes": [
-                        {
-                            "name": "models",
-                            "persistentVolumeClaim": {"claimName": repository_claim},
-                        }
-                    ],
-                },
-            },
-        },
-    }
-    header = (
-        f"# Generated by resnet-export: builds the TensorRT engine of {model} version "
-        f"{version}\n# ({precision}, batch 1..{max_batch_size}) on a GPU node. The image's "
-        "TensorRT must be Triton's: same YY.MM tag.\n"
-    )
-    return header + yaml.dump(job, Dumper=_block_dumper(yaml), sort_keys=False, width=100)
-
-
-def _block_dumper(yaml: Any) -> Any:
-    """yaml.safe_dump's SafeDumper, printing multi-line strings (the script) as ``|`` blocks
-    so that the Job reads as the shell script it runs."""
-
-    class BlockDumper(yaml.SafeDumper):
-        def ignore_aliases(self, data: Any) -> bool:
-            return True  # no &id001 anchors: the labels are repeated, as people write them
-
-    def text(dumper: Any, value: str) -> Any:
-        style = "|" if "\n" in value else None
-        return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
-
-    BlockDumper.add_representer(str, text)
-    return BlockDumper

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import signal
@@ -22,98 +21,6 @@ app = make_app(
 
 def _fail(message: str) -> typer.Exit:
     return fail("resnet-serve", message)
-
-
-class _OneLineStartupErrors:
-    """ASGI wrapper: when the lifespan fails with a known cause (app.state.startup_error),
-    uvicorn reports that one line instead of a traceback, and the process exits 1."""
-
-    def __init__(self, app: Any) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "lifespan":
-            await self.app(scope, receive, send)
-            return
-
-        async def quiet_send(message: Any) -> None:
-            reason = getattr(self.app.state, "startup_error", None)
-            if message["type"] == "lifespan.startup.failed" and reason:
-                message = {**message, "message": f"resnet-serve: error: {reason}"}
-            await send(message)
-
-        try:
-            await self.app(scope, receive, quiet_send)
-        except BaseException:
-            if getattr(self.app.state, "startup_error", None):
-                return  # already reported in one line
-            raise
-
-
-class _DrainingServer:
-    """uvicorn.Server whose SIGTERM goes through the runtime's shutdown: not ready (but
-    still serving, on every transport) for ``drain_seconds`` so load balancers stop
-    routing to it; then every transport refuses new calls, in-flight ones finish, the
-    batchers drain. A second signal, or SIGINT, skips the drain."""
-
-    def __init__(self, config: Any, runtime: Any, drain_seconds: float) -> None:
-        import uvicorn
-
-        class Server(uvicorn.Server):
-            draining: asyncio.Task[None] | None = None
-
-            def handle_exit(inner, sig: int, frame: FrameType | None) -> None:  # noqa: N805
-                loop = asyncio.get_running_loop()
-                if sig == signal.SIGTERM and inner.draining is None and not inner.should_exit:
-                    inner.draining = loop.create_task(inner.drain_then_exit())
-                    return
-                loop.call_soon(runtime.stop_accepting)
-                super().handle_exit(sig, frame)
-
-            async def drain_then_exit(inner) -> None:  # noqa: N805
-                await runtime.shutdown(drain_seconds)
-                inner.should_exit = True
-
-        self.server = Server(config)
-
-    def run(self) -> bool:
-        """Serve until shutdown; False if the app never started."""
-        try:
-            self.server.run()
-        except SystemExit:  # uvicorn exits 3 when the lifespan fails; we exit 1
-            return False
-        return bool(self.server.started)
-
-
-def uvicorn_config(asgi: Any, fastapi_app: Any, settings: Any) -> Any:
-    """uvicorn's configuration for the gateway: the one way it is served (by ``serve``, and
-    by the tests and benchmarks that run it in a thread)."""
-    import uvicorn
-
-    from service.http_guard import ConnectionLimits, guarded_protocol
-
-    limits = ConnectionLimits(
-        header_timeout_s=settings.header_timeout_s,
-        body_idle_timeout_s=settings.body_idle_timeout_s,
-        body_timeout_s=settings.body_timeout_s,
-        max_header_bytes=settings.max_header_bytes,
-        max_headers=settings.max_headers,
-        max_connections=settings.max_connections,
-    )
-    return uvicorn.Config(
-        asgi,
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        log_config=None,  # the process's logging (service.observe), JSON or text
-        access_log=False,
-        server_header=False,  # no "server: uvicorn": what runs here is nobody's business
-        lifespan="on",
-        timeout_graceful_shutdown=int(settings.request_timeout_s) + 5,
-        timeout_keep_alive=settings.keep_alive_timeout_s,
-        loop="uvloop",
-        http=guarded_protocol(limits, fastapi_app.state.runtime.metrics),
-    )
 
 
 @app.command()
@@ -176,6 +83,7 @@ def serve(
 
     from service import memory, observe
     from service.app import create_app
+    from service.server import DrainingServer, OneLineStartupErrors, uvicorn_config
     from service.tracing import TracingError
 
     observe.configure_logging(settings.log_level, settings.log_format)
@@ -184,7 +92,7 @@ def serve(
         fastapi_app = create_app(settings)
     except TracingError as exc:
         raise _fail(str(exc)) from None
-    config = uvicorn_config(_OneLineStartupErrors(fastapi_app), fastapi_app, settings)
+    config = uvicorn_config(OneLineStartupErrors(fastapi_app), fastapi_app, settings)
     # A log record, not a print: with LOG_FORMAT=json every line the process writes is JSON.
     logging.getLogger("service.cli").info(
         "resnet-serve: %s on http://%s:%s (backend %s; docs at /docs%s)",
@@ -194,7 +102,7 @@ def serve(
         settings.backend,
         f"; gRPC on port {settings.grpc_port}" if settings.grpc_port is not None else "",
     )
-    if not _DrainingServer(config, fastapi_app.state.runtime, settings.drain_seconds).run():
+    if not DrainingServer(config, fastapi_app.state.runtime, settings.drain_seconds).run():
         raise typer.Exit(1)
 
 

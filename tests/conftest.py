@@ -1,6 +1,6 @@
 """Shared fixtures: a tiny ResNet for transport tests (kB, published through the real
 export path), the trained digits demo model for accuracy tests (once per session), and
-small helpers. Test doubles and process helpers live in ``service.testing``."""
+small helpers. Test doubles live in ``tests.helpers``, process helpers in ``service.processes``."""
 
 from __future__ import annotations
 

@@ -150,12 +150,12 @@ def tune(
 def gateway_process(repository: Path, settings: dict[str, Any], log: Path) -> Iterator[str]:
     """A real ``resnet-serve serve`` on a free loopback port with these settings (as its
     environment), its output in ``log``."""
-    from service.testing import GatewayProcess
+    from service.processes import GatewayProcess, WaitFailed
 
     env = {f"{ENV_PREFIX}{k.upper()}": str(v) for k, v in settings.items()}
     try:
         gw = GatewayProcess.start(log, "--repository", str(repository), env=env, timeout_s=300)
-    except AssertionError as exc:  # wait_until's failure: the gateway did not come up
+    except WaitFailed as exc:  # the gateway did not come up
         raise BenchError(f"the gateway did not start with {settings}: {exc}") from None
     try:
         yield gw.url

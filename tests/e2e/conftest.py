@@ -1,4 +1,4 @@
-"""Real processes: the gateway (``service.testing.GatewayProcess``) and a real Triton."""
+"""Real processes: the gateway (``service.processes.GatewayProcess``) and a real Triton."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Literal
 
 import pytest
 
-from service.testing import GatewayProcess, free_ports
+from service.processes import GatewayProcess, free_ports
 
 
 @pytest.fixture(scope="module")

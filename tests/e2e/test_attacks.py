@@ -20,19 +20,11 @@ from PIL import Image
 from service.backends.onnxruntime import OnnxRuntimeBackend
 from service.cpus import usable_cpus
 from service.preprocess import preprocess
+from service.processes import BIN, GatewayProcess, wait_until
+from service.server import ThreadedGateway
 from service.settings import Settings
-from service.testing import (
-    BIN,
-    GatewayProcess,
-    SlowBackend,
-    ThreadedGateway,
-    counted,
-    fastest_of,
-    rss_mb,
-    scrape,
-    wait_until,
-)
 from tests.conftest import ROOT, TINY_CONTRACT, image_bytes, slow_to_decode
+from tests.helpers import SlowBackend, counted, fastest_of, rss_mb, scrape
 
 PNG = {"content-type": "image/png"}
 IMAGE = image_bytes()

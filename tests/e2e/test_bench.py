@@ -14,9 +14,11 @@ import numpy as np
 import pytest
 
 from service.bench.run import BenchConfig, execute
+from service.processes import GatewayProcess
+from service.server import ThreadedGateway
 from service.settings import Settings
-from service.testing import GatewayProcess, SlowBackend, ThreadedGateway
 from tests.conftest import image_bytes, run_cli
+from tests.helpers import SlowBackend
 
 
 @pytest.fixture(scope="module")

@@ -16,10 +16,11 @@ import numpy as np
 import pytest
 import yaml
 
-from service.testing import GatewayProcess, scrape
+from service.processes import GatewayProcess
 from tests.conftest import image_bytes
 from tests.deploy.conftest import CHART
 from tests.e2e.conftest import start_real_triton
+from tests.helpers import scrape
 
 ADMIN_KEY = "s3cret-admin-key"
 # Flags service.triton_launcher sets for loopback ports and the local repository, and for

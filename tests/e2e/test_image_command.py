@@ -26,7 +26,7 @@ import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from service.testing import GatewayProcess, free_port, wait_until
+from service.processes import GatewayProcess, free_port, wait_until
 from tests.conftest import ROOT, image_bytes
 from tests.deploy.dockerfile import Dockerfile, duration_s
 

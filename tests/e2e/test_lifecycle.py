@@ -12,8 +12,9 @@ import httpx
 import pytest
 
 from export.repository import republish
+from service.processes import GatewayProcess, wait_until
 from service.repository import MODEL_FILENAME
-from service.testing import GatewayProcess, rss_mb, scrape, wait_until
+from tests.helpers import rss_mb, scrape
 
 POLL_S = 0.5
 

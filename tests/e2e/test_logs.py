@@ -14,7 +14,7 @@ from tritonclient.grpc import service_pb2 as kpb
 
 from service.grpc import classifier_pb2 as cpb
 from service.openinference import serialize_bytes
-from service.testing import GatewayProcess, wait_until
+from service.processes import GatewayProcess, wait_until
 from tests.conftest import image_bytes
 
 KEY = "s3cret-key-never-logged"

@@ -22,11 +22,12 @@ import httpx
 import pytest
 
 from service.grpc import classifier_pb2, classifier_pb2_grpc
+from service.processes import GatewayProcess, wait_until
 from service.repository import MODEL_FILENAME, Rollout, write_rollout
-from service.testing import GatewayProcess, scrape, wait_until
 from tests.conftest import image_bytes
 from tests.deploy import promql
 from tests.e2e.conftest import start_real_triton
+from tests.helpers import scrape
 
 pytestmark = pytest.mark.triton
 PNG = {"content-type": "image/png"}

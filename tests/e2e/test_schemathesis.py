@@ -9,7 +9,7 @@ import os
 
 import httpx
 
-from service.testing import GatewayProcess
+from service.processes import GatewayProcess
 from tests.conftest import run_cli
 
 

@@ -18,8 +18,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service.grpc import classifier_pb2 as pb
 from service.grpc import classifier_pb2_grpc as pbg
-from service.testing import GatewayProcess, rss_mb, scrape, wait_until
+from service.processes import GatewayProcess, wait_until
 from tests.conftest import image_bytes, run_cli
+from tests.helpers import rss_mb, scrape
 
 PNG = {"content-type": "image/png"}
 

@@ -22,8 +22,8 @@ import tritonclient.grpc as triton_grpc
 
 from service.backends.triton import TritonBackend
 from service.errors import BackendUnavailable
+from service.processes import wait_until
 from service.repository import MODEL_FILENAME, ModelSpec, RepositoryError, load_spec
-from service.testing import wait_until
 from tests.e2e.conftest import start_real_triton
 
 pytestmark = pytest.mark.triton

@@ -16,10 +16,11 @@ import yaml
 from service.backends.onnxruntime import OnnxRuntimeBackend
 from service.bench.tune import tune
 from service.repository import ModelSpec
+from service.server import ThreadedGateway
 from service.settings import Settings
-from service.testing import SlowBackend, ThreadedGateway
 from tests.conftest import image_bytes, run_cli
 from tests.deploy.conftest import CHART
+from tests.helpers import SlowBackend
 
 PER_IMAGE_S = 0.03
 

@@ -19,9 +19,10 @@ from service.app import create_app
 from service.backends.onnxruntime import OnnxRuntimeBackend
 from service.grpc import classifier_pb2 as pb
 from service.grpc import classifier_pb2_grpc as pbg
+from service.processes import wait_until
 from service.settings import Settings
-from service.testing import SlowBackend, counted, wait_until
 from tests.conftest import TINY_LABELS, image_bytes
+from tests.helpers import SlowBackend, counted
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -17,8 +17,8 @@ from service.app import create_app
 from service.backends.onnxruntime import OnnxRuntimeBackend
 from service.cpus import cpu_isa
 from service.settings import Settings
-from service.testing import SlowBackend, counted
 from tests.conftest import TINY_LABELS, image_bytes
+from tests.helpers import SlowBackend, counted
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ from export.repository import render_config, republish
 from service.app import create_app
 from service.grpc import classifier_pb2 as pb
 from service.grpc import classifier_pb2_grpc as pbg
+from service.processes import wait_until
 from service.repository import (
     CONFIG_FILENAME,
     CONTRACT_FILENAME,
@@ -28,8 +29,8 @@ from service.repository import (
     write_rollout,
 )
 from service.settings import Settings
-from service.testing import counted, wait_until
 from tests.conftest import image_bytes
+from tests.helpers import counted
 from tests.integration.test_gateway_grpc import code_of
 from tests.integration.test_gateway_http import assert_error
 

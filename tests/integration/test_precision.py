@@ -18,9 +18,10 @@ from export.gate import run_onnx
 from export.pipeline import Images, PrecisionPlan, export_and_publish
 from export.repository import ServingConfig
 from service.cpus import cpu_isa
+from service.processes import GatewayProcess, wait_until
 from service.repository import Rollout, load_spec, parity_problem, write_rollout
-from service.testing import GatewayProcess, scrape, wait_until
 from tests.conftest import TINY_CONTRACT, TINY_LABELS, image_bytes, run_cli
+from tests.helpers import scrape
 from tests.integration.test_export_cli import assert_one_line_failure
 
 pytestmark = pytest.mark.slow
@@ -191,7 +192,7 @@ def test_evaluate_refuses_unknown_labels_and_bad_models(int8_repo, tmp_path):
         assert_one_line_failure(proc, message)
     proc = run_cli("resnet-export", "evaluate", "--images", str(ok), "--model", "digits")
     assert_one_line_failure(proc, "--repository DIR is needed")
-    from service.testing import free_port
+    from service.processes import free_port
 
     url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     proc = run_cli("resnet-export", "evaluate", "--images", str(ok), "--model", "digits",

@@ -21,10 +21,11 @@ from service.backends.onnxruntime import OnnxRuntimeBackend
 from service.batching import Batcher
 from service.grpc import classifier_pb2 as cpb
 from service.metrics import Metrics
+from service.processes import wait_until
 from service.settings import Settings
-from service.testing import SlowBackend, wait_until
 from service.tracing import TracingError, provider_from_env
 from tests.conftest import image_bytes
+from tests.helpers import SlowBackend
 from tests.integration.test_triton_backend_retries import SPEC, scripted, started  # noqa: F401
 
 TRACE = "0af7651916cd43dd8448eb211c80319c"

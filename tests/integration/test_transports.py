@@ -22,9 +22,10 @@ from service.backends.triton import TritonBackend
 from service.grpc import classifier_pb2 as cpb
 from service.openinference import serialize_bytes
 from service.preprocess import preprocess
+from service.processes import free_port, wait_until
 from service.settings import Settings
-from service.testing import SlowBackend, counted, fastest_of, free_port, wait_until
 from tests.conftest import image_bytes, slow_to_decode
+from tests.helpers import SlowBackend, counted, fastest_of
 
 GOOD = image_bytes()
 BAD_PNG = GOOD[:60]  # a truncated file

@@ -194,7 +194,7 @@ async def test_metadata_disagreement_refused(scripted):
 async def test_unreachable_at_start_is_not_ready_and_fails_fast(scripted):
     """Triton not up yet: the gateway starts not-ready and answers 503 at once (recovery: see
     tests/e2e/test_triton.py, which kills and restarts a real Triton)."""
-    from service.testing import free_port
+    from service.processes import free_port
 
     backend = TritonBackend(f"127.0.0.1:{free_port()}", health_interval_s=0.1)
     await backend.start([SPEC])

@@ -24,16 +24,14 @@ import yaml
 from onnx import TensorProto
 
 from export import tensorrt as trt_mod
+from export.build_job import TRT_IMAGE, job_name, render_build_job
 from export.errors import ExportError
 from export.tensorrt import (
     MANIFEST_FILENAME,
     PLAN_FILENAME,
     TRT_CONFIG_NAME,
-    TRT_IMAGE,
     EngineManifest,
     build_engine,
-    job_name,
-    render_build_job,
     run_engine,
     shell_command,
     trtexec_command,

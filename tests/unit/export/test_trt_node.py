@@ -29,6 +29,7 @@ import yaml
 from tritonclient.grpc import model_config_pb2 as mc
 
 from export import trt_node
+from export.build_job import render_build_job
 from export.repository import (
     Publication,
     ServingConfig,
@@ -38,7 +39,7 @@ from export.repository import (
     tensorrt_config,
     validate_model,
 )
-from export.tensorrt import EngineManifest, render_build_job, trtexec_command
+from export.tensorrt import EngineManifest, trtexec_command
 from service import repository as service_repository
 from service.repository import load_spec, parse_config, read_config
 from tests.conftest import ROOT, TINY_CONTRACT

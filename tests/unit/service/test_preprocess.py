@@ -21,7 +21,7 @@ from service.preprocess import (
     preprocess,
     sniff_format,
 )
-from service.testing import fastest_of
+from tests.helpers import fastest_of
 
 RGB = PreprocessContract(
     arch="resnet50",

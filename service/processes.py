@@ -1,0 +1,127 @@
+"""The gateway as a real process on free loopback ports, and the polling it is waited on
+with (never sleep-and-hope): what ``resnet-serve tune``, ``make bench`` and the tests start
+gateways with."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, TypeVar
+
+T = TypeVar("T")
+BIN = Path(sys.executable).parent
+
+
+class WaitFailed(AssertionError):
+    """:func:`wait_until` gave up: what was awaited, and why (an assertion to a test)."""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    return free_ports(1, host)[0]
+
+
+def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    """``n`` distinct free ports (each socket stays bound until all are chosen: two calls
+    of one port each may get the same port back)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in socks:
+            s.bind((host, 0))
+        return [int(s.getsockname()[1]) for s in socks]
+
+
+def wait_until(
+    check: Callable[[], T | None],
+    timeout_s: float,
+    what: str,
+    interval_s: float = 0.05,
+    alive: Callable[[], str | None] = lambda: None,
+) -> T:
+    """Poll ``check`` until it returns something truthy (returned), or fail with ``what``.
+    ``alive`` says why waiting is pointless (a dead process), to fail fast."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if (value := check()) is not None and value is not False:
+            return value
+        if (dead := alive()) is not None:
+            raise WaitFailed(f"{what}: {dead}")
+        if time.monotonic() >= deadline:
+            raise WaitFailed(f"{what}: not within {timeout_s}s")
+        time.sleep(interval_s)
+
+
+@dataclass
+class GatewayProcess:
+    """``resnet-serve serve`` as a real process on free ports, ready when returned."""
+
+    proc: subprocess.Popen[bytes]
+    url: str
+    grpc_port: int | None
+    log: Path
+    _log_file: IO[bytes]
+
+    @classmethod
+    def start(
+        cls,
+        log: Path,
+        *args: str,
+        grpc: bool = False,
+        env: dict[str, str] | None = None,
+        timeout_s: float = 120,
+    ) -> GatewayProcess:
+        import httpx
+
+        port, second = free_ports(2)
+        grpc_port = second if grpc else None
+        extra = ["--grpc-port", str(grpc_port)] if grpc_port else []
+        fh = log.open("wb")
+        proc = subprocess.Popen(
+            [str(BIN / "resnet-serve"), "serve", "--port", str(port), *extra, *args],
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+        )
+        gw = cls(proc, f"http://127.0.0.1:{port}", grpc_port, log, fh)
+
+        def ready() -> bool:
+            try:
+                return httpx.get(gw.url + "/readyz", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        try:
+            wait_until(ready, timeout_s, "gateway not ready", 0.2, gw.died)
+        except BaseException:
+            gw.stop()
+            raise
+        return gw
+
+    @property
+    def grpc_target(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def died(self) -> str | None:
+        if self.proc.poll() is None:
+            return None
+        return f"exited with {self.proc.returncode}:\n{self.output()[-3000:]}"
+
+    def stop(self, timeout_s: float = 30) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log_file.close()
+        return self.proc.returncode
