@@ -6,21 +6,20 @@ model's micro-batcher and backend, top-k. REST ``/v1``, KServe v2 over HTTP and 
 the ``Classifier`` gRPC service only translate their wire formats to and from these calls;
 none of them touches a batcher, a backend or a spec's contract on its own.
 
-It also keeps each model's inference statistics in the shape of Triton's statistics
-extension (``/v2/models/{m}/stats``, ``ModelStatistics``).
+It also keeps each model's inference statistics (:mod:`service.statistics`), and tells an
+attached :class:`AnswerHook` (the shadows, :mod:`service.shadow`) of every unpinned batch
+answered.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-import hashlib
 import math
-import random
 import time
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -41,14 +40,25 @@ from service.errors import (
 from service.metrics import Metrics
 from service.preprocess import DecodeLimits, preprocess
 from service.repository import ModelSpec, TensorSig, contract_tensors
+from service.routing import Routing, Version
+from service.scores import softmax, top_indices
 from service.settings import Settings
-from service.shadow import Shadows
+from service.statistics import ModelStatistics
 
 if TYPE_CHECKING:
     from opentelemetry.trace import Tracer
 
 #: The shortest timeout a caller may ask for (a shorter one is a mistake, not a deadline).
 MIN_TIMEOUT_S = 0.001
+
+
+class AnswerHook(Protocol):
+    """Told of each unpinned batch once answered, with its logits (never on the request's
+    path: it must not block or raise), and closed with the data plane, before its decoder."""
+
+    def answered(self, served: Version, batch: np.ndarray, logits: np.ndarray) -> None: ...
+
+    async def close(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -105,136 +115,6 @@ class ModelSummary:
     outputs: list[TensorSig]
 
 
-def top_indices(scores: np.ndarray, k: int) -> np.ndarray:
-    """Indices of the k highest scores per row, best first (ties: lower index first)."""
-    return np.argsort(-scores, axis=1, kind="stable")[:, :k]
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
-    probs = np.exp(z)
-    return probs / probs.sum(axis=1, keepdims=True)
-
-
-class _Duration:
-    __slots__ = ("count", "ns")
-
-    def __init__(self) -> None:
-        self.count = 0
-        self.ns = 0
-
-    def add(self, seconds: float, count: int = 1) -> None:
-        self.count += count
-        self.ns += int(seconds * 1e9)
-
-    def as_dict(self) -> dict[str, int]:
-        return {"count": self.count, "ns": self.ns}
-
-
-class ModelStatistics:
-    """Cumulative counts and times of one model version, as Triton's statistics extension
-    reports them: per request (success, fail, queue, compute_input = decoding and
-    preprocessing, compute_infer = backend time, compute_output = top-k), per batch size,
-    and ``inference_count`` (images) against ``execution_count`` (backend calls)."""
-
-    KINDS = ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output")
-
-    def __init__(self, name: str, version: str) -> None:
-        self.name = name
-        self.version = version
-        self.last_inference_ms = 0
-        self.inference_count = 0
-        self.execution_count = 0
-        self.durations = {kind: _Duration() for kind in self.KINDS}
-        self.batches: dict[int, _Duration] = {}
-
-    def batch(self, size: int, seconds: float) -> None:
-        self.execution_count += 1
-        self.batches.setdefault(size, _Duration()).add(seconds)
-
-    def as_dict(self) -> dict[str, Any]:
-        zero = {"count": 0, "ns": 0}
-        return {
-            "name": self.name,
-            "version": self.version,
-            "last_inference": self.last_inference_ms,
-            "inference_count": self.inference_count,
-            "execution_count": self.execution_count,
-            "inference_stats": {
-                **{kind: d.as_dict() for kind, d in self.durations.items()},
-                "cache_hit": zero,
-                "cache_miss": zero,
-            },
-            "batch_stats": [
-                {
-                    "batch_size": size,
-                    "compute_input": zero,
-                    "compute_infer": d.as_dict(),
-                    "compute_output": zero,
-                }
-                for size, d in sorted(self.batches.items())
-            ],
-            "memory_usage": [],
-        }
-
-
-class Version:
-    """One served version of a model: its spec, batcher and statistics. A request's plan
-    holds its version, so a request finishes on the version it started on even when a
-    reload switches the model's traffic to another one meanwhile."""
-
-    def __init__(self, spec: ModelSpec, batcher: Batcher, stats: ModelStatistics) -> None:
-        self.spec = spec
-        self.batcher = batcher
-        self.stats = stats
-        #: EWMA of one image's decode + preprocess time (admission's estimate).
-        self.decode_s = 0.005
-        #: The latest deadline of a request planned on this version: once it has passed,
-        #: a version no longer routed to has no request left and can be released.
-        self.last_deadline = 0.0
-        #: Set once a version no longer routed to is being closed and unloaded.
-        self.releasing = False
-
-
-@dataclass(frozen=True)
-class Routing:
-    """Where one model's requests go. Replaced whole by a reload: the switch is one
-    assignment, so a request sees the old routing or the new one, never a mix."""
-
-    versions: dict[str, Version]
-    #: Unpinned traffic: (version, weight > 0), from rollout.json; empty: all to ``newest``.
-    weights: tuple[tuple[str, float], ...] = ()
-    #: A version that gets a copy of unpinned traffic; its answers are compared, not returned.
-    shadow: str | None = None
-
-    @property
-    def newest(self) -> Version:
-        return self.versions[max(self.versions, key=int)]
-
-    def shares(self) -> dict[str, float]:
-        """Each version unpinned requests go to, with its share of them (0..1)."""
-        if not self.weights:
-            return {self.newest.spec.version: 1.0}
-        total = sum(w for _, w in self.weights)
-        return {v: w / total for v, w in self.weights}
-
-    def pick(self, model: str, client: str | None) -> Version:
-        """The version an unpinned request goes to: by weight, the same one for the same
-        client key (hashed onto [0, 1)), at random without one."""
-        if not self.weights:
-            return self.newest
-        if client:
-            digest = hashlib.blake2b(f"{model}\0{client}".encode(), digest_size=8).digest()
-            point = int.from_bytes(digest, "big") / 2**64
-        else:
-            point = random.random()
-        for version, share in self.shares().items():
-            point -= share
-            if point < 0:
-                return self.versions[version]
-        return self.versions[self.weights[-1][0]]
-
-
 class DataPlane:
     def __init__(
         self,
@@ -266,7 +146,10 @@ class DataPlane:
             routing = self.models.get(spec.name, Routing({}))
             versions = {**routing.versions, spec.version: self.version(spec)}
             self.models[spec.name] = Routing(versions)
-        self.shadows = Shadows(self)
+        self.hooks: list[AnswerHook] = []
+
+    def attach(self, hook: AnswerHook) -> None:
+        self.hooks.append(hook)
 
     def version(self, spec: ModelSpec) -> Version:
         """A version of a model, ready to be routed to (its batcher is started with the
@@ -311,7 +194,8 @@ class DataPlane:
 
     async def close(self) -> None:
         await asyncio.gather(*(v.batcher.close() for v in self.served()))
-        await self.shadows.close()
+        for hook in self.hooks:
+            await hook.close()
         self.decoder.close()
 
     # --- resolving a request ----------------------------------------------------------------
@@ -498,7 +382,8 @@ class DataPlane:
         self.metrics.images.labels(spec.name, spec.version).inc(len(batch))
         logits = np.stack(done.rows)
         if not plan.pinned:
-            self.shadows.mirror(plan.served, batch, logits)
+            for hook in self.hooks:
+                hook.answered(plan.served, batch, logits)
         return logits
 
     def succeeded(self, plan: Plan, output_started: float) -> None:

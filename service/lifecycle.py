@@ -39,7 +39,7 @@ import numpy as np
 
 from service import memory
 from service.backends.base import Backend
-from service.dataplane import DataPlane, Routing, Version
+from service.dataplane import DataPlane
 from service.errors import LoadFailed, ServiceError, cut
 from service.metrics import Metrics
 from service.repository import (
@@ -52,6 +52,7 @@ from service.repository import (
     served_versions,
     validate_model,
 )
+from service.routing import Routing, Version
 from service.settings import Settings
 
 log = logging.getLogger(__name__)

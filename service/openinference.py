@@ -25,8 +25,9 @@ import numpy as np
 
 from service import __version__
 from service.contract import DATATYPES
-from service.dataplane import DataPlane, ModelSummary, Plan, top_indices
+from service.dataplane import DataPlane, ModelSummary, Plan
 from service.errors import InvalidRequest, ValidationFailed, cut
+from service.scores import top_indices
 
 SERVER_NAME = "resnet-serving"
 EXTENSIONS = ["classification", "binary_tensor_data", "model_configuration", "statistics"]

@@ -30,6 +30,7 @@ from service.lifecycle import Lifecycle
 from service.metrics import Metrics
 from service.repository import RepositoryError, load_repository
 from service.settings import ENV_PREFIX, Settings
+from service.shadow import Shadows
 
 if TYPE_CHECKING:
     from opentelemetry.trace import Tracer
@@ -75,6 +76,7 @@ class Runtime:
         self.backend = backend
         self.tracer = tracer
         self.plane: DataPlane | None = None
+        self.shadows: Shadows | None = None
         self.lifecycle: Lifecycle | None = None
         self.phase = Phase.STARTING
         self._key_hashes = hash_keys(settings.api_keys)
@@ -94,6 +96,14 @@ class Runtime:
             plane = DataPlane(specs, backend, self.settings, self.metrics, self.tracer)
         except (RepositoryError, ValueError) as exc:
             raise StartupError(str(exc)) from exc
+        # Shadow versions get copies of the unpinned batches the plane answers.
+        self.shadows = Shadows(
+            self.metrics,
+            plane.models.get,
+            lambda: plane.decoder.backlog,
+            self.settings.request_timeout_s,
+        )
+        plane.attach(self.shadows)
         plane.start()
         self.plane = plane  # closed with the runtime from here on
         lifecycle = Lifecycle(self.settings, plane, backend, self.metrics)

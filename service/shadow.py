@@ -21,6 +21,7 @@ import asyncio
 import contextvars
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -28,9 +29,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from service.errors import ServiceError
+from service.routing import Routing, Version
+from service.scores import softmax, top_indices
 
 if TYPE_CHECKING:
-    from service.dataplane import DataPlane, Version
+    from service.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +74,6 @@ class Comparison:
 def compare(primary: np.ndarray, shadow: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per image: top-1 agreement (bool), top-5 overlap (0..1), and the drift of the
     primary's top-1 probability, for two logit batches of the same images."""
-    from service.dataplane import softmax, top_indices
-
     k = min(TOP, primary.shape[1])
     p_top, s_top = top_indices(primary, k), top_indices(shadow, k)
     agree = p_top[:, 0] == s_top[:, 0]
@@ -83,8 +84,21 @@ def compare(primary: np.ndarray, shadow: np.ndarray) -> tuple[np.ndarray, np.nda
 
 
 class Shadows:
-    def __init__(self, plane: DataPlane) -> None:
-        self.plane = plane
+    """The data plane's answer hook (``DataPlane.attach``) for shadow versions: ``routes``
+    gives a model's current routing, ``decoding`` the images being decoded (live work the
+    copies must not compete with), ``timeout_s`` a copy's deadline."""
+
+    def __init__(
+        self,
+        metrics: Metrics,
+        routes: Callable[[str], Routing | None],
+        decoding: Callable[[], int],
+        timeout_s: float,
+    ) -> None:
+        self.metrics = metrics
+        self.routes = routes
+        self.decoding = decoding
+        self.timeout_s = timeout_s
         self._pairs: dict[str, dict[tuple[str, str], Comparison]] = {}
         self._inflight: dict[str, int] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -97,14 +111,14 @@ class Shadows:
         return pairs[key]
 
     def _count(self, primary: Version, shadow: Version, outcome: str, n: int) -> None:
-        self.plane.metrics.shadow_images.labels(
+        self.metrics.shadow_images.labels(
             primary.spec.name, primary.spec.version, shadow.spec.version, outcome
         ).inc(n)
 
-    def mirror(self, primary: Version, batch: np.ndarray, logits: np.ndarray) -> None:
+    def answered(self, primary: Version, batch: np.ndarray, logits: np.ndarray) -> None:
         """Send a copy of ``batch``, which ``primary`` answered with ``logits``, to the
         model's shadow version, if it has one and there is room."""
-        routing = self.plane.models.get(primary.spec.name)
+        routing = self.routes(primary.spec.name)
         if routing is None or routing.shadow in (None, primary.spec.version):
             return
         shadow = routing.versions.get(routing.shadow or "")
@@ -127,7 +141,7 @@ class Shadows:
         return (
             primary.batcher.waiting > 0
             or primary.batcher.running > 0
-            or self.plane.decoder.backlog > 0
+            or self.decoding() > 0
             or self._inflight.get(primary.spec.name, 0) > 0
             or n > shadow.batcher.max_batch
         )
@@ -152,7 +166,7 @@ class Shadows:
         now = time.perf_counter()
         try:
             done = await shadow.batcher.submit(
-                list(batch), now + self.plane.settings.request_timeout_s, False, arrived=now
+                list(batch), now + self.timeout_s, False, arrived=now
             )
         except ServiceError as exc:
             pair.failed += n
@@ -167,7 +181,7 @@ class Shadows:
         pair.top5_overlap += float(overlap.sum())
         pair.drift_sum += float(drift.sum())
         pair.drift_max = max(pair.drift_max, float(drift.max()))
-        m = self.plane.metrics
+        m = self.metrics
         ids = (primary.spec.name, primary.spec.version, shadow.spec.version)
         self._count(primary, shadow, "compared", n)
         m.shadow_top1_agreements.labels(*ids).inc(int(agree.sum()))
@@ -175,14 +189,12 @@ class Shadows:
         for d in drift:
             m.shadow_score_drift.labels(*ids).observe(float(d))
 
-    def report(self, model: str) -> dict[str, Any]:
+    def report(self, model: str, routing: Routing) -> dict[str, Any]:
         """The model's shadow now, and every primary/shadow comparison since the start."""
-        routing = self.plane.routing(model)
-        name = model or self.plane.default_model
         return {
-            "model": name,
+            "model": model,
             "shadow": routing.shadow,
-            "comparisons": [c.as_dict() for c in self._pairs.get(name, {}).values()],
+            "comparisons": [c.as_dict() for c in self._pairs.get(model, {}).values()],
         }
 
     async def close(self) -> None:

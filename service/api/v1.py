@@ -332,10 +332,11 @@ async def get_model(model: str, plane: PlaneDep, rt: RuntimeDep) -> ModelDetail:
     summary="How a shadow version's answers compare with the primary's",
     responses=responses(401, 404, 503),
 )
-async def get_shadow(model: str, plane: PlaneDep) -> ShadowReport:
+async def get_shadow(model: str, plane: PlaneDep, rt: RuntimeDep) -> ShadowReport:
     """Top-1 agreement, top-5 overlap and score drift between each primary version and the
     shadow version that got a copy of its unpinned requests (rollout.json's `shadow`)."""
-    return ShadowReport(**plane.shadows.report(model))
+    assert rt.shadows is not None  # attached with the data plane, which admitted the call
+    return ShadowReport(**rt.shadows.report(model, plane.routing(model)))
 
 
 admin = APIRouter(prefix="/v1", tags=["admin"])
