@@ -93,6 +93,12 @@ TINY_CONTRACT = PreprocessContract(
 )
 
 
+def contract(**changes: object) -> PreprocessContract:
+    """The one contract of the tests (``TINY_CONTRACT``), with ``changes``, validated as a
+    published one is (model_copy would not check them)."""
+    return PreprocessContract(**{**TINY_CONTRACT.model_dump(), **changes})
+
+
 @dataclass(frozen=True)
 class Tiny:
     """A ResNet of a few kB (random weights, 10 classes, RGB 32x32): every transport test

@@ -19,20 +19,12 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pbg
 
 from service.backends.triton import TritonBackend
-from service.contract import PreprocessContract
 from service.errors import BackendUnavailable, DeadlineExceeded, Overloaded
 from service.repository import ModelSpec, RepositoryError
+from tests.conftest import contract
 
-CONTRACT = PreprocessContract(
-    arch="resnet18",
-    input_name="input",
-    output_name="logits",
-    channels="L",
-    resize=8,
-    crop=8,
-    mean=(0.5,),
-    std=(0.5,),
-    num_classes=3,
+CONTRACT = contract(
+    arch="resnet18", channels="L", resize=8, crop=8, mean=(0.5,), std=(0.5,), num_classes=3
 )
 SPEC = ModelSpec(
     "m", "1", CONTRACT, ("a", "b", "c"), 8, Path("none"), "python", mc.ModelConfig(name="m")

@@ -38,7 +38,7 @@ from service.repository import (
     read_rollout,
     served_versions,
 )
-from tests.conftest import tree_digest
+from tests.conftest import contract, tree_digest
 
 
 def small_model():
@@ -50,18 +50,7 @@ LABELS = ["cat", "dog", "ship"]
 
 
 def small_contract(**kw) -> PreprocessContract:
-    base = dict(
-        arch="tiny",
-        input_name="input",
-        output_name="logits",
-        channels="RGB",
-        resize=40,
-        crop=32,
-        mean=(0.485, 0.456, 0.406),
-        std=(0.229, 0.224, 0.225),
-        num_classes=3,
-    )
-    return PreprocessContract(**{**base, **kw})
+    return contract(**{"resize": 40, "num_classes": 3, **kw})
 
 
 def publish_small(

@@ -21,19 +21,10 @@ from service.preprocess import (
     preprocess,
     sniff_format,
 )
+from tests.conftest import contract
 from tests.helpers import fastest_of
 
-RGB = PreprocessContract(
-    arch="resnet50",
-    input_name="input",
-    output_name="logits",
-    channels="RGB",
-    resize=256,
-    crop=224,
-    mean=(0.485, 0.456, 0.406),
-    std=(0.229, 0.224, 0.225),
-    num_classes=1000,
-)
+RGB = contract(arch="resnet50", resize=256, crop=224, num_classes=1000)  # ResNet-50's
 GREY = RGB.model_copy(
     update={"channels": "L", "mean": (0.5,), "std": (0.25,), "resize": 36, "crop": 32}
 )
