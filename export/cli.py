@@ -21,10 +21,9 @@ from export.errors import ExportError
 from export.gate import DEFAULT_MIN_AGREEMENT
 from export.quantize import DEFAULT_CALIBRATION_COUNT
 from service.cli_base import fail, make_app
-from service.contract import ContractError, PreprocessContract, describe_validation_error
+from service.contract import ContractError, describe_validation_error
 
 if TYPE_CHECKING:
-    from export.pipeline import Images, PrecisionPlan
     from service.repository import Rollout
 
 app = make_app(
@@ -304,86 +303,44 @@ def export(
 ) -> None:
     """Export a trained ResNet to ONNX, verify it against PyTorch, and publish a new version."""
     with _errors():
-        from export.models import build_model
-        from export.onnx_export import MAX_OPSET, MIN_OPSET, real_images
-        from export.pipeline import default_labels, export_and_publish, read_labels_file
-        from export.repository import ServingConfig, check_name, ensure_writable
-        from export.weights import IMAGENET_MEAN, IMAGENET_STD, load_weights, resolve_torchvision
-        from service.contract import PreprocessContract, input_fields
+        from export.pipeline import ExportRequest
+        from export.pipeline import export as run_export
+        from export.repository import ServingConfig
 
-        # Everything that can be checked cheaply is checked before any heavy work.
-        check_name(name)
-        if not MIN_OPSET <= opset <= MAX_OPSET:
-            raise ExportError(f"--opset must be between {MIN_OPSET} and {MAX_OPSET}, got {opset}")
-        _check_precision_options(precision, calibration_dir, format, flavor)
-        in_chans = 3 if channels == ChannelsOpt.RGB else 1
-        model = build_model(arch, num_classes=num_classes, in_chans=in_chans)
-        class_names = (
-            read_labels_file(labels, num_classes) if labels else default_labels(num_classes)
-        )
-        ensure_writable(repository)
-
-        weight_set = None
-        if weights.startswith("torchvision:"):
-            weight_set = resolve_torchvision(arch, weights.split(":", 1)[1])
-        default_mean = IMAGENET_MEAN if in_chans == 3 else (sum(IMAGENET_MEAN) / 3,)
-        default_std = IMAGENET_STD if in_chans == 3 else (sum(IMAGENET_STD) / 3,)
-        try:
-            contract = PreprocessContract(
-                arch=arch,
-                input_name="input",
-                output_name="logits",
-                channels=channels.value,
-                resize=resize or (weight_set.resize if weight_set else 256),
-                crop=crop,
-                interpolation=interpolation.value,
-                mean=_floats(mean, "--mean") or default_mean,
-                std=_floats(std, "--std") or default_std,
-                num_classes=num_classes,
-                **input_fields(input.value),
-            )
-        except ValidationError as exc:
-            detail = describe_validation_error(exc)
-            raise ExportError(f"invalid preprocessing options: {detail}") from None
-
-        if weights == "random":
-            typer.echo("weights: random (untrained; for benchmarks only)")
-        else:
-            loaded = load_weights(model, arch, weights, weights_key.value)
-            contract = contract.model_copy(update={"source_sha256": loaded.sha256})
-            typer.echo(f"weights: {weights} (sha256 {loaded.sha256[:12]}...)")
-        serving = ServingConfig(
-            max_batch_size=max_batch_size,
-            max_queue_delay_us=max_queue_delay_us,
-            instance_count=instance_count,
-            instance_kind=instance_kind.value,
-        )
-        result = export_and_publish(
-            model=model,
-            contract=contract,
-            labels=class_names,
+        request = ExportRequest(
+            arch=arch,
+            weights=weights,
             name=name,
             repository=repository,
-            flavor=flavor.value,
-            serving=serving,
-            opset=opset,
-            real_images=real_images(),
-            source=weights,
-            sample=_folder(sample_images, contract, "--sample-images"),
-            plan=_precision_plan(
-                contract,
-                precision,
-                calibration_dir,
-                calibration_count,
-                calibration_method,
-                sample_images,
-                min_agreement,
-                format == FormatOpt.tensorrt,
-                symmetric_int8,
-                timing_cache,
+            num_classes=num_classes,
+            labels=labels,
+            channels=channels.value,
+            resize=resize,
+            crop=crop,
+            interpolation=interpolation.value,
+            mean=_floats(mean, "--mean"),
+            std=_floats(std, "--std"),
+            input_dtype=input.value,
+            serving=ServingConfig(
+                max_batch_size=max_batch_size,
+                max_queue_delay_us=max_queue_delay_us,
+                instance_count=instance_count,
+                instance_kind=instance_kind.value,
             ),
-            log=typer.echo,
+            flavor=flavor.value,
+            opset=opset,
+            weights_key=weights_key.value,
+            sample_images=sample_images,
+            precision=precision.value,
+            calibration_dir=calibration_dir,
+            calibration_count=calibration_count,
+            calibration_method=calibration_method.value,
+            min_agreement=min_agreement,
+            symmetric_int8=symmetric_int8,
+            tensorrt=format == FormatOpt.tensorrt,
+            timing_cache=timing_cache,
         )
+        result = run_export(request, log=typer.echo, warn=_warn)
         typer.echo(f"report: {result.model_dir / str(result.version) / 'export_report.json'}")
 
 
@@ -402,94 +359,6 @@ def _check_tensorrt_int8(version_dir: Path) -> None:
 
 def _warn(message: str) -> None:
     typer.echo(f"resnet-export: {message}", err=True)
-
-
-def _check_precision_options(
-    precision: PrecisionOpt, calibration_dir: Path | None, fmt: FormatOpt, flavor: FlavorOpt
-) -> None:
-    """Option combinations that cannot work, refused before any heavy work."""
-    if precision == PrecisionOpt.int8 and calibration_dir is None:
-        raise ExportError("--precision int8 needs --calibration-dir DIR (real images)")
-    if precision != PrecisionOpt.int8 and calibration_dir is not None:
-        raise ExportError("--calibration-dir is used only with --precision int8")
-    if fmt == FormatOpt.tensorrt:
-        if flavor != FlavorOpt.onnxruntime:
-            raise ExportError("--format tensorrt needs --flavor onnxruntime (NVIDIA's Triton)")
-        from export.tensorrt import unavailable_reason
-
-        reason = unavailable_reason()
-        if reason:
-            raise ExportError(
-                f"--format tensorrt: {reason}; `resnet-export tensorrt-job` writes the "
-                "Kubernetes Job that builds the engine on the GPU node instead"
-            )
-
-
-def _folder(folder: Path | None, contract: PreprocessContract, option: str) -> Images | None:
-    from export.images import load_images
-    from export.pipeline import Images
-    from service.files import image_files
-
-    if folder is None:
-        return None
-    loaded = load_images(image_files(folder, option), contract, option, _warn)
-    return Images(loaded.tensors, f"images from {folder}")
-
-
-def _precision_plan(
-    contract: PreprocessContract,
-    precision: PrecisionOpt,
-    calibration_dir: Path | None,
-    calibration_count: int,
-    method: CalibrationOpt,
-    sample_images: Path | None,
-    min_agreement: float,
-    tensorrt: bool,
-    symmetric_int8: bool,
-    timing_cache: Path | None,
-) -> PrecisionPlan:
-    from export.images import load_images, split_holdout, spread
-    from export.pipeline import Images, PrecisionPlan
-    from service.files import image_files
-
-    calibration = validation = None
-    if calibration_dir is not None:
-        files = image_files(calibration_dir, "--calibration-dir")
-        separate = (
-            sample_images is not None and sample_images.resolve() != calibration_dir.resolve()
-        )
-        if separate:
-            held: list[Path] = []
-        else:
-            files, held = split_holdout(files, calibration_dir)
-            if not held:
-                raise ExportError(
-                    f"--calibration-dir {calibration_dir}: one file cannot both calibrate and "
-                    "check the model; add images or give --sample-images DIR"
-                )
-        picked = load_images(
-            spread(files, calibration_count),
-            contract,
-            "--calibration-dir",
-            _warn,
-            "reading calibration images",
-        )
-        calibration = Images(picked.tensors, f"images from {calibration_dir}")
-        if held:
-            kept = load_images(
-                held, contract, "--calibration-dir", _warn, "reading held-out images"
-            )
-            validation = Images(kept.tensors, f"held-out images from {calibration_dir}")
-    return PrecisionPlan(
-        precision=precision.value,
-        calibration=calibration,
-        validation=validation,
-        method=method.value,
-        min_agreement=min_agreement,
-        tensorrt=tensorrt,
-        symmetric_int8=symmetric_int8,
-        timing_cache=timing_cache,
-    )
 
 
 @app.command()

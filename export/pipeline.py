@@ -10,14 +10,15 @@ import datetime as dt
 import json
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import onnx
 import onnxruntime
 import torch
+from pydantic import ValidationError
 from torch import nn
 
 from export.errors import ExportError
@@ -31,7 +32,13 @@ from export.onnx_export import (
     preprocess_real,
     random_inputs,
 )
-from export.quantize import CalibrationMethod, Precision, convert_fp16, quantize_int8
+from export.quantize import (
+    DEFAULT_CALIBRATION_COUNT,
+    CalibrationMethod,
+    Precision,
+    convert_fp16,
+    quantize_int8,
+)
 from export.repository import (
     PROBE_SIZE,
     Engine,
@@ -84,6 +91,204 @@ class ExportResult:
     version: int
     model_dir: Path
     report: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class ExportRequest:
+    """Everything ``resnet-export export`` takes, as one typed object: what a training
+    script passes to :func:`export` (``weights`` may be the trained ``nn.Module`` itself).
+    Defaults are the command's. ``resize``/``mean``/``std`` None: the weight set's, else
+    256 and ImageNet's; ``labels`` None: ImageNet-1k's names for 1000 classes."""
+
+    arch: str
+    #: A checkpoint file (.pth/.pt/.safetensors), ``torchvision:<WEIGHTS>``, ``random``
+    #: (untrained, benchmarks only), or a model in memory (an ``nn.Module`` of ``arch``).
+    weights: str | Path | nn.Module
+    name: str
+    repository: Path
+    num_classes: int = 1000
+    #: Class names in class-index order, or a file of them, one per line.
+    labels: Path | list[str] | None = None
+    channels: Literal["RGB", "L"] = "RGB"
+    resize: int | None = None
+    crop: int = 224
+    interpolation: Literal["nearest", "bilinear", "bicubic"] = "bilinear"
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    #: float32: normalized NCHW planes; uint8: the crop's NHWC pixels, normalized in the graph.
+    input_dtype: Literal["float32", "uint8"] = "float32"
+    serving: ServingConfig = field(default_factory=ServingConfig)
+    flavor: Flavor = "onnxruntime"
+    opset: int = 17
+    weights_key: Literal["auto", "model", "model_ema", "state_dict"] = "auto"
+    #: A folder of your images: the parity check and the accuracy gate also run on them.
+    sample_images: Path | None = None
+    precision: Precision = "fp32"
+    calibration_dir: Path | None = None
+    calibration_count: int = DEFAULT_CALIBRATION_COUNT
+    calibration_method: CalibrationMethod = "percentile"
+    min_agreement: float = DEFAULT_MIN_AGREEMENT
+    symmetric_int8: bool = False
+    #: Also build a TensorRT plan on this machine's GPU.
+    tensorrt: bool = False
+    timing_cache: Path | None = None
+
+
+def export(
+    request: ExportRequest,
+    log: Callable[[str], None] = print,
+    warn: Callable[[str], None] = print,
+) -> ExportResult:
+    """Publish the next version of ``request.name``: the model exported to ONNX, proved
+    against PyTorch, reduced as asked (and proved again), with its contract, labels, probe
+    and report; or raise ExportError (ContractError, OSError) with nothing written.
+    Everything cheap is checked before any heavy work."""
+    from export.models import build_model
+    from export.onnx_export import MAX_OPSET, MIN_OPSET, real_images
+    from export.weights import IMAGENET_MEAN, IMAGENET_STD, load_weights, resolve_torchvision
+    from service.contract import describe_validation_error, input_fields
+
+    r = request
+    check_name(r.name)
+    if not MIN_OPSET <= r.opset <= MAX_OPSET:
+        raise ExportError(f"--opset must be between {MIN_OPSET} and {MAX_OPSET}, got {r.opset}")
+    _check_precision_options(r)
+    in_chans = 3 if r.channels == "RGB" else 1
+    in_memory = isinstance(r.weights, nn.Module)
+    model = (
+        r.weights
+        if isinstance(r.weights, nn.Module)
+        else build_model(r.arch, num_classes=r.num_classes, in_chans=in_chans)
+    )
+    if isinstance(r.labels, list):
+        class_names = list(r.labels)
+    elif r.labels is not None:
+        class_names = read_labels_file(r.labels, r.num_classes)
+    else:
+        class_names = default_labels(r.num_classes)
+    ensure_writable(r.repository)
+    source = "in-memory model" if in_memory else str(r.weights)
+    weight_set = None
+    if source.startswith("torchvision:"):
+        weight_set = resolve_torchvision(r.arch, source.split(":", 1)[1])
+    default_mean = IMAGENET_MEAN if in_chans == 3 else (sum(IMAGENET_MEAN) / 3,)
+    default_std = IMAGENET_STD if in_chans == 3 else (sum(IMAGENET_STD) / 3,)
+    try:
+        contract = PreprocessContract(
+            arch=r.arch,
+            input_name="input",
+            output_name="logits",
+            channels=r.channels,
+            resize=r.resize or (weight_set.resize if weight_set else 256),
+            crop=r.crop,
+            interpolation=r.interpolation,
+            mean=r.mean or default_mean,
+            std=r.std or default_std,
+            num_classes=r.num_classes,
+            **input_fields(r.input_dtype),
+        )
+    except ValidationError as exc:
+        raise ExportError(
+            f"invalid preprocessing options: {describe_validation_error(exc)}"
+        ) from None
+    if in_memory:
+        log("weights: the model given (in memory)")
+    elif source == "random":
+        log("weights: random (untrained; for benchmarks only)")
+    else:
+        loaded = load_weights(model, r.arch, source, r.weights_key)
+        contract = contract.model_copy(update={"source_sha256": loaded.sha256})
+        log(f"weights: {source} (sha256 {loaded.sha256[:12]}...)")
+    return export_and_publish(
+        model=model,
+        contract=contract,
+        labels=class_names,
+        name=r.name,
+        repository=r.repository,
+        flavor=r.flavor,
+        serving=r.serving,
+        opset=r.opset,
+        real_images=real_images(),
+        source=source,
+        sample=_folder(r.sample_images, contract, "--sample-images", warn),
+        plan=_precision_plan(r, contract, warn),
+        log=log,
+    )
+
+
+def _check_precision_options(r: ExportRequest) -> None:
+    """Option combinations that cannot work, refused before any heavy work."""
+    if r.precision == "int8" and r.calibration_dir is None:
+        raise ExportError("--precision int8 needs --calibration-dir DIR (real images)")
+    if r.precision != "int8" and r.calibration_dir is not None:
+        raise ExportError("--calibration-dir is used only with --precision int8")
+    if r.tensorrt:
+        if r.flavor != "onnxruntime":
+            raise ExportError("--format tensorrt needs --flavor onnxruntime (NVIDIA's Triton)")
+        from export.tensorrt import unavailable_reason
+
+        reason = unavailable_reason()
+        if reason:
+            raise ExportError(
+                f"--format tensorrt: {reason}; `resnet-export tensorrt-job` writes the "
+                "Kubernetes Job that builds the engine on the GPU node instead"
+            )
+
+
+def _folder(
+    folder: Path | None, contract: PreprocessContract, option: str, warn: Callable[[str], None]
+) -> Images | None:
+    from export.images import load_images
+    from service.files import image_files
+
+    if folder is None:
+        return None
+    loaded = load_images(image_files(folder, option), contract, option, warn)
+    return Images(loaded.tensors, f"images from {folder}")
+
+
+def _precision_plan(
+    r: ExportRequest, contract: PreprocessContract, warn: Callable[[str], None]
+) -> PrecisionPlan:
+    from export.images import load_images, split_holdout
+    from service.files import image_files
+
+    calibration = validation = None
+    if r.calibration_dir is not None:
+        files = image_files(r.calibration_dir, "--calibration-dir")
+        separate = (
+            r.sample_images is not None and r.sample_images.resolve() != r.calibration_dir.resolve()
+        )
+        if separate:
+            held: list[Path] = []
+        else:
+            files, held = split_holdout(files, r.calibration_dir)
+            if not held:
+                raise ExportError(
+                    f"--calibration-dir {r.calibration_dir}: one file cannot both calibrate "
+                    "and check the model; add images or give --sample-images DIR"
+                )
+        picked = load_images(
+            spread(files, r.calibration_count),
+            contract,
+            "--calibration-dir",
+            warn,
+            "reading calibration images",
+        )
+        calibration = Images(picked.tensors, f"images from {r.calibration_dir}")
+        if held:
+            kept = load_images(held, contract, "--calibration-dir", warn, "reading held-out images")
+            validation = Images(kept.tensors, f"held-out images from {r.calibration_dir}")
+    return PrecisionPlan(
+        precision=r.precision,
+        calibration=calibration,
+        validation=validation,
+        method=r.calibration_method,
+        min_agreement=r.min_agreement,
+        tensorrt=r.tensorrt,
+        symmetric_int8=r.symmetric_int8,
+        timing_cache=r.timing_cache,
+    )
 
 
 def imagenet_labels() -> list[str]:

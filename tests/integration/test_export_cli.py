@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -144,6 +145,46 @@ def test_export_then_validate(tmp_path, r18_ckpt, labels5):
         )
     proc = run_cli("resnet-export", "validate", "--repository", str(repo))
     assert proc.returncode == 0, proc.stderr
+
+
+def test_a_training_script_exports_its_model_in_memory_without_the_cli(tmp_path, r18_ckpt):
+    """export(ExportRequest(...)) is the command without the command: the model a training
+    script holds, published with the same proofs; a bad request raises before any work,
+    with nothing written."""
+    from export.errors import ExportError
+    from export.pipeline import ExportRequest, export
+    from export.repository import ServingConfig
+    from service.repository import load_spec
+
+    model = build_model("resnet18", num_classes=5)
+    model.load_state_dict(torch.load(r18_ckpt, weights_only=True)["state_dict"])  # "trained"
+    lines: list[str] = []
+    request = ExportRequest(
+        arch="resnet18",
+        weights=model,
+        name="fruit",
+        repository=tmp_path / "repo",
+        num_classes=5,
+        labels=["apple", "banana", "cherry", "date", "elder"],
+        resize=72,
+        crop=64,
+        serving=ServingConfig(max_batch_size=8),
+    )
+    result = export(request, log=lines.append)
+    assert result.version == 1 and result.report["source"] == "in-memory model"
+    assert any("parity PASS" in line for line in lines)
+    spec = load_spec(result.model_dir)
+    assert spec.labels == ("apple", "banana", "cherry", "date", "elder")
+    assert (spec.contract.resize, spec.contract.crop, spec.max_batch_size) == (72, 64, 8)
+    before = tree_digest(tmp_path / "repo")
+    for bad, message in (
+        ({"name": "../escape"}, "model name"),
+        ({"opset": 3}, "--opset must be between"),
+        ({"precision": "int8"}, "needs --calibration-dir"),
+    ):
+        with pytest.raises(ExportError, match=message):
+            export(dataclasses.replace(request, **bad), log=lines.append)
+    assert tree_digest(tmp_path / "repo") == before
 
 
 def test_imagenet_default_labels(tmp_path):
