@@ -9,7 +9,7 @@
 #
 # Runs as uid/gid 10001, writes nothing outside /tmp (HOME and TMPDIR point there), so
 # it runs with a read-only root filesystem and a /tmp emptyDir (the Helm chart does this).
-# Settings: every RESNET_SERVE_* variable (README, Settings).
+# Settings: every RESNET_SERVE_* variable (docs/operations.md, Settings).
 
 # Pin a digest for reproducible builds, e.g.
 #   --build-arg PYTHON_IMAGE=python:3.11.17-slim-bookworm@sha256:<digest>

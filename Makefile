@@ -21,7 +21,7 @@ help: ## list the targets
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade "pip>=24"
-	$(BIN)/pip install --quiet -e ".[export,service,triton,bench,deploy,dev]"
+	$(BIN)/pip install --quiet -e ".[export,service,triton,bench,deploy,docs,dev]"
 	$(BIN)/pip install --quiet --no-deps "$(PYTRITON)"
 	@touch $@
 
@@ -67,8 +67,9 @@ bench: setup ## measure the gateway against bare ONNX Runtime (see README)
 fuzz: setup ## fuzz the image path for longer than make test does (minutes)
 	FUZZ_EXAMPLES=20000 FUZZ_RUNS=200000 $(BIN)/python -m pytest -q -m fuzz
 
-docs: setup ## regenerate README's settings table from service/settings.py
+docs: setup ## regenerate the settings table (docs/operations.md) and build the site into site/
 	$(BIN)/python -m deploy.settings_doc
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 proto: setup ## regenerate service/grpc/classifier_pb2*.py from classifier.proto
 	$(BIN)/python -m grpc_tools.protoc -I . --python_out=. --grpc_python_out=. --pyi_out=. \

@@ -72,7 +72,7 @@ from service.processes import GatewayProcess, free_port, wait_until
 
 BIN = Path(sys.executable).parent
 NAME = "resnet50"
-#: What `resnet-serve tune` chose on this machine (README, Sizing a deployment).
+#: What `resnet-serve tune` chose on this machine (docs/load-testing.md, Sizing a deployment).
 TUNED_ENV = Path(__file__).parent / "loadtest" / "tune-example" / "tune.env"
 #: The latency budget, in bare batch-1 latencies (issue 12; MLPerf's Server scenario
 #: bounds the p99 the same way, as a multiple of the model's own latency).

@@ -1,5 +1,5 @@
-"""Regenerate what is derived from service.settings.Settings (`make docs`): README's settings
-table, and the type of every `gateway.config` value in the Helm chart's values.schema.json
+"""Regenerate what is derived from service.settings.Settings (`make docs`): the settings
+table of docs/operations.md, and the type of every `gateway.config` value in the Helm chart's values.schema.json
 (the chart maps those values one to one onto the settings)."""
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ from service.settings import Settings, helm_key
 
 HEAD = "| variable | default | meaning |\n|---|---|---|\n"
 SCHEMA = Path("helm/resnet-serving/values.schema.json")
+#: The page that documents every setting.
+PAGE = Path("docs/operations.md")
 #: Settings the chart sets itself, from where things are in the pod, not from gateway.config.
 CHART_OWNED = frozenset(
     {
@@ -22,7 +24,7 @@ CHART_OWNED = frozenset(
         "backend",
         "triton_url",
         "triton_admin_key",
-        # Shared memory needs the gateway in Triton's pod; the chart runs them apart.
+        # On in sidecar mode (Triton in the gateway's pod), off otherwise: the chart's layout.
         "triton_shared_memory",
         "api_keys",
         "admin_keys",
@@ -85,11 +87,10 @@ def schema_text(current: str) -> str:
 
 
 def main() -> None:
-    readme = Path("README.md")
-    text = readme.read_text()
+    text = PAGE.read_text()
     start = text.index(HEAD) + len(HEAD)
     end = text.index("\n\n", start)
-    readme.write_text(text[:start] + rows() + text[end:])
+    PAGE.write_text(text[:start] + rows() + text[end:])
     SCHEMA.write_text(schema_text(SCHEMA.read_text()))
 
 

@@ -15,7 +15,7 @@ ONNX Runtime batch split over several threads waits for its slowest thread, and 
 thread taking one of its cores stalls the whole batch. A waiting batch goes before waiting
 decodes: its images are decoded already, and finishing them is what empties the queue. The
 price is that decoding no longer overlaps a batch on all cores; measured on 2 cores it
-costs more p99 than the stalls it saves (README, Batching and bounds), so it is off by
+costs more p99 than the stalls it saves (docs/data-plane.md, Batching and bounds), so it is off by
 default and a candidate of ``resnet-serve tune``.
 """
 

@@ -22,7 +22,7 @@ and buffers an unterminated header of any size.
 
 Answers from here use the gateway's error envelope and are counted like every rejection.
 What an ingress in front adds (TLS, its own header/body timeouts, per-client rate limits)
-is README's "Guarantees and limits".
+is docs/guarantees.md.
 """
 
 from __future__ import annotations

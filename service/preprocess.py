@@ -5,7 +5,7 @@ the :class:`~service.contract.PreprocessContract`. The same code runs in the gat
 in ``resnet-export demo`` (which trains on what this module produces from PNG files), so
 training and serving cannot drift apart.
 
-Decoding rules (documented in README "Preprocessing"):
+Decoding rules (documented in docs/data-plane.md, "Preprocessing"):
 
 * The format is taken from the magic bytes, never from a file name or content type:
   JPEG, PNG, WebP, BMP, GIF (first frame), TIFF (first page). Anything else is 415.

@@ -7,7 +7,7 @@ headers, timeouts as the SDK reads them) or ``console``; ``OTEL_TRACES_SAMPLER``
 defines them; ``OTEL_SDK_DISABLED=true`` turns it off again. Unset, or ``none``: no tracer
 at all, and every place that would make a span tests one attribute instead.
 
-What a request's trace holds (README, Tracing): a server span per request (its parent from a
+What a request's trace holds (docs/operations.md, Tracing): a server span per request (its parent from a
 W3C ``traceparent`` the client sent, over HTTP headers or gRPC metadata) with children for
 reading the body, each image's decode + preprocess, the queue wait, top-k; and per batch a
 ``batch`` span, a child of the request that opened it and linked from every other request

@@ -5,8 +5,10 @@ process's memory. The gateway's process helpers are :mod:`service.processes`."""
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -93,3 +95,21 @@ def rss_mb(pid: int) -> float:
     """Resident memory of a process (Linux)."""
     with open(f"/proc/{pid}/status") as fh:
         return next(int(line.split()[1]) for line in fh if line.startswith("VmRSS")) / 1024
+
+
+def doc_sections(root: Path) -> set[str]:
+    """``docs/<page>.md`` and ``docs/<page>.md#<anchor>`` for every page of the site and
+    every heading in it (anchors as mkdocs makes them: Python-Markdown's toc slugify)."""
+    from markdown.extensions.toc import slugify
+
+    found = set()
+    for page in sorted((root / "docs").glob("*.md")):
+        name = f"docs/{page.name}"
+        found.add(name)
+        fenced = False
+        for line in page.read_text().splitlines():
+            if line.startswith("```"):
+                fenced = not fenced
+            elif not fenced and (m := re.match(r"#+ (.+)", line)):
+                found.add(f"{name}#{slugify(m.group(1), '-')}")
+    return found

@@ -1,6 +1,6 @@
 -- wrk, an independent load generator (C, one epoll loop per thread), posting one image as
 -- the raw body of the REST classify route: the yardstick that `resnet-serve bench`
--- was checked against (README, "How light the client is").
+-- was checked against (docs/load-testing.md, "How light the client is").
 --
 --   wrk -t1 -c16 -d10s --timeout 30s --latency -s deploy/loadtest/wrk_classify.lua \
 --       http://127.0.0.1:8000 -- IMAGE_FILE [MODEL]

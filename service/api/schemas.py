@@ -127,7 +127,7 @@ class ModelList(BaseModel):
 
 
 class ErrorBody(BaseModel):
-    code: str = Field(description="Stable machine-readable code (see README).")
+    code: str = Field(description="Stable machine-readable code (docs/api.md lists them).")
     message: str
 
 

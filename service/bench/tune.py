@@ -4,7 +4,7 @@ with those settings on this machine, the user's own images (so decoding's cost i
 figure, which Triton's Model Analyzer leaves out), and the load tool's SLO search. The best
 is written as an env file and a Helm values snippet, beside the table of what was tried.
 
-Candidates are the knobs that moved the tail in measurements here (README, Benchmark):
+Candidates are the knobs that moved the tail in measurements here (docs/benchmarks.md):
 the batcher's latency target, parallel single-threaded batches, exclusive CPUs, the batch
 cap, the batch delay, the decoding threads.
 The whole run is bounded: candidates left when ``max_minutes`` is spent are reported as
