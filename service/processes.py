@@ -19,6 +19,17 @@ T = TypeVar("T")
 BIN = Path(sys.executable).parent
 
 
+def stop_process(proc: subprocess.Popen[bytes], timeout_s: float) -> None:
+    """SIGTERM (a server drains on it), then SIGKILL if it has not exited in ``timeout_s``."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 class WaitFailed(AssertionError):
     """:func:`wait_until` gave up: what was awaited, and why (an assertion to a test)."""
 
@@ -116,12 +127,6 @@ class GatewayProcess:
         return f"exited with {self.proc.returncode}:\n{self.output()[-3000:]}"
 
     def stop(self, timeout_s: float = 30) -> int:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, timeout_s)
         self._log_file.close()
         return self.proc.returncode

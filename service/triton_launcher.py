@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Literal
 
+from service.processes import stop_process
+
 
 class TritonError(RuntimeError):
     """Triton cannot be found, started, or did not become ready; the message says why."""
@@ -128,13 +130,7 @@ class TritonProcess:
         raise TritonError(f"tritonserver not ready after {timeout_s:.0f}s:\n{self.log_tail()}")
 
     def stop(self, timeout_s: float = 30.0) -> None:
-        if self.alive():
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, timeout_s)
         if self._log_file is not None:
             self._log_file.close()
             self._log_file = None
