@@ -1,6 +1,6 @@
 """Regenerate what is derived from service.settings.Settings (`make docs`): the settings
-table of docs/operations.md, and the type of every `gateway.config` value in the Helm chart's values.schema.json
-(the chart maps those values one to one onto the settings)."""
+table of docs/operations.md, and the type of every `gateway.config` value in the Helm
+chart's values.schema.json (the chart maps those values one to one onto the settings)."""
 
 from __future__ import annotations
 

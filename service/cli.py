@@ -49,7 +49,7 @@ def serve(
     ] = None,
     log_level: Annotated[str | None, typer.Option(help="debug, info, warning, error.")] = None,
 ) -> None:
-    """Serve every model of the repository. All other settings: RESNET_SERVE_* (docs/operations.md)."""
+    """Serve every model of the repository. All other settings: RESNET_SERVE_* (docs)."""
     from pydantic import ValidationError
 
     from service.repository import RepositoryError, load_repository

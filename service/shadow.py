@@ -6,8 +6,9 @@ shadow never fails a primary request, and it runs only in the primary's idle tim
 dropped whenever the primary has anything waiting, running or decoding, and at most one
 shadow batch is in flight. Under load the report gets fewer images; the callers lose
 nothing. (A primary request that arrives while a shadow batch runs on the same CPUs still
-shares them: measured in ``make bench``, docs/benchmarks.md.) A shadow must preprocess as its primary does (the reload refuses one that
-does not), since it receives the primary's tensors.
+shares them: measured in ``make bench``, docs/benchmarks.md.) A shadow must preprocess as
+its primary does (the reload refuses one that does not), since it receives the primary's
+tensors.
 
 Per (primary, shadow) pair it records, per image: whether the top-1 classes agree, the
 share of the primary's top-5 classes in the shadow's top-5, and the score drift (how much

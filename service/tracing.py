@@ -2,18 +2,19 @@
 
 ``OTEL_TRACES_EXPORTER=otlp`` (over gRPC, or HTTP with ``OTEL_EXPORTER_OTLP_PROTOCOL=
 http/protobuf``; ``OTEL_EXPORTER_OTLP_ENDPOINT``, ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``,
-headers, timeouts as the SDK reads them) or ``console``; ``OTEL_TRACES_SAMPLER`` / ``OTEL_TRACES_SAMPLER_ARG``, ``OTEL_SERVICE_NAME``
-(default ``resnet-serving``), ``OTEL_RESOURCE_ATTRIBUTES`` and ``OTEL_BSP_*`` as the SDK
-defines them; ``OTEL_SDK_DISABLED=true`` turns it off again. Unset, or ``none``: no tracer
-at all, and every place that would make a span tests one attribute instead.
+headers, timeouts as the SDK reads them) or ``console``; ``OTEL_TRACES_SAMPLER`` /
+``OTEL_TRACES_SAMPLER_ARG``, ``OTEL_SERVICE_NAME`` (default ``resnet-serving``),
+``OTEL_RESOURCE_ATTRIBUTES`` and ``OTEL_BSP_*`` as the SDK defines them;
+``OTEL_SDK_DISABLED=true`` turns it off again. Unset, or ``none``: no tracer at all, and
+every place that would make a span tests one attribute instead.
 
-What a request's trace holds (docs/operations.md, Tracing): a server span per request (its parent from a
-W3C ``traceparent`` the client sent, over HTTP headers or gRPC metadata) with children for
-reading the body, each image's decode + preprocess, the queue wait, top-k; and per batch a
-``batch`` span, a child of the request that opened it and linked from every other request
-in it (one batch serves many traces), whose ``infer`` child is the backend call. With the
-Triton backend that call carries ``traceparent``, so Triton's own OpenTelemetry trace
-(``--trace-config mode=opentelemetry``) joins the request's.
+What a request's trace holds (docs/operations.md, Tracing): a server span per request (its
+parent from a W3C ``traceparent`` the client sent, over HTTP headers or gRPC metadata)
+with children for reading the body, each image's decode + preprocess, the queue wait,
+top-k; and per batch a ``batch`` span, a child of the request that opened it and linked
+from every other request in it (one batch serves many traces), whose ``infer`` child is
+the backend call. With the Triton backend that call carries ``traceparent``, so Triton's
+own OpenTelemetry trace (``--trace-config mode=opentelemetry``) joins the request's.
 """
 
 from __future__ import annotations
