@@ -53,8 +53,9 @@ MIN_TIMEOUT_S = 0.001
 
 
 class AnswerHook(Protocol):
-    """Told of each unpinned batch once answered, with its logits (never on the request's
-    path: it must not block or raise), and closed with the data plane, before its decoder."""
+    """Told of each unpinned batch once answered, with its logits, on the request's path
+    (so it must return at once and not raise: the shadows only start a task), and closed
+    with the data plane, before its decoder."""
 
     def answered(self, served: Version, batch: np.ndarray, logits: np.ndarray) -> None: ...
 
