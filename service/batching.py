@@ -147,7 +147,14 @@ class Batcher:
         self._metrics = metrics
         self._backend = backend_name
         metrics.queue_capacity.labels(*ids).set(max_queue)
-        metrics.queue_depth.labels(*ids).set(0)
+        # This version's series, looked up once (labels() costs more than what is recorded,
+        # several times per request); forget_metrics removes the gauges' from the registry.
+        self._depth = metrics.queue_depth.labels(*ids)
+        self._depth.set(0)
+        self._lateness = metrics.queue_lateness.labels(*ids)
+        self._queue_wait = metrics.queue_wait.labels(*ids)
+        self._inference = metrics.inference.labels(*ids, backend_name)
+        self._batch_size = metrics.batch_size.labels(*ids)
         # Earliest deadline first: a request admitted with less time left is not pushed back
         # by one that finished decoding sooner (with one timeout for all, this is arrival
         # order). Requests' images stay together: one deadline each.
@@ -164,7 +171,7 @@ class Batcher:
         # Averages of the seconds queued images waited for their results, and of what
         # wait_s predicted for them when they were queued: their ratio is the lateness.
         self._waited = self._predicted = 0.0
-        metrics.queue_lateness.labels(*ids).set(1.0)
+        self._lateness.set(1.0)
         self.costs = CostModel(warm_costs)
         for size, seconds in self.costs.measured.items():
             metrics.batch_cost.labels(*ids, str(size)).set(seconds)
@@ -217,7 +224,7 @@ class Batcher:
     def _learn_wait(self, predicted: float, waited: float) -> None:
         self._predicted += 0.1 * (predicted - self._predicted)
         self._waited += 0.1 * (waited - self._waited)
-        self._metrics.queue_lateness.labels(self.model, self.version).set(self.lateness)
+        self._lateness.set(self.lateness)
 
     def admissible(self, images: int, deadline: float, extra_s: float = 0.0) -> None:
         """Raise unless a request of ``images`` images could be taken now: Overloaded (503 +
@@ -291,7 +298,7 @@ class Batcher:
             predicted += self.max_delay_s  # a partial batch waits for company first
         at = bisect.bisect_right(self._pending, deadline, key=lambda it: it.deadline)
         self._pending[at:at] = items
-        self._metrics.queue_depth.labels(self.model, self.version).set(len(self._pending))
+        self._depth.set(len(self._pending))
         self._wakeup.set()
         submitted = time.perf_counter()
         futures = [it.future for it in items]
@@ -370,7 +377,7 @@ class Batcher:
         cap = self.cap
         size = self._size(live[: 2 * cap], len(live), cap, now) if live else 0
         batch, self._pending = live[:size], live[size:]
-        self._metrics.queue_depth.labels(self.model, self.version).set(len(self._pending))
+        self._depth.set(len(self._pending))
         return batch
 
     def _size(self, head: list[_Item], queued: int, cap: int, now: float) -> int:
@@ -408,9 +415,7 @@ class Batcher:
             start = time.perf_counter()
             for it in batch:
                 it.started = start
-                self._metrics.queue_wait.labels(self.model, self.version).observe(
-                    start - it.enqueued
-                )
+                self._queue_wait.observe(start - it.enqueued)
             x = np.stack([it.tensor for it in batch])
             timeout = max(it.deadline for it in batch) - start
             try:
@@ -433,8 +438,8 @@ class Batcher:
             elapsed = finished - start
             learned = self.costs.observe(len(batch), elapsed)
             self._metrics.batch_cost.labels(self.model, self.version, str(len(batch))).set(learned)
-            self._metrics.inference.labels(self.model, self.version, self._backend).observe(elapsed)
-            self._metrics.batch_size.labels(self.model, self.version).observe(len(batch))
+            self._inference.observe(elapsed)
+            self._batch_size.observe(len(batch))
             for it, row in zip(batch, logits, strict=True):
                 it.finished = finished
                 if not it.future.done():

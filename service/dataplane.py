@@ -41,7 +41,7 @@ from service.metrics import Metrics
 from service.preprocess import DecodeLimits, preprocess
 from service.repository import ModelSpec, TensorSig, contract_tensors
 from service.routing import Routing, Version
-from service.scores import softmax, top_indices
+from service.scores import probabilities, top_indices
 from service.settings import Settings
 from service.statistics import ModelStatistics
 
@@ -306,7 +306,7 @@ class DataPlane:
         tensor = preprocess(data, spec.contract, self.limits, out)
         elapsed = time.perf_counter() - start
         served.decode_s += 0.1 * (elapsed - served.decode_s)
-        self.metrics.preprocess.labels(spec.name, spec.version).observe(elapsed)
+        self.metrics.child(self.metrics.preprocess, spec.name, spec.version).observe(elapsed)
         return tensor
 
     async def _decode_one(self, plan: Plan, k: int, data: bytes, out: np.ndarray) -> np.ndarray:
@@ -337,22 +337,20 @@ class DataPlane:
         # Each image is written into its row of the request's batch (no stacking copy).
         contract = plan.spec.contract
         batch = np.empty((n, *contract.input_shape), dtype=contract.dtype)
-        jobs = [self._decode_one(plan, k, d, batch[k]) for k, d in enumerate(images)]
         try:
-            results = await asyncio.wait_for(
-                asyncio.gather(*jobs, return_exceptions=True),
-                max(0.0, plan.deadline - start),
-            )
-            for k, res in enumerate(results):
-                if isinstance(res, ServiceError) and n > 1:
-                    res.message = f"image {k + 1}: {res.message}"
-                if isinstance(res, BaseException):
-                    raise res
-        except BaseException as exc:
+            # Each decode ends at the deadline (DecodePool.run), so the request does too.
+            if n == 1:
+                await self._decode_one(plan, 0, images[0], batch[0])
+            else:
+                jobs = [self._decode_one(plan, k, d, batch[k]) for k, d in enumerate(images)]
+                for k, res in enumerate(await asyncio.gather(*jobs, return_exceptions=True)):
+                    if isinstance(res, ServiceError) and not isinstance(res, DeadlineExceeded):
+                        res.message = f"image {k + 1}: {res.message}"
+                    if isinstance(res, BaseException):
+                        raise res
+        except BaseException:
             plan.served.batcher.release(n)
             self._failed(plan, start)
-            if isinstance(exc, TimeoutError):
-                raise DeadlineExceeded("request deadline exceeded while decoding") from None
             raise
         elapsed = time.perf_counter() - start
         plan.served.stats.durations["compute_input"].add(elapsed)
@@ -380,7 +378,7 @@ class DataPlane:
         observe.past_span("queue", start, start + done.queued_s)
         stats.inference_count += len(batch)
         stats.last_inference_ms = int(time.time() * 1000)
-        self.metrics.images.labels(spec.name, spec.version).inc(len(batch))
+        self.metrics.child(self.metrics.images, spec.name, spec.version).inc(len(batch))
         logits = np.stack(done.rows)
         if not plan.pinned:
             for hook in self.hooks:
@@ -404,7 +402,7 @@ class DataPlane:
         output_started = time.perf_counter()
         with observe.span("top-k", **{"resnet_serve.top_k": plan.top_k}):
             idx = top_indices(logits, plan.top_k)
-            probs = np.take_along_axis(softmax(logits), idx, axis=1)
+            probs = probabilities(logits, idx)
         labels = plan.spec.labels
         result = Classification(
             model=plan.spec.name,

@@ -26,7 +26,7 @@ import collections
 import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from service.errors import DeadlineExceeded
@@ -58,9 +58,37 @@ class DecodePool:
         return self.workers - self._free + sum(map(self.waiting, self._queues))
 
     async def run(self, key: str, deadline: float, fn: Callable[[], T]) -> T:
-        """Run ``fn`` on a decoding thread when ``key``'s turn comes, before ``deadline``."""
+        """Run ``fn`` on a decoding thread when ``key``'s turn comes; DeadlineExceeded at
+        ``deadline``, whether waiting for a thread or decoding (the thread then finishes
+        the work before it is handed on)."""
         loop = asyncio.get_running_loop()
-        turn: asyncio.Future[None] = loop.create_future()
+        if self._free > 0 and self._free_cpus > 0 and not self._holds:
+            # A thread and a CPU are free, so nothing waits for them (_dispatch would have
+            # handed them on): take them without queueing for a turn.
+            self._free -= 1
+            self._free_cpus -= 1
+        else:
+            await self._wait_turn(key, deadline)
+        if time.perf_counter() >= deadline:
+            self._release()
+            raise DeadlineExceeded("request deadline exceeded before decoding")
+        result: asyncio.Future[T] = loop.create_future()
+        work = self._executor.submit(fn)
+
+        def finished(work: Future[T]) -> None:  # on the decoding thread
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                loop.call_soon_threadsafe(self._finished, work, result)
+
+        work.add_done_callback(finished)
+        timer = loop.call_later(deadline - time.perf_counter(), _expire, result)
+        try:
+            return await result
+        finally:
+            timer.cancel()
+
+    async def _wait_turn(self, key: str, deadline: float) -> None:
+        """Wait for ``key``'s turn at a thread (fair between keys), until ``deadline``."""
+        turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         if key not in self._queues:
             self._queues[key] = collections.deque()
             self._turn.append(key)
@@ -80,14 +108,6 @@ class DecodePool:
                     turn.cancel()
                     with contextlib.suppress(ValueError):
                         self._queues[key].remove(turn)
-        if time.perf_counter() >= deadline:
-            self._release()
-            raise DeadlineExceeded("request deadline exceeded before decoding")
-        job = loop.run_in_executor(self._executor, fn)
-        # The thread is free when the work is done, not when a caller stops waiting for it
-        # (a request past its deadline answers 504 at once; its decode still runs out).
-        job.add_done_callback(self._finished)
-        return await asyncio.shield(job)
 
     @contextlib.asynccontextmanager
     async def cores(self, n: int) -> AsyncIterator[None]:
@@ -118,10 +138,16 @@ class DecodePool:
         self._free_cpus += n
         self._dispatch()
 
-    def _finished(self, job: asyncio.Future[Any]) -> None:
-        if not job.cancelled():
-            job.exception()  # retrieved: the caller, if still waiting, has its own copy
+    def _finished(self, work: Future[T], result: asyncio.Future[T]) -> None:
+        """The thread is free when the work is done, not when its caller stops waiting for
+        it (a request past its deadline answers 504 at once; its decode still runs out)."""
         self._release()
+        if result.done():  # its caller gave up
+            return
+        if (exc := work.exception()) is not None:
+            result.set_exception(exc)
+        else:
+            result.set_result(work.result())
 
     def _release(self) -> None:
         self._free += 1
@@ -159,3 +185,8 @@ class DecodePool:
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)
+
+
+def _expire(result: asyncio.Future[Any]) -> None:
+    if not result.done():
+        result.set_exception(DeadlineExceeded("request deadline exceeded while decoding"))

@@ -143,17 +143,36 @@ def guarded_protocol(limits: ConnectionLimits, metrics: Metrics) -> type[HttpToo
                 self.transport.resume_reading()
 
         def _watch_status(self) -> None:
-            """Note a 503's Retry-After as the response starts (the request's own cycle)."""
+            """Wrap the request's own cycle's send: note a 503's Retry-After as the response
+            starts, and write the response's head with its first body message (uvicorn
+            writes each on its own: two sends on the socket for every response)."""
             cycle = self.cycle
             if cycle is None:
                 return
             send = cycle.send
+            held = _HeldHead(cycle.transport)
 
             async def watched(message: Any) -> None:
-                if message["type"] == "http.response.start" and message["status"] == 503:
-                    for name, value in message.get("headers", ()):
-                        if name.lower() == b"retry-after":
-                            self._pause_s = float(value)
+                kind = message["type"]
+                if kind == "http.response.start":
+                    if message["status"] == 503:
+                        for name, value in message.get("headers", ()):
+                            if name.lower() == b"retry-after":
+                                self._pause_s = float(value)
+                    cycle.transport = held  # type: ignore[assignment]
+                    try:
+                        await send(message)
+                    finally:
+                        cycle.transport = held.transport
+                    return
+                if kind == "http.response.body" and held.head:
+                    cycle.transport = held  # type: ignore[assignment]
+                    try:
+                        await send(message)
+                    finally:
+                        cycle.transport = held.transport
+                        held.flush()  # nothing written (a HEAD response): the head alone
+                    return
                 await send(message)
 
             cycle.send = watched  # type: ignore[method-assign]
@@ -206,3 +225,33 @@ def guarded_protocol(limits: ConnectionLimits, metrics: Metrics) -> type[HttpToo
             self.transport.close()
 
     return GuardedProtocol
+
+
+class _HeldHead:
+    """The transport a response's cycle writes through while its head and first body
+    message are sent: the head is held and goes out with that body, in one write."""
+
+    __slots__ = ("head", "transport")
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self.transport = transport
+        self.head = b""
+
+    def write(self, data: bytes) -> None:
+        if self.head:
+            self.transport.write(self.head + data)
+            self.head = b""
+        else:
+            self.head = data  # uvicorn writes the head once as the response starts
+
+    def flush(self) -> None:
+        if self.head:
+            self.transport.write(self.head)
+            self.head = b""
+
+    def close(self) -> None:
+        self.flush()
+        self.transport.close()
+
+    def is_closing(self) -> bool:
+        return self.transport.is_closing()

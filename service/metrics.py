@@ -10,6 +10,8 @@ that ``process_start_time_seconds`` already gives.
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import (
     GC_COLLECTOR,
     PLATFORM_COLLECTOR,
@@ -29,6 +31,7 @@ _FAST = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)
 
 class Metrics:
     def __init__(self) -> None:
+        self._children: dict[tuple[object, tuple[str, ...]], Any] = {}
         self.registry = r = CollectorRegistry(auto_describe=True)
         # The standard process_* (CPU, memory, fds, start time) and python_* (GC, info)
         # series, as every Python exporter has them.
@@ -163,3 +166,14 @@ class Metrics:
             buckets=(0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1),
             registry=r,
         )
+
+    def child(self, metric: Any, *labels: str) -> Any:
+        """``metric.labels(*labels)``, looked up once: on the request path, where that call
+        (validating and locking) costs more than the increment. For counters and histograms,
+        whose series are never removed; a gauge that may be (a released version's) keeps
+        its children where its owner can drop them (service.batching.Batcher)."""
+        key = (metric, labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found

@@ -27,6 +27,8 @@ ONNX Runtime session and against Triton's metadata).
 
 from __future__ import annotations
 
+import functools
+import json
 import os
 import tempfile
 from dataclasses import dataclass
@@ -167,6 +169,11 @@ class ModelSpec:
     @property
     def precision(self) -> str:
         return self.contract.precision
+
+    @functools.cached_property
+    def labels_json(self) -> tuple[str, ...]:
+        """Each class name as a JSON string, encoded once (every REST answer carries some)."""
+        return tuple(json.dumps(label, ensure_ascii=False) for label in self.labels)
 
 
 def _contract(model_dir: Path, version: int) -> PreprocessContract:

@@ -31,7 +31,7 @@ import numpy as np
 
 from service.errors import ServiceError
 from service.routing import Routing, Version
-from service.scores import softmax, top_indices
+from service.scores import probabilities, top_indices
 
 if TYPE_CHECKING:
     from service.metrics import Metrics
@@ -79,8 +79,8 @@ def compare(primary: np.ndarray, shadow: np.ndarray) -> tuple[np.ndarray, np.nda
     p_top, s_top = top_indices(primary, k), top_indices(shadow, k)
     agree = p_top[:, 0] == s_top[:, 0]
     overlap = np.array([len(set(a) & set(b)) / k for a, b in zip(p_top, s_top, strict=True)])
-    rows = np.arange(len(primary))
-    drift = np.abs(softmax(primary)[rows, p_top[:, 0]] - softmax(shadow)[rows, p_top[:, 0]])
+    top1 = p_top[:, :1]
+    drift = np.abs(probabilities(primary, top1) - probabilities(shadow, top1))[:, 0]
     return agree, overlap, drift
 
 

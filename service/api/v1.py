@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
+import math
 import re
 from typing import Annotated, Any
 from urllib.parse import parse_qsl
@@ -15,7 +17,7 @@ from fastapi import APIRouter, Header, Query, Request
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -163,6 +165,28 @@ def _body(result: Classification) -> dict[str, Any]:
     }
 
 
+def _response(result: Classification, labels_json: tuple[str, ...]) -> Response:
+    """The JSON of :func:`_body`, byte for byte as JSONResponse renders it, written out
+    from the class names encoded once (``ModelSpec.labels_json``): json.dumps of the whole
+    answer costs more than the rest of shaping it. A score that is not finite goes to
+    JSONResponse, which refuses it as before."""
+    rows = []
+    for row in result.predictions:
+        if not all(math.isfinite(p.score) for p in row):
+            return JSONResponse(_body(result))
+        rows.append(
+            ",".join(
+                f'{{"index":{p.index},"label":{labels_json[p.index]},"score":{p.score!r}}}'
+                for p in row
+            )
+        )
+    model = json.dumps(result.model, ensure_ascii=False)
+    version = json.dumps(result.version, ensure_ascii=False)
+    predictions = "],[".join(rows)
+    text = f'{{"model":{model},"version":{version},"predictions":[[{predictions}]]}}'
+    return Response(text.encode(), media_type="application/json")
+
+
 async def _classify(
     request: Request,
     plane: DataPlane,
@@ -170,7 +194,7 @@ async def _classify(
     top_k: int | None,
     timeout: float | None,
     version: str | None = None,
-) -> JSONResponse:
+) -> Response:
     # 404/422 before the body
     plan = plane.plan(model, version=version, top_k=top_k, timeout_s=timeout)
     with observe.step("read"):
@@ -178,7 +202,7 @@ async def _classify(
     if top_k is None and body_top_k is not None:
         plan = plane.with_top_k(plan, body_top_k)
     # Built directly (response_model documents it): validating our own output costs time.
-    return JSONResponse(_body(await plane.classify(plan, images)))
+    return _response(await plane.classify(plan, images), plan.spec.labels_json)
 
 
 @api.post(
@@ -189,7 +213,7 @@ async def _classify(
 )
 async def classify(
     model: str, request: Request, plane: PlaneDep, top_k: TopK = None, timeout: Timeout = None
-) -> JSONResponse:
+) -> Response:
     """Send images as multipart `file` parts, a raw `image/*` body, or JSON
     `{"images": [{"b64": ...}], "top_k": 5}`. One prediction list per image, in order;
     the query's `top_k` wins over the body's."""
@@ -209,7 +233,7 @@ async def classify_version(
     plane: PlaneDep,
     top_k: TopK = None,
     timeout: Timeout = None,
-) -> JSONResponse:
+) -> Response:
     """As `/v1/models/{model}/classify`, answered by `version` (one of the served versions,
     whatever the canary weights say; never copied to a shadow)."""
     return await _classify(request, plane, model, top_k, timeout, version)
@@ -223,7 +247,7 @@ async def classify_version(
 )
 async def classify_default(
     request: Request, plane: PlaneDep, top_k: TopK = None, timeout: Timeout = None
-) -> JSONResponse:
+) -> Response:
     """As `/v1/models/{model}/classify`, with the default model."""
     return await _classify(request, plane, None, top_k, timeout)
 

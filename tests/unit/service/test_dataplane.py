@@ -11,13 +11,12 @@ import numpy as np
 import pytest
 
 from service.backends.base import Backend
-from service.dataplane import DataPlane
+from service.dataplane import Classification, DataPlane, Prediction
 from service.errors import ModelNotFound, ValidationFailed
 from service.metrics import Metrics
 from service.processes import wait_until
 from service.repository import ModelSpec, load_spec
 from service.routing import Routing
-from service.scores import softmax
 from service.settings import Settings
 from service.shadow import Shadows
 from tests.conftest import image_bytes
@@ -83,7 +82,7 @@ async def test_concurrent_requests_each_get_their_own_top_k_of_the_newest_versio
         await plane.close()
     # Unpinned: the newest version. (How the batcher groups them is test_batching's.)
     assert {v for v, _ in backend.batches} == {"2"} and sum(n for _, n in backend.batches) == 3
-    probs = softmax(RISING[None])[0]
+    probs = np.exp(RISING - RISING.max()) / np.exp(RISING - RISING.max()).sum()  # softmax
     for result, k in zip(results, (1, 3, 10), strict=True):
         (row,) = result.predictions
         assert [p.index for p in row] == list(range(9, 9 - k, -1))
@@ -175,3 +174,31 @@ async def test_the_plane_tells_its_hooks_of_unpinned_batches_and_closes_them(spe
     await plane.classify(plane.plan("tiny", version="1"), IMAGES[:1])
     await plane.close()
     assert seen == [("2", 3)] and closed == [True]
+
+
+LABELS = ('say "cheese"', "back\\slash", "tab\there", "ünïcödé 日本", "ctrl\x01", "🐈", "/", "x")
+
+
+@pytest.mark.parametrize(
+    "scores",
+    [(0.123456789012345, 1e-10, 1.0), (5e-324, 0.5, 1 / 3), (0.0, 2.220446049250313e-16, 0.9)],
+)
+def test_the_rest_answer_is_the_json_of_its_classification_byte_for_byte(specs, scores):
+    """REST's classify answer is written out from the labels encoded once; it is exactly
+    what JSONResponse renders for the same classification, odd labels included."""
+    from starlette.responses import JSONResponse
+
+    from service.api.v1 import _body, _response
+
+    spec = dataclasses.replace(specs[0], labels=LABELS + specs[0].labels[len(LABELS) :])
+    rows = [
+        [Prediction(i, spec.labels[i], s) for i, s in zip((0, 3, 5), scores, strict=True)],
+        [Prediction(i, spec.labels[i], s) for i, s in zip((1, 2, 4), scores[::-1], strict=True)],
+    ]
+    result = Classification('m"odel', "7", rows)
+    got, want = _response(result, spec.labels_json), JSONResponse(_body(result))
+    assert got.body == want.body
+    assert dict(got.headers) == dict(want.headers)
+    result.predictions[1][0] = Prediction(1, spec.labels[1], float("nan"))
+    with pytest.raises(ValueError, match="Out of range float values are not JSON compliant"):
+        _response(result, spec.labels_json)  # refused as JSONResponse refuses it

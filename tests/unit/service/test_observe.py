@@ -14,6 +14,9 @@ def test_a_request_id_is_the_clients_only_if_it_is_a_plain_token():
     for forged in (None, "", 'x" level=error', "a b", "é", "x" * 65, "line\nbreak"):
         made = request_id(forged)
         assert made != forged and len(made) == 32 and made.isalnum()
+    made = {request_id(None) for _ in range(10_000)}
+    assert len(made) == 10_000  # unique without a random draw each
+    assert all(len(m) == 32 and int(m, 16) >= 0 for m in made)
 
 
 def test_floods_of_one_client_error_are_cut_and_counted():
