@@ -2,7 +2,7 @@
 
 ``os.cpu_count()`` is the node's core count. In a container it is not what the process
 gets: a Kubernetes pod with ``limits.cpu: 2`` on a 64-core node sees 64 cores but is given
-2 CPUs' worth of time per CFS period, and 64 decoding threads plus 64 ONNX Runtime threads
+2 CPUs' worth of time per CFS period, and 64 decoding processes plus 64 ONNX Runtime threads
 would spend most of it fighting over those 2 (and being throttled). Two limits apply:
 
 * the **affinity mask** (``sched_getaffinity``): the cores the scheduler may run us on

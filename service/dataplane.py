@@ -18,7 +18,6 @@ import dataclasses
 import math
 import time
 from dataclasses import dataclass
-from functools import partial
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
@@ -27,6 +26,7 @@ from service import observe
 from service.backends.base import Backend
 from service.batching import Batcher
 from service.cpus import usable_cpus
+from service.decoder_process import DecoderProcesses, PreprocessJob
 from service.decoding import DecodePool
 from service.errors import (
     DeadlineExceeded,
@@ -38,7 +38,7 @@ from service.errors import (
     cut,
 )
 from service.metrics import Metrics
-from service.preprocess import DecodeLimits, preprocess
+from service.preprocess import DecodeLimits
 from service.repository import ModelSpec, TensorSig, contract_tensors
 from service.routing import Routing, Version
 from service.scores import probabilities, top_indices
@@ -139,7 +139,9 @@ class DataPlane:
         cpus = usable_cpus()
         workers = settings.preprocess_workers or cpus
         # EXCLUSIVE_CPUS: a batch holds its threads' CPUs, decodes the rest (service.decoding).
-        self.decoder = DecodePool(workers, cpus if settings.exclusive_cpus else workers)
+        self.decoder = DecodePool(
+            DecoderProcesses(workers), cpus if settings.exclusive_cpus else workers
+        )
         self._batch_cpus = backend.cpus_per_batch if settings.exclusive_cpus else 0
         self._started = False
         self.models: dict[str, Routing] = {}
@@ -186,6 +188,7 @@ class DataPlane:
 
     def start(self) -> None:
         self._started = True
+        self.decoder.start()
         for version in self.served():
             version.batcher.start()
 
@@ -197,7 +200,7 @@ class DataPlane:
         await asyncio.gather(*(v.batcher.close() for v in self.served()))
         for hook in self.hooks:
             await hook.close()
-        self.decoder.close()
+        await self.decoder.close()
 
     # --- resolving a request ----------------------------------------------------------------
 
@@ -300,24 +303,17 @@ class DataPlane:
 
     # --- the work ---------------------------------------------------------------------------
 
-    def _preprocess_one(self, served: Version, data: bytes, out: np.ndarray) -> np.ndarray:
-        start = time.perf_counter()
-        spec = served.spec
-        tensor = preprocess(data, spec.contract, self.limits, out)
-        elapsed = time.perf_counter() - start
-        served.decode_s += 0.1 * (elapsed - served.decode_s)
-        self.metrics.child(self.metrics.preprocess, spec.name, spec.version).observe(elapsed)
-        return tensor
-
-    async def _decode_one(self, plan: Plan, k: int, data: bytes, out: np.ndarray) -> np.ndarray:
+    async def _decode_one(self, plan: Plan, k: int, data: bytes, out: np.ndarray) -> None:
+        """Preprocess one image into ``out`` (its row of the request's batch) on a decoding
+        process, counted in its version's decode estimate and the preprocess metric."""
+        served, spec = plan.served, plan.spec
         with observe.span(
             "preprocess", **{"resnet_serve.image": k, "resnet_serve.bytes": len(data)}
         ):
-            return await self.decoder.run(
-                plan.spec.name,
-                plan.deadline,
-                partial(self._preprocess_one, plan.served, data, out),
-            )
+            job = PreprocessJob(spec.contract, self.limits, data, out)
+            elapsed = await self.decoder.run(spec.name, plan.deadline, job)
+        served.decode_s += 0.1 * (elapsed - served.decode_s)
+        self.metrics.child(self.metrics.preprocess, spec.name, spec.version).observe(elapsed)
 
     async def decode(self, plan: Plan, images: list[bytes]) -> np.ndarray:
         """Encoded images -> the model's input batch, by its contract, for :meth:`infer`.

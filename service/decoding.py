@@ -1,18 +1,19 @@
-"""The process's CPUs, shared by decoding and inference; decoding threads handed out
+"""The process's CPUs, shared by decoding and inference; decoding workers handed out
 fairly and never past a deadline.
 
-One thread pool (decoding is CPU work: more threads than cores only adds contention), but
-not one FIFO queue: each model has its own queue of waiting images, and a free thread goes
-to the next model in turn that has one. A flood of large images for one model therefore
-delays another model's image by at most the decodes already running, never by the whole
-flood. An image whose request's deadline has passed is never decoded; a request waiting
-for a thread gives up at its deadline.
+One set of workers (decoding is CPU work: more workers than cores only adds contention;
+they are processes, ``service.decoder_process``), but not one FIFO queue: each model has
+its own queue of waiting images, and a free worker goes to the next model in turn that has
+one. A flood of large images for one model therefore delays another model's image by at
+most the decodes already running, never by the whole flood. An image whose request's
+deadline has passed is never decoded; a request waiting for a worker gives up at its
+deadline.
 
 With ``EXCLUSIVE_CPUS`` the pool also counts the CPUs the process may use, and inference
 holds its share while a batch runs (:meth:`DecodePool.cores`: as many as the batch's
 intra-op threads). A decode holds one; together they never hold more than there are: an
 ONNX Runtime batch split over several threads waits for its slowest thread, and a decoding
-thread taking one of its cores stalls the whole batch. A waiting batch goes before waiting
+worker taking one of its cores stalls the whole batch. A waiting batch goes before waiting
 decodes: its images are decoded already, and finishing them is what empties the queue. The
 price is that decoding no longer overlaps a batch on all cores; measured on 2 cores it
 costs more p99 than the stalls it saves (docs/data-plane.md, Batching and bounds), so it is off by
@@ -25,23 +26,37 @@ import asyncio
 import collections
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable
-from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator
+from typing import Any, Protocol
 
 from service.errors import DeadlineExceeded
 
-T = TypeVar("T")
+
+class Workers(Protocol):
+    """What does the work the pool schedules: ``count`` workers, each one job at a time."""
+
+    count: int
+
+    def start(self) -> None:
+        """Start the workers (on the running loop; they may get ready after)."""
+        ...
+
+    def submit(self, job: Any) -> asyncio.Future[Any]:
+        """Start ``job`` on an idle worker (the pool never asks for more than ``count`` at
+        once); the future ends with the work, and the worker is idle again then."""
+        ...
+
+    async def close(self) -> None: ...
 
 
 class DecodePool:
-    def __init__(self, workers: int, cpus: int | None = None) -> None:
-        """``workers`` decoding threads; ``cpus`` the CPUs they share with inference
-        (default: as many as the threads)."""
-        self.workers = workers
-        self.cpus = cpus or workers
-        self._executor = ThreadPoolExecutor(workers, thread_name_prefix="decode")
-        self._free = workers
+    def __init__(self, workers: Workers, cpus: int | None = None) -> None:
+        """``workers`` (decoding processes); ``cpus`` the CPUs they share with inference
+        (default: as many as the workers)."""
+        self._workers = workers
+        self.workers = workers.count
+        self.cpus = cpus or self.workers
+        self._free = self.workers
         self._free_cpus = self.cpus
         #: Batches waiting for CPUs, first come first served: (CPUs, grant).
         self._holds: collections.deque[tuple[int, asyncio.Future[None]]] = collections.deque()
@@ -49,7 +64,7 @@ class DecodePool:
         self._turn: collections.deque[str] = collections.deque()  # round-robin order
 
     def waiting(self, key: str) -> int:
-        """Images of ``key`` waiting for a thread."""
+        """Images of ``key`` waiting for a worker."""
         return sum(not f.done() for f in self._queues.get(key, ()))
 
     @property
@@ -57,13 +72,13 @@ class DecodePool:
         """Images decoding or waiting to, for every model."""
         return self.workers - self._free + sum(map(self.waiting, self._queues))
 
-    async def run(self, key: str, deadline: float, fn: Callable[[], T]) -> T:
-        """Run ``fn`` on a decoding thread when ``key``'s turn comes; DeadlineExceeded at
-        ``deadline``, whether waiting for a thread or decoding (the thread then finishes
+    async def run(self, key: str, deadline: float, job: Any) -> Any:
+        """Do ``job`` on a worker when ``key``'s turn comes; DeadlineExceeded at
+        ``deadline``, whether waiting for a worker or decoding (the worker then finishes
         the work before it is handed on)."""
         loop = asyncio.get_running_loop()
         if self._free > 0 and self._free_cpus > 0 and not self._holds:
-            # A thread and a CPU are free, so nothing waits for them (_dispatch would have
+            # A worker and a CPU are free, so nothing waits for them (_dispatch would have
             # handed them on): take them without queueing for a turn.
             self._free -= 1
             self._free_cpus -= 1
@@ -72,14 +87,13 @@ class DecodePool:
         if time.perf_counter() >= deadline:
             self._release()
             raise DeadlineExceeded("request deadline exceeded before decoding")
-        result: asyncio.Future[T] = loop.create_future()
-        work = self._executor.submit(fn)
-
-        def finished(work: Future[T]) -> None:  # on the decoding thread
-            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
-                loop.call_soon_threadsafe(self._finished, work, result)
-
-        work.add_done_callback(finished)
+        try:
+            work = self._workers.submit(job)
+        except BaseException:
+            self._release()
+            raise
+        result: asyncio.Future[Any] = loop.create_future()
+        work.add_done_callback(lambda work: self._finished(work, result))
         timer = loop.call_later(deadline - time.perf_counter(), _expire, result)
         try:
             return await result
@@ -87,7 +101,7 @@ class DecodePool:
             timer.cancel()
 
     async def _wait_turn(self, key: str, deadline: float) -> None:
-        """Wait for ``key``'s turn at a thread (fair between keys), until ``deadline``."""
+        """Wait for ``key``'s turn at a worker (fair between keys), until ``deadline``."""
         turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         if key not in self._queues:
             self._queues[key] = collections.deque()
@@ -103,7 +117,7 @@ class DecodePool:
         finally:
             if not granted:
                 if turn.done() and not turn.cancelled():
-                    self._release()  # granted as we left: hand the thread on
+                    self._release()  # granted as we left: hand the worker on
                 else:
                     turn.cancel()
                     with contextlib.suppress(ValueError):
@@ -138,13 +152,14 @@ class DecodePool:
         self._free_cpus += n
         self._dispatch()
 
-    def _finished(self, work: Future[T], result: asyncio.Future[T]) -> None:
-        """The thread is free when the work is done, not when its caller stops waiting for
+    def _finished(self, work: asyncio.Future[Any], result: asyncio.Future[Any]) -> None:
+        """The worker is free when the work is done, not when its caller stops waiting for
         it (a request past its deadline answers 504 at once; its decode still runs out)."""
         self._release()
+        exc = None if work.cancelled() else work.exception()  # retrieved either way
         if result.done():  # its caller gave up
             return
-        if (exc := work.exception()) is not None:
+        if exc is not None:
             result.set_exception(exc)
         else:
             result.set_result(work.result())
@@ -156,7 +171,7 @@ class DecodePool:
 
     def _dispatch(self) -> None:
         """Give free CPUs to waiting batches, in order; then, unless a batch still waits
-        for CPUs (it would never find enough free at once), free threads to the waiting
+        for CPUs (it would never find enough free at once), free workers to the waiting
         models in turn."""
         while self._holds:
             n, grant = self._holds[0]
@@ -183,8 +198,11 @@ class DecodePool:
             else:
                 return
 
-    def close(self) -> None:
-        self._executor.shutdown(wait=True)
+    def start(self) -> None:
+        self._workers.start()
+
+    async def close(self) -> None:
+        await self._workers.close()
 
 
 def _expire(result: asyncio.Future[Any]) -> None:

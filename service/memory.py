@@ -3,9 +3,11 @@
 glibc's malloc keeps what a large decode freed in its per-thread arenas, so a burst of
 36-megapixel images leaves the process hundreds of MB larger for good (measured here:
 +470 MB after 18 such PNGs on 2 threads). Two remedies, both cheap: fewer arenas (set once,
-before the decoding threads start) and ``malloc_trim`` after each large image, which hands
+before the gateway's threads start) and ``malloc_trim`` after each large image, which hands
 the free pages back to the kernel (RSS returned to below its starting point in the same
-measurement). Elsewhere than glibc both are no-ops.
+measurement). Elsewhere than glibc both are no-ops. Images are decoded in processes of
+their own now (``service.decoder_process``): the trim runs there, after each large image;
+the gateway's process trims after releasing a model version.
 """
 
 from __future__ import annotations

@@ -124,7 +124,10 @@ def open_image(data: bytes, contract: PreprocessContract, limits: DecodeLimits) 
         raise
     except (Image.DecompressionBombError, MemoryError) as exc:  # pragma: no cover - guarded
         raise PayloadTooLarge("image is too large to decode") from exc
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
+    except UnidentifiedImageError as exc:
+        # Pillow's message names its file object ("<_io.BytesIO object at 0x...>").
+        raise InvalidImage(f"cannot decode {fmt} image: no {fmt} decoder can read it") from exc
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
         # Truncated data, corrupt chunks, bad CRCs, impossible headers.
         raise InvalidImage(f"cannot decode {fmt} image: {brief(exc)}") from exc
     except Exception as exc:

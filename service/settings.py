@@ -157,7 +157,7 @@ class Settings(BaseSettings):
     preprocess_workers: int = Field(
         0,
         ge=0,
-        description="Threads decoding and preprocessing images (0: one per usable CPU "
+        description="Processes decoding and preprocessing images (0: one per usable CPU "
         "(cgroup quota and affinity)).",
     )
     ort_intra_op_threads: int = Field(

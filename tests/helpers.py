@@ -8,6 +8,7 @@ import asyncio
 import re
 import time
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -31,6 +32,24 @@ def fastest_of(work: Callable[[], object], runs: int = 3) -> float:
         work()
         best = min(best, time.perf_counter() - t0)
     return best
+
+
+class ThreadWorkers:
+    """Decoding workers that are threads running callables (``service.decoding.Workers``):
+    the pool's scheduling (turns, deadlines, CPUs) tested with jobs that take what a test
+    says, apart from the decoding processes."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+        self._executor = ThreadPoolExecutor(count)
+
+    def start(self) -> None: ...
+
+    def submit(self, job: Callable[[], object]) -> asyncio.Future[object]:
+        return asyncio.wrap_future(self._executor.submit(job))
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self._executor.shutdown, wait=True)
 
 
 class SlowBackend(Backend):

@@ -1,4 +1,6 @@
-"""The decoding pool: fair between models, never past a deadline, no thread lost."""
+"""The decoding pool's scheduling: fair between models, never past a deadline, no worker
+lost, never more CPUs held than there are (workers here: threads running scripted jobs,
+``tests.helpers.ThreadWorkers``; the decoding processes are test_decoder_process's)."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import pytest
 
 from service.decoding import DecodePool
 from service.errors import DeadlineExceeded
+from tests.helpers import ThreadWorkers
 
 
 def far() -> float:
@@ -25,7 +28,7 @@ def job(log: list[str], name: str, seconds: float = 0.05):
 
 
 async def test_a_flood_for_one_model_does_not_starve_another():
-    pool = DecodePool(1)
+    pool = DecodePool(ThreadWorkers(1))
     log: list[str] = []
     flood = [asyncio.create_task(pool.run("a", far(), job(log, f"a{i}"))) for i in range(6)]
     await asyncio.sleep(0)  # the flood is queued first
@@ -33,11 +36,11 @@ async def test_a_flood_for_one_model_does_not_starve_another():
     assert await other == "b"
     assert log.index("b") <= 2, log  # behind at most the decode running and one turn
     await asyncio.gather(*flood)
-    pool.close()
+    await pool.close()
 
 
 async def test_nothing_is_decoded_past_its_deadline():
-    pool = DecodePool(1)
+    pool = DecodePool(ThreadWorkers(1))
     log: list[str] = []
     busy = asyncio.create_task(pool.run("a", far(), job(log, "busy", 0.3)))
     await asyncio.sleep(0.01)
@@ -48,31 +51,31 @@ async def test_nothing_is_decoded_past_its_deadline():
     with pytest.raises(DeadlineExceeded):
         await pool.run("a", time.perf_counter() - 1, job(log, "expired"))
     await busy
-    assert await pool.run("a", far(), job(log, "next")) == "next"  # no thread was lost
+    assert await pool.run("a", far(), job(log, "next")) == "next"  # no worker was lost
     assert log == ["busy", "next"]
-    pool.close()
+    await pool.close()
 
 
-async def test_a_caller_that_goes_away_frees_its_turn_and_its_thread():
-    pool = DecodePool(1)
+async def test_a_caller_that_goes_away_frees_its_turn_and_its_worker():
+    pool = DecodePool(ThreadWorkers(1))
     log: list[str] = []
     running = asyncio.create_task(pool.run("a", far(), job(log, "running", 0.2)))
     waiting = asyncio.create_task(pool.run("a", far(), job(log, "waiting")))
     await asyncio.sleep(0.01)
-    running.cancel()  # the thread still finishes its image; then the slot is free again
+    running.cancel()  # the worker still finishes its image; then the slot is free again
     waiting.cancel()
     t0 = time.perf_counter()
     assert await pool.run("a", far(), job(log, "after")) == "after"
     assert time.perf_counter() - t0 >= 0.15  # not before the running decode ended
     assert log == ["running", "after"]
     assert pool.waiting("a") == 0
-    pool.close()
+    await pool.close()
 
 
 async def test_decodes_and_batches_never_hold_more_cpus_than_there_are():
-    """Two CPUs, two decoding threads: a batch on both CPUs waits for the decode running,
+    """Two CPUs, two decoding workers: a batch on both CPUs waits for the decode running,
     goes before the decode queued behind it, and that decode waits for the batch."""
-    pool = DecodePool(2, cpus=2)
+    pool = DecodePool(ThreadWorkers(2), cpus=2)
     log: list[str] = []
 
     async def batch() -> None:
@@ -92,11 +95,11 @@ async def test_decodes_and_batches_never_hold_more_cpus_than_there_are():
     async with pool.cores(5):  # more than there are: all of them
         assert pool._free_cpus == 0
     assert pool._free_cpus == 2
-    pool.close()
+    await pool.close()
 
 
 async def test_a_batch_that_stops_waiting_for_cpus_loses_none():
-    pool = DecodePool(1, cpus=1)
+    pool = DecodePool(ThreadWorkers(1), cpus=1)
     log: list[str] = []
     busy = asyncio.create_task(pool.run("a", far(), job(log, "busy", 0.1)))
     await asyncio.sleep(0.01)
@@ -113,4 +116,4 @@ async def test_a_batch_that_stops_waiting_for_cpus_loses_none():
     assert log == ["busy", "next"] and pool._free_cpus == 1
     async with pool.cores(0):  # a batch that runs elsewhere holds nothing
         assert pool._free_cpus == 1
-    pool.close()
+    await pool.close()

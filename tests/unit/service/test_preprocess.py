@@ -218,6 +218,13 @@ def test_truncated_images_are_400(fmt):
         preprocess(data[: len(data) // 2], RGB)
 
 
+def test_a_file_no_decoder_can_read_is_400_without_internal_names():
+    """Pillow's "cannot identify image file <_io.BytesIO object at 0x...>" is not echoed."""
+    with pytest.raises(InvalidImage) as err:
+        preprocess(encode(noise_image(48, 40), "PNG")[:40], RGB)
+    assert err.value.message == "cannot decode PNG image: no PNG decoder can read it"
+
+
 def test_corrupt_png_crc_is_400():
     data = bytearray(encode(noise_image(50, 50), "PNG"))
     data[40] ^= 0xFF  # inside the first IDAT chunk
