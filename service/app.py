@@ -15,13 +15,14 @@ from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
+from fastapi.routing import APIRoute
 from pydantic.json_schema import models_json_schema
 
 from service import __version__, tracing
 from service.api import kserve, v1
 from service.api.errors import install_error_handlers
 from service.api.kserve import v2, v2_models
-from service.api.middleware import Admission, BodyLimit, Observe
+from service.api.middleware import Admission, Admit, BodyLimit, Observe
 from service.api.ops import ops
 from service.api.v1 import admin, api
 from service.backends import Backend
@@ -34,13 +35,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 #: Routes whose requests are admitted before anything else is done (service.api.middleware).
-SHEDDABLE = {
+#: In the order they are tried: the most called first.
+SHEDDABLE = (
     "classify",
     "classify_default",
-    "classify_version",
     "model_infer",
+    "classify_version",
     "model_version_infer",
-}
+)
 
 DESCRIPTION = (
     "Image classification with ResNet models. REST `/v1` (errors: "
@@ -94,16 +96,18 @@ def create_app(
         app.include_router(router)
     # By operation id (a renamed route fails here, at start).
     routes = {
-        op: r
+        r.operation_id: r
         for router in (api, v2_models)
         for r in router.routes
-        if (op := getattr(r, "operation_id", None))
+        if isinstance(r, APIRoute) and r.operation_id
     }
-    # Each added outside the one before: Observe, Admission, BodyLimit, DirectClassify, routes.
+    # Each added outside the one before: Observe, Admit, BodyLimit, DirectClassify, routes.
     app.add_middleware(v1.DirectClassify, routes=[routes[op] for op in v1.DIRECT], runtime=runtime)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
-    classify_routes = [routes[op] for op in SHEDDABLE]
-    app.add_middleware(Admission, routes=classify_routes, runtime=runtime)
+    # One admission check: the HTTP protocol's before the app (service.http_guard, through
+    # app.state.admission), and the middleware's for requests that did not come that way.
+    app.state.admission = Admission([routes[op] for op in SHEDDABLE], runtime)
+    app.add_middleware(Admit, admission=app.state.admission)
     app.add_middleware(Observe, runtime=runtime)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app

@@ -3,7 +3,7 @@ send its headers and its body, how large its headers may be, how many connection
 open. uvicorn (httptools) alone holds a connection that dribbles a byte a second forever,
 and buffers an unterminated header of any size.
 
-``guarded_protocol(limits, metrics)`` returns uvicorn's httptools protocol with:
+``guarded_protocol(limits, metrics, early)`` returns uvicorn's httptools protocol with:
 
 * a header timeout: the request line and headers must arrive within ``header_timeout_s`` of
   the connection opening (or of the request's first byte): else 408 and close;
@@ -14,11 +14,17 @@ and buffers an unterminated header of any size.
   headers, or more than ``max_headers`` header lines: 431 and close, the rest unread;
 * a connection limit: past ``max_connections`` open connections, 503 + Retry-After and
   close at once;
-* backpressure on a client that ignores Retry-After: after a 503 on a connection, its
-  next request is not read until a good part of the Retry-After has passed (at most
-  ``MAX_PAUSE_S``). The 503 itself goes out at once; a client that waits as asked never
-  notices; one that retries at once on the same connection cannot turn refusals into a
-  flood that starves the requests being served.
+* refusals before the app: a classify request its model cannot take now (the app's own
+  admission check, ``service.api.middleware.Admission.refuse_early``) is answered 503 as
+  soon as its headers are parsed, without an ASGI task, the app's middleware or reading
+  its body (the rest of which is discarded): tens of microseconds of CPU;
+* backpressure on clients that ignore Retry-After, once refusals cost more than
+  ``REFUSAL_CPU_SHARE`` of a core (their measured CPU time, over about a second): then,
+  after a 503 on a connection, its next request is not read until a good part of the
+  Retry-After has passed (at most ``MAX_PAUSE_S``). The 503 itself goes out at once; a
+  client that waits as asked never notices; clients that retry at once get their
+  refusals at once while those are cheap, and cannot turn them into a flood that starves
+  the requests being served when they are not.
 
 Answers from here use the gateway's error envelope and are counted like every rejection.
 What an ingress in front adds (TLS, its own header/body timeouts, per-client rate limits)
@@ -31,10 +37,12 @@ import asyncio
 import http
 import json
 import random
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from service import observe
 from service.errors import HeaderTooLarge, Overloaded, RequestTimeout, ServiceError
@@ -42,6 +50,36 @@ from service.metrics import Metrics
 
 #: The longest a connection is left unread after a 503 (see the module's docstring).
 MAX_PAUSE_S = 2.0
+#: The share of one core refusals may take before their connections are slowed.
+REFUSAL_CPU_SHARE = 0.05
+#: What an answer before the app is: (status, headers, body), or None to go on to the app.
+EarlyAnswer = Callable[[dict[str, Any]], tuple[int, list[tuple[bytes, bytes]], bytes] | None]
+
+
+class RefusalBudget:
+    """CPU time refusals may take: ``share`` of a core, as a bucket of ``share`` x
+    ``window_s`` seconds that refills at ``share`` per second. Each refusal is charged its
+    measured CPU time (one answered by the app: the average of those measured)."""
+
+    def __init__(self, share: float = REFUSAL_CPU_SHARE, window_s: float = 1.0) -> None:
+        self.capacity = share * window_s
+        self.share = share
+        self._left = self.capacity
+        self._at = time.monotonic()
+        #: An average of what a refusal before the app costs (0.5 ms before one is seen:
+        #: what a refusal through the app measured).
+        self.cost_s = 0.0005
+
+    def spend(self, cost_s: float | None = None) -> bool:
+        """Charge one refusal (``cost_s``: its measured CPU time); whether the budget
+        covered it."""
+        if cost_s is not None:
+            self.cost_s += 0.1 * (cost_s - self.cost_s)
+        now = time.monotonic()
+        self._left = min(self.capacity, self._left + (now - self._at) * self.share)
+        self._at = now
+        self._left -= self.cost_s if cost_s is None else cost_s
+        return self._left >= 0
 
 
 @dataclass(frozen=True)
@@ -54,7 +92,17 @@ class ConnectionLimits:
     max_connections: int = 1000
 
 
-def guarded_protocol(limits: ConnectionLimits, metrics: Metrics) -> type[HttpToolsProtocol]:
+def guarded_protocol(
+    limits: ConnectionLimits,
+    metrics: Metrics,
+    early: EarlyAnswer | None = None,
+    budget: RefusalBudget | None = None,
+) -> type[HttpToolsProtocol]:
+    """uvicorn's httptools protocol with the bounds above; ``early`` answers a request
+    before the app when it can (the gateway's admission check); ``budget``: the refusals'
+    CPU (default: REFUSAL_CPU_SHARE of a core), shared by every connection."""
+    refusals = budget or RefusalBudget()
+
     class GuardedProtocol(HttpToolsProtocol):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
@@ -128,6 +176,45 @@ def guarded_protocol(limits: ConnectionLimits, metrics: Metrics) -> type[HttpToo
             self._disarm()
             super().on_message_complete()
 
+        def _start_asgi_task(self, cycle: Any, app: Any) -> None:
+            """The request's headers are complete and no earlier response is pending: answer
+            it here if ``early`` can, else start the app on it."""
+            if early is not None and app is self.app:
+                start = time.thread_time()
+                if (answer := early(cycle.scope)) is not None:
+                    self._answer(cycle, *answer)
+                    if answer[0] == 503:
+                        self._after_refusal(answer[1], time.thread_time() - start)
+                    cycle.on_response()
+                    return
+            super()._start_asgi_task(cycle, app)
+
+        def _answer(
+            self, cycle: Any, status: int, headers: list[tuple[bytes, bytes]], body: bytes
+        ) -> None:
+            """Write a whole response for ``cycle`` as uvicorn would (its default headers,
+            keep-alive), and mark it complete: the rest of its body is not read into it."""
+            content = [STATUS_LINE[status]]
+            for name, value in (*self.server_state.default_headers, *headers):
+                content += [name, b": ", value, b"\r\n"]
+            if not cycle.keep_alive:
+                content.append(b"connection: close\r\n")
+            content += [b"\r\n", body]  # the headers carry its content-length
+            self.transport.write(b"".join(content))
+            cycle.response_started = cycle.response_complete = True
+            cycle.message_event.set()
+            if not cycle.keep_alive:
+                self.transport.close()
+
+        def _after_refusal(self, headers: Any, cost_s: float | None = None) -> None:
+            """Charge a 503 to the refusal budget; past it, pause its connection after the
+            response for part of its Retry-After (on_response_complete)."""
+            if refusals.spend(cost_s):
+                return
+            for name, value in headers:
+                if name.lower() == b"retry-after":
+                    self._pause_s = float(value)
+
         def on_response_complete(self) -> None:
             super().on_response_complete()
             if self._pause_s and not self.transport.is_closing():
@@ -156,9 +243,7 @@ def guarded_protocol(limits: ConnectionLimits, metrics: Metrics) -> type[HttpToo
                 kind = message["type"]
                 if kind == "http.response.start":
                     if message["status"] == 503:
-                        for name, value in message.get("headers", ()):
-                            if name.lower() == b"retry-after":
-                                self._pause_s = float(value)
+                        self._after_refusal(message.get("headers", ()))
                     cycle.transport = held  # type: ignore[assignment]
                     try:
                         await send(message)

@@ -108,7 +108,9 @@ def uvicorn_config(asgi: Any, fastapi_app: Any, settings: Any) -> Any:
         timeout_graceful_shutdown=int(settings.request_timeout_s) + 5,
         timeout_keep_alive=settings.keep_alive_timeout_s,
         loop="uvloop",
-        http=guarded_protocol(limits, fastapi_app.state.runtime.metrics),
+        http=guarded_protocol(
+            limits, fastapi_app.state.runtime.metrics, fastapi_app.state.admission.refuse_early
+        ),
     )
 
 

@@ -3,9 +3,12 @@ metrics, the last resort for errors (all answered through ``service.api.errors``
 
 from __future__ import annotations
 
+import contextvars
 import re
 from dataclasses import dataclass
 
+from fastapi.routing import APIRoute
+from starlette.responses import Response
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -69,40 +72,92 @@ class BodyLimit:
 
 
 class Admission:
-    """A classification the model cannot take is refused here, before its body is read or
-    its route's parameters are parsed: the same admission check the data plane makes
+    """A classification the model cannot take is refused before its body is read or its
+    route's parameters are parsed: the same admission check the data plane makes
     (``DataPlane.shed``, for one image), but a refusal under overload costs tens of
-    microseconds instead of the whole request path (about 0.5 ms measured), which is what
-    keeps an overloaded replica's CPU for the requests it accepted. Anything the check
-    cannot decide (unknown model, bad timeout header) goes on to the route, which answers it.
-    What it found is left in the scope (:class:`Matched`), so that the direct path
+    microseconds instead of the whole request path. Anything the check cannot decide
+    (unknown model, bad timeout header) goes on to the route, which answers it. What it
+    found is left in the scope (:class:`Matched`), so that the direct path
     (``service.api.v1.DirectClassify``) neither matches the route nor reads the header again.
-    """
 
-    def __init__(self, app: ASGIApp, routes: list[BaseRoute], runtime: Runtime) -> None:
-        self.app = app
+    The gateway's HTTP protocol runs it before the request reaches the app at all
+    (:meth:`refuse_early`, ``service.http_guard``); the middleware (:class:`Admit`) runs it
+    for a request that did not come that way (an in-process client, a pipelined request)."""
+
+    def __init__(self, routes: list[APIRoute], runtime: Runtime) -> None:
         self.routes = routes
         self.runtime = runtime
+        # Their paths' last segments ("/classify", "/infer"): any other path is not theirs,
+        # and is told so without trying each route's pattern on it.
+        self._ends = tuple({"/" + r.path.rsplit("/", 1)[1] for r in routes})
+        assert not any("{" in end for end in self._ends), self._ends
+
+    def check(self, scope: Scope) -> ServiceError | None:
+        """The refusal of a classify request its model cannot take now, if it is one (its
+        route then labels it, as routing would); None to let it in. Leaves Matched."""
+        if not scope["path"].endswith(self._ends):
+            return None
+        for route in self.routes:
+            match, child = route.matches(scope)
+            if match is not Match.FULL:
+                continue
+            found = scope[MATCHED] = Matched(route, child["path_params"], *_timeout(scope))
+            if (plane := self.runtime.plane) is None:
+                return None  # not started: the route answers 503
+            try:
+                plane.shed(found.model, found.timeout, found.version)
+            except (Overloaded, DeadlineExceeded) as exc:
+                scope["route"] = route
+                return exc
+            except ServiceError:
+                pass  # the route answers it (404, 422...)
+            return None
+        return None
+
+    def refuse_early(self, scope: Scope) -> tuple[int, list[tuple[bytes, bytes]], bytes] | None:
+        """For the protocol, before the app: the answer (status, headers, body) to a POST
+        the check refuses, counted, logged and traced as Observe does; else None."""
+        if scope["method"] != "POST" or (refusal := self.check(scope)) is None:
+            return None
+        record, headers = _record(scope, self.runtime)
+        # In a context of its own: the request's record is current there, not in the loop's.
+        response = contextvars.copy_context().run(
+            _refused, refusal, record, self.runtime, headers, scope
+        )
+        extra = [(b"x-request-id", record.request_id.encode("latin-1"))]
+        return response.status_code, [*response.raw_headers, *extra], bytes(response.body)
+
+
+def _refused(
+    refusal: ServiceError,
+    record: observe.Record,
+    runtime: Runtime,
+    headers: dict[str, str],
+    scope: Scope,
+) -> Response:
+    """``refusal``'s answer, with the request counted, logged and traced as Observe does."""
+    with observe.handling(record, runtime.metrics, headers):
+        response = error_response(refusal, scope["path"])  # the outcome: its code
+        record.route, record.status = _route_template(scope), str(response.status_code)
+    return response
+
+
+class Admit:
+    """ASGI middleware: :class:`Admission` for a request the protocol did not check."""
+
+    def __init__(self, app: ASGIApp, admission: Admission) -> None:
+        self.app = app
+        self.admission = admission
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST":
-            for route in self.routes:
-                match, child = route.matches(scope)
-                if match is not Match.FULL:
-                    continue
-                found = scope[MATCHED] = Matched(route, child["path_params"], *_timeout(scope))
-                if (plane := self.runtime.plane) is None:
-                    break  # not started: the route answers 503
-                try:
-                    plane.shed(found.model, found.timeout, found.version)
-                except (Overloaded, DeadlineExceeded) as exc:
-                    scope["route"] = route  # labels the metrics as routing would
-                    response = error_response(exc, scope["path"])
-                    await response(scope, receive, send)
-                    return
-                except ServiceError:
-                    pass  # the route answers it (404, 422...)
-                break
+        if (
+            scope["type"] == "http"
+            and scope["method"] == "POST"
+            and MATCHED not in scope
+            and (refusal := self.admission.check(scope)) is not None
+        ):
+            await error_response(refusal, scope["path"])(scope, receive, send)
+            return
         await self.app(scope, receive, send)
 
 
@@ -159,14 +214,7 @@ class Observe:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
-        record = observe.Record(
-            "http",
-            "unmatched",
-            observe.request_id(headers.get("x-request-id")),
-            tracer=self.runtime.tracer,
-            client=headers.get("x-client-id"),
-        )
+        record, headers = _record(scope, self.runtime)
         scope.setdefault("state", {})["request_id"] = record.request_id
         status = 0
 
@@ -193,6 +241,20 @@ class Observe:
                 metrics.inflight.dec()
                 record.route = _route_template(scope)
                 record.status = str(status or 500)
+
+
+def _record(scope: Scope, runtime: Runtime) -> tuple[observe.Record, dict[str, str]]:
+    """A new HTTP request's record (its request id from X-Request-ID, or a new one), and
+    its headers as text (the trace context's carrier)."""
+    headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+    record = observe.Record(
+        "http",
+        "unmatched",
+        observe.request_id(headers.get("x-request-id")),
+        tracer=runtime.tracer,
+        client=headers.get("x-client-id"),
+    )
+    return record, headers
 
 
 def _route_template(scope: Scope) -> str:

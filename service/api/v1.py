@@ -10,6 +10,7 @@ import binascii
 import json
 import math
 import re
+from collections.abc import Sequence
 from typing import Annotated, Any
 from urllib.parse import parse_qsl
 
@@ -271,7 +272,7 @@ class DirectClassify:
     are Admission's (``Matched``). A request this path is not sure of (an unusual
     parameter, any method but POST) goes on to the route."""
 
-    def __init__(self, app: ASGIApp, routes: list[BaseRoute], runtime: Runtime) -> None:
+    def __init__(self, app: ASGIApp, routes: Sequence[BaseRoute], runtime: Runtime) -> None:
         self.app = app
         self.routes = routes
         self.runtime = runtime

@@ -19,6 +19,7 @@ from PIL import Image
 
 from service.backends.onnxruntime import OnnxRuntimeBackend
 from service.cpus import usable_cpus
+from service.http_guard import REFUSAL_CPU_SHARE
 from service.preprocess import preprocess
 from service.processes import BIN, GatewayProcess, wait_until
 from service.server import ThreadedGateway
@@ -307,8 +308,10 @@ def test_overload_keeps_goodput_and_refuses_in_milliseconds(tiny, tmp_path, poli
 
     Here one batch of at most 4 images costs 0.2 s (20 img/s), each request has 1 s, so
     about 20 requests can be served within their deadline at a time; 100 closed-loop
-    clients are 5x that; they wait Retry-After, or retry at once (the connection is then
-    not read until part of Retry-After has passed: service/http_guard.py)."""
+    clients are 5x that; they wait Retry-After, or retry at once (refusals are answered by
+    the HTTP protocol, before the app; once they take more than REFUSAL_CPU_SHARE of a
+    core, a refused connection is not read until part of Retry-After has passed:
+    service/http_guard.py)."""
     settings = Settings(
         repository=tiny.repository,
         max_batch_size=4,
@@ -346,6 +349,9 @@ def test_overload_keeps_goodput_and_refuses_in_milliseconds(tiny, tmp_path, poli
         # own p50 for a 503, measured in the same step).
         own_ms = clients * refused_p50_ms
         assert step["latency_ms"]["max"] < 1000 * settings.request_timeout_s + own_ms, own_ms
-    else:  # each connection is read again only after part of its Retry-After: no flood
+    else:  # past the budget, a connection is read again only after part of its Retry-After
         refused = step["errors"].get("503", 0)
-        assert refused < clients * 5.0 / 0.15, step["errors"]  # ~20,000 without
+        # What pauses let through, plus what the budget pays for at a refusal's lowest cost
+        # (50 us; 140-200 us measured here): no flood (~20,000 without).
+        budget = 5.0 * REFUSAL_CPU_SHARE / 50e-6
+        assert refused < clients * 5.0 / 0.15 + budget, step["errors"]

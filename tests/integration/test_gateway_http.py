@@ -8,6 +8,7 @@ import json
 import re
 import threading
 
+import httpx
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
@@ -16,6 +17,7 @@ from PIL import Image
 from service.app import create_app
 from service.backends.onnxruntime import OnnxRuntimeBackend
 from service.cpus import cpu_isa
+from service.server import ThreadedGateway
 from service.settings import Settings
 from tests.conftest import TINY_LABELS, image_bytes
 from tests.helpers import SlowBackend, counted
@@ -516,6 +518,34 @@ def test_full_queue_is_503_and_hopeless_deadlines_504_at_once(tiny, images):
         registry = c.app.state.runtime.metrics.registry
         refused = codes.count(503)  # one rejection counted per refused request
         assert counted(registry, "resnet_serve_requests_total", outcome="overloaded") == refused
+
+
+def test_a_refusal_before_the_app_answers_as_the_app_does(tiny, images):
+    """Over a real socket a refused classify is answered by the HTTP protocol, before the
+    app (service.http_guard): the same status, envelope, request id and count as the app's
+    answer to it in process (TestClient), in each dialect; its body is skipped, not read
+    as a next request, and the connection serves on."""
+    settings = Settings(repository=tiny.repository, max_batch_size=1, max_batch_delay_ms=0)
+    slow = 0.4  # a batch's cost: a 10 ms deadline is one no model here can meet (504 at once)
+    hopeless = {"x-request-timeout": "0.01", "x-request-id": "refused-1"}
+    paths = {"/v1/models/tiny/classify": "/v1/models/{model}/classify",
+             "/v2/models/tiny/infer": "/v2/models/{model}/infer"}  # fmt: skip
+    with TestClient(create_app(settings, backend=SlowBackend(OnnxRuntimeBackend(), slow))) as c:
+        in_process = {p: c.post(p, content=images[0], headers=hopeless) for p in paths}
+    with (
+        ThreadedGateway(settings, SlowBackend(OnnxRuntimeBackend(), slow)) as gw,
+        httpx.Client(base_url=gw.url) as client,  # one keep-alive connection
+    ):
+        for path in paths:
+            got = client.post(path, content=images[0], headers=hopeless)
+            want = in_process[path]
+            assert (got.status_code, got.json()) == (want.status_code, want.json())
+            assert got.status_code == 504 and got.headers["x-request-id"] == "refused-1"
+        assert client.get("/healthz").status_code == 200  # the same connection, serving on
+        registry = gw.runtime.metrics.registry
+        for template in paths.values():
+            assert counted(registry, "resnet_serve_requests_total",
+                           route=template, outcome="deadline_exceeded") == 1  # fmt: skip
 
 
 def test_concurrent_requests_share_a_backend_call(tiny, images):
