@@ -7,15 +7,18 @@ same model file and the same machine, in this order:
 2. image preprocessing alone (500x375 JPEG; 4032x3024 JPEG with and without DCT draft);
    then the gateway's cost per image (``--cost-only`` runs just that): server CPU per
    request from /proc, behind a near-free graph of the real input shape, for four images,
-   beside each one's decode floor and a tutorial server (deploy/tutorial_server.py);
+   beside each one's decode floor and two peers: a tutorial server
+   (deploy/tutorial_server.py) and LitServe with batch 8 (deploy/litserve_server.py);
 3. the gateway (a real process, embedded ORT backend): 16 and 1 closed-loop clients posting
    a 500x375 JPEG, and Poisson arrivals at half the bare model's throughput;
 4. the same 16 clients over the gateway's gRPC API (same process, same backend); 16
    clients with tracing off and on (every request sampled, exported over OTLP/gRPC to a
    receiver in this process), off-on-on-off; then overload: a gateway of its own whose requests have a 2 s deadline, under 2x and
    10x the clients it can serve within it (they wait Retry-After; 10x also without);
-   then p99 under Poisson arrivals at 0.4x bare batch 8 against an ideal server under the
-   same arrivals, the gateway's and the tutorial server's (``--tail-only`` runs just that);
+   then the gateway beside its peers (the tutorial server, LitServe with batch 8), each
+   alone in turn, in interleaved rounds: 16 closed-loop clients against bare batch 8, and
+   p99 under Poisson arrivals at 0.4x bare batch 8 against an ideal server under the same
+   arrivals (``--tail-only`` runs just that);
    Then a rollout's cost: p99 under Poisson arrivals at 0.4x bare batch 8 with one
    version, with a second one shadowing it, and across a reload to a version published
    during the window (``--lifecycle-only`` runs just that);
@@ -51,6 +54,7 @@ import io
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -68,7 +72,7 @@ from service.bench.runner import Bounds, Step, closed_loop, open_loop
 from service.bench.server import Scraper
 from service.bench.targets import make_target
 from service.cpus import cpu_isa, usable_cpus
-from service.processes import GatewayProcess, free_port, wait_until
+from service.processes import GatewayProcess, WaitFailed, free_port, wait_until
 
 BIN = Path(sys.executable).parent
 NAME = "resnet50"
@@ -541,6 +545,56 @@ def preprocess_ms(repo: Path) -> dict[str, float]:
     return out
 
 
+#: Synthetic images of the parity corpus (random pixels, PNG): sizes that take every path of
+#: the resize (landscape, portrait, square, near-square strips, a large photo's size).
+PARITY_SIZES = ((640, 480), (480, 640), (300, 300), (257, 1000), (1001, 256), (1920, 1440))
+
+
+def preprocessing_parity(repo: Path, photos: Path) -> dict[str, Any]:
+    """The gateway's preprocessing against torchvision's eval transform written out (the
+    tutorial server's: resize the whole image, center-crop, normalize in float), on real
+    photos (scikit-learn's two and ``photos``' crops, JPEG) and PARITY_SIZES, with the
+    repository's contract in bilinear and bicubic: the largest difference in 8-bit steps,
+    the share of values that differ at all, and how often the repository's model (ResNet-50)
+    gives the same top-1 class and how far its logits move."""
+    import onnxruntime as ort
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    from deploy.tutorial_server import eval_transform
+    from service.preprocess import preprocess
+    from service.repository import load_spec
+
+    corpus = [Path(f).read_bytes() for f in load_sample_images().filenames]
+    corpus += [p.read_bytes() for p in sorted(photos.glob("*.jpg"))]
+    rng = np.random.default_rng(0)
+    for w, h in PARITY_SIZES:
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(buf, "PNG")
+        corpus.append(buf.getvalue())
+    session = ort.InferenceSession(str(onnx_of(repo)), providers=["CPUExecutionProvider"])
+    base = load_spec(repo / NAME).contract
+    out: dict[str, Any] = {"images": len(corpus)}
+    for interpolation in ("bilinear", "bicubic"):
+        c = base.model_copy(update={"interpolation": interpolation})
+        ours = np.stack([preprocess(d, c) for d in corpus])
+        ref = np.concatenate([eval_transform(c)(d) for d in corpus])
+        steps = np.abs(ours - ref) * 255 * np.asarray(c.std, np.float32).reshape(1, -1, 1, 1)
+        logits = [session.run(None, {c.input_name: x})[0] for x in (ours, ref)]
+        out[interpolation] = {
+            "max_steps": round(float(steps.max()), 3),
+            "values_differing_pct": round(float((steps > 1e-3).mean() * 100), 4),
+            "top1_agreement_pct": round(
+                float((logits[0].argmax(1) == logits[1].argmax(1)).mean() * 100), 2
+            ),
+            "max_logit_diff_pct_of_largest": round(
+                float(np.abs(logits[0] - logits[1]).max() / np.abs(logits[1]).max() * 100), 3
+            ),
+        }
+    log(f"  preprocessing parity: {out}")
+    return out
+
+
 #: The images of "gateway cost per image": (key, how it is made). 12 MP is a phone's photo.
 COST_IMAGES: tuple[tuple[str, tuple[int, int] | None], ...] = (
     ("jpeg_500x375", (500, 375)),
@@ -550,6 +604,10 @@ COST_IMAGES: tuple[tuple[str, tuple[int, int] | None], ...] = (
 )
 
 
+#: The servers measured beside the gateway: a tutorial FastAPI server and LitServe (batch 8).
+PEERS = {"tutorial": "deploy.tutorial_server", "litserve": "deploy.litserve_server"}
+
+
 #: The servers of "gateway cost per image", in the table's order.
 COST_SERVERS = (
     "gateway",
@@ -557,7 +615,7 @@ COST_SERVERS = (
     "gateway_triton",
     "gateway_triton_uint8",
     "gateway_triton_shm",
-    "tutorial",
+    *PEERS,
 )
 
 
@@ -676,7 +734,7 @@ def gateway_cost(seconds: float, triton: bool = True) -> dict[str, Any]:
     """The "gateway cost per image" phase: the gateway behind the near-free graph taking float planes
     and taking uint8 pixels, embedded and (``triton``) in front of a real Triton (then only
     the gateway's own process is counted: the graph runs in Triton's), and the tutorial
-    server (deploy/tutorial_server.py) behind the float one, under 16 clients posting each
+    server and LitServe (PEERS) behind the float one, under 16 clients posting each
     of COST_IMAGES; each image's decode floor and the gateway's own preprocessing (float
     planes), as one thread's CPU time, here."""
 
@@ -739,11 +797,12 @@ def gateway_cost(seconds: float, triton: bool = True) -> dict[str, Any]:
                 )
         finally:
             tritond.stop()
-    with tutorial_server(versions["float32"]) as (pid, url):
-        for key, data in images.items():
-            log(f"tutorial server, {key}, 16 clients ...")
-            out[key]["tutorial"] = server_cpu_per_request(pid, url, data, seconds, NAME)
-            log(f"  {out[key]['tutorial']}")
+    for peer in PEERS:
+        with peer_server(peer, versions["float32"]) as (pid, url):
+            for key, data in images.items():
+                log(f"{peer} server, {key}, 16 clients ...")
+                out[key][peer] = server_cpu_per_request(pid, url, data, seconds, NAME)
+                log(f"  {out[key][peer]}")
     request_bytes = triton_request_bytes(root)
     log(f"gRPC request bytes per image to Triton (batch 8): {request_bytes}")
     for row in out.values():
@@ -833,10 +892,11 @@ def poisson_p99_ms(url: str, body: bytes, rate: float, seconds: float, seed: int
 
 
 def tail_vs_ideal(repo: Path, body: bytes, seconds: float, rounds: int = 3) -> dict[str, Any]:
-    """p99 under Poisson arrivals at 0.4x bare batch 8 (FP32 ResNet-50), the gateway's and
-    the tutorial server's, each against the ideal server (``ideal_latencies_s``) under the
-    very same arrivals, from the bare model's batch costs measured here; ``rounds``
-    interleaved rounds (gateway, tutorial), one seed each."""
+    """The gateway and its peers (PEERS) on FP32 ResNet-50, each a server of its own in
+    turn, in ``rounds`` interleaved rounds: 16 closed-loop clients (throughput as a ratio to
+    bare ORT batch 8), then Poisson arrivals at 0.4x bare batch 8 (p99 as a ratio to the
+    ideal server, ``ideal_latencies_s``, under the very same arrivals: one seed a round),
+    from the bare model's batch costs measured here."""
     from service.batching import CostModel
     from service.bench.runner import poisson_schedule
 
@@ -846,41 +906,53 @@ def tail_vs_ideal(repo: Path, body: bytes, seconds: float, rounds: int = 3) -> d
     rate = 0.4 * per_s[8]
     out: dict[str, Any] = {
         "rate_per_s": round(rate, 2),
+        "bare_batch8_images_per_s": round(per_s[8], 2),
         "bare_batch_cost_ms": {n: round(costs.cost(n) * 1000, 1) for n in sizes},
         "rounds": [],
     }
-    gw = start_gateway(repo)
-    try:
-        with tutorial_server(onnx_of(repo).parent) as (_, turl):
-            for url in (gw.url, turl):  # warm: connections, sessions, the batcher's costs
-                poisson_p99_ms(url, body, rate, 3.0, seed=1000)
-            for seed in range(rounds):
-                ideal = np.percentile(
-                    ideal_latencies_s(poisson_schedule(rate, seconds, seed), costs.cost, 8), 99
-                )
-                row: dict[str, Any] = {
-                    "seed": seed,
-                    "ideal_p99_ms": round(float(ideal) * 1000, 1),
-                }
-                for what, url in (("gateway", gw.url), ("tutorial", turl)):
-                    log(f"tail vs ideal, round {seed + 1}, {what}: Poisson {rate:.1f}/s ...")
-                    row[what] = poisson_p99_ms(url, body, rate, seconds, seed)
-                    row[f"{what}_vs_ideal"] = round(row[what]["p99_ms"] / row["ideal_p99_ms"], 2)
-                log(f"  {row}")
-                out["rounds"].append(row)
-    finally:
-        gw.stop()
-    for what in ("gateway", "tutorial"):
-        out[f"{what}_vs_ideal_median"] = float(
-            np.median([r[f"{what}_vs_ideal"] for r in out["rounds"]])
+    servers = ("gateway", *PEERS)
+    for seed in range(rounds):
+        ideal = np.percentile(
+            ideal_latencies_s(poisson_schedule(rate, seconds, seed), costs.cost, 8), 99
         )
+        row: dict[str, Any] = {"seed": seed, "ideal_p99_ms": round(float(ideal) * 1000, 1)}
+        for what in servers:
+            with served_by(what, repo) as (pid, url):
+                poisson_p99_ms(url, body, rate, 3.0, seed=1000)  # warm: sessions, batch costs
+                log(f"round {seed + 1}, {what}: 16 clients, then Poisson {rate:.1f}/s ...")
+                closed = server_cpu_per_request(pid, url, body, seconds)
+                row[what] = {
+                    "closed_loop_images_per_s": closed["requests_per_s"],
+                    "closed_vs_bare8": round(closed["requests_per_s"] / per_s[8], 3),
+                    **poisson_p99_ms(url, body, rate, seconds, seed),
+                }
+                row[what]["vs_ideal"] = round(row[what]["p99_ms"] / row["ideal_p99_ms"], 2)
+        log(f"  {row}")
+        out["rounds"].append(row)
+    for what in servers:
+        for key in ("vs_ideal", "closed_vs_bare8"):
+            out[f"{what}_{key}_median"] = float(np.median([r[what][key] for r in out["rounds"]]))
     return out
 
 
 @contextlib.contextmanager
-def tutorial_server(version_dir: Path) -> Iterator[tuple[int, str]]:
-    """deploy/tutorial_server.py serving ``version_dir`` on a free port, once it answers:
-    (its pid, its URL)."""
+def served_by(what: str, repo: Path) -> Iterator[tuple[int, str]]:
+    """``repo``'s FP32 model served by the gateway or one of PEERS: (its pid, its URL)."""
+    if what == "gateway":
+        gw = start_gateway(repo)
+        try:
+            yield gw.proc.pid, gw.url
+        finally:
+            gw.stop()
+    else:
+        with peer_server(what, onnx_of(repo).parent) as found:
+            yield found
+
+
+@contextlib.contextmanager
+def peer_server(peer: str, version_dir: Path) -> Iterator[tuple[int, str]]:
+    """One of PEERS serving ``version_dir`` on a free port, once it answers: (its pid, its
+    URL). Stopped with its whole process group (LitServe runs processes of its own)."""
     import httpx
 
     url = f"http://127.0.0.1:{free_port()}"
@@ -892,15 +964,33 @@ def tutorial_server(version_dir: Path) -> Iterator[tuple[int, str]]:
             return False
 
     proc = subprocess.Popen(
-        [sys.executable, "-m", "deploy.tutorial_server", str(version_dir), url.rsplit(":", 1)[1]],
+        [sys.executable, "-m", PEERS[peer], str(version_dir), url.rsplit(":", 1)[1]],
         cwd=Path(__file__).parent.parent,
+        start_new_session=True,
     )
     try:
-        wait_until(answers, 120, "tutorial server not up")
+        wait_until(answers, 120, f"{peer} server not up", alive=lambda: _exited(proc))
         yield proc.pid, url
     finally:
-        proc.terminate()
-        proc.wait(30)
+        for sig in (signal.SIGTERM, signal.SIGKILL):  # then wait for every one of them
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, sig)
+            with contextlib.suppress(WaitFailed):
+                wait_until(lambda: proc.poll() is not None and not _group_alive(proc.pid), 30, "")
+                break
+        proc.wait()
+
+
+def _exited(proc: subprocess.Popen[bytes]) -> str | None:
+    return None if proc.poll() is None else f"exited with {proc.returncode}"
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def start_gateway(
@@ -1001,6 +1091,7 @@ def run(
         log("preprocessing ...")
         results["preprocess"] = preprocess_ms(repo)
         log(f"  {results['preprocess']}")
+        results["parity"] = preprocessing_parity(repo, photos)
         results["cost"] = gateway_cost(seconds, triton)
 
         body = test_jpeg()
@@ -1124,16 +1215,20 @@ def table(results: dict[str, Any]) -> str:
                 )
             )
     if "tail" in results:
-        t = results["tail"]
-        rows.append(
+        rows += peer_rows(results["tail"])
+    if "parity" in results:
+        par = results["parity"]
+        rows += [
             (
-                f"p99 vs an ideal server, Poisson {t['rate_per_s']:.1f}/s (0.4x bare batch 8), "
-                f"median of {len(t['rounds'])} rounds",
-                f"gateway {t['gateway_vs_ideal_median']:.2f}x, "
-                f"tutorial server {t['tutorial_vs_ideal_median']:.2f}x",
+                f"preprocessing vs torchvision's transform, {par['images']} images, {how}",
+                f"max {par[how]['max_steps']:.2f} 8-bit steps, "
+                f"{par[how]['values_differing_pct']:.3f}% of values differ; ResNet-50 top-1 "
+                f"agreement {par[how]['top1_agreement_pct']:.1f}%, logits within "
+                f"{par[how]['max_logit_diff_pct_of_largest']:.2f}% of the largest",
                 "",
             )
-        )
+            for how in ("bilinear", "bicubic")
+        ]
     if "gateway_rest_onnxruntime" in results:
         rows += gateway_rows(results)
     lines = ["| what | figure | vs bare batch 8 |", "|---|---|---|"]
@@ -1141,16 +1236,42 @@ def table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+#: How the tables name the servers.
+SERVER_NAMES = {
+    "gateway": "gateway",
+    "gateway_uint8": "gateway (uint8 graph)",
+    "gateway_triton": "gateway before Triton (float planes)",
+    "gateway_triton_uint8": "gateway before Triton (uint8 graph)",
+    "gateway_triton_shm": "gateway before Triton (uint8, shared memory)",
+    "tutorial": "tutorial server",
+    "litserve": "LitServe (batch 8)",
+}
+
+
+def peer_rows(t: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """The gateway beside its peers: closed-loop throughput and p99 against the ideal."""
+    servers = ("gateway", *PEERS)
+    n = len(t["rounds"])
+    return [
+        (
+            f"16 clients, median of {n} rounds (bare batch 8 {t['bare_batch8_images_per_s']} img/s)",
+            ", ".join(
+                f"{SERVER_NAMES[s]} {t[f'{s}_closed_vs_bare8_median']:.2f}x" for s in servers
+            ),
+            "(each vs bare batch 8)",
+        ),
+        (
+            f"p99 vs an ideal server, Poisson {t['rate_per_s']:.1f}/s (0.4x bare batch 8), "
+            f"median of {n} rounds",
+            ", ".join(f"{SERVER_NAMES[s]} {t[f'{s}_vs_ideal_median']:.2f}x" for s in servers),
+            "",
+        ),
+    ]
+
+
 def cost_table(cost: dict[str, Any]) -> str:
     """The "gateway cost per image" table: server CPU per request (from /proc) beside the floors."""
-    heads = {
-        "gateway": "gateway (float planes)",
-        "gateway_uint8": "gateway (uint8 graph)",
-        "gateway_triton": "gateway before Triton (float planes)",
-        "gateway_triton_uint8": "gateway before Triton (uint8 graph)",
-        "gateway_triton_shm": "gateway before Triton (uint8, shared memory)",
-        "tutorial": "tutorial server",
-    }
+    heads = {**SERVER_NAMES, "gateway": "gateway (float planes)"}
     servers = [s for s in COST_SERVERS if all(s in r for r in cost.values())]
     lines = [
         "| image | decode floor | gateway preprocessing | "
@@ -1290,6 +1411,11 @@ def main() -> None:
         help="bare FP32 and INT8, INT8's export gates, the gateway serving INT8 (16 clients)",
     )
     parser.add_argument(
+        "--parity-only",
+        action="store_true",
+        help="preprocessing against torchvision's eval transform on real photos and noise",
+    )
+    parser.add_argument(
         "--tail-only",
         action="store_true",
         help="p99 under Poisson arrivals vs an ideal server under the same arrivals",
@@ -1297,7 +1423,7 @@ def main() -> None:
     parser.add_argument(
         "--cost-only",
         action="store_true",
-        help="gateway cost per image: server CPU per request vs decode floor and a tutorial server",
+        help="gateway cost per image: server CPU per request vs decode floor and the peers",
     )
     parser.add_argument(
         "--lifecycle-only",
@@ -1319,6 +1445,11 @@ def main() -> None:
             ),
         },
         "tracing_only": lambda root: {"tracing": tracing_cost(root, test_jpeg(), s)},
+        "parity_only": lambda root: {
+            "parity": preprocessing_parity(
+                root, calibration_images(Path(tempfile.mkdtemp(prefix="resnet-bench-photos-")))
+            )
+        },
         "tail_only": lambda root: {
             "machine": {"isa": cpu_isa()},
             "tail": tail_vs_ideal(root, test_jpeg(), s),

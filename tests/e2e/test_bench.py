@@ -5,7 +5,9 @@ the rate a gateway of known cost allows; bad arguments are one line and exit 1."
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
 import random
 import re
 from pathlib import Path
@@ -189,16 +191,17 @@ def test_bad_arguments_are_one_line_and_exit_1(gateway, tiny, images, tmp_path):
 
 def test_gateway_cost_measures_both_servers_behind_the_same_near_free_graph(tmp_path):
     """``make bench``'s "gateway cost per image" parts: the near-free graph takes ResNet-50's
-    real input, the gateway and the tutorial server answer the same classes from it for a
-    real photo, and the server CPU per request is read from /proc."""
+    real input, the gateway and its peers (the tutorial server, LitServe) answer the same
+    classes from it for a real photo, and the server CPU per request is read from /proc."""
     import httpx
 
     from deploy.bench import (
+        PEERS,
         near_free_repo,
+        peer_server,
         process_cpu_s,
         server_cpu_per_request,
         test_jpeg,
-        tutorial_server,
     )
 
     name = "nearfree"
@@ -208,15 +211,19 @@ def test_gateway_cost_measures_both_servers_behind_the_same_near_free_graph(tmp_
     try:
         meta = httpx.get(f"{gw.url}/v2/models/{name}").json()
         assert meta["inputs"][0]["shape"] == [-1, 3, 224, 224]
-        with tutorial_server(version) as (_, url):
-            path = f"/v1/models/{name}/classify"
-            jpeg = {"Content-Type": "image/jpeg"}
-            ours = httpx.post(gw.url + path, content=photo, headers=jpeg, timeout=30).json()
-            theirs = httpx.post(url + path, content=photo, headers=jpeg, timeout=30).json()
-        # The top 3 of 1000 near-tied classes: the same within one 8-bit step per value.
-        assert [p["label"] for p in ours["predictions"][0][:3]] == [
-            p["label"] for p in theirs["predictions"][:3]
-        ]
+        path = f"/v1/models/{name}/classify"
+        jpeg = {"Content-Type": "image/jpeg"}
+        ours = httpx.post(gw.url + path, content=photo, headers=jpeg, timeout=30).json()
+        for peer in PEERS:
+            with peer_server(peer, version) as (pid, url):
+                theirs = httpx.post(url + path, content=photo, headers=jpeg, timeout=30).json()
+                # The top 3 of 1000 near-tied classes: the same within one 8-bit step per value.
+                assert [p["label"] for p in ours["predictions"][0][:3]] == [
+                    p["label"] for p in theirs["predictions"][:3]
+                ], peer
+            with contextlib.suppress(ProcessLookupError):  # stopped with all it started
+                os.killpg(pid, 0)
+                raise AssertionError(f"{peer}'s processes still running")
         before = process_cpu_s(gw.proc.pid)
         step = server_cpu_per_request(gw.proc.pid, gw.url, photo, 1.0, name)
         assert process_cpu_s(gw.proc.pid) > before
