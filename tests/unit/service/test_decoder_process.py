@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from service.contract import input_fields
-from service.decoder_process import BASE_REGION, DecoderProcesses, PreprocessJob
+from service.decoder_process import KEEP_REGION, DecoderProcesses, PreprocessJob
 from service.decoding import DecodePool
 from service.errors import InvalidImage, PayloadTooLarge, UnsupportedMediaType
 from service.preprocess import DEFAULT_LIMITS, DecodeLimits, preprocess
@@ -74,18 +74,18 @@ async def test_a_bad_image_gets_the_error_it_gets_here(data, limits, error):
 
 
 async def test_shared_memory_grows_for_a_large_image_and_is_given_back():
-    """A PNG larger than the idle region, and a tensor larger than it (a 1024 x 1024
-    crop): each region grows for its job and is back to its idle size after."""
-    big = contract(resize=1024, crop=1024)
-    data = image_bytes("PNG", (1100, 1024))
-    assert len(data) > BASE_REGION and big.input_shape[0] * 1024 * 1024 * 4 > BASE_REGION
+    """A PNG larger than what a region keeps, and a tensor larger than it (a 2048 x 2048
+    crop): each region grows for its job and is back to what it keeps after."""
+    big = contract(resize=2048, crop=2048)
+    data = image_bytes("PNG", (2100, 2048))
+    assert len(data) > KEEP_REGION and big.input_shape[0] * 2048 * 2048 * 4 > KEEP_REGION
     workers = DecoderProcesses(1)
     try:
         done = job(big, data)
         await workers.submit(done)
         np.testing.assert_array_equal(done.out, preprocess(data, big))
         (worker,) = workers._idle
-        assert worker._in.size == worker._out.size == BASE_REGION
+        assert worker._in.size == worker._out.size == KEEP_REGION
         small = job(RGB, photos()[1])
         await workers.submit(small)  # the worker maps the regions at their new size
         np.testing.assert_array_equal(small.out, preprocess(photos()[1], RGB))
