@@ -1300,8 +1300,14 @@ def cost_table(cost: dict[str, Any]) -> str:
         lines.append(
             f"\ngRPC request to Triton per image (batch 8): float planes {b['grpc_float32']:,.0f} "
             f"bytes, uint8 {b['grpc_uint8']:,.0f} bytes, uint8 in shared memory "
-            f"{b['shm_uint8']:,.0f} bytes. Requests/s vs the embedded uint8 gateway, "
-            f"{next(iter(cost))}: " + ", ".join(rates)
+            f"{b['shm_uint8']:,.0f} bytes."
+            # Without Triton (--no-triton) there are no rates to set beside the embedded one.
+            + (
+                f" Requests/s vs the embedded uint8 gateway, {next(iter(cost))}: "
+                + ", ".join(rates)
+                if rates
+                else ""
+            )
         )
     return "\n".join(lines)
 

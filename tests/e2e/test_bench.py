@@ -230,3 +230,33 @@ def test_gateway_cost_measures_both_servers_behind_the_same_near_free_graph(tmp_
         assert step["cpu_ms_per_request"] > 0 and set(step["statuses"]) == {"200"}, step
     finally:
         gw.stop()
+
+
+def test_cost_table_states_only_what_was_measured():
+    """The cost table's Triton sentence names rates only when the Triton phase ran: without
+    it (--no-triton) no "vs the embedded gateway" with nothing after it."""
+    from deploy.bench import cost_table
+
+    def row(*servers: str) -> dict:
+        r: dict = {"bytes": 268, "decode_floor_ms": 0.02, "preprocess_ms": 0.52}
+        r["gateway_beyond_preprocess_ms"] = 1.1
+        r["triton_request_bytes_per_image"] = {
+            "grpc_float32": 602118.4,
+            "grpc_uint8": 150535.2,
+            "shm_uint8": 27.2,
+        }
+        for s in servers:
+            r[s] = {"cpu_ms_per_request": 1.6}
+            r[s + "_vs_floor"] = 80.0
+        return r
+
+    embedded = cost_table({"png_8x8": row("gateway", "gateway_uint8")})
+    assert "| png_8x8 (268 bytes) | 0.02 ms | 0.52 ms | 1.60 ms (80.00x) | 1.60 ms" in embedded
+    assert embedded.rstrip().endswith("shared memory 27 bytes."), embedded
+    with_triton = row("gateway", "gateway_uint8", "gateway_triton")
+    with_triton["gateway_triton_rate_vs_embedded"] = 0.55
+    table = cost_table({"png_8x8": with_triton})
+    assert table.rstrip().endswith(
+        "Requests/s vs the embedded uint8 gateway, png_8x8: "
+        "gateway before Triton (float planes) 0.55x"
+    ), table
