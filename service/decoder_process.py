@@ -3,10 +3,11 @@
 Why processes: decoding threads in the gateway's process share its interpreter lock with
 the event loop. Pillow and numpy release the lock around each piece of native work and
 take it back after, so a decode on a thread hands the lock back and forth with the loop a
-dozen times per image; on two cores that measured ~13 voluntary context switches and
-~0.3 ms of CPU per request beyond the decoding itself ("Gateway cost per image" in
-docs/benchmarks.md). A process of its own decodes with a lock nobody else wants, and costs
-the gateway two wake-ups per image: the job's message, and the answer's.
+dozen times per image: on two cores ~13 voluntary context switches per request, against
+under 3 with processes ("Issue 22, before and after" in docs/benchmarks.md; the CPU per
+request measured the same within the noise either way). A process of its own decodes with
+a lock nobody else wants, and costs the gateway two wake-ups per image: the job's message,
+and the answer's.
 
 How an image travels: the loop copies the request's bytes into the worker's input region
 (a memfd both processes map), writes a small job message on a socket pair, and returns to
