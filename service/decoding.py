@@ -156,8 +156,11 @@ class DecodePool:
         """The worker is free when the work is done, not when its caller stops waiting for
         it (a request past its deadline answers 504 at once; its decode still runs out)."""
         self._release()
-        exc = None if work.cancelled() else work.exception()  # retrieved either way
-        if result.done():  # its caller gave up
+        if work.cancelled():
+            result.cancel()
+            return
+        exc = work.exception()  # retrieved even when its caller gave up (result done)
+        if result.done():
             return
         if exc is not None:
             result.set_exception(exc)

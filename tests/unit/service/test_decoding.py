@@ -72,6 +72,29 @@ async def test_a_caller_that_goes_away_frees_its_turn_and_its_worker():
     await pool.close()
 
 
+class CancellingWorkers:
+    """One worker whose every job is cancelled (a worker stopped under it)."""
+
+    count = 1
+
+    def start(self) -> None: ...
+
+    def submit(self, job: object) -> asyncio.Future[object]:
+        work = asyncio.get_running_loop().create_future()
+        asyncio.get_running_loop().call_soon(work.cancel)
+        return work
+
+    async def close(self) -> None: ...
+
+
+async def test_work_cancelled_under_a_caller_cancels_it_and_frees_the_worker():
+    pool = DecodePool(CancellingWorkers())
+    for _ in range(2):  # the second finds the worker free again
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(pool.run("a", far(), "job"), 1)
+    assert pool.waiting("a") == 0
+
+
 async def test_decodes_and_batches_never_hold_more_cpus_than_there_are():
     """Two CPUs, two decoding workers: a batch on both CPUs waits for the decode running,
     goes before the decode queued behind it, and that decode waits for the batch."""
