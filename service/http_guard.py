@@ -240,25 +240,19 @@ def guarded_protocol(
             held = _HeldHead(cycle.transport)
 
             async def watched(message: Any) -> None:
-                kind = message["type"]
-                if kind == "http.response.start":
-                    if message["status"] == 503:
-                        self._after_refusal(message.get("headers", ()))
-                    cycle.transport = held  # type: ignore[assignment]
-                    try:
-                        await send(message)
-                    finally:
-                        cycle.transport = held.transport
+                start = message["type"] == "http.response.start"
+                if start and message["status"] == 503:
+                    self._after_refusal(message.get("headers", ()))
+                if not start and not held.head:  # the head has gone out: write through
+                    await send(message)
                     return
-                if kind == "http.response.body" and held.head:
-                    cycle.transport = held  # type: ignore[assignment]
-                    try:
-                        await send(message)
-                    finally:
-                        cycle.transport = held.transport
+                cycle.transport = held  # type: ignore[assignment]
+                try:
+                    await send(message)
+                finally:
+                    cycle.transport = held.transport
+                    if not start:
                         held.flush()  # nothing written (a HEAD response): the head alone
-                    return
-                await send(message)
 
             cycle.send = watched  # type: ignore[method-assign]
 

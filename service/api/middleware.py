@@ -82,7 +82,8 @@ class Admission:
 
     The gateway's HTTP protocol runs it before the request reaches the app at all
     (:meth:`refuse_early`, ``service.http_guard``); the middleware (:class:`Admit`) runs it
-    for a request that did not come that way (an in-process client, a pipelined request)."""
+    for a request that did not come that way (an in-process client, such as an ASGI test
+    transport)."""
 
     def __init__(self, routes: list[APIRoute], runtime: Runtime) -> None:
         self.routes = routes
