@@ -54,7 +54,6 @@ import io
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -72,7 +71,7 @@ from service.bench.runner import Bounds, Step, closed_loop, open_loop
 from service.bench.server import Scraper
 from service.bench.targets import make_target
 from service.cpus import cpu_isa, usable_cpus
-from service.processes import GatewayProcess, WaitFailed, free_port, wait_until
+from service.processes import GatewayProcess, free_port, stop_process, wait_until
 
 BIN = Path(sys.executable).parent
 NAME = "resnet50"
@@ -972,25 +971,11 @@ def peer_server(peer: str, version_dir: Path) -> Iterator[tuple[int, str]]:
         wait_until(answers, 120, f"{peer} server not up", alive=lambda: _exited(proc))
         yield proc.pid, url
     finally:
-        for sig in (signal.SIGTERM, signal.SIGKILL):  # then wait for every one of them
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, sig)
-            with contextlib.suppress(WaitFailed):
-                wait_until(lambda: proc.poll() is not None and not _group_alive(proc.pid), 30, "")
-                break
-        proc.wait()
+        stop_process(proc, 30, group=True)
 
 
 def _exited(proc: subprocess.Popen[bytes]) -> str | None:
     return None if proc.poll() is None else f"exited with {proc.returncode}"
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def start_gateway(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -19,15 +20,35 @@ T = TypeVar("T")
 BIN = Path(sys.executable).parent
 
 
-def stop_process(proc: subprocess.Popen[bytes], timeout_s: float) -> None:
-    """SIGTERM (a server drains on it), then SIGKILL if it has not exited in ``timeout_s``."""
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+def stop_process(proc: subprocess.Popen[bytes], timeout_s: float, group: bool = False) -> None:
+    """SIGTERM (a server drains on it), then SIGKILL if it has not exited in ``timeout_s``.
+    ``group``: ``proc`` leads a session of its own (``start_new_session``), and every process
+    in it is signalled and waited for (a server that runs processes of its own)."""
+    if not group:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        return
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        with contextlib.suppress(WaitFailed):
+            wait_until(lambda: proc.poll() is not None and not group_alive(proc.pid), timeout_s, "")
+            return
+    proc.wait()
+
+
+def group_alive(pgid: int) -> bool:
+    """Whether any process of process group ``pgid`` is still running."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 class WaitFailed(AssertionError):
