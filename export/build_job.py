@@ -15,7 +15,7 @@ from export.tensorrt import check_build_args
 
 #: The image the build Job runs. Its YY.MM must be the Triton image's (nvcr.io/nvidia/
 #: tritonserver:YY.MM-py3): both then ship the same TensorRT, the only one that loads the plan.
-TRT_IMAGE = "nvcr.io/nvidia/tensorrt:25.11-py3"
+TRT_IMAGE = "nvcr.io/nvidia/tensorrt:26.07-py3"
 
 _DNS_LABEL_MAX = 63
 

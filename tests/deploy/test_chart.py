@@ -5,7 +5,9 @@ production deployment relies on asserted on what Helm really renders."""
 from __future__ import annotations
 
 import base64
+import ipaddress
 import json
+import re
 import subprocess
 from collections.abc import Iterator
 from typing import Any
@@ -338,8 +340,9 @@ def test_bad_values_are_refused_at_render(chart, values, message) -> None:
             "triton.autoscaling: minReplicas 3 is above maxReplicas 2",
         ),
         (
-            {"triton": {"enabled": True, "image": {"tag": "25.01-py3"}}},
-            "triton.image.tag 25.01-py3 predates Triton 25.07, which fixes CVE-2025-23319",
+            # The previous default: none of the fixes of NVIDIA's 2026 Triton bulletins.
+            {"triton": {"enabled": True, "image": {"tag": "25.11-py3"}}},
+            r"triton\.image\.tag 25\.11-py3 lacks fixes for [^:]*CVE-2026-24207[^:]*: use ",
         ),
         (
             {"gateway": {"autoscaling": {"enabled": True, "minReplicas": 5, "maxReplicas": 2}}},
@@ -352,12 +355,129 @@ def test_inconsistent_values_fail_with_the_reason(chart, values, message) -> Non
         render(chart, values)
 
 
+# --- Triton's release and its fixes (files/triton-releases.yaml) ---------------------------------
+
+TRITON_RELEASES = CHART / "files" / "triton-releases.yaml"
+
+
+def triton_releases() -> dict[str, Any]:
+    return yaml.safe_load(TRITON_RELEASES.read_text())
+
+
+def fixed_in() -> dict[str, str]:
+    """Each CVE of the data file and the release that fixes it, computed here, apart from
+    the template's own reading of the file."""
+    return {
+        fix["cve"]: release["release"]
+        for release in triton_releases()["releases"]
+        for fix in release.get("fixes") or []
+    }
+
+
+def newest_fixing_release() -> str:
+    return max(set(fixed_in().values()), key=float)
+
+
+def default_triton_tag() -> str:
+    return yaml.safe_load((CHART / "values.yaml").read_text())["triton"]["image"]["tag"]
+
+
+def triton_image(objs: list[dict[str, Any]]) -> str:
+    return container(component(objs, "Deployment", "triton"), "triton")["image"]
+
+
+def test_triton_release_data_cites_a_bulletin_for_every_cve() -> None:
+    """Every CVE comes with the NVIDIA bulletin it is read from (listed, with its URL in
+    NVIDIA/product-security, and cited in the file's header), once, under one YY.MM
+    release; the releases are ascending."""
+    data = triton_releases()
+    text = TRITON_RELEASES.read_text()
+    bulletins = {int(k): v for k, v in data["bulletins"].items()}
+    checked = data["checked"]
+    assert checked == "2026-12-07"
+    for bid, b in bulletins.items():
+        year = b["published"][:4]
+        assert (
+            b["url"]
+            == f"https://github.com/NVIDIA/product-security/blob/main/{year}/{bid}/{bid}.md"
+        )
+        assert f"{year}/{bid}/{bid}.md" in text.split("\nchecked:")[0]  # the header cites it
+        assert b["published"] <= checked and "Triton Inference Server" in b["title"]
+    releases = [r["release"] for r in data["releases"]]
+    assert all(isinstance(r, str) and re.fullmatch(r"\d{2}\.\d{2}", r) for r in releases)
+    assert releases == sorted(releases, key=float) and len(set(releases)) == len(releases)
+    cves = [fix["cve"] for r in data["releases"] for fix in r.get("fixes") or []]
+    assert len(cves) == len(set(cves)), "a CVE under two releases"
+    cited = set()
+    for r in data["releases"]:
+        for fix in r.get("fixes") or []:
+            assert re.fullmatch(r"CVE-\d{4}-\d{4,}", fix["cve"]), fix
+            assert fix["bulletin"] in bulletins, fix
+            assert fix["url"] == bulletins[fix["bulletin"]]["url"], fix
+            assert 0 < float(fix["cvss"]) <= 10, fix
+            cited.add(fix["bulletin"])
+    assert cited == set(bulletins)  # no bulletin listed for nothing
+    # What DESIGN.md's Triton row says, as the bulletins have it.
+    by_cve = {f["cve"]: (r["release"], f) for r in data["releases"] for f in r["fixes"] or []}
+    for cve, release, bulletin in (
+        ("CVE-2026-24207", "26.03", 5828),
+        ("CVE-2026-47627", "26.06", 5865),
+    ):
+        assert by_cve[cve][0] == release and by_cve[cve][1]["bulletin"] == bulletin
+        assert float(by_cve[cve][1]["cvss"]) == 9.8
+
+
+def test_default_triton_is_the_newest_fully_fixed_release(chart) -> None:
+    """The default tag is the newest release of the data file (one listed with no fixes
+    may be newer than the last that fixes something), so it has every fix the file lists;
+    the TensorRT images (the chart's engine builds and resnet-export's build Job) follow it,
+    and the docs name it."""
+    from export.build_job import TRT_IMAGE
+
+    newest = max((r["release"] for r in triton_releases()["releases"]), key=float)
+    assert float(newest) >= float(newest_fixing_release())
+    tag = default_triton_tag()
+    assert tag == f"{newest}-py3"
+    assert not [cve for cve, release in fixed_in().items() if float(release) > float(newest)]
+    assert triton_image(render(chart, {"triton": {"enabled": True}})) == (
+        f"nvcr.io/nvidia/tritonserver:{tag}"
+    )
+    assert TRT_IMAGE.rsplit(":", 1) == ["nvcr.io/nvidia/tensorrt", tag]
+    assert f"`{tag}`" in (ROOT / "docs" / "kubernetes.md").read_text()
+
+
+@pytest.mark.parametrize(
+    "tag",
+    # Each listed release, a release the list skips (25.11, the previous default), one
+    # older than all, one newer than all, and other suffixes.
+    [f"{r['release']}-py3" for r in yaml.safe_load(TRITON_RELEASES.read_text())["releases"]]
+    + ["24.11-py3", "25.11-py3", "27.01-py3", "26.06-py3-min", "26.01"],
+)
+def test_a_triton_release_renders_only_with_every_fix(chart, tag: str) -> None:
+    """A release older than a release that fixes a CVE fails the render with one line that
+    names exactly the CVEs it lacks (computed here from the data file) and the release that
+    has them all, in the tag's own flavour; the others render."""
+    release = tag[:5]
+    missing = sorted(cve for cve, fix in fixed_in().items() if float(fix) > float(release))
+    values = {"triton": {"enabled": True, "image": {"tag": tag}}}
+    if not missing:
+        assert triton_image(render(chart, values)) == f"nvcr.io/nvidia/tritonserver:{tag}"
+        return
+    with pytest.raises(helm.HelmRenderError) as err:
+        render(chart, values)
+    message = str(err.value).split("): ", 1)[1]  # after Helm's "execution error at (...)"
+    assert "\n" not in message.strip()
+    assert message.strip() == (
+        f"triton.image.tag {tag} lacks fixes for {', '.join(missing)}: use "
+        f"{newest_fixing_release()}{tag[5:]} or later, or set triton.image.acceptUnpatched=true"
+    )
+
+
 @pytest.mark.parametrize(
     ("image", "expected"),
     [
-        ({}, None),  # the default: a release with the fixes
-        ({"tag": "25.07-py3"}, "nvcr.io/nvidia/tritonserver:25.07-py3"),
-        ({"tag": "25.10-py3"}, "nvcr.io/nvidia/tritonserver:25.10-py3"),
+        ({}, None),  # the default: the newest release, with every fix
+        ({"tag": "25.11-py3", "acceptUnpatched": True}, "nvcr.io/nvidia/tritonserver:25.11-py3"),
         ({"tag": "24.12-py3", "acceptUnpatched": True}, "nvcr.io/nvidia/tritonserver:24.12-py3"),
         (
             {"repository": "registry.local/triton", "tag": "our-build-7"},
@@ -366,20 +486,19 @@ def test_inconsistent_values_fail_with_the_reason(chart, values, message) -> Non
     ],
 )
 def test_tritons_tag_is_a_patched_release_unless_accepted(chart, image, expected) -> None:
-    """The render takes a Triton release of 25.07 or later, an older one only when
-    acceptUnpatched says so, and a tag that is no release number as it is."""
-    objs = render(chart, {"triton": {"enabled": True, "image": image}})
-    triton = component(objs, "Deployment", "triton")
-    got = next(
-        c["image"]
-        for c in triton["spec"]["template"]["spec"]["containers"]
-        if c["name"] == "triton"
+    """The render takes a Triton release with every listed fix, an older one only when
+    acceptUnpatched says so (then in the TensorRT engine builds too), and a tag that is no
+    release number as it is."""
+    objs = render(
+        chart, {"triton": {"enabled": True, "tensorrt": {"enabled": True}, "image": image}}
     )
+    got = triton_image(objs)
     if expected is None:
-        release = got.rsplit(":", 1)[1][:5]
-        assert float(release) >= 25.07, got
+        assert got == f"nvcr.io/nvidia/tritonserver:{default_triton_tag()}"
     else:
         assert got == expected
+    (init,) = pod_spec(component(objs, "Deployment", "triton"))["initContainers"]
+    assert init["image"] == f"nvcr.io/nvidia/tensorrt:{got.rsplit(':', 1)[1]}"
 
 
 @pytest.mark.parametrize(("keys", "variable"), KEY_SETS)
@@ -666,6 +785,189 @@ def test_only_the_gateway_reaches_triton(chart) -> None:
     assert scrape["from"] == metrics["from"]
 
 
+# A NetworkPolicy evaluator: which peer may open a connection to which port of a pod, as
+# Kubernetes decides it (networking.k8s.io/v1 semantics), over the rendered policies.
+
+RELEASE_NS = "ml"  # render()'s namespace: the policies' and the release's pods'
+
+
+def selector_matches(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    """A LabelSelector: matchLabels and matchExpressions, all of them; {} selects all."""
+    if not all(labels.get(k) == v for k, v in (selector.get("matchLabels") or {}).items()):
+        return False
+    for e in selector.get("matchExpressions") or []:
+        key, op, values = e["key"], e["operator"], e.get("values") or []
+        ok = {
+            "In": key in labels and labels[key] in values,
+            "NotIn": key not in labels or labels[key] not in values,
+            "Exists": key in labels,
+            "DoesNotExist": key not in labels,
+        }[op]
+        if not ok:
+            return False
+    return True
+
+
+def namespace_labels(namespace: str) -> dict[str, str]:
+    return {"kubernetes.io/metadata.name": namespace}  # set on every namespace by Kubernetes
+
+
+def peer_admits(peer: dict[str, Any], src: dict[str, Any], policy_ns: str) -> bool:
+    """One `from` entry: podSelector alone means pods of the policy's namespace;
+    namespaceSelector alone all pods of the namespaces it selects; both, those pods there."""
+    if "ipBlock" in peer:
+        block = peer["ipBlock"]
+        ip = ipaddress.ip_address(src["ip"])
+        return ip in ipaddress.ip_network(block["cidr"]) and not any(
+            ip in ipaddress.ip_network(e) for e in block.get("except") or []
+        )
+    assert "podSelector" in peer or "namespaceSelector" in peer, peer
+    if "namespaceSelector" in peer:
+        ns_ok = selector_matches(peer["namespaceSelector"], namespace_labels(src["namespace"]))
+    else:
+        ns_ok = src["namespace"] == policy_ns
+    pod_ok = "podSelector" not in peer or selector_matches(peer["podSelector"], src["labels"])
+    return ns_ok and pod_ok
+
+
+def port_admits(entries: list[dict[str, Any]] | None, port: int, named: dict[str, int]) -> bool:
+    """A rule's `ports` (TCP): none admits every port; a named port is the destination
+    pod's container port of that name; endPort makes a range."""
+    if not entries:
+        return True
+    for e in entries:
+        if e.get("protocol", "TCP") != "TCP":
+            continue
+        p = e.get("port")
+        if p is None:
+            return True
+        if isinstance(p, str):
+            if named.get(p) == port:
+                return True
+        elif p <= port <= e.get("endPort", p):
+            return True
+    return False
+
+
+def admitted(
+    policies: list[dict[str, Any]], dst: dict[str, Any], src: dict[str, Any], port: int
+) -> bool:
+    """Whether `src` may connect to `dst`'s `port`: a pod no Ingress policy selects takes
+    everything; a selected one takes what some rule of some selecting policy admits."""
+    selecting = [
+        p
+        for p in policies
+        if p["metadata"].get("namespace", RELEASE_NS) == dst["namespace"]
+        and selector_matches(p["spec"]["podSelector"], dst["labels"])
+        and "Ingress" in p["spec"].get("policyTypes", ["Ingress"])
+    ]
+    if not selecting:
+        return True
+    named = {
+        p["name"]: p["containerPort"]
+        for c in dst["containers"]
+        for p in c.get("ports", [])
+        if "name" in p
+    }
+    for policy in selecting:
+        ns = policy["metadata"].get("namespace", RELEASE_NS)
+        for rule in policy["spec"].get("ingress") or []:
+            peers = rule.get("from")
+            if peers and not any(peer_admits(peer, src, ns) for peer in peers):
+                continue
+            if port_admits(rule.get("ports"), port, named):
+                return True
+    return False
+
+
+def candidate_peers(objs: list[dict[str, Any]], values: dict[str, Any]) -> dict[str, dict]:
+    """Who might knock on Triton's ports: the gateway's pods, the chart's `helm test` pod,
+    any other pod of the namespace, pods of another namespace (one carrying the gateway's
+    labels), the ingress controller and the metrics scraper as the values configure them."""
+    gateway = component(objs, "Deployment", "gateway")["spec"]["template"]["metadata"]
+    (test_pod,) = by_kind(objs, "Pod").values()
+    peers = {
+        "gateway pod": {"namespace": RELEASE_NS, "labels": gateway["labels"]},
+        "helm test pod": {"namespace": RELEASE_NS, "labels": test_pod["metadata"]["labels"]},
+        "a pod of the namespace": {"namespace": RELEASE_NS, "labels": {"app": "debug"}},
+        "a pod of another namespace": {"namespace": "other", "labels": {"app": "debug"}},
+        "gateway-labelled pod of another namespace": {
+            "namespace": "other",
+            "labels": gateway["labels"],
+        },
+    }
+    for d in by_kind(objs, "Deployment").values():  # Triton in pods of its own: another one
+        if d["metadata"]["labels"]["app.kubernetes.io/component"] == "triton":
+            labels = d["spec"]["template"]["metadata"]["labels"]
+            peers["triton pod"] = {"namespace": RELEASE_NS, "labels": labels}
+
+    def from_peer(peer: dict[str, Any], default_labels: dict[str, str]) -> dict[str, Any]:
+        ns = (
+            (peer.get("namespaceSelector") or {})
+            .get("matchLabels", {})
+            .get("kubernetes.io/metadata.name", RELEASE_NS)
+        )
+        labels = (peer.get("podSelector") or {}).get("matchLabels") or default_labels
+        return {"namespace": ns, "labels": labels}
+
+    net = values["networkPolicy"]
+    for peer in net.get("ingressFrom") or []:
+        peers["ingress controller"] = from_peer(peer, {"app.kubernetes.io/name": "ingress-nginx"})
+    (scraper,) = net["metricsFrom"]  # the scenarios name one
+    peers["metrics scraper"] = from_peer(scraper, {"app.kubernetes.io/name": "prometheus"})
+    for p in peers.values():
+        p["ip"] = "10.0.0.1"
+    return peers
+
+
+@pytest.mark.parametrize("layout", ["gpu-triton-values.yaml", "gpu-sidecar-values.yaml"])
+def test_tritons_ports_admit_only_the_gateway_and_the_scraper(chart, layout: str) -> None:
+    """Every rendered NetworkPolicy, evaluated as Kubernetes would for each candidate peer
+    and each of Triton's ports (HTTP, gRPC, metrics, by number): Triton in pods of its own
+    takes HTTP and gRPC from the gateway's pods only and metrics from the scraper only. In
+    sidecar mode the gateway calls its Triton on loopback (127.0.0.1, which no
+    NetworkPolicy governs and where Triton's gRPC alone listens): no other pod reaches
+    Triton's HTTP or gRPC there, and metrics only the scraper."""
+    values = scenario(layout)
+    objs = render(chart, values)
+    policies = list(by_kind(objs, "NetworkPolicy").values())
+    sidecar = values["triton"].get("sidecar", {}).get("enabled", False)
+    host = component(objs, "Deployment", "gateway" if sidecar else "triton")
+    spec = pod_spec(host)
+    dst = {
+        "namespace": RELEASE_NS,
+        "labels": host["spec"]["template"]["metadata"]["labels"],
+        "containers": spec["containers"],
+    }
+    triton = container(host, "triton")
+    flag = {a.split("=", 1)[0]: a.split("=", 1)[1] for a in triton["args"] if "=" in a}
+    ports = {kind: int(flag[f"--{kind}-port"]) for kind in ("http", "grpc", "metrics")}
+    # The ports Triton declares are these (gRPC in sidecar mode is loopback-only, undeclared).
+    declared = {p["containerPort"] for p in triton["ports"]}
+    assert declared == set(ports.values()) - ({ports["grpc"]} if sidecar else set())
+    if sidecar:
+        assert flag["--grpc-address"] == "127.0.0.1"
+        assert env_of(container(host, "gateway"))["RESNET_SERVE_TRITON_URL"] == (
+            f"127.0.0.1:{ports['grpc']}"
+        )
+    peers = candidate_peers(objs, values)
+    expected = {name: set() for name in peers}
+    expected["metrics scraper"] = {"metrics"}
+    if not sidecar:
+        expected["gateway pod"] = {"http", "grpc"}
+    got = {
+        name: {kind for kind, port in ports.items() if admitted(policies, dst, src, port)}
+        for name, src in peers.items()
+    }
+    assert got == expected
+    # The evaluator itself: without the policies every peer reaches every port.
+    assert all(admitted([], dst, src, port) for src in peers.values() for port in ports.values())
+    # ... and the gateway pod's own API stays as ingressFrom says (not Triton's business).
+    if sidecar:
+        gw_http = int(env_of(container(host, "gateway"))["RESNET_SERVE_PORT"])
+        assert admitted(policies, dst, peers["a pod of another namespace"], gw_http)
+
+
 def test_tensorrt_engines_are_built_on_the_serving_node(chart) -> None:
     objs = render(chart, scenario("gpu-triton-values.yaml"))
     triton = component(objs, "Deployment", "triton")
@@ -830,8 +1132,8 @@ def test_notes_are_true(chart) -> None:
         "resnet-serving/templates/NOTES.txt"
     ]
     assert (
-        "NVIDIA Triton (nvcr.io/nvidia/tritonserver:25.11-py3, 2-8 replicas scaled on its queue, TensorRT"
-        in notes
+        f"NVIDIA Triton (nvcr.io/nvidia/tritonserver:{default_triton_tag()}, 2-8 replicas scaled on "
+        "its queue, TensorRT" in notes
     )
     assert "kubectl -n ml rollout status deployment/rel-resnet-serving-gateway" in notes
     assert "grace period 25 s" in notes  # drainSeconds 15 + requestTimeoutS 5 + 5

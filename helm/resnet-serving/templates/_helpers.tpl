@@ -185,16 +185,39 @@ imagePullSecrets:
 {{- end }}
 
 {{/*
-Triton's image. A release tag (YY.MM...) older than 25.07 fails the render: those releases
-have CVE-2025-23319, -23320 and -23334 (server PRs #8269, #8273), which a scanner flags on
-sight; triton.image.acceptUnpatched takes one anyway. A tag that is not a release number (a
-build of one's own) is not judged.
+Triton's image. files/triton-releases.yaml lists Triton's releases with the CVEs each one
+fixes (NVIDIA's security bulletins). A release tag (YY.MM...) older than a release listed
+there fails the render, one line naming the CVEs it lacks and the release that has them all
+(with the tag's own suffix); triton.image.acceptUnpatched takes it anyway. A tag that is
+not a release number (a build of one's own) is not judged.
 */}}
 {{- define "resnet-serving.tritonImage" -}}
 {{- $i := .Values.triton.image }}
 {{- $release := regexFind "^[0-9]{2}[.][0-9]{2}" $i.tag }}
-{{- if and $release (lt (float64 $release) 25.07) (not $i.acceptUnpatched) }}
-{{- fail (printf "triton.image.tag %s predates Triton 25.07, which fixes CVE-2025-23319, -23320 and -23334: use 25.07 or later, or set triton.image.acceptUnpatched=true" $i.tag) }}
+{{- if and $release (not $i.acceptUnpatched) }}
+{{- $data := .Files.Get "files/triton-releases.yaml" | fromYaml }}
+{{- if not (kindIs "slice" $data.releases) }}
+{{- fail "files/triton-releases.yaml: no list of releases (the chart is incomplete)" }}
+{{- end }}
+{{- $missing := list }}
+{{- $newest := "" }}
+{{- range $data.releases }}
+{{- $r := toString .release }}
+{{- if not (regexMatch "^[0-9]{2}[.][0-9]{2}$" $r) }}
+{{- fail (printf "files/triton-releases.yaml: release %s is not YY.MM" $r) }}
+{{- end }}
+{{- if and .fixes (or (not $newest) (gt (float64 $r) (float64 $newest))) }}
+{{- $newest = $r }}
+{{- end }}
+{{- if lt (float64 $release) (float64 $r) }}
+{{- range .fixes }}
+{{- $missing = append $missing .cve }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- if $missing }}
+{{- fail (printf "triton.image.tag %s lacks fixes for %s: use %s%s or later, or set triton.image.acceptUnpatched=true" $i.tag (join ", " ($missing | uniq | sortAlpha)) $newest (trimPrefix $release $i.tag)) }}
+{{- end }}
 {{- end }}
 {{- printf "%s:%s" $i.repository $i.tag }}
 {{- end }}
