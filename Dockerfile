@@ -30,19 +30,34 @@ WORKDIR /src
 # gateway package (package discovery takes the `service*` packages that are present; the
 # export half is left out, so the `resnet-export` script it declares is removed below).
 COPY pyproject.toml README.md ./
+# pip's settings (index, CA bundle) may come in as the build secrets pip.conf and
+# pip-ca.crt (deploy/image.sh passes the build machine's): mounted while pip runs, in no
+# layer. Without them pip uses its defaults.
 # Wheels only: no compiler in the image, and a dependency without a wheel fails the build
 # here, not at run time. The dependencies get their own layer (built against an empty
 # `service` package), so a change to the code does not download them again.
+# The placeholder package and setuptools' build/ and *.egg-info go with that layer: COPY
+# keeps the sources' mtimes, and a build/ copy newer than them would be installed in their
+# place (it once shipped the placeholder's empty __init__.py).
 # DL3013 (pin versions in pip): ".[service]" is this project; the versions are
 # pyproject.toml's (the same file `make setup` installs from), not repeated here.
 # hadolint ignore=DL3013
-RUN mkdir service && touch service/__init__.py \
+RUN --mount=type=secret,id=pip.conf,target=/etc/pip.conf \
+    --mount=type=secret,id=pip-ca.crt,target=/run/secrets/pip-ca.crt \
+    mkdir service && touch service/__init__.py \
     && pip install --only-binary=:all: ".[service]" \
-    && pip uninstall --yes resnet-serving
+    && pip uninstall --yes resnet-serving \
+    && rm -r service build ./*.egg-info
 COPY service/ service/
-RUN pip install --only-binary=:all: --no-deps . \
-    && rm /opt/venv/bin/resnet-export \
-    && pip check
+# Then prove it: the package installed is byte for byte the one copied in (type stubs,
+# which the wheel leaves out, aside).
+RUN --mount=type=secret,id=pip.conf,target=/etc/pip.conf \
+    --mount=type=secret,id=pip-ca.crt,target=/run/secrets/pip-ca.crt \
+    pip install --only-binary=:all: --no-deps . \
+    && rm -r build ./*.egg-info /opt/venv/bin/resnet-export \
+    && pip check \
+    && diff -r --exclude=__pycache__ --exclude='*.pyi' service \
+        "$(python -I -c "print(__import__('service').__path__[0])")"
 
 # --- builder-gpu: the same venv with onnxruntime-gpu in place of onnxruntime --------------
 FROM builder AS builder-gpu
@@ -52,7 +67,9 @@ FROM builder AS builder-gpu
 # (>= 580 for CUDA 13) through the NVIDIA container toolkit. Uninstall first: both
 # packages own the `onnxruntime` module.
 ARG ORT_GPU_VERSION=1.31.1
-RUN pip uninstall --yes onnxruntime \
+RUN --mount=type=secret,id=pip.conf,target=/etc/pip.conf \
+    --mount=type=secret,id=pip-ca.crt,target=/run/secrets/pip-ca.crt \
+    pip uninstall --yes onnxruntime \
     && pip install --only-binary=:all: "onnxruntime-gpu[cuda,cudnn]==${ORT_GPU_VERSION}" \
     && pip check
 

@@ -13,10 +13,10 @@ PORT ?= 8000
 # without its dependencies: we need only the binary, not pytriton's Python API.
 PYTRITON := nvidia-pytriton==0.7.0
 
-.PHONY: help setup tools serve demo test lint bench fuzz docs proto clean
+.PHONY: help setup tools serve demo test test-fast image lint bench fuzz docs proto clean
 
 help: ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-9s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -41,7 +41,12 @@ $(PROMTOOL): | $(STAMP)
 	fi
 	@$@ --version | head -1
 
-tools: $(STAMP) $(PROMTOOL) ## the deployment checkers: Helm engine, k8s schemas, hadolint, promtool
+tools: $(STAMP) $(PROMTOOL) ## the deployment checkers: Helm engine, k8s schemas, hadolint, promtool, podman
+	@bash deploy/image.sh engine
+
+TARGET ?= cpu
+image: ## build the gateway image (TARGET=cpu or gpu) with podman or docker (deploy/image.sh)
+	TARGET=$(TARGET) bash deploy/image.sh build
 
 demo: setup ## train the digits demo model into $(REPO)/ unless it already holds a model
 	@if $(BIN)/resnet-export validate --repository $(REPO) --quiet 2>/dev/null; then \
@@ -55,6 +60,9 @@ serve: demo ## set up, build the demo model if needed, serve it with the embedde
 
 test: setup tools ## set up and run the whole test suite
 	$(BIN)/python -m pytest -q
+
+test-fast: setup ## unit tests only: no sockets, no subprocesses (the inner loop)
+	$(BIN)/python -m pytest -q tests/unit
 
 lint: setup ## ruff + mypy
 	$(BIN)/ruff check .

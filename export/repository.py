@@ -252,6 +252,9 @@ def publish(repository: Path, pub: Publication) -> int:
         check_same_input(final, pub.contract)
         version = (latest_version(final) or 0) + 1
         staging = Path(tempfile.mkdtemp(dir=repository, prefix=f".{pub.name}.staging-"))
+        # mkdtemp makes it 0700: the gateway and Triton run as other users (uid 10001 in
+        # the image) and must read the model directory it becomes.
+        staging.chmod(0o755)
         try:
             for v in numbered_versions(final):
                 _link_tree(final / str(v), staging / str(v))

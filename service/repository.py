@@ -286,6 +286,7 @@ def write_rollout(model_dir: Path, rollout: Rollout) -> None:
         return
     fd, tmp = tempfile.mkstemp(dir=model_dir, prefix=f".{ROLLOUT_FILENAME}.")
     try:
+        os.fchmod(fd, 0o644)  # mkstemp's 0600: the gateways reading it run as other users
         with os.fdopen(fd, "w") as fh:
             fh.write(rollout.model_dump_json(indent=2, exclude_defaults=True) + "\n")
         os.replace(tmp, path)

@@ -35,6 +35,22 @@ def _sigs(args: list[ort.NodeArg]) -> list[TensorSig]:
     ]
 
 
+def gpu_driver_missing() -> str | None:
+    """Why no CUDA provider can start here, where that is the driver: ONNX Runtime only logs
+    it (libcuda.so.1 comes from the host's NVIDIA driver, which the NVIDIA container
+    toolkit mounts into a container that asks for a GPU)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return (
+            "no NVIDIA driver here (libcuda.so.1 not found): run on a GPU node, with the "
+            "NVIDIA container toolkit giving the container a GPU"
+        )
+    return None
+
+
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
 
@@ -87,6 +103,7 @@ class OnnxRuntimeBackend(Backend):
             raise RepositoryError(
                 f"model {spec.name!r} version {spec.version}: ONNX Runtime could not start {self._providers[0]} "
                 f"(it would run on {', '.join(session.get_providers())})"
+                + (f": {why}" if (why := gpu_driver_missing()) else "")
             )
         c = spec.contract
         problems = tensor_problems(

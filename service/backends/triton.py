@@ -152,7 +152,21 @@ class SharedMemoryPool:
             )
         prefix = f"resnet-serving-{os.getpid()}-{id(self):x}"
         self.byte_size = byte_size
-        self.regions = [Region(f"{prefix}-{i}", f"/{prefix}-{i}", byte_size) for i in range(count)]
+        from tritonclient.utils.shared_memory import SharedMemoryException
+
+        self.regions: list[Region] = []
+        for i in range(count):
+            try:
+                self.regions.append(Region(f"{prefix}-{i}", f"/{prefix}-{i}", byte_size))
+            except SharedMemoryException as exc:  # its cause (an OSError) says why
+                self.destroy()
+                cause = exc.__cause__ if isinstance(exc.__cause__, OSError) else exc
+                reason = getattr(cause, "strerror", None) or str(cause)
+                raise RepositoryError(
+                    f"shared memory: cannot create /dev/shm/{prefix}-{i} ({reason}): /dev/shm "
+                    f"must be writable by uid {os.getuid()} (the chart's emptyDir is), or set "
+                    "TRITON_SHARED_MEMORY=false"
+                ) from None
         self._free: asyncio.Queue[Region] = asyncio.Queue()
         for region in self.regions:
             self._free.put_nowait(region)

@@ -1,8 +1,8 @@
 """The gateway image (Dockerfile, .dockerignore) without a Docker engine: hadolint, the
 configuration each target really ends up with (stages inherited as Docker does), the
 build context checked against every COPY, the context itself built into the project's
-wheel, and the image's install resolved by pip. The image's command line is run for real,
-as its non-root user, by tests/e2e/test_image_command.py."""
+wheel, and the image's install resolved by pip. The image itself is built and run by
+tests/e2e/test_image.py."""
 
 from __future__ import annotations
 

@@ -11,6 +11,14 @@ import pytest
 from service.processes import GatewayProcess, free_ports
 
 
+@pytest.fixture(scope="session")
+def gateway_image() -> str:
+    """The gateway image (CPU target), built once a session by `make image`'s script."""
+    from tests import containers
+
+    return containers.build()
+
+
 @pytest.fixture(scope="module")
 def server(demo, tmp_path_factory) -> Iterator[GatewayProcess]:
     """The trained demo model behind a real gateway process (accuracy tests)."""

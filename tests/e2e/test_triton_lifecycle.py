@@ -464,3 +464,34 @@ def test_regions_that_do_not_fit_in_dev_shm_are_refused_before_any_is_made():
         assert len(set(os.listdir("/dev/shm")) - before) == 4
     finally:
         pool.destroy()
+
+
+def test_a_region_that_cannot_be_made_is_refused_in_one_line_and_none_is_left(monkeypatch):
+    """/dev/shm not writable by the gateway's uid (a volume mounted there root-owned, as
+    podman's emptyDir is): one line naming the reason, and the regions already made are
+    removed. The third region fails as tritonclient fails it, with the OSError inside."""
+    from tritonclient.utils import shared_memory as shm
+
+    from service.backends.triton import SharedMemoryPool
+
+    real, made = shm.create_shared_memory_region, []
+
+    def third_denied(name, key, byte_size, create_only=False):
+        if len(made) == 2:
+            try:
+                raise PermissionError(13, "Permission denied", key)
+            except PermissionError as exc:
+                raise shm.SharedMemoryException(
+                    "unable to create the shared memory region"
+                ) from exc
+        made.append(name)
+        return real(name, key, byte_size, create_only=create_only)
+
+    monkeypatch.setattr(shm, "create_shared_memory_region", third_denied)
+    before = set(os.listdir("/dev/shm"))
+    with pytest.raises(RepositoryError) as info:
+        SharedMemoryPool(4, 4096)
+    message = str(info.value)
+    assert "\n" not in message and "(Permission denied)" in message, message
+    assert "must be writable by uid" in message and "TRITON_SHARED_MEMORY=false" in message
+    assert len(made) == 2 and set(os.listdir("/dev/shm")) == before

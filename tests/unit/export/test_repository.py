@@ -472,6 +472,19 @@ def test_a_new_version_keeps_the_rollout(tmp_path):
     assert validate_model(model_dir) == []
 
 
+def test_what_publish_and_rollout_write_is_readable_by_other_users(tmp_path):
+    """The gateway and Triton run as other users (uid 10001 in the image) than the export
+    that wrote the repository: nothing may be left at a temporary file's owner-only mode."""
+    publish_small(tmp_path, seed=0)
+    model_dir = publish_small(tmp_path, seed=1).model_dir
+    set_rollout(tmp_path, "tiny", Rollout(weights={"1": 90, "2": 10}))
+    for path in [model_dir, *model_dir.rglob("*")]:
+        mode = path.stat().st_mode
+        assert mode & 0o044 == 0o044, (path, oct(mode))  # group and others read
+        if path.is_dir():
+            assert mode & 0o011 == 0o011, (path, oct(mode))  # and enter
+
+
 def test_set_rollout_refuses_a_version_not_on_disk(good):
     with pytest.raises(ExportError, match=r"model 'tiny' has no version 4, 7 \(versions: 1\)"):
         set_rollout(good.parent, "tiny", Rollout(weights={"1": 1, "7": 0}, shadow="4"))
