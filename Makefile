@@ -62,7 +62,7 @@ test: setup tools ## set up and run the whole test suite
 	$(BIN)/python -m pytest -q
 
 test-fast: setup ## unit tests only: no sockets, no subprocesses (the inner loop)
-	$(BIN)/python -m pytest -q tests/unit
+	$(BIN)/python -m pytest -q tests/unit -m "not (slow or triton or external)"
 
 lint: setup ## ruff + mypy
 	$(BIN)/ruff check .

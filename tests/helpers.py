@@ -1,16 +1,19 @@
 """Test doubles and measurements for the tests: a backend made slow on purpose, a gateway's
 metrics read back, the fastest of a few runs (the bound a timed check derives from), a
-process's memory. The gateway's process helpers are :mod:`service.processes`."""
+process's memory, waiting on a state (never sleep-and-hope), an event loop on a virtual
+clock. The gateway's process helpers are :mod:`service.processes`."""
 
 from __future__ import annotations
 
 import asyncio
+import heapq
 import re
+import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
@@ -20,6 +23,8 @@ from service.repository import ModelSpec
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
     from prometheus_client.metrics_core import Metric
+
+T = TypeVar("T")
 
 
 def fastest_of(work: Callable[[], object], runs: int = 3) -> float:
@@ -32,6 +37,49 @@ def fastest_of(work: Callable[[], object], runs: int = 3) -> float:
         work()
         best = min(best, time.perf_counter() - t0)
     return best
+
+
+async def until(check: Callable[[], object], timeout_s: float = 10.0) -> None:
+    """Poll ``check`` on the event loop until it is true. The generous timeout is only
+    there to end a test whose state is never reached; a verdict never depends on it."""
+    deadline = time.perf_counter() + timeout_s
+    while not check():
+        assert time.perf_counter() < deadline, "state not reached"
+        await asyncio.sleep(0.001)
+
+
+class VirtualClockLoop(asyncio.SelectorEventLoop):
+    """An event loop whose clock moves only when nothing is ready to run: then it jumps to
+    the next timer instead of waiting for it (asyncio's own tests use such a loop). Code
+    that reads the loop's clock (``loop.time()``) and sleeps on it sees exactly the times
+    a test scripts, on any machine and under any load; :meth:`advance` is a stall (the
+    loop blocked for that long). No I/O: nothing but timers and tasks may be waited on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._now = 0.0
+
+    def time(self) -> float:
+        return self._now
+
+    def advance(self, seconds: float) -> None:
+        self._now += seconds
+
+    def _run_once(self) -> None:
+        if not self._ready:  # type: ignore[attr-defined]
+            timers = self._scheduled  # type: ignore[attr-defined]
+            while timers and timers[0]._cancelled:
+                heapq.heappop(timers)._scheduled = False
+                self._timer_cancelled_count -= 1  # type: ignore[attr-defined]
+            if timers:
+                self._now = max(self._now, timers[0]._when)
+        super()._run_once()  # type: ignore[misc]
+
+
+def on_virtual_clock(main: Coroutine[Any, Any, T]) -> T:
+    """``asyncio.run(main)`` on a :class:`VirtualClockLoop`."""
+    with asyncio.Runner(loop_factory=VirtualClockLoop) as runner:
+        return runner.run(main)
 
 
 class ThreadWorkers:
@@ -54,7 +102,9 @@ class ThreadWorkers:
 
 class SlowBackend(Backend):
     """Another backend with ``delay_s`` added to every batch, and each batch's size
-    recorded: queues fill and deadlines pass on cue."""
+    recorded: queues fill and deadlines pass on cue. While ``hold`` (an event, set to begin
+    with) is cleared, a batch stays in the backend until it is set again: a test releases
+    it once it has seen what it waits for (requests queued behind it)."""
 
     def __init__(self, inner: Backend, delay_s: float) -> None:
         self.inner = inner
@@ -62,6 +112,8 @@ class SlowBackend(Backend):
         self.max_inflight_batches = inner.max_inflight_batches
         self.delay_s = delay_s
         self.batches: list[int] = []
+        self.hold = threading.Event()
+        self.hold.set()
 
     async def start(self, specs: list[ModelSpec]) -> None:
         await self.inner.start(specs)
@@ -78,6 +130,8 @@ class SlowBackend(Backend):
     async def infer(self, spec: ModelSpec, batch: np.ndarray, timeout_s: float) -> np.ndarray:
         self.batches.append(len(batch))
         await asyncio.sleep(self.delay_s)
+        while not self.hold.is_set():  # set from the test's thread
+            await asyncio.sleep(0.002)
         return await self.inner.infer(spec, batch, timeout_s)
 
     def is_ready(self) -> bool:

@@ -10,6 +10,9 @@ Each step has a warm-up (its requests are sent and answered, never recorded), th
 measured window; the step waits for every request it sent, so what the server counted and
 what the report counts are the same requests. Latencies go into an HDR histogram (1 µs to
 10 min, 3 significant digits).
+
+Every time is read from the event loop's clock (:func:`now`), the one its sleeps are
+scheduled on: a loop on a virtual clock (the tests') runs a schedule exactly.
 """
 
 from __future__ import annotations
@@ -30,6 +33,11 @@ from service.bench.targets import Answer, Target
 #: as "client_overload" (an error): the server is far past what it can take.
 MAX_IN_FLIGHT = 4096
 PERCENTILES = (50.0, 90.0, 99.0, 99.9)
+
+
+def now() -> float:
+    """Seconds on the running event loop's clock (monotonic; what ``asyncio.sleep`` waits on)."""
+    return asyncio.get_running_loop().time()
 
 
 @dataclass
@@ -135,17 +143,17 @@ class _Window:
         self._ticker: asyncio.Task[None] | None = None
 
     def open(self) -> None:
-        self.start = time.perf_counter()
+        self.start = now()
         self.end = self.start + self.bounds.duration_s
         self._cpu = time.process_time()
         if self.progress:
             self._ticker = asyncio.create_task(self._tick())
 
     def more(self) -> bool:
-        return time.perf_counter() < self.end and self.sent < self.bounds.max_requests
+        return now() < self.end and self.sent < self.bounds.max_requests
 
     def close(self, drained: bool = False) -> None:
-        elapsed = time.perf_counter() - self.start
+        elapsed = now() - self.start
         if drained:
             # Closed loop: the requests still out when the window ends are answered and
             # counted, so the rate is over the time the server took for them all (over
@@ -164,7 +172,7 @@ class _Window:
         assert self.progress
         while True:
             await asyncio.sleep(1.0)
-            self.progress(self.step, time.perf_counter() - self.start, self.sent)
+            self.progress(self.step, now() - self.start, self.sent)
 
 
 async def closed_loop(
@@ -186,20 +194,18 @@ async def closed_loop(
         while until():
             if window:
                 window.sent += 1
-            t0 = time.perf_counter()
+            t0 = now()
             answer = await target.send(i)
             if window:
-                window.last_answer = time.perf_counter()
+                window.last_answer = now()
                 step.record(answer, window.last_answer - t0)
             i += clients
             if honor_retry_after and answer.retry_after:
                 await asyncio.sleep(answer.retry_after * rng.uniform(0.5, 1.5))
 
     if bounds.warmup_s > 0:
-        warm_end = time.perf_counter() + bounds.warmup_s
-        await asyncio.gather(
-            *(client(n, lambda: time.perf_counter() < warm_end, None) for n in range(clients))
-        )
+        warm_end = now() + bounds.warmup_s
+        await asyncio.gather(*(client(n, lambda: now() < warm_end, None) for n in range(clients)))
     if before_window:
         await before_window()
     window = _Window(step, bounds, progress)
@@ -237,7 +243,7 @@ async def open_loop(
     async def one(i: int, scheduled: float, window: _Window | None) -> None:
         answer = await target.send(i)
         if window:
-            step.record(answer, time.perf_counter() - scheduled)
+            step.record(answer, now() - scheduled)
 
     async def arrivals(
         start: float, until: Callable[[float], bool], window: _Window | None
@@ -249,7 +255,7 @@ async def open_loop(
         i = 0
         next_at = start
         while until(next_at):
-            delay = next_at - time.perf_counter()
+            delay = next_at - now()
             if delay > 0:
                 await asyncio.sleep(delay)
             if window:
@@ -267,7 +273,7 @@ async def open_loop(
             await asyncio.gather(*in_flight)
 
     if bounds.warmup_s > 0:
-        warm_start = time.perf_counter()
+        warm_start = now()
         warm_end = warm_start + bounds.warmup_s
         await arrivals(warm_start, lambda at: at < warm_end, None)
     if before_window:

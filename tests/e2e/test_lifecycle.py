@@ -76,6 +76,10 @@ class Load:
     def first(self, version: str) -> float:
         return min(t for answers in self.answers for t, _, v in answers if v == version)
 
+    def count(self, version: str | None = None) -> int:
+        """Answers so far (on ``version``, if given) of the client that has fewest."""
+        return min(sum(version in (None, v) for _, _, v in answers) for answers in self.answers)
+
 
 @pytest.mark.slow
 def test_versions_published_under_load_lose_no_request_and_release_memory(served, demo):
@@ -84,7 +88,7 @@ def test_versions_published_under_load_lose_no_request_and_release_memory(served
     onnx_mb = (model_dir / "1" / MODEL_FILENAME).stat().st_size / 2**20
     switches, rss = [], {}
     with Load(gw.url, images) as load:
-        time.sleep(2)
+        wait_until(lambda: load.count() >= 25, 60, "the load is not being answered")
         rss["1"] = rss_mb(gw.proc.pid)
         for _ in range(3):
             version = str(republish(model_dir, model_dir.parent, "onnxruntime"))
@@ -94,7 +98,8 @@ def test_versions_published_under_load_lose_no_request_and_release_memory(served
             wait_until(lambda v=version: list(states(gw)) == [v], 30, f"v{version} not alone")
             switches.append((version, load.first(version) - published))
             rss[version] = rss_mb(gw.proc.pid)
-            time.sleep(1)  # answers on the new version only, for a while
+            # Answers on the new version only, for a while: every client, several times.
+            wait_until(lambda v=version: load.count(v) >= 5, 60, f"too few answers on v{version}")
     answers = [a for client in load.answers for a in client]
     assert len(answers) > 100
     assert [a for a in answers if a[1] != 200] == []  # zero failed requests

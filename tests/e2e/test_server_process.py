@@ -8,7 +8,6 @@ import os
 import signal
 import socket
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -25,6 +24,7 @@ from tests.helpers import rss_mb, scrape
 PNG = {"content-type": "image/png"}
 
 REQUESTS = "resnet_serve_requests_total"
+DRAIN_S = 5  # the drain window of the SIGTERM test
 
 
 @pytest.fixture(scope="module")
@@ -150,13 +150,15 @@ def test_bombs_and_garbage_leave_the_server_serving_with_bounded_memory(tiny_ser
 def test_sigterm_drains_rest_and_grpc_alike(tiny, tmp_path):
     """SIGTERM: during DRAIN_SECONDS readiness is false on HTTP and gRPC health, while REST and
     gRPC calls that still arrive are served; then new calls are refused, every accepted call
-    is answered, and the process exits 0."""
+    is answered, and the process exits 0. That the calls were served inside the window is
+    read from the gateway (still draining after them), not from a clock; the window is as
+    long as the test's other waits for a state."""
     gw = GatewayProcess.start(
         tmp_path / "gw.log",
         "--repository",
         str(tiny.repository),
         grpc=True,
-        env={"RESNET_SERVE_DRAIN_SECONDS": "2"},
+        env={"RESNET_SERVE_DRAIN_SECONDS": str(DRAIN_S)},
     )
     image = image_bytes()
     # Each client's answers, in order; a client stops at its first refusal.
@@ -196,10 +198,11 @@ def test_sigterm_drains_rest_and_grpc_alike(tiny, tmp_path):
         for t in threads:
             t.start()
         wait_until(lambda: all(len(a) > 3 for a in results.values()), 20, "warm-up")
-        signalled = time.monotonic()
         gw.proc.send_signal(signal.SIGTERM)
         wait_until(
-            lambda: httpx.get(gw.url + "/readyz", timeout=5).status_code == 503, 5, "not ready"
+            lambda: httpx.get(gw.url + "/readyz", timeout=5).status_code == 503,
+            DRAIN_S,
+            "not ready",
         )
         assert httpx.get(gw.url + "/readyz").json()["error"]["message"] == "draining"
         with grpc.insecure_channel(gw.grpc_target) as channel:
@@ -209,7 +212,7 @@ def test_sigterm_drains_rest_and_grpc_alike(tiny, tmp_path):
                     health.Check(health_pb2.HealthCheckRequest(), timeout=5).status
                     == health_pb2.HealthCheckResponse.NOT_SERVING
                 ),
-                5,
+                DRAIN_S,
                 "gRPC health still SERVING",
             )
             # New calls during the drain window are still served, on both transports.
@@ -219,9 +222,10 @@ def test_sigterm_drains_rest_and_grpc_alike(tiny, tmp_path):
             served_grpc = pbg.ClassifierStub(channel).Classify(
                 pb.ClassifyRequest(images=[image]), timeout=10
             )
-        assert time.monotonic() - signalled < 2, "the drain window had already ended"
         assert served_rest.status_code == 200 and served_grpc.results
-        assert gw.proc.wait(30) == 0
+        # Served inside the drain window: it is still open after them.
+        assert httpx.get(gw.url + "/readyz").json()["error"]["message"] == "draining"
+        assert gw.proc.wait(30) == 0  # the window ends by itself
         stop_clients.set()
         for t in threads:
             t.join(30)

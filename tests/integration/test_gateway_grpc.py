@@ -6,7 +6,6 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import grpc
@@ -214,21 +213,33 @@ def test_overload_and_deadline_codes(tiny, pngs):
             except grpc.RpcError as exc:
                 codes.append(exc.code())
 
+        # The first call's batch stays in the backend until the refusals are in; of the four
+        # behind it, one queues (the limit) and three are refused at once, however and
+        # whenever they arrive.
+        backend.batches.clear()
+        backend.hold.clear()
         threads = [threading.Thread(target=call) for _ in range(5)]
-        for t in threads:
+        threads[0].start()
+        wait_until(lambda: backend.batches == [1], 30, "the first batch never started")
+        for t in threads[1:]:
             t.start()
+        wait_until(lambda: len(codes) == 3, 30, "the three refusals never came")
+        assert set(codes) == {grpc.StatusCode.RESOURCE_EXHAUSTED}, codes
+        backend.hold.set()
         for t in threads:
             t.join()
-        assert grpc.StatusCode.OK in codes and grpc.StatusCode.RESOURCE_EXHAUSTED in codes, codes
-        assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}
+        assert sorted(c.name for c in codes) == ["OK"] * 2 + ["RESOURCE_EXHAUSTED"] * 3, codes
         # Batches are known to take ~0.4 s now: a call with 0.1 s left cannot be served even
-        # by an idle model, and is told so at once, before any work: before its deadline,
-        # which an answer that waited for anything would reach.
-        timeout_s = 0.1
-        t0 = time.perf_counter()
-        code, details = code_of(lambda: stub.Classify(req, timeout=timeout_s))
+        # by an idle model, and is told so at once, before any work. The answer is the
+        # gateway's (a call whose own deadline passed first gets grpc's "Deadline
+        # Exceeded" instead), given before its image was decoded or any batch ran.
+        registry = client.app.state.runtime.metrics.registry
+        batches = len(backend.batches)
+        decoded = counted(registry, "resnet_serve_preprocess_seconds_count", model="tiny")
+        code, details = code_of(lambda: stub.Classify(req, timeout=0.1))
         assert code == grpc.StatusCode.DEADLINE_EXCEEDED and "shorter than model" in details
-        assert time.perf_counter() - t0 < timeout_s
+        assert len(backend.batches) == batches
+        assert counted(registry, "resnet_serve_preprocess_seconds_count", model="tiny") == decoded
 
 
 def test_generated_code_matches_the_proto(tmp_path):

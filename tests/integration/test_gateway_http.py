@@ -7,6 +7,7 @@ import io
 import json
 import re
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import numpy as np
@@ -17,6 +18,7 @@ from PIL import Image
 from service.app import create_app
 from service.backends.onnxruntime import OnnxRuntimeBackend
 from service.cpus import cpu_isa
+from service.processes import wait_until
 from service.server import ThreadedGateway
 from service.settings import Settings
 from tests.conftest import TINY_LABELS, image_bytes
@@ -495,14 +497,23 @@ def test_full_queue_is_503_and_hopeless_deadlines_504_at_once(tiny, images):
         def call():
             results.append(c.post("/v1/classify", content=data, headers=hdr))
 
+        # The first request's batch stays in the backend until the refusals are in; of the
+        # five behind it, two queue (the limit) and three are refused at once, however and
+        # whenever they arrive.
+        backend.batches.clear()
+        backend.hold.clear()
         threads = [threading.Thread(target=call) for _ in range(6)]
-        for t in threads:
+        threads[0].start()
+        wait_until(lambda: backend.batches == [1], 30, "the first batch never started")
+        for t in threads[1:]:
             t.start()
+        wait_until(lambda: len(results) == 3, 30, "the three refusals never came")
+        assert {r.status_code for r in results} == {503}
+        backend.hold.set()
         for t in threads:
             t.join()
         codes = sorted(r.status_code for r in results)
-        assert 200 in codes and 503 in codes, codes
-        assert set(codes) <= {200, 503}
+        assert codes == [200] * 3 + [503] * 3, codes
         rejected = next(r for r in results if r.status_code == 503)
         assert int(rejected.headers["retry-after"]) >= 1
         assert_error(rejected, 503, "overloaded", "retry later")
@@ -512,12 +523,25 @@ def test_full_queue_is_503_and_hopeless_deadlines_504_at_once(tiny, images):
         # before its deadline, which an answer that waited for anything would reach.
         timeout_s = 0.1
         headers = {**hdr, "x-request-timeout": str(timeout_s)}
-        resp = c.post("/v1/classify", content=data, headers=headers)
-        assert_error(resp, 504, "deadline_exceeded", "shorter than model 'tiny' needs")
-        assert resp.elapsed.total_seconds() < timeout_s
         registry = c.app.state.runtime.metrics.registry
+        batches = len(backend.batches)
+        decoded = counted(registry, "resnet_serve_preprocess_seconds_count", model="tiny")
+        resp = c.post("/v1/classify", content=data, headers=headers)
+        # Admission's answer (one that waited would have been the deadline's own 504), given
+        # before its image was decoded or any batch ran.
+        assert_error(resp, 504, "deadline_exceeded", "shorter than model 'tiny' needs")
+        assert len(backend.batches) == batches
+        assert counted(registry, "resnet_serve_preprocess_seconds_count", model="tiny") == decoded
         refused = codes.count(503)  # one rejection counted per refused request
         assert counted(registry, "resnet_serve_requests_total", outcome="overloaded") == refused
+
+
+class KnownCost(SlowBackend):
+    """The slow backend, its batch cost the same for every gateway (its warm-up's timing
+    not added in): two gateways quote the same estimate in a refusal."""
+
+    def warm_costs(self, spec):
+        return dict.fromkeys(self.inner.warm_costs(spec), self.delay_s)
 
 
 def test_a_refusal_before_the_app_answers_as_the_app_does(tiny, images):
@@ -530,10 +554,10 @@ def test_a_refusal_before_the_app_answers_as_the_app_does(tiny, images):
     hopeless = {"x-request-timeout": "0.01", "x-request-id": "refused-1"}
     paths = {"/v1/models/tiny/classify": "/v1/models/{model}/classify",
              "/v2/models/tiny/infer": "/v2/models/{model}/infer"}  # fmt: skip
-    with TestClient(create_app(settings, backend=SlowBackend(OnnxRuntimeBackend(), slow))) as c:
+    with TestClient(create_app(settings, backend=KnownCost(OnnxRuntimeBackend(), slow))) as c:
         in_process = {p: c.post(p, content=images[0], headers=hopeless) for p in paths}
     with (
-        ThreadedGateway(settings, SlowBackend(OnnxRuntimeBackend(), slow)) as gw,
+        ThreadedGateway(settings, KnownCost(OnnxRuntimeBackend(), slow)) as gw,
         httpx.Client(base_url=gw.url) as client,  # one keep-alive connection
     ):
         for path in paths:
@@ -549,23 +573,32 @@ def test_a_refusal_before_the_app_answers_as_the_app_does(tiny, images):
 
 
 def test_concurrent_requests_share_a_backend_call(tiny, images):
-    backend = SlowBackend(OnnxRuntimeBackend(), 0.2)
+    """Two requests from two threads, queued together, go to the backend as one batch. They
+    meet behind a batch held in the backend (not within a batch delay, which a busy
+    machine's threads may miss): the queue's depth says when both are there."""
+    backend = SlowBackend(OnnxRuntimeBackend(), 0.0)
     settings = Settings(repository=tiny.repository, max_batch_delay_ms=50)
     with TestClient(create_app(settings, backend=backend)) as c:
+        registry = c.app.state.runtime.metrics.registry
         backend.batches.clear()
-        threads = [
-            threading.Thread(
-                target=c.post,
-                args=("/v1/classify",),
-                kwargs={"content": images[0], "headers": {"content-type": "image/png"}},
-            )
-            for _ in range(2)
-        ]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        assert backend.batches == [2]
+        backend.hold.clear()
+
+        def post() -> None:
+            resp = c.post("/v1/classify", content=images[0], headers={"content-type": "image/png"})
+            assert resp.status_code == 200, resp.text
+
+        def queued() -> float:
+            return counted(registry, "resnet_serve_queue_depth", model="tiny")
+
+        with ThreadPoolExecutor(3) as pool:
+            first = pool.submit(post)  # its batch stays in the backend until released
+            wait_until(lambda: backend.batches == [1], 30, "the first batch never started")
+            pair = [pool.submit(post) for _ in range(2)]
+            wait_until(lambda: queued() == 2, 30, "the two requests never queued together")
+            backend.hold.set()
+            for f in [first, *pair]:
+                f.result()
+        assert backend.batches == [1, 2]
 
 
 def test_misconfigured_repository_fails_startup(tmp_path):

@@ -5,7 +5,6 @@ version that cannot be served, canary weights, shadow traffic, polling."""
 from __future__ import annotations
 
 import shutil
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -177,16 +176,22 @@ def test_a_reload_switches_to_the_new_version_and_releases_the_old(repo):
 
 def test_a_quick_rollback_routes_to_the_retiring_version_again(repo):
     with serve(repo, request_timeout_s=2.0) as client:
-        backend = client.app.state.runtime.backend  # type: ignore[attr-defined]
+        runtime = client.app.state.runtime  # type: ignore[attr-defined]
+        backend = runtime.backend
         version_of(client)
         publish_version(repo / "tiny")
         assert client.post("/v1/models/tiny/reload", headers=ADMIN).json()["retired"] == ["1"]
         assert states(client)["1"]["state"] == "retiring"
+        # What would release version 1 once its last deadline passes.
+        (retirement,) = runtime.lifecycle._retiring.values()
         write_rollout(repo / "tiny", Rollout(weights={"1": 1}))
         report = client.post("/v1/models/tiny/reload", headers=ADMIN).json()
         assert (report["added"], report["serving"]) == (["1"], ["1", "2"])
         assert version_of(client) == "1"
-        time.sleep(2.5)  # past the deadline the retirement waited for: nothing is released
+        # Called off, not run out: nothing is released, now or past that deadline.
+        wait_until(retirement.done, 10, "the retirement still runs")
+        assert retirement.cancelled() and not runtime.lifecycle._retiring
+        assert states(client)["1"]["state"] == "serving"
         assert sorted(backend._sessions) == [("tiny", "1"), ("tiny", "2")]
         assert version_of(client) == "1"
 
@@ -299,9 +304,11 @@ def test_a_shadow_gets_a_copy_whose_answers_are_compared_not_returned(repo):
         compared = counted(registry, "resnet_serve_shadow_images_total", outcome="compared")
         assert compared == pair["images_compared"]
         assert counted(registry, "resnet_serve_shadow_top1_agreements_total") == compared
-        # Pinned requests are not copied.
+        # Pinned requests are not copied: a copy is handed to the shadow before its request
+        # is answered, so once every copy handed over has settled, none came of it.
         version_of(client, "/v1/models/tiny/versions/1/classify")
-        time.sleep(0.2)
+        shadows = client.app.state.runtime.shadows  # type: ignore[attr-defined]
+        wait_until(lambda: not shadows._tasks, 10, "shadow copies still running")
         assert report() == pair
 
 

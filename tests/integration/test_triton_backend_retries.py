@@ -7,7 +7,7 @@ ModelInfer with the status codes a test lines up, then with real logits.
 
 from __future__ import annotations
 
-import time
+import threading
 from concurrent import futures
 from pathlib import Path
 
@@ -35,7 +35,9 @@ class ScriptedTriton(pbg.GRPCInferenceServiceServicer):
     def __init__(self) -> None:
         self.failures: list[grpc.StatusCode] = []
         self.calls = 0
-        self.delay = 0.0
+        #: While cleared, ModelInfer answers only once it is set (by the test).
+        self.hold = threading.Event()
+        self.hold.set()
         self.input_shape = [-1, 1, 8, 8]
         #: Each ModelInfer's metadata (what a tracing gateway sends along).
         self.metadata: list[dict[str, str]] = []
@@ -72,8 +74,7 @@ class ScriptedTriton(pbg.GRPCInferenceServiceServicer):
     def ModelInfer(self, request, context):  # noqa: N802
         self.calls += 1
         self.metadata.append(dict(context.invocation_metadata()))
-        if self.delay:
-            time.sleep(self.delay)
+        self.hold.wait(30)
         if self.failures:
             context.abort(self.failures.pop(0), "scripted failure")
         n = request.inputs[0].shape[0]
@@ -99,6 +100,7 @@ def scripted():
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     yield servicer, f"127.0.0.1:{port}"
+    servicer.hold.set()
     server.stop(0)
 
 
@@ -159,14 +161,13 @@ async def test_other_errors_are_not_retried(scripted):
 async def test_deadline_is_the_rpc_deadline(scripted):
     servicer, url = scripted
     backend = await started(servicer, url, max_retries=3)
-    servicer.delay = 1.0
-    timeout_s = 0.2
-    t0 = time.perf_counter()
+    servicer.hold.clear()  # the answer comes only when the test says so
     with pytest.raises(DeadlineExceeded):
-        await backend.infer(SPEC, BATCH, timeout_s=timeout_s)
-    # At the deadline: neither when the answer comes (1 s) nor after a retry, which would
-    # have had to wait for another deadline.
-    assert time.perf_counter() - t0 < 2 * timeout_s
+        await backend.infer(SPEC, BATCH, timeout_s=0.2)
+    # At the deadline: not when the answer comes (it has not, yet), and not after a retry,
+    # which would have been a second call, waiting for another deadline.
+    assert servicer.calls == 1 and not servicer.hold.is_set()
+    servicer.hold.set()
     await backend.close()
 
 

@@ -170,6 +170,7 @@ def _hidden(vdir: Path) -> list[str]:
 # --- keep or build ----------------------------------------------------------------------------
 
 
+@pytest.mark.external
 def test_first_run_builds_the_engine_and_the_tensorrt_config_then_keeps_them(node):
     model_dir, vdir = node.model(), node.model() / "1"
     proc = node.run()
@@ -203,6 +204,7 @@ def test_first_run_builds_the_engine_and_the_tensorrt_config_then_keeps_them(nod
     assert {p: p.stat().st_mtime_ns for p in before} == before
 
 
+@pytest.mark.external
 def test_the_trtexec_command_is_the_exporters(node):
     assert node.run().returncode == 0
     ((*argv,),) = node.calls()
@@ -221,6 +223,7 @@ def test_the_trtexec_command_is_the_exporters(node):
     assert ["trtexec", *argv] == want
 
 
+@pytest.mark.external
 @pytest.mark.parametrize(
     ("change", "replaced"),
     [
@@ -247,6 +250,7 @@ def test_an_engine_from_another_gpu_or_tensorrt_is_rebuilt(node, change, replace
     assert manifest.tensorrt_version == change.get("FAKE_TRT_VERSION", TRT_VERSION)
 
 
+@pytest.mark.external
 def test_a_changed_graph_or_batch_size_is_rebuilt(node):
     model_dir = node.model()
     assert node.run().returncode == 0
@@ -283,6 +287,7 @@ TRTEXEC_ERROR = (
 )
 
 
+@pytest.mark.external
 @pytest.mark.parametrize(("require", "code"), [((), 0), (("--require",), 1)])
 def test_a_failed_build_serves_onnx(node, require, code):
     model_dir, vdir = node.model(), node.model() / "1"
@@ -296,6 +301,7 @@ def test_a_failed_build_serves_onnx(node, require, code):
     assert _hidden(vdir) == []
 
 
+@pytest.mark.external
 @pytest.mark.parametrize(
     ("env", "tools", "reason"),
     [
@@ -339,6 +345,7 @@ def _edit_json(path: Path, **change) -> None:
     path.write_text(json.dumps(data))
 
 
+@pytest.mark.external
 def test_int8_for_onnx_runtimes_cpu_kernels_serves_onnx_and_symmetric_int8_builds(node):
     # The tiny model's files, relabelled as an INT8 export (what `resnet-export export
     # --precision int8` writes: the contract's precision, the report's quantization).
@@ -375,6 +382,7 @@ def _publish_copy(repo: Path, src: Path, name: str, flavor: str) -> None:
     )
 
 
+@pytest.mark.external
 def test_other_flavors_are_skipped(node):
     _publish_copy(node.repo, node.model(), "tiny_py", "python-ort")
     (node.repo / "lost+found").mkdir()
@@ -395,6 +403,7 @@ def test_other_flavors_are_skipped(node):
     assert node.run("--model", "tiny_py").returncode == 0
 
 
+@pytest.mark.external
 def test_an_older_version_gets_an_engine_but_the_served_config_is_the_newest_ones(node):
     _publish_copy(node.repo, node.model(), "tiny", "onnxruntime")  # version 2
     model_dir = node.model()
@@ -414,6 +423,7 @@ def test_an_older_version_gets_an_engine_but_the_served_config_is_the_newest_one
     )
 
 
+@pytest.mark.external
 def test_a_version_policy_serving_several_versions_serves_onnx(node):
     config = node.model() / "config.pbtxt"
     config.write_text(config.read_text().replace("num_versions: 1", "num_versions: 2"))
@@ -428,6 +438,7 @@ def test_a_version_policy_serving_several_versions_serves_onnx(node):
 # --- arguments --------------------------------------------------------------------------------
 
 
+@pytest.mark.external
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -450,6 +461,7 @@ def test_bad_arguments_are_one_line_and_exit_2(node, args, message):
     assert node.calls() == []
 
 
+@pytest.mark.external
 def test_no_repository_argument_is_one_line(tmp_path):
     proc = subprocess.run([sys.executable, str(SCRIPT)], capture_output=True, text=True)
     assert proc.returncode == 2
@@ -458,6 +470,7 @@ def test_no_repository_argument_is_one_line(tmp_path):
     ]
 
 
+@pytest.mark.external
 def test_an_empty_repository(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), "--repository", str(tmp_path)], capture_output=True, text=True
@@ -468,6 +481,7 @@ def test_an_empty_repository(tmp_path):
 # --- the build Job runs the same script ----------------------------------------------------------
 
 
+@pytest.mark.external
 @pytest.mark.parametrize(("fail", "code"), [(False, 0), (True, 1)])
 def test_the_build_job_runs_this_script(node, fail, code):
     job = yaml.safe_load(render_build_job("tiny", 1, 8, "fp32"))
@@ -567,6 +581,7 @@ def test_names_and_fields_are_the_exporters():
         assert table == {f.name: f.number for f in message.DESCRIPTOR.fields}
 
 
+@pytest.mark.external
 def test_the_script_needs_only_the_standard_library(tmp_path):
     tree = ast.parse(SCRIPT.read_text())
     imported = {
@@ -587,6 +602,7 @@ def test_the_script_needs_only_the_standard_library(tmp_path):
     assert proc.returncode == 0, proc.stderr
 
 
+@pytest.mark.external
 def test_a_tensorrt_config_that_cannot_be_removed_fails_the_step(node):
     # Triton would serve it, with a plan this node cannot run: exit 1 even without --require.
     # (A directory in its place: unlink fails as it would on a read-only volume, even as root.)

@@ -128,6 +128,7 @@ def _closed_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.external
 def test_torchvision_name_without_network_fails_clearly(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     monkeypatch.setenv(URL_ENV, f"http://127.0.0.1:{_closed_port()}/models/")
@@ -145,6 +146,7 @@ def test_unknown_torchvision_name():
         load_weights(build_model("resnet18"), "resnet18", "torchvision:IMAGENET1K_V9")
 
 
+@pytest.mark.external
 def test_download_is_hash_checked_and_cached(tmp_path, monkeypatch, source):
     """A real HTTP server on loopback: a file whose hash differs from torchvision's is rejected."""
     served = tmp_path / "served"

@@ -1,11 +1,12 @@
 """The load tool's own logic, where a scripted target makes the expected answer exact: the
 open loop's Poisson schedule, latency from the scheduled time (coordinated omission),
-warm-up excluded, the bounds, and the SLO search's bracketing. Real gateways: tests/e2e."""
+warm-up excluded, the bounds, and the SLO search's bracketing. The loops run on a virtual
+clock (``tests.helpers.VirtualClockLoop``): the target's costs and stalls take exactly the
+time they script, on any machine. Real gateways: tests/e2e."""
 
 from __future__ import annotations
 
 import asyncio
-import time
 
 import pytest
 
@@ -14,6 +15,7 @@ from service.bench.runner import Bounds, Step, closed_loop, open_loop, poisson_s
 from service.bench.server import breakdown, parse
 from service.bench.slo import passes, search
 from service.bench.targets import Answer, Target
+from tests.helpers import on_virtual_clock
 
 
 class Scripted(Target):
@@ -32,9 +34,10 @@ class Scripted(Target):
         return images
 
     async def send(self, i: int) -> Answer:
-        self.calls.append(time.perf_counter())
+        loop = asyncio.get_running_loop()
+        self.calls.append(loop.time())
         if i == self.stall_at:
-            time.sleep(0.3)  # the client's own event loop blocked: every arrival is late
+            loop.advance(0.3)  # the client's own event loop blocked: every arrival is late
         if self.lock:
             async with self.lock:
                 await asyncio.sleep(self.cost_s)
@@ -45,8 +48,11 @@ class Scripted(Target):
 
 def test_open_loop_sends_the_seeded_poisson_schedule():
     target = Scripted()
-    step = asyncio.run(open_loop(target, 200, Bounds(1.0), seed=7))
-    assert step.requests == step.ok == len(poisson_schedule(200, 1.0, 7))
+    step = on_virtual_clock(open_loop(target, 200, Bounds(1.0), seed=7))
+    schedule = poisson_schedule(200, 1.0, 7)
+    assert step.requests == step.ok == len(schedule)
+    # Each request sent at its time in the schedule, from the window's opening.
+    assert [t - target.calls[0] for t in target.calls] == pytest.approx(schedule, abs=1e-9)
     gaps = [b - a for a, b in zip(target.calls, target.calls[1:], strict=False)]
     mean_gap = sum(gaps) / len(gaps)
     assert 1 / 200 * 0.75 < mean_gap < 1 / 200 * 1.25
@@ -58,7 +64,7 @@ def test_open_loop_sends_the_seeded_poisson_schedule():
 def test_open_loop_latency_counts_from_the_scheduled_time():
     """A client that falls behind (here: its loop blocked 0.3 s) must not hide it: the
     requests that were due meanwhile are measured from when they were due."""
-    step = asyncio.run(open_loop(Scripted(stall_at=20), 100, Bounds(1.0), seed=1))
+    step = on_virtual_clock(open_loop(Scripted(stall_at=20), 100, Bounds(1.0), seed=1))
     assert step.requests == len(poisson_schedule(100, 1.0, 1))  # none dropped
     assert step.latency_ms(100) >= 250  # the stalled request's successors waited
     assert step.latency_ms(50) < 250
@@ -66,19 +72,20 @@ def test_open_loop_latency_counts_from_the_scheduled_time():
 
 def test_open_loop_past_capacity_shows_the_queue():
     # 50/s offered to a server that takes 40 ms each, one at a time (25/s): latency grows.
-    step = asyncio.run(open_loop(Scripted(0.04, serial=True), 50, Bounds(1.0), seed=3))
+    step = on_virtual_clock(open_loop(Scripted(0.04, serial=True), 50, Bounds(1.0), seed=3))
     assert step.latency_ms(99) > 300
 
 
 def test_warmup_is_sent_but_not_recorded():
     target = Scripted(0.005)
-    step = asyncio.run(closed_loop(target, 2, Bounds(0.3, warmup_s=0.3)))
+    step = on_virtual_clock(closed_loop(target, 2, Bounds(0.3, warmup_s=0.3)))
     assert 0 < step.requests < len(target.calls)
-    assert step.duration_s == pytest.approx(0.3, abs=0.05)
+    # The window alone, up to the last answer that was in flight as it closed (5 ms each).
+    assert 0.3 <= step.duration_s <= 0.3 + 0.005
 
 
 def test_max_requests_bounds_a_step():
-    step = asyncio.run(closed_loop(Scripted(0.001), 3, Bounds(30.0, max_requests=50)))
+    step = on_virtual_clock(closed_loop(Scripted(0.001), 3, Bounds(30.0, max_requests=50)))
     assert step.requests == 50 and step.duration_s < 5
 
 
@@ -87,11 +94,11 @@ def test_retry_after_is_honoured_with_jitter():
 
     class Refusing(Scripted):
         async def send(self, i):
-            self.calls.append(time.perf_counter())
+            self.calls.append(asyncio.get_running_loop().time())
             return Answer("503", False, retry_after=retry_after)
 
     target = Refusing()
-    step = asyncio.run(closed_loop(target, 1, Bounds(0.5), honor_retry_after=True))
+    step = on_virtual_clock(closed_loop(target, 1, Bounds(0.5), honor_retry_after=True))
     assert 2 <= step.requests <= 6  # 0.1-0.3 s apart, not a tight loop
     assert step.errors == {"503": step.requests} and step.ok == 0
     # A refusal's latency is its answer's, without the wait after it (at least 0.1 s).
@@ -116,7 +123,7 @@ def test_slo_search_brackets_the_highest_passing_rate():
     async def open_(r):
         return fake(r, "open")
 
-    result = asyncio.run(search(closed, open_, budget_ms=100, tolerance=0.02, max_probes=12))
+    result = on_virtual_clock(search(closed, open_, budget_ms=100, tolerance=0.02, max_probes=12))
     assert result.best is not None and 36 <= result.best.load <= 37
     assert "highest passing rate" in result.reason
     summary = result.summary()
@@ -130,7 +137,7 @@ def test_slo_search_says_when_no_rate_fits():
         step.record(Answer("200", True), 0.5)
         return step
 
-    result = asyncio.run(search(slow, slow, budget_ms=100))
+    result = on_virtual_clock(search(slow, slow, budget_ms=100))
     assert result.best is None and "one request at a time already has p99 500" in result.reason
     assert not passes(Step("open", 1, 1), 100)  # nothing answered: never a pass
 

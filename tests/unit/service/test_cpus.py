@@ -198,6 +198,7 @@ def test_thread_counts_follow_the_usable_cpus(monkeypatch):
     assert ort_backend.OnnxRuntimeBackend(intra_op_threads=3)._threads == 3
 
 
+@pytest.mark.external
 async def test_gateway_start_logs_and_sizes_from_the_budget(tiny, monkeypatch, caplog):
     import service.backends.onnxruntime as ort_backend
     import service.runtime as runtime_module

@@ -71,6 +71,7 @@ RISING = np.arange(10, dtype=np.float32)  # class 9 best, then 8, ...
 FALLING = RISING[::-1].copy()  # class 0 best
 
 
+@pytest.mark.external
 async def test_concurrent_requests_each_get_their_own_top_k_of_the_newest_version(specs):
     plane, backend = make_plane(specs, {"2": RISING})
     try:
@@ -94,6 +95,7 @@ async def test_concurrent_requests_each_get_their_own_top_k_of_the_newest_versio
     assert stats["execution_count"] == len(backend.batches)
 
 
+@pytest.mark.external
 async def test_a_request_resolves_to_a_version_once_and_bad_ones_are_named(specs):
     plane, backend = make_plane(specs, {"1": RISING, "2": FALLING})
     try:
@@ -114,6 +116,7 @@ async def test_a_request_resolves_to_a_version_once_and_bad_ones_are_named(specs
     assert backend.batches == [("1", 1)]
 
 
+@pytest.mark.external
 async def test_routing_splits_unpinned_traffic_by_weight_and_keeps_a_client_on_one_version(
     specs,
 ):
@@ -128,6 +131,7 @@ async def test_routing_splits_unpinned_traffic_by_weight_and_keeps_a_client_on_o
     assert {canary.pick("tiny", "client-7").spec.version for _ in range(50)} == {picks[7]}
 
 
+@pytest.mark.external
 async def test_shadows_on_the_planes_hook_compare_unpinned_batches_only(specs):
     """Version 1 serves; version 2 shadows it with a different top-1: the comparison says
     so. A pinned request is never copied."""
@@ -156,6 +160,7 @@ async def test_shadows_on_the_planes_hook_compare_unpinned_batches_only(specs):
     assert sum(n for v, n in backend.batches if v == "1") == 3  # the pinned one is not copied
 
 
+@pytest.mark.external
 async def test_the_plane_tells_its_hooks_of_unpinned_batches_and_closes_them(specs):
     plane, _ = make_plane(specs, {"1": RISING, "2": FALLING})
     seen: list[tuple[str, int]] = []

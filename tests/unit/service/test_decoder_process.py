@@ -21,6 +21,8 @@ from service.preprocess import DEFAULT_LIMITS, DecodeLimits, preprocess
 from tests.conftest import contract, image_bytes
 from tests.unit.service.test_preprocess import GREY, RGB, photos
 
+pytestmark = pytest.mark.external  # every test starts worker processes
+
 FAR = 60.0
 
 

@@ -5,23 +5,30 @@ lost, never more CPUs held than there are (workers here: threads running scripte
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 import pytest
 
 from service.decoding import DecodePool
 from service.errors import DeadlineExceeded
-from tests.helpers import ThreadWorkers
+from tests.helpers import ThreadWorkers, until
 
 
 def far() -> float:
     return time.perf_counter() + 10
 
 
-def job(log: list[str], name: str, seconds: float = 0.05):
+def job(log: list[str], name: str, seconds: float = 0.05, until: threading.Event | None = None):
+    """A decode that logs its start, then takes ``seconds``, or runs until ``until`` is set
+    (by the test, once it has checked what happens meanwhile)."""
+
     def run() -> str:
         log.append(name)
-        time.sleep(seconds)
+        if until is None:
+            time.sleep(seconds)
+        else:
+            assert until.wait(30), "never released"
         return name
 
     return run
@@ -42,14 +49,16 @@ async def test_a_flood_for_one_model_does_not_starve_another():
 async def test_nothing_is_decoded_past_its_deadline():
     pool = DecodePool(ThreadWorkers(1))
     log: list[str] = []
-    busy = asyncio.create_task(pool.run("a", far(), job(log, "busy", 0.3)))
-    await asyncio.sleep(0.01)
-    t0 = time.perf_counter()
+    release = threading.Event()
+    busy = asyncio.create_task(pool.run("a", far(), job(log, "busy", until=release)))
+    await until(lambda: log == ["busy"])  # the one worker is decoding
     with pytest.raises(DeadlineExceeded):
         await pool.run("a", time.perf_counter() + 0.1, job(log, "late"))
-    assert time.perf_counter() - t0 < 0.2  # answered at its deadline, not after the wait
+    # Answered at its deadline, not after the wait: the decode ahead of it still runs.
+    assert not busy.done() and log == ["busy"]
     with pytest.raises(DeadlineExceeded):
         await pool.run("a", time.perf_counter() - 1, job(log, "expired"))
+    release.set()
     await busy
     assert await pool.run("a", far(), job(log, "next")) == "next"  # no worker was lost
     assert log == ["busy", "next"]
@@ -59,14 +68,19 @@ async def test_nothing_is_decoded_past_its_deadline():
 async def test_a_caller_that_goes_away_frees_its_turn_and_its_worker():
     pool = DecodePool(ThreadWorkers(1))
     log: list[str] = []
-    running = asyncio.create_task(pool.run("a", far(), job(log, "running", 0.2)))
+    release = threading.Event()
+    running = asyncio.create_task(pool.run("a", far(), job(log, "running", until=release)))
     waiting = asyncio.create_task(pool.run("a", far(), job(log, "waiting")))
-    await asyncio.sleep(0.01)
+    await until(lambda: log == ["running"] and pool.waiting("a") == 1)
     running.cancel()  # the worker still finishes its image; then the slot is free again
     waiting.cancel()
-    t0 = time.perf_counter()
-    assert await pool.run("a", far(), job(log, "after")) == "after"
-    assert time.perf_counter() - t0 >= 0.15  # not before the running decode ended
+    await asyncio.gather(running, waiting, return_exceptions=True)  # both callers gone
+    assert pool.waiting("a") == 0
+    after = asyncio.create_task(pool.run("a", far(), job(log, "after")))
+    await until(lambda: pool.waiting("a") == 1)  # "after" waits for the worker...
+    assert log == ["running"]  # ...not started before the running decode ends
+    release.set()
+    assert await after == "after"
     assert log == ["running", "after"]
     assert pool.waiting("a") == 0
     await pool.close()
@@ -107,12 +121,14 @@ async def test_decodes_and_batches_never_hold_more_cpus_than_there_are():
             await asyncio.sleep(0.1)
             log.append("batch done")
 
-    first = asyncio.create_task(pool.run("a", far(), job(log, "first", 0.1)))
-    await asyncio.sleep(0.01)  # decoding on one CPU
+    release = threading.Event()
+    first = asyncio.create_task(pool.run("a", far(), job(log, "first", until=release)))
+    await until(lambda: log == ["first"])  # decoding on one CPU
     running = asyncio.create_task(batch())
     later = asyncio.create_task(pool.run("a", far(), job(log, "later", 0.01)))
-    await asyncio.sleep(0.05)
-    assert log == ["first"]  # a CPU is free, but the batch needs two and goes first
+    await until(lambda: len(pool._holds) == 1 and pool.waiting("a") == 1)  # both waiting
+    assert log == ["first"]  # a CPU and a worker are free, but the batch needs two and goes first
+    release.set()
     await asyncio.gather(first, running, later)
     assert log == ["first", "batch", "batch done", "later"]
     async with pool.cores(5):  # more than there are: all of them
@@ -124,17 +140,21 @@ async def test_decodes_and_batches_never_hold_more_cpus_than_there_are():
 async def test_a_batch_that_stops_waiting_for_cpus_loses_none():
     pool = DecodePool(ThreadWorkers(1), cpus=1)
     log: list[str] = []
-    busy = asyncio.create_task(pool.run("a", far(), job(log, "busy", 0.1)))
-    await asyncio.sleep(0.01)
+    release = threading.Event()
+    busy = asyncio.create_task(pool.run("a", far(), job(log, "busy", until=release)))
+    await until(lambda: log == ["busy"])
 
     async def batch() -> None:
         async with pool.cores(1):
             log.append("never")
 
     waiting = asyncio.create_task(batch())
-    await asyncio.sleep(0.01)
+    await until(lambda: len(pool._holds) == 1)  # waiting for the CPU the decode holds
     waiting.cancel()  # e.g. its requests were all answered 504
+    await asyncio.gather(waiting, return_exceptions=True)
     queued = asyncio.create_task(pool.run("a", far(), job(log, "next", 0.01)))
+    await until(lambda: pool.waiting("a") == 1)
+    release.set()
     await asyncio.gather(busy, queued)
     assert log == ["busy", "next"] and pool._free_cpus == 1
     async with pool.cores(0):  # a batch that runs elsewhere holds nothing

@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from service.settings import Settings
 from tests.conftest import ROOT
 from tests.helpers import doc_sections
@@ -31,6 +33,7 @@ def test_readmes_links_into_the_docs_reach_a_page_and_section():
     assert [link for link in links if link not in sections] == []
 
 
+@pytest.mark.external
 def test_the_site_builds_strictly(tmp_path):
     """What `make docs` builds; --strict fails on a broken link or anchor, a page missing
     from the nav or a nav entry without a page."""

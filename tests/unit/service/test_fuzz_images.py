@@ -84,6 +84,7 @@ def test_regressions_found_by_fuzzing_or_attacks(path):
     check(path.read_bytes())
 
 
+@pytest.mark.external
 def test_coverage_guided_fuzzing_finds_nothing(tmp_path):
     """atheris for a bounded number of runs from seed files of every format (skipped
     where atheris does not install). ``FUZZ_RUNS=N`` runs longer."""

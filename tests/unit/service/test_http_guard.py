@@ -5,14 +5,13 @@ skipped, the connection kept; past the refusals' CPU budget, a refused connectio
 
 from __future__ import annotations
 
-import asyncio
-
 import uvicorn
 from uvicorn.server import ServerState
 
 from service import http_guard
 from service.http_guard import ConnectionLimits, RefusalBudget, _HeldHead, guarded_protocol
 from service.metrics import Metrics
+from tests.helpers import until
 
 
 class Recording:
@@ -103,7 +102,7 @@ async def test_an_early_answer_skips_the_app_and_the_body_and_keeps_the_connecti
     protocol, transport, seen = connection(RefusalBudget())
     # The refused request, its body, then another request: all in one read.
     protocol.data_received(REFUSE + b"GET /next HTTP/1.1\r\nhost: x\r\n\r\n")
-    await asyncio.sleep(0.05)  # the app's task for /next
+    await until(lambda: len(transport.writes) >= 2)  # the app's task for /next answered
     assert seen == ["/next"]  # the app never saw /refuse; its body was not a request
     head, _, body = transport.writes[0].partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 503 Service Unavailable\r\n") and body == b"{}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from fastapi.testclient import TestClient
 
 from service.app import create_app
@@ -34,6 +35,7 @@ def test_a_batcher_exports_its_queue_capacity_and_an_empty_queue():
     assert sample("resnet_serve_queue_depth", {"model": "m", "version": "3"}) == 0
 
 
+@pytest.mark.external
 def test_the_gateway_exports_the_configured_queue_capacity(tiny):
     app = create_app(Settings(repository=tiny.repository, max_queue_images=37))
     with TestClient(app) as client:
@@ -42,6 +44,7 @@ def test_the_gateway_exports_the_configured_queue_capacity(tiny):
     assert "# HELP resnet_serve_queue_capacity Most images that may wait for a batch" in text
 
 
+@pytest.mark.external
 def test_exposition_has_process_metrics_and_no_created_series(tiny):
     app = create_app(Settings(repository=tiny.repository))
     with TestClient(app) as client:

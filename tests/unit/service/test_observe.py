@@ -4,8 +4,9 @@ and the flood limit on failures' log lines."""
 from __future__ import annotations
 
 import logging
-import time
+import types
 
+from service import observe
 from service.observe import FloodFilter, request_id
 
 
@@ -19,7 +20,9 @@ def test_a_request_id_is_the_clients_only_if_it_is_a_plain_token():
     assert all(len(m) == 32 and int(m, 16) >= 0 for m in made)
 
 
-def test_floods_of_one_client_error_are_cut_and_counted():
+def test_floods_of_one_client_error_are_cut_and_counted(monkeypatch):
+    now = [100.0]  # the filter's clock, moved by the test: windows open and close on cue
+    monkeypatch.setattr(observe, "time", types.SimpleNamespace(monotonic=lambda: now[0]))
     kept: list[logging.LogRecord] = []
     flood = FloodFilter(burst=3, window_s=0.2)
 
@@ -37,8 +40,11 @@ def test_floods_of_one_client_error_are_cut_and_counted():
     for _ in range(10):
         line("/v1/classify", "200", "ok")  # successes always pass
     assert len(kept) == 15
-    time.sleep(0.25)  # a new window: the next line says what was dropped
+    now[0] = 100.1
     line("/v1/classify", "400", "invalid_image")
-    assert kept[-1].suppressed == 7 and "7 more like it" in kept[-1].getMessage()
+    assert len(kept) == 15  # the same window: still cut
+    now[0] = 100.2  # a new window: the next line says what was dropped
+    line("/v1/classify", "400", "invalid_image")
+    assert kept[-1].suppressed == 8 and "8 more like it" in kept[-1].getMessage()
     line("/v1/classify", "400", "invalid_image")
     assert not hasattr(kept[-1], "suppressed")  # said once
