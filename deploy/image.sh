@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build the gateway image: `make image` (TARGET=cpu, the default, or gpu).
 #
-#   deploy/image.sh engine       install a container engine where none is (Debian: podman, runc)
+#   deploy/image.sh engine       install podman and runc where no engine is (Debian's packages)
 #   deploy/image.sh base         make sure the Dockerfile's base image is there: pulled, or a
 #                                stand-in made with debootstrap where no registry answers
 #   deploy/image.sh build        base, then build TARGET as IMAGE (prints IMAGE on its last line)
@@ -23,25 +23,38 @@ die() { echo "image: $*" >&2; exit 1; }
 engine_name() {
 	if [ -n "${ENGINE:-}" ]; then echo "$ENGINE"
 	elif command -v podman >/dev/null; then echo podman
-	elif command -v docker >/dev/null; then echo docker
+	# A docker CLI without a daemon to talk to (as on the build machines) is no engine.
+	elif command -v docker >/dev/null && timeout 20 docker info >/dev/null 2>&1; then echo docker
 	fi
 }
 
-install_engine() {
-	[ -n "$(engine_name)" ] && command -v "$(engine_name)" >/dev/null && return
-	command -v apt-get >/dev/null || die "needs podman or docker on PATH (Debian: apt-get install podman runc)"
+# Debian's packages for what is missing (root, apt-get), else a one-line refusal.
+apt_install() {
+	local missing=()
+	for pkg in "$@"; do command -v "$pkg" >/dev/null || missing+=("$pkg"); done
+	[ ${#missing[@]} -eq 0 ] && return
+	command -v apt-get >/dev/null || die "needs ${missing[*]} on PATH (Debian: apt-get install ${missing[*]})"
 	export DEBIAN_FRONTEND=noninteractive
 	# The package lists may be missing or stale on a fresh machine: update once, then install.
-	apt-get install -y -q podman runc debootstrap >/dev/null 2>&1 \
-		|| { apt-get update -q >/dev/null && apt-get install -y -q podman runc debootstrap >/dev/null; } \
-		|| die "apt-get could not install podman, runc and debootstrap"
+	apt-get install -y -q "${missing[@]}" >/dev/null 2>&1 \
+		|| { apt-get update -q >/dev/null && apt-get install -y -q "${missing[@]}" >/dev/null; } \
+		|| die "apt-get could not install ${missing[*]}"
 }
 
-install_engine
+case "${1:-build}" in
+	engine | base | build) ;;
+	context) [ $# -eq 3 ] && [ -f "$2/Dockerfile" ] \
+		|| die "usage: deploy/image.sh context DIR TAG (DIR holds a Dockerfile)" ;;
+	*) die "usage: deploy/image.sh [engine|base|build|context DIR TAG]" ;;
+esac
+
 ENGINE=$(engine_name)
-if [ "$ENGINE" = podman ]; then
+if [ "${ENGINE:-podman}" = podman ]; then
+	apt_install podman runc  # runc: deploy/podman/containers.conf names it
+	ENGINE=podman
 	export CONTAINERS_CONF=${CONTAINERS_CONF:-$PWD/deploy/podman/containers.conf}
 fi
+command -v "$ENGINE" >/dev/null || die "ENGINE=$ENGINE is not installed"
 VERSION=$(sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 TARGET=${TARGET:-cpu}
 case "$TARGET" in
@@ -63,7 +76,7 @@ debian_mirror() {
 # 3.11.x in the official image), with what the Dockerfile uses (venv, groupadd/useradd,
 # CA certificates). Labelled, so nobody mistakes it for the official image.
 make_stand_in() {
-	command -v debootstrap >/dev/null || die "no registry answered for $BASE and debootstrap is not installed"
+	apt_install debootstrap
 	local root
 	root=$(mktemp -d /var/tmp/image-base.XXXXXX)
 	trap 'rm -rf "$root"' EXIT
@@ -154,9 +167,7 @@ case "${1:-build}" in
 	base) ensure_base ;;
 	build) build ;;
 	context)
-		[ $# -eq 3 ] && [ -f "$2/Dockerfile" ] || die "usage: deploy/image.sh context DIR TAG (DIR holds a Dockerfile)"
 		ensure_base
 		build_with_pip -t "$3" "$2"
 		echo "$3" ;;
-	*) die "usage: deploy/image.sh [engine|base|build|context DIR TAG]" ;;
 esac
