@@ -778,9 +778,12 @@ def test_only_the_gateway_reaches_triton(chart) -> None:
     (metrics,) = [r for r in rules if r not in inference]
     assert metrics["ports"] == [{"port": "metrics", "protocol": "TCP"}]
     assert metrics["from"][0]["namespaceSelector"]
-    # The gateway: its API from the ingress controller, /metrics (HTTP port) from Prometheus.
-    api, scrape = component(objs, "NetworkPolicy", "gateway")["spec"]["ingress"]
+    # The gateway: its API from the ingress controller, `helm test` from the chart's test
+    # pod, /metrics (HTTP port) from Prometheus.
+    api, tester, scrape = component(objs, "NetworkPolicy", "gateway")["spec"]["ingress"]
     assert api["from"] == scenario("gpu-triton-values.yaml")["networkPolicy"]["ingressFrom"]
+    assert tester["ports"] == [{"port": "http", "protocol": "TCP"}]
+    assert tester["from"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "test"
     assert scrape["ports"] == [{"port": "http", "protocol": "TCP"}]
     assert scrape["from"] == metrics["from"]
 
@@ -966,6 +969,31 @@ def test_tritons_ports_admit_only_the_gateway_and_the_scraper(chart, layout: str
     if sidecar:
         gw_http = int(env_of(container(host, "gateway"))["RESNET_SERVE_PORT"])
         assert admitted(policies, dst, peers["a pod of another namespace"], gw_http)
+
+
+@pytest.mark.parametrize("layout", sorted(p.name for p in (CHART / "ci").glob("*-values.yaml")))
+def test_helm_test_reaches_the_gateway_in_every_scenario(chart, layout: str) -> None:
+    """`helm test`'s pod classifies through the gateway's HTTP port, which every scenario's
+    policies admit it to (ingressFrom narrows the port to the ingress, the scrapers and
+    that pod), and no further: not gRPC, not Triton's ports."""
+    values = scenario(layout)
+    objs = render(chart, values)
+    policies = list(by_kind(objs, "NetworkPolicy").values())
+    gateway = component(objs, "Deployment", "gateway")
+    dst = {
+        "namespace": RELEASE_NS,
+        "labels": gateway["spec"]["template"]["metadata"]["labels"],
+        "containers": pod_spec(gateway)["containers"],
+    }
+    (test_pod,) = by_kind(objs, "Pod").values()
+    tester = {"namespace": RELEASE_NS, "labels": test_pod["metadata"]["labels"], "ip": "10.0.0.1"}
+    stranger = {"namespace": "other", "labels": {"app": "debug"}, "ip": "10.0.0.1"}
+    env = env_of(container(gateway, "gateway"))
+    http, grpc = int(env["RESNET_SERVE_PORT"]), int(env["RESNET_SERVE_GRPC_PORT"])
+    assert admitted(policies, dst, tester, http)
+    narrowed = bool((values.get("networkPolicy") or {}).get("ingressFrom")) and policies
+    assert admitted(policies, dst, stranger, http) is not narrowed
+    assert admitted(policies, dst, tester, grpc) is not narrowed
 
 
 def test_tensorrt_engines_are_built_on_the_serving_node(chart) -> None:
