@@ -42,7 +42,7 @@ $(PROMTOOL): | $(STAMP)
 	@$@ --version | head -1
 
 tools: $(STAMP) $(PROMTOOL) ## the deployment checkers: Helm engine, k8s schemas, hadolint, promtool, podman
-	@bash deploy/image.sh engine
+	@ENGINE=podman bash deploy/image.sh engine  # the suite runs the image and pods with podman
 
 TARGET ?= cpu
 image: ## build the gateway image (TARGET=cpu or gpu) with podman or docker (deploy/image.sh)

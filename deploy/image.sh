@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build the gateway image: `make image` (TARGET=cpu, the default, or gpu).
 #
-#   deploy/image.sh engine       install podman and runc where no engine is (Debian's packages)
+#   deploy/image.sh engine       install podman, runc and slirp4netns where no engine is (Debian's)
 #   deploy/image.sh base         make sure the Dockerfile's base image is there: pulled, or a
 #                                stand-in made with debootstrap where no registry answers
 #   deploy/image.sh build        base, then build TARGET as IMAGE (prints IMAGE on its last line)
@@ -50,7 +50,9 @@ esac
 
 ENGINE=$(engine_name)
 if [ "${ENGINE:-podman}" = podman ]; then
-	apt_install podman runc  # runc: deploy/podman/containers.conf names it
+	# runc: deploy/podman/containers.conf names it; slirp4netns: the tests reach containers
+	# through its port handler, on loopback (tests/containers.py says why).
+	apt_install podman runc slirp4netns
 	ENGINE=podman
 	export CONTAINERS_CONF=${CONTAINERS_CONF:-$PWD/deploy/podman/containers.conf}
 fi

@@ -24,7 +24,12 @@ if TYPE_CHECKING:
 
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "helm" / "resnet-serving"
-ENV = {**os.environ, "CONTAINERS_CONF": str(ROOT / "deploy" / "podman" / "containers.conf")}
+# podman, whatever else is installed: the tests use its kube play, secrets and healthchecks.
+ENV = {
+    **os.environ,
+    "ENGINE": "podman",
+    "CONTAINERS_CONF": str(ROOT / "deploy" / "podman" / "containers.conf"),
+}
 # netavark publishes a port with DNAT, which a client on 127.0.0.1 does not get through
 # unless the kernel routes loopback traffic (route_localnet); slirp4netns's own port handler
 # listens on this machine's loopback instead, and nothing else reaches the container.
