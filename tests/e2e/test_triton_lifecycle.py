@@ -217,7 +217,7 @@ async def test_a_version_that_cannot_load_is_refused_and_the_others_keep_serving
                 await backend.infer(broken, BATCH, timeout_s=30)
             # Triton's own (strict) readiness is false from now on, until that version loads;
             # the gateway's follows the versions it serves.
-            await asyncio.sleep(0.5)  # a few health checks
+            await backend._check()  # the health loop's check, run now (it raises if not ready)
             assert backend.is_ready()
         finally:
             shutil.rmtree(broken.model_path.parent)
