@@ -25,8 +25,9 @@ if TYPE_CHECKING:
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "helm" / "resnet-serving"
 # podman, whatever else is installed: the tests use its kube play, secrets and healthchecks.
+# (IMAGE and TARGET, deploy/image.sh's other settings, come from the tests alone.)
 ENV = {
-    **os.environ,
+    **{k: v for k, v in os.environ.items() if k not in ("IMAGE", "TARGET")},
     "ENGINE": "podman",
     "CONTAINERS_CONF": str(ROOT / "deploy" / "podman" / "containers.conf"),
 }
