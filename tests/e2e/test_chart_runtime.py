@@ -10,15 +10,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import helm_python as helm
 import httpx
 import numpy as np
 import pytest
-import yaml
 
 from service.processes import GatewayProcess
 from tests.conftest import image_bytes
-from tests.deploy.conftest import CHART
+from tests.containers import render_chart
 from tests.e2e.conftest import start_real_triton
 from tests.helpers import scrape
 
@@ -39,14 +37,6 @@ LAUNCHER_FLAGS = (
 )
 
 
-def rendered(values: dict[str, Any]) -> list[dict[str, Any]]:
-    with helm.Chart.load(CHART) as chart:
-        out = chart.render(values=values, name="rel", namespace="ml")
-    return [
-        d for p, t in out.items() if not p.endswith("NOTES.txt") for d in yaml.safe_load_all(t) if d
-    ]
-
-
 def pod_container(objs: list[dict[str, Any]], kind: str, component: str) -> dict[str, Any]:
     (obj,) = [
         o
@@ -60,7 +50,9 @@ def pod_container(objs: list[dict[str, Any]], kind: str, component: str) -> dict
 @pytest.fixture(scope="module")
 def chart_triton(triton_repo, tmp_path_factory):
     """A real tritonserver started with the chart's hardening flags."""
-    args = pod_container(rendered({"triton": {"enabled": True}}), "Deployment", "triton")["args"]
+    args = pod_container(render_chart({"triton": {"enabled": True}}), "Deployment", "triton")[
+        "args"
+    ]
     extra = tuple(
         a.replace("$(TRITON_ADMIN_KEY)", ADMIN_KEY)
         for a in args
@@ -113,7 +105,7 @@ async def test_the_gateway_loads_into_the_charts_triton_with_the_key_the_chart_g
     from service.backends.triton import TritonBackend
     from service.repository import RepositoryError, load_spec
 
-    objs = rendered({"triton": {"enabled": True}})
+    objs = render_chart({"triton": {"enabled": True}})
     gateway = {e["name"]: e for e in pod_container(objs, "Deployment", "gateway")["env"]}
     triton = {e["name"]: e for e in pod_container(objs, "Deployment", "triton")["env"]}
     given = gateway["RESNET_SERVE_TRITON_ADMIN_KEY"]
@@ -136,7 +128,7 @@ async def test_the_gateway_loads_into_the_charts_triton_with_the_key_the_chart_g
 
 
 def run_helm_test(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    objs = rendered({"gateway": {"apiKeys": {"keys": ["k1"]}}})
+    objs = render_chart({"gateway": {"apiKeys": {"keys": ["k1"]}}})
     c = pod_container(objs, "Pod", "test")
     assert c["command"] == ["python", "-c"]
     return subprocess.run(
@@ -219,7 +211,7 @@ def test_sidecar_mode_the_gateway_and_triton_share_memory_as_the_chart_runs_them
     kubelet sends it)."""
     from tests.e2e.test_triton_lifecycle import registered
 
-    objs = rendered({"triton": {"enabled": True, "sidecar": {"enabled": True}}})
+    objs = render_chart({"triton": {"enabled": True, "sidecar": {"enabled": True}}})
     (pod,) = [o for o in objs if o["kind"] == "Deployment"]
     containers = {c["name"]: c for c in pod["spec"]["template"]["spec"]["containers"]}
     args = containers["triton"]["args"]
