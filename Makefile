@@ -70,7 +70,7 @@ lint: setup ## ruff + mypy
 	$(BIN)/mypy
 
 bench: setup ## measure the gateway against bare ONNX Runtime (see README)
-	$(BIN)/python -m deploy.bench
+	$(BIN)/python -m deploy.benchmarks
 
 fuzz: setup ## fuzz the image path for longer than make test does (minutes)
 	FUZZ_EXAMPLES=20000 FUZZ_RUNS=200000 $(BIN)/python -m pytest -q -m fuzz
@@ -79,9 +79,9 @@ docs: setup ## regenerate the settings table (docs/operations.md) and build the 
 	$(BIN)/python -m deploy.settings_doc
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
-proto: setup ## regenerate service/grpc/classifier_pb2*.py from classifier.proto
+proto: setup ## regenerate service/transports/grpc/classifier_pb2*.py from classifier.proto
 	$(BIN)/python -m grpc_tools.protoc -I . --python_out=. --grpc_python_out=. --pyi_out=. \
-		service/grpc/classifier.proto
+		service/transports/grpc/classifier.proto
 
 clean: ## remove the virtualenv and caches (keeps model_repository/)
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

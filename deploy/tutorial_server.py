@@ -23,7 +23,7 @@ import uvicorn
 from fastapi import FastAPI, HTTPException, Request
 from PIL import Image, ImageOps
 
-from service.contract import PreprocessContract
+from service.model.contract import PreprocessContract
 
 
 def eval_transform(contract: PreprocessContract) -> Callable[[bytes], np.ndarray]:

@@ -66,41 +66,12 @@ def render_build_job(
     check_build_args(max_batch_size, precision)
     node_args = ["--repository", "/models", "--model", model, "--version", str(version)]
     script = f'exec python3 -c "$TRT_NODE" {shlex.join(node_args)} --require --verbose'
-    name = job_name(model, version)
     labels = {
         "app.kubernetes.io/name": "resnet-serving",
         "app.kubernetes.io/component": "tensorrt-build",
     }
-    metadata: dict[str, Any] = {"name": name}
-    if namespace:
-        metadata["namespace"] = namespace
-    metadata["labels"] = labels
-    # Annotations, not labels: a model name may be longer than a label value may be.
-    metadata["annotations"] = {
-        "resnet-serving/model": model,
-        "resnet-serving/version": str(version),
-        "resnet-serving/precision": precision,
-    }
-    container = {
-        "name": "build-engine",
-        "image": image,
-        "command": ["sh", "-c", script],
-        "env": [{"name": "TRT_NODE", "value": trt_node_source()}],
-        # The GPU the engine is built for: the node's, so schedule on nodes of the GPU
-        # model that will serve it (add a nodeSelector on the GPU product label if the
-        # cluster mixes models).
-        "resources": {"limits": {"nvidia.com/gpu": 1}},
-        "volumeMounts": [{"name": "models", "mountPath": "/models"}],
-        # NVIDIA's NGC images run as root, and this one does too: it must write into the
-        # repository, whose files the exporter may own. It gets no Linux capabilities and
-        # cannot gain privileges, so root here cannot override file permissions: the model
-        # directory (for configs/) and its version directory must be writable by uid 0
-        # (or set runAsUser to their owner).
-        "securityContext": {
-            "allowPrivilegeEscalation": False,
-            "capabilities": {"drop": ["ALL"]},
-        },
-    }
+    metadata = _metadata(job_name(model, version), namespace, labels, model, version, precision)
+    container = _container(image, script)
     job = {
         "apiVersion": "batch/v1",
         "kind": "Job",
@@ -134,6 +105,53 @@ def render_build_job(
         "TensorRT must be Triton's: same YY.MM tag.\n"
     )
     return header + yaml.dump(job, Dumper=_block_dumper(yaml), sort_keys=False, width=100)
+
+
+def _metadata(
+    name: str,
+    namespace: str | None,
+    labels: dict[str, str],
+    model: str,
+    version: int,
+    precision: str,
+) -> dict[str, Any]:
+    """The Job's name, namespace, labels, and the version it builds."""
+    metadata: dict[str, Any] = {"name": name}
+    if namespace:
+        metadata["namespace"] = namespace
+    metadata["labels"] = labels
+    # Annotations, not labels: a model name may be longer than a label value may be.
+    metadata["annotations"] = {
+        "resnet-serving/model": model,
+        "resnet-serving/version": str(version),
+        "resnet-serving/precision": precision,
+    }
+    return metadata
+
+
+def _container(image: str, script: str) -> dict[str, Any]:
+    """The container that runs ``script`` (trt_node.py, its source in ``TRT_NODE``) on one
+    GPU, the repository mounted at /models."""
+    return {
+        "name": "build-engine",
+        "image": image,
+        "command": ["sh", "-c", script],
+        "env": [{"name": "TRT_NODE", "value": trt_node_source()}],
+        # The GPU the engine is built for: the node's, so schedule on nodes of the GPU
+        # model that will serve it (add a nodeSelector on the GPU product label if the
+        # cluster mixes models).
+        "resources": {"limits": {"nvidia.com/gpu": 1}},
+        "volumeMounts": [{"name": "models", "mountPath": "/models"}],
+        # NVIDIA's NGC images run as root, and this one does too: it must write into the
+        # repository, whose files the exporter may own. It gets no Linux capabilities and
+        # cannot gain privileges, so root here cannot override file permissions: the model
+        # directory (for configs/) and its version directory must be writable by uid 0
+        # (or set runAsUser to their owner).
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"]},
+        },
+    }
 
 
 def _block_dumper(yaml: Any) -> Any:

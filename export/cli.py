@@ -20,11 +20,11 @@ from pydantic import ValidationError
 from export.errors import ExportError
 from export.gate import DEFAULT_MIN_AGREEMENT
 from export.quantize import DEFAULT_CALIBRATION_COUNT
-from service.cli_base import fail, make_app
-from service.contract import ContractError, describe_validation_error
+from service.model.contract import ContractError, describe_validation_error
+from service.tools.cli_common import fail, make_app
 
 if TYPE_CHECKING:
-    from service.repository import Rollout
+    from service.model.repository import Rollout
 
 app = make_app(
     "resnet-export",
@@ -102,8 +102,8 @@ def _fail(message: str) -> typer.Exit:
 @contextlib.contextmanager
 def _errors() -> Iterator[None]:
     """Turn every anticipated failure into one line and exit 1 (never a traceback)."""
-    from service.files import FolderError
-    from service.repository import RepositoryError
+    from service.host.files import FolderError
+    from service.model.repository import RepositoryError
 
     try:
         yield
@@ -191,120 +191,140 @@ InstanceKindOpt = Annotated[
 ]
 
 
+# --- export's options, in the order --help lists them ---------------------------------------
+
+ArchOpt = Annotated[str, typer.Option(help="Network from the registry; see `resnet-export archs`.")]
+WeightsOpt = Annotated[
+    str,
+    typer.Option(
+        help="Checkpoint: a .pth/.pt (state_dict, or a dict holding 'state_dict'/'model') or "
+        ".safetensors file; 'torchvision:IMAGENET1K_V2'-style names download torchvision's "
+        "weights (needs a network); 'random' exports untrained weights (benchmarks only)."
+    ),
+]
+NameOpt = Annotated[str, typer.Option(help="Model name in the repository (and in URLs).")]
+NumClassesOpt = Annotated[int, typer.Option(min=1, help="Classes of the final layer.")]
+LabelsOpt = Annotated[
+    Path | None,
+    typer.Option(
+        help="Class names, one per line, in class-index order. Default: ImageNet-1k "
+        "names for 1000-class models; required otherwise."
+    ),
+]
+ChannelsOption = Annotated[
+    ChannelsOpt, typer.Option(help="Input colour model: RGB (3 planes) or L (greyscale).")
+]
+ResizeOpt = Annotated[
+    int | None,
+    typer.Option(
+        min=1,
+        help="Shorter side after resize. Default: the weight set's (232 for torchvision "
+        "V2 weights), else 256.",
+    ),
+]
+CropOpt = Annotated[int, typer.Option(min=1, help="Side of the square center crop.")]
+InterpolationOpt = Annotated[InterpOpt, typer.Option(help="Resize interpolation.")]
+MeanOpt = Annotated[
+    str | None,
+    typer.Option(help="Per-channel mean in 0..1, comma-separated. Default: ImageNet's."),
+]
+StdOpt = Annotated[
+    str | None,
+    typer.Option(help="Per-channel std in 0..1, comma-separated. Default: ImageNet's."),
+]
+OpsetOpt = Annotated[int, typer.Option(help="ONNX opset (13-21).")]
+WeightsKeyOption = Annotated[
+    WeightsKeyOpt,
+    typer.Option(
+        help="Which weights of a training checkpoint to export. auto: the 'model' entry "
+        "(what torchvision's reference script evaluates unless told --model-ema), else "
+        "'state_dict', else the file itself; model_ema: the EMA weights (torchvision's "
+        "published V2 weights are EMA weights)."
+    ),
+]
+SampleImagesOpt = Annotated[
+    Path | None,
+    typer.Option(
+        help="A folder of your own images: the parity check and the accuracy gate also "
+        "run on them (preprocessed by the model's contract)."
+    ),
+]
+CalibrationDirOpt = Annotated[
+    Path | None,
+    typer.Option(
+        help="INT8: real images to calibrate on (any format the gateway accepts; "
+        "corrupt files are skipped). 20% are held apart for the accuracy gate unless "
+        "--sample-images is given."
+    ),
+]
+CalibrationCountOpt = Annotated[
+    int, typer.Option(min=1, max=100_000, help="INT8: images to calibrate on, at most.")
+]
+CalibrationMethodOpt = Annotated[
+    CalibrationOpt,
+    typer.Option(
+        help="INT8 activation ranges. percentile (99.999th of |x|): robust to the rare "
+        "large ReLU activations that minmax spends the 256 levels on; entropy: "
+        "TensorRT's KL method, slower."
+    ),
+]
+SymmetricInt8Opt = Annotated[
+    bool,
+    typer.Option(
+        "--symmetric-int8",
+        help="INT8: symmetric int8 activations, as TensorRT requires (implied by --format "
+        "tensorrt); without it, uint8 activations, ONNX Runtime's fast path on x86.",
+    ),
+]
+FormatOption = Annotated[
+    FormatOpt,
+    typer.Option(
+        "--format",
+        help="tensorrt: also build a TensorRT plan on this machine's GPU (needs TensorRT "
+        "and an NVIDIA GPU) and configs/tensorrt.pbtxt; see `resnet-export tensorrt-job`.",
+    ),
+]
+TimingCacheOpt = Annotated[
+    Path | None, typer.Option(help="TensorRT timing cache file (read and updated).")
+]
+
+
 @app.command()
 def export(
-    arch: Annotated[
-        str, typer.Option(help="Network from the registry; see `resnet-export archs`.")
-    ],
-    weights: Annotated[
-        str,
-        typer.Option(
-            help="Checkpoint: a .pth/.pt (state_dict, or a dict holding 'state_dict'/'model') or "
-            ".safetensors file; 'torchvision:IMAGENET1K_V2'-style names download torchvision's "
-            "weights (needs a network); 'random' exports untrained weights (benchmarks only)."
-        ),
-    ],
-    name: Annotated[str, typer.Option(help="Model name in the repository (and in URLs).")],
+    arch: ArchOpt,
+    weights: WeightsOpt,
+    name: NameOpt,
     repository: RepositoryOpt,
-    num_classes: Annotated[int, typer.Option(min=1, help="Classes of the final layer.")] = 1000,
-    labels: Annotated[
-        Path | None,
-        typer.Option(
-            help="Class names, one per line, in class-index order. Default: ImageNet-1k "
-            "names for 1000-class models; required otherwise."
-        ),
-    ] = None,
-    channels: Annotated[
-        ChannelsOpt, typer.Option(help="Input colour model: RGB (3 planes) or L (greyscale).")
-    ] = ChannelsOpt.RGB,
-    resize: Annotated[
-        int | None,
-        typer.Option(
-            min=1,
-            help="Shorter side after resize. Default: the weight set's (232 for torchvision "
-            "V2 weights), else 256.",
-        ),
-    ] = None,
-    crop: Annotated[int, typer.Option(min=1, help="Side of the square center crop.")] = 224,
-    interpolation: Annotated[
-        InterpOpt, typer.Option(help="Resize interpolation.")
-    ] = InterpOpt.bilinear,
-    mean: Annotated[
-        str | None,
-        typer.Option(help="Per-channel mean in 0..1, comma-separated. Default: ImageNet's."),
-    ] = None,
-    std: Annotated[
-        str | None,
-        typer.Option(help="Per-channel std in 0..1, comma-separated. Default: ImageNet's."),
-    ] = None,
+    num_classes: NumClassesOpt = 1000,
+    labels: LabelsOpt = None,
+    channels: ChannelsOption = ChannelsOpt.RGB,
+    resize: ResizeOpt = None,
+    crop: CropOpt = 224,
+    interpolation: InterpolationOpt = InterpOpt.bilinear,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
     input: InputOption = InputOpt.float32,
     max_batch_size: MaxBatchOpt = 32,
     max_queue_delay_us: QueueDelayOpt = 2000,
     instance_count: InstanceCountOpt = 1,
     instance_kind: InstanceKindOpt = KindOpt.auto,
     flavor: FlavorOption = FlavorOpt.onnxruntime,
-    opset: Annotated[int, typer.Option(help="ONNX opset (13-21).")] = 17,
-    weights_key: Annotated[
-        WeightsKeyOpt,
-        typer.Option(
-            help="Which weights of a training checkpoint to export. auto: the 'model' entry "
-            "(what torchvision's reference script evaluates unless told --model-ema), else "
-            "'state_dict', else the file itself; model_ema: the EMA weights (torchvision's "
-            "published V2 weights are EMA weights)."
-        ),
-    ] = WeightsKeyOpt.auto,
-    sample_images: Annotated[
-        Path | None,
-        typer.Option(
-            help="A folder of your own images: the parity check and the accuracy gate also "
-            "run on them (preprocessed by the model's contract)."
-        ),
-    ] = None,
+    opset: OpsetOpt = 17,
+    weights_key: WeightsKeyOption = WeightsKeyOpt.auto,
+    sample_images: SampleImagesOpt = None,
     precision: PrecisionOption = PrecisionOpt.fp32,
-    calibration_dir: Annotated[
-        Path | None,
-        typer.Option(
-            help="INT8: real images to calibrate on (any format the gateway accepts; "
-            "corrupt files are skipped). 20% are held apart for the accuracy gate unless "
-            "--sample-images is given."
-        ),
-    ] = None,
-    calibration_count: Annotated[
-        int, typer.Option(min=1, max=100_000, help="INT8: images to calibrate on, at most.")
-    ] = DEFAULT_CALIBRATION_COUNT,
-    calibration_method: Annotated[
-        CalibrationOpt,
-        typer.Option(
-            help="INT8 activation ranges. percentile (99.999th of |x|): robust to the rare "
-            "large ReLU activations that minmax spends the 256 levels on; entropy: "
-            "TensorRT's KL method, slower."
-        ),
-    ] = CalibrationOpt.percentile,
+    calibration_dir: CalibrationDirOpt = None,
+    calibration_count: CalibrationCountOpt = DEFAULT_CALIBRATION_COUNT,
+    calibration_method: CalibrationMethodOpt = CalibrationOpt.percentile,
     min_agreement: MinAgreementOpt = DEFAULT_MIN_AGREEMENT,
-    symmetric_int8: Annotated[
-        bool,
-        typer.Option(
-            "--symmetric-int8",
-            help="INT8: symmetric int8 activations, as TensorRT requires (implied by --format "
-            "tensorrt); without it, uint8 activations, ONNX Runtime's fast path on x86.",
-        ),
-    ] = False,
-    format: Annotated[
-        FormatOpt,
-        typer.Option(
-            "--format",
-            help="tensorrt: also build a TensorRT plan on this machine's GPU (needs TensorRT "
-            "and an NVIDIA GPU) and configs/tensorrt.pbtxt; see `resnet-export tensorrt-job`.",
-        ),
-    ] = FormatOpt.onnx,
-    timing_cache: Annotated[
-        Path | None, typer.Option(help="TensorRT timing cache file (read and updated).")
-    ] = None,
+    symmetric_int8: SymmetricInt8Opt = False,
+    format: FormatOption = FormatOpt.onnx,
+    timing_cache: TimingCacheOpt = None,
 ) -> None:
     """Export a trained ResNet to ONNX, verify it against PyTorch, and publish a new version."""
     with _errors():
-        from export.pipeline import ExportRequest
         from export.pipeline import export as run_export
+        from export.plan import ExportRequest
         from export.repository import ServingConfig
 
         request = ExportRequest(
@@ -350,7 +370,7 @@ def _check_tensorrt_int8(version_dir: Path) -> None:
     import json
 
     from export.trt_node import int8_problem
-    from service.repository import REPORT_FILENAME
+    from service.model.repository import REPORT_FILENAME
 
     problem = int8_problem(json.loads((version_dir / REPORT_FILENAME).read_text()))
     if problem:
@@ -413,8 +433,8 @@ def validate(
     """Check every model: config parses, files exist, contract agrees with the ONNX graph."""
     with _errors():
         from export.repository import validate_repository
-        from service.cpus import cpu_isa
-        from service.repository import load_spec
+        from service.host.cpus import cpu_isa
+        from service.model.repository import load_spec
 
         models, problems = validate_repository(repository)
         for problem in problems:
@@ -439,7 +459,7 @@ def validate(
 
 def _version(text: str, what: str) -> str:
     """A version number as rollout.json spells it ("02" -> "2")."""
-    from service.repository import version_key
+    from service.model.repository import version_key
 
     try:
         return version_key(text)
@@ -514,7 +534,7 @@ def rollout(
     not give is dropped); without options it prints the current one and changes nothing."""
     with _errors():
         from export.repository import find_model, set_rollout
-        from service.repository import Rollout, served_versions
+        from service.model.repository import Rollout, served_versions
 
         model_dir = find_model(repository, model)
         if clear and (weight or shadow is not None):
@@ -623,7 +643,7 @@ def tensorrt_job(
     with _errors():
         from export import tensorrt as trt
         from export.evaluate import parse_model
-        from service.repository import load_spec
+        from service.model.repository import load_spec
 
         name, version = parse_model(model)
         spec = load_spec(repository / name, version)

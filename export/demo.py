@@ -3,7 +3,7 @@
 1,797 real 8x8 greyscale scans, 10 classes, no download. The gateway will receive these
 digits as ordinary PNG files (pixel = round(v * 255 / 16)), so the training tensors are
 made by encoding each digit as exactly such a PNG and running it through the gateway's own
-preprocessing (``service.preprocess``) under the model's contract: what the model learns
+preprocessing (``service.dataplane.preprocess``) under the model's contract: what the model learns
 from is byte-for-byte what it will be served.
 """
 
@@ -22,14 +22,16 @@ from torch import nn
 
 from export.errors import ExportError
 from export.gate import DEFAULT_MIN_AGREEMENT
-from export.images import spread
+from export.images import Images, spread
 from export.models import build_model
-from export.pipeline import ExportResult, Images, PrecisionPlan, export_and_publish
+from export.pipeline import export_and_publish
+from export.plan import PrecisionPlan
+from export.publish import ExportResult
 from export.quantize import DEFAULT_CALIBRATION_COUNT, Precision
 from export.repository import Flavor, ServingConfig, ensure_writable
-from service.contract import PreprocessContract, input_fields
-from service.cpus import usable_cpus
-from service.preprocess import preprocess
+from service.dataplane.preprocess import preprocess
+from service.host.cpus import usable_cpus
+from service.model.contract import PreprocessContract, input_fields
 
 DEMO_NAME = "digits"
 DEMO_ARCH = "resnet18"

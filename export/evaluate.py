@@ -2,7 +2,7 @@
 
 The folder is in ImageFolder layout (``DIR/<label>/<image>``); a folder's name is matched
 with the model's class names (labels.txt). In-process, images go through the gateway's
-own preprocessing (``service.preprocess``) and ONNX Runtime; with ``--url`` the same
+own preprocessing (``service.dataplane.preprocess``) and ONNX Runtime; with ``--url`` the same
 images are sent to a running gateway over HTTP, so the deployed path is measured by the
 same command and the two reports can be compared figure for figure.
 
@@ -28,8 +28,8 @@ import numpy as np
 from export.errors import ExportError
 from export.gate import compare, run_onnx
 from export.images import load_images, progress
-from service.files import image_files
-from service.repository import ModelSpec, load_spec
+from service.host.files import image_files
+from service.model.repository import ModelSpec, load_spec
 
 #: Images per HTTP request to a gateway (well under its default per-request limit).
 HTTP_BATCH = 16

@@ -5,17 +5,25 @@ The figure that matters to a classifier's users is how often the top-1 class cha
 that is what the gate thresholds (``--min-agreement``, default 99 %); the largest logit
 difference is reported beside it, since a model can agree on top-1 and still have drifted.
 A gate of 0 reports without refusing (benchmarks on untrained weights, whose near-tied
-logits flip under any rounding).
+logits flip under any rounding). Each figure is logged as it is found, and a reduced
+model that misses the gate is refused with an ExportError: nothing is published.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from service.contract import PreprocessContract
+from export.errors import ExportError
+from export.images import Images
+from export.quantize import Precision
+from service.host.cpus import cpu_isa
+from service.model.contract import PreprocessContract
+from service.model.repository import PROBE_TOLERANCE, parity_problem
 
 DEFAULT_MIN_AGREEMENT = 99.0
 #: Images per ONNX Runtime run when scoring a folder (memory stays bounded).
@@ -106,3 +114,86 @@ def compare(
         min_agreement_pct=min_agreement_pct,
         passed=agree >= min_agreement_pct,
     )
+
+
+def apply_gate(
+    reference: np.ndarray,
+    candidate: np.ndarray,
+    what: str,
+    images: Images,
+    min_agreement: float,
+    log: Callable[[str], None],
+    refuse: bool = True,
+) -> AgreementReport:
+    """Score ``candidate`` against FP32 on ``images`` and log it; refuse (unless not
+    ``refuse``: the caller reports several before refusing) if it misses ``min_agreement``."""
+    gate = compare(
+        reference,
+        candidate,
+        names=(what, "FP32"),
+        images_source=images.source,
+        min_agreement_pct=min_agreement,
+    )
+    log(gate.summary())
+    if refuse and not gate.passed:
+        raise ExportError(gate.refusal())
+    return gate
+
+
+def gate_reduced(
+    published: Path,
+    contract: PreprocessContract,
+    reference: np.ndarray,
+    precision: Precision,
+    images: Images,
+    min_agreement: float,
+    log: Callable[[str], None],
+) -> dict[str, Any]:
+    """The accuracy gate of the reduced graph as this CPU's kernels run it and, for INT8,
+    as the exact reference computes it (what the kernels of every other CPU must match):
+    both against FP32, both reported before either refuses; then the kernels against the
+    reference within the gateway's probe tolerance, so that the file published gives here
+    what it gives on any node. The report's part."""
+    candidate = run_onnx(published, contract, images.tensors)
+    if precision != "int8":
+        gate = apply_gate(reference, candidate, precision.upper(), images, min_agreement, log)
+        return {"accuracy_gate": gate.as_dict()}
+    kernels = cpu_isa()
+    exact = run_onnx(published, contract, images.tensors, exact=True)
+    what = f"INT8 on {kernels} kernels"
+    on_kernels = apply_gate(reference, candidate, what, images, min_agreement, log, refuse=False)
+    on_exact = apply_gate(
+        reference, exact, "INT8 exact reference", images, min_agreement, log, refuse=False
+    )
+    versus = compare(
+        exact,
+        candidate,
+        names=(what, "INT8 exact reference"),
+        images_source=images.source,
+    )
+    problem = parity_problem(exact, candidate)
+    log(
+        f"{what} vs the exact reference: top-1 agreement "
+        f"{versus.top1_agreement_pct:.2f}% of {versus.images}, max |logit diff| "
+        f"{versus.max_abs_logit_diff:.3g} ({'PASS' if problem is None else 'FAIL'}: the "
+        f"gateway's probe allows {PROBE_TOLERANCE:.0%} of the largest logit)"
+    )
+    for gate in (on_kernels, on_exact):
+        if not gate.passed:
+            raise ExportError(gate.refusal())
+    if problem is not None:
+        raise ExportError(
+            f"not published: INT8 on this CPU's {kernels} kernels differs from the exact "
+            f"reference on {images.source}: {problem}"
+        )
+    return {
+        "accuracy_gate": on_kernels.as_dict(),
+        "accuracy_gate_exact": on_exact.as_dict(),
+        "kernels_vs_exact": {
+            "kernels": kernels,
+            "top1_agreement_pct": versus.top1_agreement_pct,
+            "max_abs_logit_diff": versus.max_abs_logit_diff,
+            "largest_logit": float(np.abs(exact).max()),
+            "tolerance_pct_of_largest": PROBE_TOLERANCE * 100,
+        },
+    }

@@ -3,7 +3,7 @@
 Calibration (``--calibration-dir``), the parity and agreement checks (``--sample-images``)
 and ``evaluate`` (``--images``, ImageFolder layout ``DIR/<label>/*``) all start here, so an
 image the gateway would refuse is skipped with the gateway's reason, and an image that is
-used becomes exactly the tensor the gateway would make of it (``service.preprocess``).
+used becomes exactly the tensor the gateway would make of it (``service.dataplane.preprocess``).
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from typing import TypeVar
 import numpy as np
 
 from export.errors import ExportError
-from service.contract import PreprocessContract
+from service.dataplane.preprocess import preprocess
 from service.errors import ServiceError
-from service.preprocess import preprocess
+from service.model.contract import PreprocessContract
 
 T = TypeVar("T")
 #: Share of a folder held apart from calibration to judge the quantized model by, when no
@@ -62,6 +62,17 @@ class Loaded:
     paths: list[Path]
     tensors: np.ndarray
     skipped: list[tuple[Path, str]]
+
+
+@dataclass(frozen=True)
+class Images:
+    """Preprocessed images and where they came from (for the report)."""
+
+    tensors: np.ndarray
+    source: str
+
+    def __len__(self) -> int:
+        return len(self.tensors)
 
 
 def load_images(

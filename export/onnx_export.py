@@ -19,10 +19,10 @@ from torch import nn
 
 from export.errors import ExportError
 from export.gate import run_onnx
-from service.contract import PreprocessContract
+from service.dataplane.preprocess import normalized, preprocess
 from service.errors import brief
-from service.preprocess import normalized, preprocess
-from service.repository import TensorSig, tensor_problems
+from service.model.contract import PreprocessContract
+from service.model.repository import TensorSig, tensor_problems
 
 DEFAULT_OPSET = 17
 MIN_OPSET, MAX_OPSET = 13, 21

@@ -43,7 +43,7 @@ import numpy as np
 
 from export.errors import ExportError
 from export.images import progress
-from service.contract import Int8Scheme, PreprocessContract
+from service.model.contract import Int8Scheme, PreprocessContract
 
 Precision = Literal["fp32", "fp16", "int8"]
 PRECISIONS: tuple[Precision, ...] = ("fp32", "fp16", "int8")

@@ -1,6 +1,6 @@
 """Writing the Triton model repository: one model version at a time, atomically.
 
-The layout, and every check that needs no graph, are ``service.repository``'s (the
+The layout, and every check that needs no graph, are ``service.model.repository``'s (the
 gateway reads with the same code); this module adds the ONNX graph check to validation.
 
 Publishing builds the complete new ``DIR/NAME`` beside the old one (earlier versions are
@@ -30,9 +30,9 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from export.errors import ExportError
-from service.contract import ContractError, PreprocessContract
 from service.errors import brief
-from service.repository import (
+from service.model.contract import ContractError, PreprocessContract
+from service.model.repository import (
     CONFIG_FILENAME,
     CONTRACT_FILENAME,
     LABELS_FILENAME,
@@ -45,6 +45,7 @@ from service.repository import (
     Rollout,
     contract_tensors,
     latest_version,
+    layout_problems,
     load_probe,
     load_spec,
     model_dirs,
@@ -54,7 +55,6 @@ from service.repository import (
     served_versions,
     write_rollout,
 )
-from service.repository import validate_model as validate_layout
 
 LOCK_FILENAME = ".resnet-export.lock"
 Flavor = Literal["onnxruntime", "python-ort"]
@@ -407,13 +407,14 @@ def _swap(staging: Path, final: Path) -> None:
 
 def validate_model(model_dir: Path, expected_name: str | None = None) -> list[str]:
     """Every problem with one model directory, as ``"NAME: reason"`` strings: the layout
-    checks of ``service.repository``, then each version's ONNX graph against its contract."""
+    checks (``service.model.repository.layout_problems``), then each version's ONNX graph
+    against its contract."""
     import onnx
 
     from export.onnx_export import graph_problems
 
     name = expected_name or model_dir.name
-    problems = validate_layout(model_dir, name)
+    problems = layout_problems(model_dir, name)
     for version in numbered_versions(model_dir):
         vdir = model_dir / str(version)
         onnx_path = vdir / MODEL_FILENAME

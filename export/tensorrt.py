@@ -49,7 +49,7 @@ from export.errors import ExportError
 from export.trt_node import NodeError
 
 if TYPE_CHECKING:
-    from service.contract import PreprocessContract
+    from service.model.contract import PreprocessContract
 
 # The names and settings the GPU node's script (export/trt_node.py) uses, defined there.
 PLAN_FILENAME = trt_node.PLAN_FILENAME
@@ -372,7 +372,43 @@ def build_engine(
     # TensorRT 11 networks are always strongly typed (trt_node.strongly_typed).
     network = builder.create_network(0)
     strong = trt_node.strongly_typed(str(trt.__version__))
+    # Held until the build: the parser owns the weights the network refers to.
     parser = trt.OnnxParser(network, logger)
+    _parse(trt, parser, network, onnx_path, contract, precision, strong)
+    config, opt = _builder_config(trt, builder, contract, max_batch_size, precision, strong)
+    _use_timing_cache(config, timing_cache, log)
+
+    log(f"building the {precision} TensorRT engine for {gpu_name} (batch 1..{max_batch_size})")
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        detail = f" ({errors[-1]})" if errors else ""
+        raise ExportError(f"TensorRT could not build an engine from {onnx_path}{detail}")
+    _write_atomic(plan_path, memoryview(serialized))
+    if timing_cache is not None:
+        _write_atomic(timing_cache, memoryview(config.get_timing_cache().serialize()))
+    return EngineManifest(
+        tensorrt_version=str(trt.__version__),
+        gpu_name=gpu_name,
+        compute_capability=cc,
+        cuda_version=cuda_version,
+        precision=cast(Precision, precision),
+        max_batch_size=max_batch_size,
+        opt_batch_size=opt,
+        onnx_sha256=trt_node.sha256_file(onnx_path),
+    )
+
+
+def _parse(
+    trt: Any,
+    parser: Any,
+    network: Any,
+    onnx_path: Path,
+    contract: PreprocessContract,
+    precision: str,
+    strong: bool,
+) -> None:
+    """Parse ``onnx_path`` into ``network``; refuse a graph TensorRT rejects, one whose
+    input is not the contract's, or one that cannot give ``precision``."""
     if not parser.parse_from_file(str(onnx_path)):
         found = []
         for i in range(parser.num_errors):
@@ -396,6 +432,17 @@ def build_engine(
             "carrying the scales); this one has none"
         )
 
+
+def _builder_config(
+    trt: Any,
+    builder: Any,
+    contract: PreprocessContract,
+    max_batch_size: int,
+    precision: str,
+    strong: bool,
+) -> tuple[Any, int]:
+    """The build's settings: one optimization profile (batch 1 .. ``max_batch_size``,
+    tuned for the returned batch size) and, before TensorRT 11, the precision flags."""
     config = builder.create_builder_config()
     shape = contract.input_shape
     opt = opt_batch_size(max_batch_size)
@@ -410,7 +457,11 @@ def build_engine(
         # With Q/DQ layers TensorRT quantizes exactly where the graph says (explicit
         # quantization); FP16 above lets the layers between them run in half precision.
         config.set_flag(trt.BuilderFlag.INT8)
+    return config, opt
 
+
+def _use_timing_cache(config: Any, timing_cache: Path | None, log: Callable[[str], None]) -> None:
+    """Start the build from ``timing_cache`` where it was recorded on this GPU and TensorRT."""
     cache_bytes = b""
     if timing_cache is not None and timing_cache.is_file():
         cache_bytes = timing_cache.read_bytes()
@@ -420,25 +471,6 @@ def build_engine(
         log(f"timing cache {timing_cache} is from another GPU or TensorRT; not using it")
         cache = config.create_timing_cache(b"")
         config.set_timing_cache(cache, ignore_mismatch=False)
-
-    log(f"building the {precision} TensorRT engine for {gpu_name} (batch 1..{max_batch_size})")
-    serialized = builder.build_serialized_network(network, config)
-    if serialized is None:
-        detail = f" ({errors[-1]})" if errors else ""
-        raise ExportError(f"TensorRT could not build an engine from {onnx_path}{detail}")
-    _write_atomic(plan_path, memoryview(serialized))
-    if timing_cache is not None:
-        _write_atomic(timing_cache, memoryview(config.get_timing_cache().serialize()))
-    return EngineManifest(
-        tensorrt_version=str(trt.__version__),
-        gpu_name=gpu_name,
-        compute_capability=cc,
-        cuda_version=cuda_version,
-        precision=cast(Precision, precision),
-        max_batch_size=max_batch_size,
-        opt_batch_size=opt,
-        onnx_sha256=trt_node.sha256_file(onnx_path),
-    )
 
 
 def _write_atomic(path: Path, data: bytes | memoryview) -> None:

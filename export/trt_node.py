@@ -23,7 +23,7 @@ ONNX, unless ``--require`` (then 1); 2 for bad arguments.
 
 Standard library only, and self-contained: it runs as a file (``python3 trt_node.py``), as
 ``python3 -c "$SOURCE"``, and is imported by ``export.tensorrt``, whose trtexec command is
-this one. Its file names and ``engine.json`` fields are those of ``service.repository``
+this one. Its file names and ``engine.json`` fields are those of ``service.model.repository``
 and ``export.tensorrt.EngineManifest`` (tests hold them equal).
 """
 
@@ -690,6 +690,41 @@ def _serves_newest_only(config: list[Field]) -> bool:
     return latest is not None and len(policy) == 1 and _scalar(latest, "num_versions") == "1"
 
 
+def _onnx_platform(name: str, config: list[Field]) -> bool:
+    """Whether the model is one engines are made for (ONNX Runtime's platform); if not,
+    says so."""
+    platform = _unquote(_scalar(config, "platform"))
+    if platform == _ONNX_PLATFORM:
+        return True
+    what = (
+        f'platform "{platform}"'
+        if platform
+        else f'backend "{_unquote(_scalar(config, "backend"))}"'
+    )
+    print(
+        f"model {name}: skipped ({what}: TensorRT engines are made for {_ONNX_PLATFORM})",
+        flush=True,
+    )
+    return False
+
+
+def _keep_or_build(
+    vdir: Path, config: list[Field], probe: _NodeProbe, timeout: float, verbose: bool
+) -> str:
+    """Keep the version's engine where it was built from this graph for this node, else
+    build it and its manifest; what was done."""
+    target = read_target(vdir, config)
+    node = probe.get()
+    wanted = _manifest(target, node, sha256_file(target.onnx))
+    why = _stale(vdir, wanted)
+    if why is None:
+        return f"engine kept ({node.describe()})"
+    started = time.monotonic()
+    build(vdir, target, node, timeout, verbose)
+    write_atomic(vdir / MANIFEST_FILENAME, (json.dumps(wanted, indent=2) + "\n").encode())
+    return f"engine built in {time.monotonic() - started:.0f} s ({node.describe()}; {why})"
+
+
 def process_model(
     model_dir: Path,
     version: int | None,
@@ -707,17 +742,7 @@ def process_model(
     except (OSError, UnicodeDecodeError, NodeError) as exc:
         reason = f"{CONFIG_FILENAME} unreadable: {exc}"
         return _onnx_fallback(trt_config, f"model {name}", reason)
-    platform = _unquote(_scalar(config, "platform"))
-    if platform != _ONNX_PLATFORM:
-        what = (
-            f'platform "{platform}"'
-            if platform
-            else f'backend "{_unquote(_scalar(config, "backend"))}"'
-        )
-        print(
-            f"model {name}: skipped ({what}: TensorRT engines are made for {_ONNX_PLATFORM})",
-            flush=True,
-        )
+    if not _onnx_platform(name, config):
         return None
     try:
         versions = numbered_versions(model_dir)
@@ -746,17 +771,7 @@ def process_model(
                 "its version_policy serves more than the newest version; engines are made "
                 "for the newest only"
             )
-        target = read_target(vdir, config)
-        node = probe.get()
-        wanted = _manifest(target, node, sha256_file(target.onnx))
-        why = _stale(vdir, wanted)
-        started = time.monotonic()
-        if why is not None:
-            build(vdir, target, node, timeout, verbose)
-            write_atomic(vdir / MANIFEST_FILENAME, (json.dumps(wanted, indent=2) + "\n").encode())
-            done = f"engine built in {time.monotonic() - started:.0f} s ({node.describe()}; {why})"
-        else:
-            done = f"engine kept ({node.describe()})"
+        done = _keep_or_build(vdir, config, probe, timeout, verbose)
         if served:
             text = tensorrt_config_text(config_text)
             if not trt_config.is_file() or trt_config.read_text(encoding="utf-8") != text:

@@ -1,8 +1,8 @@
 """The gateway's error hierarchy: every error a caller can cause or observe is one of these.
 
 Each class carries its HTTP status, its gRPC status and a stable machine-readable
-``code``; the transports map them in one place per dialect (``service.api.errors`` for
-both HTTP dialects, ``service.grpc.server`` for gRPC), which is also where Retry-After is
+``code``; the transports map them in one place per dialect (``service.transports.http.error_responses`` for
+both HTTP dialects, ``service.transports.grpc.grpc_server`` for gRPC), which is also where Retry-After is
 set and rejections are counted. Messages are written for the caller: they say what was
 wrong with the request, never an internal name, path or traceback (5xx messages stay
 generic; :func:`as_service_error` logs the details instead).

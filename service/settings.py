@@ -132,7 +132,7 @@ class Settings(BaseSettings):
     )
     default_top_k: int = Field(5, ge=1, description="top_k when the request gives none.")
 
-    # --- connections (service.http_guard; an ingress in front may add its own) ------------
+    # --- connections (service.transports.http.guard; an ingress in front may add its own) ---
     header_timeout_s: float = Field(
         5.0, gt=0, le=300, description="Seconds a client has to send a request's headers; 408."
     )
@@ -184,7 +184,7 @@ class Settings(BaseSettings):
         False,
         description="Decoding and ONNX Runtime never hold more of the usable CPUs than "
         "there are: a decode waits while a batch holds its threads' cores. Off (measured "
-        "better on 2 cores): a decoding thread may preempt an inference thread.",
+        "better on 2 cores): a decoding process may take a core from a batch's thread.",
     )
     jpeg_draft: bool = Field(
         True,

@@ -1,6 +1,6 @@
 """Shared fixtures: a tiny ResNet for transport tests (kB, published through the real
 export path), the trained digits demo model for accuracy tests (once per session), and
-small helpers. Test doubles live in ``tests.helpers``, process helpers in ``service.processes``."""
+small helpers. Test doubles live in ``tests.helpers``, process helpers in ``service.host.processes``."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.contract import PreprocessContract
-from service.repository import load_spec
+from service.model.contract import PreprocessContract
+from service.model.repository import load_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -185,7 +185,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Tiny:
 @pytest.fixture(scope="session")
 def tiny_pixels(tmp_path_factory: pytest.TempPathFactory) -> Tiny:
     """The tiny network taking uint8 pixels (``--input uint8``), as "tinypixels"."""
-    from service.contract import input_fields
+    from service.model.contract import input_fields
 
     contract = TINY_CONTRACT.model_copy(update=input_fields("uint8"))
     return publish_tiny(tmp_path_factory.mktemp("pixels") / "repo", "tinypixels", contract)

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import yaml
 
-from service.processes import free_port, wait_until
+from service.host.processes import free_port, wait_until
 
 if TYPE_CHECKING:
     from tests.conftest import Demo
@@ -211,7 +211,7 @@ def digits_it_gets_right(demo: Demo, n: int) -> list[tuple[Path, np.ndarray]]:
     the same file must answer."""
     import onnxruntime as ort
 
-    from service.preprocess import preprocess
+    from service.dataplane.preprocess import preprocess
 
     session = ort.InferenceSession(
         str(demo.model_dir / "1" / "model.onnx"), providers=["CPUExecutionProvider"]

@@ -1,7 +1,7 @@
 """Test doubles and measurements for the tests: a backend made slow on purpose, a gateway's
 metrics read back, the fastest of a few runs (the bound a timed check derives from), a
 process's memory, waiting on a state (never sleep-and-hope), an event loop on a virtual
-clock. The gateway's process helpers are :mod:`service.processes`."""
+clock. The gateway's process helpers are :mod:`service.host.processes`."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import numpy as np
 
 from service.backends.base import Backend
-from service.repository import ModelSpec
+from service.model.repository import ModelSpec
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
@@ -83,7 +83,7 @@ def on_virtual_clock(main: Coroutine[Any, Any, T]) -> T:
 
 
 class ThreadWorkers:
-    """Decoding workers that are threads running callables (``service.decoding.Workers``):
+    """Decoding workers that are threads running callables (``service.dataplane.decode_scheduler.Workers``):
     the pool's scheduling (turns, deadlines, CPUs) tested with jobs that take what a test
     says, apart from the decoding processes."""
 

@@ -40,9 +40,9 @@ from urllib.parse import quote
 from locust import FastHttpUser, constant, task
 from locust.contrib.fasthttp import ResponseContextManager
 
-from service.bench import BenchError
-from service.bench.run import read_images
-from service.bench.targets import kserve_binary_body, multipart_body
+from service.tools.bench import BenchError
+from service.tools.bench.run import read_images
+from service.tools.bench.targets import kserve_binary_body, multipart_body
 
 
 class ConfigError(SystemExit):

@@ -15,7 +15,7 @@ def make_backend(settings: Settings) -> Backend:
             parallel_batches=settings.ort_parallel_batches,
             providers=settings.ort_providers,
         )
-    from service.backends.triton import TritonBackend
+    from service.backends.triton.backend import TritonBackend
 
     return TritonBackend(
         settings.triton_url,

@@ -9,7 +9,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from service.repository import ModelSpec
+from service.model.repository import ModelSpec
 
 
 class Backend(abc.ABC):
@@ -28,7 +28,7 @@ class Backend(abc.ABC):
     #: server or a GPU). The data plane holds that many while the batch runs.
     cpus_per_batch: int = 0
     #: What computes a batch: the instruction set of this CPU's kernels (``AVX2``,
-    #: ``AVX-512 VNNI``, ``AMX``: service.cpus.cpu_isa), an accelerator, or a server.
+    #: ``AVX-512 VNNI``, ``AMX``: service.host.cpus.cpu_isa), an accelerator, or a server.
     kernels: str = "unknown"
 
     def __init__(self) -> None:

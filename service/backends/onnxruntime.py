@@ -10,9 +10,9 @@ import numpy as np
 import onnxruntime as ort
 
 from service.backends.base import Backend
-from service.cpus import cpu_isa, usable_cpus
 from service.errors import BackendUnavailable, brief
-from service.repository import ModelSpec, RepositoryError, TensorSig, tensor_problems
+from service.host.cpus import cpu_isa, usable_cpus
+from service.model.repository import ModelSpec, RepositoryError, TensorSig, tensor_problems
 
 log = logging.getLogger(__name__)
 
@@ -61,9 +61,9 @@ class OnnxRuntimeBackend(Backend):
         providers: list[str] | None = None,
     ) -> None:
         """``parallel_batches`` runs of one session at once, each with ``intra_op_threads``
-        (default: the usable CPUs, :func:`service.cpus.usable_cpus`, divided among them).
+        (default: the usable CPUs, :func:`service.host.cpus.usable_cpus`, divided among them).
         One batch on all cores gives the lowest latency; several single-threaded batches
-        avoid stalling a whole batch whenever a decoding thread takes one of its cores,
+        avoid stalling a whole batch whenever a decoding process takes one of its cores,
         which gives more throughput under load."""
         super().__init__()
         self.max_inflight_batches = max(1, parallel_batches)
@@ -101,8 +101,8 @@ class OnnxRuntimeBackend(Backend):
         # start (no device, missing CUDA libraries): a GPU deployment must not run on the CPU.
         if self._providers[0] not in session.get_providers():
             raise RepositoryError(
-                f"model {spec.name!r} version {spec.version}: ONNX Runtime could not start {self._providers[0]} "
-                f"(it would run on {', '.join(session.get_providers())})"
+                f"model {spec.name!r} version {spec.version}: ONNX Runtime could not start "
+                f"{self._providers[0]} (it would run on {', '.join(session.get_providers())})"
                 + (f": {why}" if (why := gpu_driver_missing()) else "")
             )
         c = spec.contract

@@ -711,7 +711,7 @@ def test_no_triton_by_default(chart) -> None:
 def test_triton_is_hardened_and_reached_through_a_headless_service(chart) -> None:
     objs = render(chart, {"triton": {"enabled": True}})
     args = triton_args(objs)
-    # Every model at start, then what the gateway loads and unloads (service.lifecycle).
+    # Every model at start, then what the gateway loads and unloads (service.runtime.lifecycle).
     assert "--model-control-mode=explicit" in args and "--load-model=*" in args
     assert not [a for a in args if a.startswith("--model-control-mode=") and "explicit" not in a]
     # A failed load request must not take the pod out of the Service while the versions
@@ -1021,7 +1021,7 @@ def test_sidecar_mode_runs_triton_beside_each_gateway_through_shared_memory(char
     """One pod per GPU: the gateway and Triton side by side, Triton's gRPC on loopback only,
     batches through a memory-backed /dev/shm that both mount, sized for the gateway's
     regions (one per batch in flight) on top of Triton's own share."""
-    from service.backends.triton import TritonBackend
+    from service.backends.triton.backend import TritonBackend
 
     values = scenario("gpu-sidecar-values.yaml")
     objs = render(chart, values)

@@ -208,10 +208,10 @@ def test_dockerignore_keeps_every_file_the_builder_copies():
         "helm/resnet-serving/Chart.yaml",
         "model_repository/digits/1/model.onnx",
         "export/cli.py",
-        "deploy/bench.py",
+        "deploy/benchmarks/__main__.py",
         "resnet_serving.egg-info/PKG-INFO",
         "service/__pycache__/app.cpython-311.pyc",
-        "service/grpc/__pycache__/server.cpython-311.pyc",
+        "service/transports/grpc/__pycache__/server.cpython-311.pyc",
         "bench-results.json",
         "Dockerfile",
     ],
@@ -257,7 +257,7 @@ def test_build_context_is_small_and_builds_the_gateway_wheel(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     for module in (ROOT / "service").rglob("*.py"):
         assert module.relative_to(ROOT).as_posix() in names
-    assert "service/grpc/classifier.proto" in names
+    assert "service/transports/grpc/classifier.proto" in names
     assert not [n for n in names if n.startswith(("export/", "tests/", "deploy/"))]
 
 
@@ -306,8 +306,8 @@ def test_image_install_resolves_without_torch(tmp_path):
     ("path", "excluded"),
     [
         ("notes.txt", True),
-        ("service/app.py", False),
-        ("service/api/v1.py", False),
+        ("service/transports/http/app.py", False),
+        ("service/transports/http/rest_v1.py", False),
         ("service/secret.key", True),
         ("service/a/b/secret.pem", True),
         ("service/x.pyc", True),

@@ -16,12 +16,12 @@ import yaml
 from prometheus_client.metrics import MetricWrapperBase
 from tritonclient.grpc import service_pb2
 
-from service.api.kserve import v2, v2_models
-from service.api.ops import ops
-from service.api.v1 import admin, api
 from service.errors import ServiceError
-from service.grpc import classifier_pb2
-from service.metrics import Metrics
+from service.observability.metrics import Metrics
+from service.transports.grpc import classifier_pb2
+from service.transports.http.kserve_http import v2, v2_models
+from service.transports.http.ops import ops
+from service.transports.http.rest_v1 import admin, api
 from tests.deploy import promql
 from tests.deploy.conftest import DEPLOY, ROOT, tool
 from tests.helpers import doc_sections
@@ -360,7 +360,7 @@ def _matchers(label: str) -> list[tuple[str, str, str, str]]:
 
 def test_every_gateway_metric_used_is_in_its_registry():
     """Without a running gateway (the e2e test checks labels on a real one): each
-    resnet_serve_*, process_* and python_* sample named is one that service.metrics defines,
+    resnet_serve_*, process_* and python_* sample named is one that service.observability.metrics defines,
     and only counters and histogram parts go through rate()."""
     kinds: dict[str, str] = {}
     for family in Metrics().registry.collect():
@@ -386,7 +386,7 @@ def test_every_gateway_metric_used_is_in_its_registry():
 
 
 def _gateway_labels() -> dict[str, set[str]]:
-    """Sample name -> label names, for every metric service.metrics defines (from its
+    """Sample name -> label names, for every metric service.observability.metrics defines (from its
     declarations: a labelled family has no samples until used)."""
     out: dict[str, set[str]] = {}
     for m in vars(Metrics()).values():
@@ -478,7 +478,7 @@ def test_outcomes_used_are_real_codes_and_failures_are_the_5xx_other_than_503():
     # The admin API's refusals are the caller's (403), or the repository's (409: the
     # versions serving go on serving; ResnetServeModelLoadFailing watches those).
     assert {"forbidden", "load_failed"} <= set(codes) - failures
-    # Other counters' outcomes are their own (service/lifecycle.py, service/shadow.py), as
+    # Other counters' outcomes are their own (service/runtime/lifecycle.py, service/runtime/shadow.py), as
     # their help texts say.
     metrics, vocabulary = Metrics(), {}
     for attr, words in (

@@ -1,4 +1,4 @@
-"""Real processes: the gateway (``service.processes.GatewayProcess``) and a real Triton."""
+"""Real processes: the gateway (``service.host.processes.GatewayProcess``) and a real Triton."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Literal
 
 import pytest
 
-from service.processes import GatewayProcess, free_ports
+from service.host.processes import GatewayProcess, free_ports
 
 
 @pytest.fixture(scope="session")
@@ -48,7 +48,7 @@ def start_real_triton(
     extra_args: tuple[str, ...] = (),
     control: Literal["none", "explicit"] = "none",
 ):
-    from service.triton_launcher import start_triton
+    from service.tools.triton_launcher import start_triton
 
     http, grpc, metrics = ports or free_ports(3)
     server = start_triton(

@@ -18,12 +18,12 @@ import pytest
 from PIL import Image
 
 from service.backends.onnxruntime import OnnxRuntimeBackend
-from service.cpus import usable_cpus
-from service.http_guard import REFUSAL_CPU_SHARE
-from service.preprocess import preprocess
-from service.processes import BIN, GatewayProcess, wait_until
-from service.server import ThreadedGateway
+from service.dataplane.preprocess import preprocess
+from service.host.cpus import usable_cpus
+from service.host.processes import BIN, GatewayProcess, wait_until
 from service.settings import Settings
+from service.transports.http.guard import REFUSAL_CPU_SHARE
+from service.transports.serving import ThreadedGateway
 from tests.conftest import ROOT, TINY_CONTRACT, image_bytes, slow_to_decode
 from tests.helpers import SlowBackend, counted, fastest_of, rss_mb, scrape
 
@@ -315,7 +315,7 @@ def test_overload_keeps_goodput_and_refuses_in_milliseconds(tiny, tmp_path, poli
     clients are 5x that; they wait Retry-After, or retry at once (refusals are answered by
     the HTTP protocol, before the app; once they take more than REFUSAL_CPU_SHARE of a
     core, a refused connection is not read until part of Retry-After has passed:
-    service/http_guard.py). The goodput they get is held against what the same replica
+    service/transports/http/guard.py). The goodput they get is held against what the same replica
     serves to 8 clients (full batches, none refused), measured first on this machine now."""
     settings = Settings(
         repository=tiny.repository,

@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.bench.run import BenchConfig, execute
-from service.processes import GatewayProcess, group_alive
-from service.server import ThreadedGateway
+from service.host.processes import GatewayProcess, group_alive
 from service.settings import Settings
+from service.tools.bench.run import BenchConfig, execute
+from service.transports.serving import ThreadedGateway
 from tests.conftest import image_bytes, run_cli
 from tests.helpers import SlowBackend
 
@@ -193,14 +193,10 @@ def test_gateway_cost_measures_both_servers_behind_the_same_near_free_graph(tmp_
     classes from it for a real photo, and the server CPU per request is read from /proc."""
     import httpx
 
-    from deploy.bench import (
-        PEERS,
-        near_free_repo,
-        peer_server,
-        process_cpu_s,
-        server_cpu_per_request,
-        test_jpeg,
-    )
+    from deploy.benchmarks.cost import near_free_repo
+    from deploy.benchmarks.cpu_accounting import process_cpu_s, server_cpu_per_request
+    from deploy.benchmarks.inputs import test_jpeg
+    from deploy.benchmarks.peers import PEERS, peer_server
 
     name = "nearfree"
     version = near_free_repo(tmp_path / "repo", "float32", name)
@@ -231,7 +227,7 @@ def test_gateway_cost_measures_both_servers_behind_the_same_near_free_graph(tmp_
 def test_cost_table_states_only_what_was_measured():
     """The cost table's Triton sentence names rates only when the Triton phase ran: without
     it (--no-triton) no "vs the embedded gateway" with nothing after it."""
-    from deploy.bench import cost_table
+    from deploy.benchmarks.tables import cost_table
 
     def row(*servers: str) -> dict:
         r: dict = {"bytes": 268, "decode_floor_ms": 0.02, "preprocess_ms": 0.52}

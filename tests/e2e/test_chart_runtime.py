@@ -14,14 +14,14 @@ import httpx
 import numpy as np
 import pytest
 
-from service.processes import GatewayProcess
+from service.host.processes import GatewayProcess
 from tests.conftest import image_bytes
 from tests.containers import render_chart
 from tests.e2e.conftest import start_real_triton
 from tests.helpers import scrape
 
 ADMIN_KEY = "s3cret-admin-key"
-# Flags service.triton_launcher sets for loopback ports and the local repository, and for
+# Flags service.tools.triton_launcher sets for loopback ports and the local repository, and for
 # the model control mode (control="explicit": the chart's --model-control-mode=explicit
 # --load-model=*).
 LAUNCHER_FLAGS = (
@@ -102,8 +102,8 @@ async def test_the_gateway_loads_into_the_charts_triton_with_the_key_the_chart_g
 ):
     """The chart gives the gateway Triton's admin key (Triton's own Secret key): its load
     requests pass Triton's restriction of repository control; without the key they do not."""
-    from service.backends.triton import TritonBackend
-    from service.repository import RepositoryError, load_spec
+    from service.backends.triton.backend import TritonBackend
+    from service.model.repository import RepositoryError, load_spec
 
     objs = render_chart({"triton": {"enabled": True}})
     gateway = {e["name"]: e for e in pod_container(objs, "Deployment", "gateway")["env"]}

@@ -17,9 +17,9 @@ import httpx
 import numpy as np
 import pytest
 
-from service.grpc import classifier_pb2 as pb
-from service.grpc import classifier_pb2_grpc as pbg
-from service.processes import free_port, wait_until
+from service.host.processes import free_port, wait_until
+from service.transports.grpc import classifier_pb2 as pb
+from service.transports.grpc import classifier_pb2_grpc as pbg
 from tests import containers
 from tests.helpers import scrape
 

@@ -12,8 +12,8 @@ import httpx
 import pytest
 
 from export.repository import republish
-from service.processes import GatewayProcess, wait_until
-from service.repository import MODEL_FILENAME
+from service.host.processes import GatewayProcess, wait_until
+from service.model.repository import MODEL_FILENAME
 from tests.helpers import rss_mb, scrape
 
 POLL_S = 0.5

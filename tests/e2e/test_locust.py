@@ -17,7 +17,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.processes import BIN, GatewayProcess
+from service.host.processes import BIN, GatewayProcess
 from tests.conftest import ROOT, image_bytes
 
 LOCUSTFILE = ROOT / "deploy" / "loadtest" / "locustfile.py"

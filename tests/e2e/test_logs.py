@@ -12,9 +12,10 @@ import httpx
 import pytest
 from tritonclient.grpc import service_pb2 as kpb
 
-from service.grpc import classifier_pb2 as cpb
-from service.openinference import serialize_bytes
-from service.processes import GatewayProcess, wait_until
+from service.host.processes import GatewayProcess, wait_until
+from service.tools.otlp_receiver import OtlpReceiver
+from service.transports.grpc import classifier_pb2 as cpb
+from service.transports.openinference import serialize_bytes
 from tests.conftest import image_bytes
 
 KEY = "s3cret-key-never-logged"
@@ -125,17 +126,15 @@ def test_one_json_line_per_request_on_every_transport(gateway):
 @pytest.mark.parametrize("protocol", ["grpc", "http/protobuf"])
 def test_a_traced_gateway_exports_over_otlp_and_logs_the_trace_id(tiny, tmp_path, protocol):
     """Tracing on through the standard variables only: a real process exports its spans over
-    OTLP (gRPC, or HTTP with protobuf: the specification's default) to a receiver (the one
-    `make bench` uses), and each request's log line and the spans it receives carry the
-    caller's trace id."""
-    from deploy.bench import Collector
-
-    collector = Collector(protocol)
+    OTLP (gRPC, or HTTP with protobuf: the specification's default) to a receiver
+    (`service.tools.otlp_receiver`, the one `make bench` uses), and each request's log line
+    and the spans it receives carry the caller's trace id."""
+    receiver = OtlpReceiver(protocol)
     env = {
         "RESNET_SERVE_LOG_FORMAT": "json",
         "OTEL_TRACES_EXPORTER": "otlp",
         "OTEL_EXPORTER_OTLP_PROTOCOL": protocol,
-        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{collector.port}",
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{receiver.port}",
         "OTEL_BSP_SCHEDULE_DELAY": "100",
     }
     trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -150,10 +149,10 @@ def test_a_traced_gateway_exports_over_otlp_and_logs_the_trace_id(tiny, tmp_path
             },
         )
         assert resp.status_code == 200
-        wait_until(lambda: collector.spans >= 6, 10, "no spans exported")
+        wait_until(lambda: receiver.spans >= 6, 10, "no spans exported")
     finally:
         gw.stop()
-        collector.stop()
-    assert trace_id in collector.trace_ids
+        receiver.stop()
+    assert trace_id in receiver.trace_ids
     line = next(r for r in lines(gw) if r.get("request_id") == resp.headers["x-request-id"])
     assert line["trace_id"] == trace_id

@@ -21,9 +21,9 @@ import grpc
 import httpx
 import pytest
 
-from service.grpc import classifier_pb2, classifier_pb2_grpc
-from service.processes import GatewayProcess, wait_until
-from service.repository import MODEL_FILENAME, Rollout, write_rollout
+from service.host.processes import GatewayProcess, wait_until
+from service.model.repository import MODEL_FILENAME, Rollout, write_rollout
+from service.transports.grpc import classifier_pb2, classifier_pb2_grpc
 from tests.conftest import image_bytes
 from tests.deploy import promql
 from tests.e2e.conftest import start_real_triton

@@ -9,7 +9,7 @@ import os
 
 import httpx
 
-from service.processes import GatewayProcess
+from service.host.processes import GatewayProcess
 from tests.conftest import run_cli
 
 

@@ -15,9 +15,9 @@ import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from service.grpc import classifier_pb2 as pb
-from service.grpc import classifier_pb2_grpc as pbg
-from service.processes import GatewayProcess, wait_until
+from service.host.processes import GatewayProcess, wait_until
+from service.transports.grpc import classifier_pb2 as pb
+from service.transports.grpc import classifier_pb2_grpc as pbg
 from tests.conftest import image_bytes, run_cli
 from tests.helpers import rss_mb, scrape
 

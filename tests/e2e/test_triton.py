@@ -17,11 +17,11 @@ import pytest
 import tritonclient.grpc as triton_grpc
 import tritonclient.http as triton_http
 
-from service.backends.triton import TritonBackend
-from service.grpc import classifier_pb2, classifier_pb2_grpc
-from service.preprocess import preprocess
-from service.processes import GatewayProcess, free_port, wait_until
+from service.backends.triton.backend import TritonBackend
+from service.dataplane.preprocess import preprocess
+from service.host.processes import GatewayProcess, free_port, wait_until
 from service.settings import Settings
+from service.transports.grpc import classifier_pb2, classifier_pb2_grpc
 from tests.conftest import TINY_LABELS, assert_same_predictions, image_bytes, run_cli
 from tests.e2e.conftest import gateway_on_triton, start_real_triton
 from tests.helpers import fastest_of

@@ -20,10 +20,10 @@ import numpy as np
 import pytest
 import tritonclient.grpc as triton_grpc
 
-from service.backends.triton import TritonBackend
+from service.backends.triton.backend import TritonBackend
 from service.errors import BackendUnavailable
-from service.processes import wait_until
-from service.repository import MODEL_FILENAME, ModelSpec, RepositoryError, load_spec
+from service.host.processes import wait_until
+from service.model.repository import MODEL_FILENAME, ModelSpec, RepositoryError, load_spec
 from tests.e2e.conftest import start_real_triton
 
 pytestmark = pytest.mark.triton
@@ -299,7 +299,7 @@ async def test_a_new_version_reaches_every_triton_before_it_takes_traffic(model_
     and returns (the gateway switches when it does) only once both serve the new version;
     calls, balanced over both, are then all answered by it; a Triton that lost it (one
     restarted) is asked for it again; an unload releases it on both."""
-    from service.backends.triton import endpoints
+    from service.backends.triton.model_control import endpoints
 
     first = start_real_triton(model_dir.parent, tmp_path / "a.log", control="explicit")
     second = start_real_triton(model_dir.parent, tmp_path / "b.log", control="explicit")
@@ -342,7 +342,7 @@ async def test_a_new_version_reaches_every_triton_before_it_takes_traffic(model_
 def test_the_tritons_behind_a_target():
     """dns:/// resolves to every address (a headless Service: each pod), an address list
     is each of its addresses, a plain host:port is the one Triton it names."""
-    from service.backends.triton import endpoints
+    from service.backends.triton.model_control import endpoints
 
     assert endpoints("triton:8001") == ["triton:8001"]
     assert endpoints("ipv4:10.0.0.2:8001,10.0.0.1:8001") == ["10.0.0.1:8001", "10.0.0.2:8001"]
@@ -355,7 +355,7 @@ def test_the_tritons_behind_a_target():
 
 def registered(triton, key: str | None = None) -> set[str]:
     """The system shared memory regions Triton holds."""
-    from service.backends.triton import ADMIN_HEADER
+    from service.backends.triton.channels import ADMIN_HEADER
 
     client = triton_grpc.InferenceServerClient(triton.grpc_url)
     headers = {ADMIN_HEADER: key} if key else None
@@ -448,7 +448,7 @@ async def test_shared_memory_restricted_to_a_key_is_refused_without_it(model_dir
 def test_regions_that_do_not_fit_in_dev_shm_are_refused_before_any_is_made():
     """Pages of /dev/shm are allocated as they are written: regions larger than its free
     space would end in SIGBUS mid-batch, so the pool refuses them, in one line, up front."""
-    from service.backends.triton import SharedMemoryPool
+    from service.backends.triton.shared_memory import SharedMemoryPool
 
     before = set(os.listdir("/dev/shm"))
     fs = os.statvfs("/dev/shm")
@@ -472,7 +472,7 @@ def test_a_region_that_cannot_be_made_is_refused_in_one_line_and_none_is_left(mo
     removed. The third region fails as tritonclient fails it, with the OSError inside."""
     from tritonclient.utils import shared_memory as shm
 
-    from service.backends.triton import SharedMemoryPool
+    from service.backends.triton.shared_memory import SharedMemoryPool
 
     real, made = shm.create_shared_memory_region, []
 

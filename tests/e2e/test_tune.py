@@ -14,10 +14,10 @@ import numpy as np
 import yaml
 
 from service.backends.onnxruntime import OnnxRuntimeBackend
-from service.bench.tune import tune
-from service.repository import ModelSpec
-from service.server import ThreadedGateway
+from service.model.repository import ModelSpec
 from service.settings import Settings
+from service.tools.tune import tune
+from service.transports.serving import ThreadedGateway
 from tests.conftest import image_bytes, run_cli
 from tests.deploy.conftest import CHART
 from tests.helpers import SlowBackend

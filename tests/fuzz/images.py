@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from service.dataplane.preprocess import DecodeLimits, preprocess
 from service.errors import InvalidImage, PayloadTooLarge, UnsupportedMediaType
-from service.preprocess import DecodeLimits, preprocess
 from tests.conftest import TINY_CONTRACT
 
 CONTRACT = TINY_CONTRACT

@@ -8,7 +8,7 @@ import numpy as np
 import onnxruntime as ort
 
 from export.repository import validate_repository
-from service.preprocess import preprocess
+from service.dataplane.preprocess import preprocess
 
 
 def test_demo_trains_and_reports_progress(demo):

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from export.models import build_model
-from service.contract import PreprocessContract
-from service.cpus import cpu_isa
-from service.preprocess import normalized
+from service.dataplane.preprocess import normalized
+from service.host.cpus import cpu_isa
+from service.model.contract import PreprocessContract
 from tests.conftest import run_cli, tree_digest
 
 
@@ -154,7 +154,7 @@ def test_a_training_script_exports_its_model_in_memory_without_the_cli(tmp_path,
     from export.errors import ExportError
     from export.pipeline import ExportRequest, export
     from export.repository import ServingConfig
-    from service.repository import load_spec
+    from service.model.repository import load_spec
 
     model = build_model("resnet18", num_classes=5)
     model.load_state_dict(torch.load(r18_ckpt, weights_only=True)["state_dict"])  # "trained"
@@ -378,7 +378,7 @@ def _rollout(repo, *args):
 
 
 def test_rollout_canary_and_shadow_then_clear(three):
-    from service.repository import Rollout, read_rollout
+    from service.model.repository import Rollout, read_rollout
 
     proc = _rollout(three)  # nothing yet: the newest served version takes everything
     assert proc.returncode == 0, proc.stderr
@@ -434,7 +434,7 @@ def test_rollout_canary_and_shadow_then_clear(three):
     ],
 )
 def test_rollout_refusals(three, args, message):
-    from service.repository import Rollout, write_rollout
+    from service.model.repository import Rollout, write_rollout
 
     write_rollout(three / "tiny", Rollout(weights={"2": 1}))  # a refusal leaves it as it was
     before = tree_digest(three)

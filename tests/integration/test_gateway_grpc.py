@@ -14,12 +14,12 @@ from fastapi.testclient import TestClient
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from service.app import create_app
 from service.backends.onnxruntime import OnnxRuntimeBackend
-from service.grpc import classifier_pb2 as pb
-from service.grpc import classifier_pb2_grpc as pbg
-from service.processes import wait_until
+from service.host.processes import wait_until
 from service.settings import Settings
+from service.transports.grpc import classifier_pb2 as pb
+from service.transports.grpc import classifier_pb2_grpc as pbg
+from service.transports.http.app import create_app
 from tests.conftest import TINY_LABELS, image_bytes
 from tests.helpers import SlowBackend, counted
 
@@ -80,9 +80,13 @@ def test_classify_matches_rest(gateway, pngs):
 
 
 def test_list_models(gateway):
-    _, stub, _ = gateway
+    client, stub, _ = gateway
     models = stub.ListModels(pb.ListModelsRequest(), timeout=5).models
     assert [(m.name, m.num_classes, m.is_default) for m in models] == [("tiny", 10, True)]
+    # Every field of ModelInfo is the REST summary's field of the same name (one declaration).
+    (rest,) = client.get("/v1/models").json()["models"]
+    info = {f.name: getattr(models[0], f.name) for f in pb.ModelInfo.DESCRIPTOR.fields}
+    assert info == {f: rest["default" if f == "is_default" else f] for f in info}
 
 
 @pytest.mark.parametrize(
@@ -243,7 +247,7 @@ def test_overload_and_deadline_codes(tiny, pngs):
 
 
 def test_generated_code_matches_the_proto(tmp_path):
-    """service/grpc/*_pb2*.py are generated from classifier.proto (make proto) and current."""
+    """service/transports/grpc/*_pb2*.py are generated from classifier.proto (make proto) and current."""
     out = tmp_path / "gen"
     (out / "service" / "grpc").mkdir(parents=True)
     subprocess.run(
@@ -256,13 +260,13 @@ def test_generated_code_matches_the_proto(tmp_path):
             f"--python_out={out}",
             f"--grpc_python_out={out}",
             f"--pyi_out={out}",
-            str(ROOT / "service/grpc/classifier.proto"),
+            str(ROOT / "service/transports/grpc/classifier.proto"),
         ],
         check=True,
     )
     for name in ("classifier_pb2.py", "classifier_pb2_grpc.py", "classifier_pb2.pyi"):
-        assert (out / "service/grpc" / name).read_text() == (
-            ROOT / "service/grpc" / name
+        assert (out / "service/transports/grpc" / name).read_text() == (
+            ROOT / "service/transports/grpc" / name
         ).read_text(), name
 
 
@@ -274,7 +278,7 @@ def test_example_client(gateway, pngs, tmp_path):
         [
             sys.executable,
             "-m",
-            "service.grpc.example_client",
+            "service.transports.grpc.example_client",
             "--target",
             f"127.0.0.1:{client.app.state.grpc_port}",
             "--top-k",
@@ -289,7 +293,12 @@ def test_example_client(gateway, pngs, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith(f"{png[0]}: {TINY_LABELS[png[1]]} (")
     proc = subprocess.run(
-        [sys.executable, "-m", "service.grpc.example_client", str(tmp_path / "none.png")],
+        [
+            sys.executable,
+            "-m",
+            "service.transports.grpc.example_client",
+            str(tmp_path / "none.png"),
+        ],
         capture_output=True,
         text=True,
         timeout=60,

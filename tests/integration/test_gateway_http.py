@@ -15,12 +15,12 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from service.app import create_app
 from service.backends.onnxruntime import OnnxRuntimeBackend
-from service.cpus import cpu_isa
-from service.processes import wait_until
-from service.server import ThreadedGateway
+from service.host.cpus import cpu_isa
+from service.host.processes import wait_until
 from service.settings import Settings
+from service.transports.http.app import create_app
+from service.transports.serving import ThreadedGateway
 from tests.conftest import TINY_LABELS, image_bytes
 from tests.helpers import SlowBackend, counted
 
@@ -110,7 +110,7 @@ def test_json_base64_and_top_k(client, images):
 def test_same_answer_as_the_onnx_model(client, tiny, images):
     import onnxruntime as ort
 
-    from service.preprocess import preprocess
+    from service.dataplane.preprocess import preprocess
 
     session = ort.InferenceSession(
         str(tiny.model_dir / "1" / "model.onnx"), providers=["CPUExecutionProvider"]
@@ -408,7 +408,7 @@ def test_api_keys(tiny, images):
 
 def test_the_start_up_heap_is_frozen(tiny):
     """What is alive when the gateway has started is out of the cyclic collector's scans
-    (service.runtime.freeze_heap): full collections stay short while serving."""
+    (service.runtime.core.freeze_heap): full collections stay short while serving."""
     import gc
 
     alive = [object()]  # a tracked container
@@ -446,9 +446,9 @@ ROUTE_CASES = [
 
 def test_the_direct_path_answers_as_the_routes_do(tiny, images, monkeypatch):
     """Every classify request gets the same status, body and headers from the direct path
-    (service.api.v1.DirectClassify) as from FastAPI's route; plain ones take the direct
+    (service.transports.http.rest_v1.DirectClassify) as from FastAPI's route; plain ones take the direct
     path, the rest the route."""
-    from service.api import v1
+    from service.transports.http import rest_v1 as v1
 
     app = create_app(Settings(repository=tiny.repository, api_keys=["s3cret"]))
     direct: list[str] = []
@@ -546,7 +546,7 @@ class KnownCost(SlowBackend):
 
 def test_a_refusal_before_the_app_answers_as_the_app_does(tiny, images):
     """Over a real socket a refused classify is answered by the HTTP protocol, before the
-    app (service.http_guard): the same status, envelope, request id and count as the app's
+    app (service.transports.http.guard): the same status, envelope, request id and count as the app's
     answer to it in process (TestClient), in each dialect; its body is skipped, not read
     as a next request, and the connection serves on."""
     settings = Settings(repository=tiny.repository, max_batch_size=1, max_batch_delay_ms=0)
@@ -656,7 +656,7 @@ def kserve_error(resp, status: int, code: str, fragment: str = "") -> None:
 
 
 def test_kserve_json_infer(client, tiny, images):
-    from service.preprocess import preprocess
+    from service.dataplane.preprocess import preprocess
 
     x = preprocess(images[0], tiny.contract)[None]
     resp = client.post("/v2/models/tiny/infer", json=infer_body(x, id="r1"))

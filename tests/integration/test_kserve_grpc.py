@@ -13,9 +13,9 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.utils import InferenceServerException
 
 from service import __version__
-from service.app import create_app
-from service.preprocess import preprocess
+from service.dataplane.preprocess import preprocess
 from service.settings import Settings
+from service.transports.http.app import create_app
 from tests.conftest import TINY_LABELS, image_bytes
 
 IMAGES = [image_bytes(size=(50 + n, 41), seed=20 + n) for n in range(3)]

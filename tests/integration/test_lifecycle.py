@@ -14,11 +14,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from export.repository import render_config, republish
-from service.app import create_app
-from service.grpc import classifier_pb2 as pb
-from service.grpc import classifier_pb2_grpc as pbg
-from service.processes import wait_until
-from service.repository import (
+from service.host.processes import wait_until
+from service.model.repository import (
     CONFIG_FILENAME,
     CONTRACT_FILENAME,
     MODEL_FILENAME,
@@ -28,6 +25,9 @@ from service.repository import (
     write_rollout,
 )
 from service.settings import Settings
+from service.transports.grpc import classifier_pb2 as pb
+from service.transports.grpc import classifier_pb2_grpc as pbg
+from service.transports.http.app import create_app
 from tests.conftest import image_bytes
 from tests.helpers import counted
 from tests.integration.test_gateway_grpc import code_of

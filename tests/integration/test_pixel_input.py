@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from service.app import create_app
-from service.contract import PreprocessContract, input_fields
-from service.preprocess import preprocess
+from service.dataplane.preprocess import preprocess
+from service.model.contract import PreprocessContract, input_fields
 from service.settings import Settings
+from service.transports.http.app import create_app
 from tests.conftest import TINY_CONTRACT, TINY_LABELS, assert_same_predictions, image_bytes
 
 PIXELS = TINY_CONTRACT.model_copy(update=input_fields("uint8"))
@@ -27,8 +27,10 @@ def repo(tmp_path_factory) -> Path:
     ("pixels", FP32 and INT8)."""
     import torch
 
+    from export.images import Images
     from export.models import BasicBlock, ResNet
-    from export.pipeline import Images, PrecisionPlan, export_and_publish
+    from export.pipeline import export_and_publish
+    from export.plan import PrecisionPlan
     from export.repository import ServingConfig
 
     root = tmp_path_factory.mktemp("pixels") / "repo"

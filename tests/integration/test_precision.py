@@ -15,11 +15,13 @@ import pytest
 
 from export.errors import ExportError
 from export.gate import run_onnx
-from export.pipeline import Images, PrecisionPlan, export_and_publish
+from export.images import Images
+from export.pipeline import export_and_publish
+from export.plan import PrecisionPlan
 from export.repository import ServingConfig
-from service.cpus import cpu_isa
-from service.processes import GatewayProcess, wait_until
-from service.repository import Rollout, load_spec, parity_problem, write_rollout
+from service.host.cpus import cpu_isa
+from service.host.processes import GatewayProcess, wait_until
+from service.model.repository import Rollout, load_spec, parity_problem, write_rollout
 from tests.conftest import TINY_CONTRACT, TINY_LABELS, image_bytes, run_cli
 from tests.helpers import scrape
 from tests.integration.test_export_cli import assert_one_line_failure
@@ -88,7 +90,7 @@ def test_the_int8_file_computes_the_exact_result_on_this_cpus_kernels(int8_repo)
     assert np.allclose(outputs, run_onnx(spec.model_path, spec.contract, inputs, exact=True))
 
 
-#: Kernel paths that add u8 x s8 pairs in 16 bits with saturation (service.cpus).
+#: Kernel paths that add u8 x s8 pairs in 16 bits with saturation (service.host.cpus).
 SATURATING = {"AVX2", "AVX-512"}
 
 
@@ -99,9 +101,9 @@ def test_8_bit_weights_answer_differently_on_saturating_kernels(demo, tmp_path, 
     the accuracy gate off, naming the kernel path."""
     import onnxruntime.quantization as q
 
-    from export import pipeline
     from export.demo import load_split
     from export.images import spread
+    from export.precision import reduce_precision
 
     real = q.quantize_static
     monkeypatch.setattr(
@@ -122,9 +124,9 @@ def test_8_bit_weights_answer_differently_on_saturating_kernels(demo, tmp_path, 
     if isa in SATURATING:
         refusal = rf"not published: INT8 on this CPU's {isa} kernels differs from the exact reference on held-out digits: max abs logit difference"
         with pytest.raises(ExportError, match=refusal):
-            pipeline._reduce(fp32, spec.contract, plan, digits, 8, log=lambda _: None)
+            reduce_precision(fp32, spec.contract, plan, digits, 8, log=lambda _: None)
     else:
-        reduced = pipeline._reduce(fp32, spec.contract, plan, digits, 8, log=lambda _: None)
+        reduced = reduce_precision(fp32, spec.contract, plan, digits, 8, log=lambda _: None)
         assert reduced.report["kernels_vs_exact"]["kernels"] == isa
 
 
@@ -192,7 +194,7 @@ def test_evaluate_refuses_unknown_labels_and_bad_models(int8_repo, tmp_path):
         assert_one_line_failure(proc, message)
     proc = run_cli("resnet-export", "evaluate", "--images", str(ok), "--model", "digits")
     assert_one_line_failure(proc, "--repository DIR is needed")
-    from service.processes import free_port
+    from service.host.processes import free_port
 
     url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     proc = run_cli("resnet-export", "evaluate", "--images", str(ok), "--model", "digits",
@@ -213,7 +215,7 @@ def _tiny_model():
 
 
 def _images(n: int, seed: int = 0) -> Images:
-    from service.preprocess import preprocess
+    from service.dataplane.preprocess import preprocess
 
     tensors = [preprocess(image_bytes(seed=seed + i), TINY_CONTRACT) for i in range(n)]
     return Images(np.stack(tensors), "test images")
@@ -253,9 +255,9 @@ def test_fp16_keeps_fp32_inputs_and_passes_parity(tmp_path):
 def test_the_gate_refuses_a_corrupted_quantization_and_publishes_nothing(tmp_path, monkeypatch):
     """A quantization that went wrong (here: every weight of the last layer zeroed after
     calibration, as a broken scale would) disagrees with FP32; nothing may be published."""
-    from export import pipeline
+    from export import precision
 
-    real = pipeline.quantize_int8
+    real = precision.quantize_int8
 
     def corrupted(src, dst, *args, **kwargs):
         settings = real(src, dst, *args, **kwargs)
@@ -266,7 +268,7 @@ def test_the_gate_refuses_a_corrupted_quantization_and_publishes_nothing(tmp_pat
         onnx.save(model, str(dst))
         return settings
 
-    monkeypatch.setattr(pipeline, "quantize_int8", corrupted)
+    monkeypatch.setattr(precision, "quantize_int8", corrupted)
     repo = tmp_path / "repo"
     plan = PrecisionPlan(precision="int8", calibration=_images(16), validation=_images(24, 50))
     # The kernel path is named as the CPU's flags say ("AVX-512 VNNI" has a space in it).

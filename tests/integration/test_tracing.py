@@ -16,14 +16,14 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from service.app import create_app
 from service.backends.onnxruntime import OnnxRuntimeBackend
-from service.batching import Batcher
-from service.grpc import classifier_pb2 as cpb
-from service.metrics import Metrics
-from service.processes import wait_until
+from service.dataplane.batching import Batcher
+from service.host.processes import wait_until
+from service.observability.metrics import Metrics
+from service.observability.tracing import TracingError, provider_from_env
 from service.settings import Settings
-from service.tracing import TracingError, provider_from_env
+from service.transports.grpc import classifier_pb2 as cpb
+from service.transports.http.app import create_app
 from tests.conftest import image_bytes
 from tests.helpers import SlowBackend
 from tests.integration.test_triton_backend_retries import SPEC, scripted, started  # noqa: F401

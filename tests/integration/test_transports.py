@@ -16,14 +16,14 @@ import pytest
 from fastapi.testclient import TestClient
 from tritonclient.grpc import service_pb2 as kpb
 
-from service.app import create_app
 from service.backends.onnxruntime import OnnxRuntimeBackend
-from service.backends.triton import TritonBackend
-from service.grpc import classifier_pb2 as cpb
-from service.openinference import serialize_bytes
-from service.preprocess import preprocess
-from service.processes import free_port, wait_until
+from service.backends.triton.backend import TritonBackend
+from service.dataplane.preprocess import preprocess
+from service.host.processes import free_port, wait_until
 from service.settings import Settings
+from service.transports.grpc import classifier_pb2 as cpb
+from service.transports.http.app import create_app
+from service.transports.openinference import serialize_bytes
 from tests.conftest import image_bytes, slow_to_decode
 from tests.helpers import SlowBackend, counted, fastest_of
 

@@ -18,9 +18,9 @@ from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pbg
 
-from service.backends.triton import TritonBackend
+from service.backends.triton.backend import TritonBackend
 from service.errors import BackendUnavailable, DeadlineExceeded, Overloaded
-from service.repository import ModelSpec, RepositoryError
+from service.model.repository import ModelSpec, RepositoryError
 from tests.conftest import contract
 
 CONTRACT = contract(
@@ -187,7 +187,7 @@ async def test_metadata_disagreement_refused(scripted):
 async def test_unreachable_at_start_is_not_ready_and_fails_fast(scripted):
     """Triton not up yet: the gateway starts not-ready and answers 503 at once (recovery: see
     tests/e2e/test_triton.py, which kills and restarts a real Triton)."""
-    from service.processes import free_port
+    from service.host.processes import free_port
 
     backend = TritonBackend(f"127.0.0.1:{free_port()}", health_interval_s=0.1)
     await backend.start([SPEC])

@@ -12,34 +12,39 @@ from tests.conftest import ROOT
 
 PACKAGES = ("service", "export", "deploy")
 
-#: What a layer may not import (prefixes of module names). Read top-down: transports over
-#: the runtime over the data plane over the batcher over the backends.
+#: The gateway's layers, top-down: each folder of ``service/`` may import the folders below
+#: it and never one above (docs/architecture.md draws the same stack). ``service.errors`` and
+#: ``service.settings`` sit under all of them.
+LAYERS = (
+    "service.tools",  # the CLI, the load tool, tune, a local Triton: beside the serving path
+    "service.transports",  # HTTP and gRPC wire formats, the KServe v2 layer, the servers
+    "service.runtime",  # readiness, keys, lifecycle, shadows
+    "service.dataplane",  # routing, decoding, preprocessing, batching, scores, statistics
+    "service.backends",  # ONNX Runtime, Triton
+    "service.observability",  # metrics, request accounts, traces
+    "service.model",  # the repository's layout and the preprocessing contract
+    "service.host",  # CPUs, memory, processes, the user's files
+)
+
+#: What a module or folder may not import (prefixes of module names).
 FORBIDDEN = {
     # The gateway image holds service/ alone: no torch-side export code, no tools, no tests.
     "service": ("export", "deploy", "tests"),
-    "export": ("deploy", "tests"),
+    # Export reads and writes the model repository; it serves nothing.
+    "export": ("deploy", "tests", "service.transports", "service.runtime"),
     "deploy": ("tests",),
-    # The data plane knows no transport, no runtime and no shadow (it offers a hook).
-    "service.dataplane": (
-        "service.api",
-        "service.grpc",
-        "service.runtime",
-        "service.lifecycle",
-        "service.shadow",
-        "service.app",
-        "service.cli",
-        "service.server",
-    ),
-    "service.batching": ("service.dataplane", "service.runtime", "service.api", "service.grpc"),
-    "service.backends": (
-        "service.dataplane",
-        "service.batching",
-        "service.runtime",
-        "service.api",
-        "service.grpc",
-    ),
-    # Product code starts gateways through service.processes, never through the CLI.
-    "service.bench": ("service.cli",),
+    **{layer: LAYERS[:i] for i, layer in enumerate(LAYERS)},
+    "service.errors": LAYERS,
+    "service.settings": LAYERS,
+    # Inside the data plane the batcher knows nothing of the plane that feeds it, nor its
+    # admission and batch policy of the batcher that asks them.
+    "service.dataplane.batching": ("service.dataplane.plane", "service.dataplane.routing"),
+    **{
+        f"service.dataplane.{below}": ("service.dataplane.batching", "service.dataplane.plane")
+        for below in ("admission", "batch_policy")
+    },
+    # Product code starts gateways through service.host.processes, never through the CLI.
+    "service.tools.bench": ("service.tools.cli",),
 }
 
 
@@ -122,9 +127,11 @@ def test_the_check_finds_a_circle_and_the_module_names_it_reads():
     Python resolves them (relative, from-imports of modules, lazy ones)."""
     assert circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     edges = graph()
-    assert "service.scores" in edges["service.shadow"]  # a module-level from-import
-    assert "service.processes" in edges["service.bench.tune"]  # a lazy import in a function
-    assert "service.backends.base" in edges["service.backends.triton"]
+    assert (
+        "service.dataplane.scores" in edges["service.runtime.shadow"]
+    )  # a module-level from-import
+    assert "service.host.processes" in edges["service.tools.tune"]  # a lazy import in a function
+    assert "service.backends.base" in edges["service.backends.triton.backend"]
 
 
 def violations(edges: dict[str, set[str]]) -> list[str]:
@@ -141,5 +148,77 @@ def violations(edges: dict[str, set[str]]) -> list[str]:
 def test_each_layer_imports_only_what_is_below_it():
     assert violations(graph()) == []
     # The rule bites: the data plane reaching back into the shadows would be reported.
-    fake = {"service.dataplane": {"service.shadow"}, "service.shadow": {"service.routing"}}
-    assert violations(fake) == ["service.dataplane imports service.shadow"]
+    fake = {
+        "service.dataplane.plane": {"service.runtime.shadow"},
+        "service.runtime.shadow": {"service.dataplane.routing"},
+    }
+    assert violations(fake) == ["service.dataplane.plane imports service.runtime.shadow"]
+
+
+def test_every_layer_in_the_table_is_a_folder_and_every_folder_is_in_it():
+    """The rules name folders that exist (a renamed folder cannot silently escape its rule),
+    and every folder of service/ is a layer, or a part of one."""
+    known = modules()
+    for name in FORBIDDEN:
+        assert name in known, f"{name} is in the layer table but not in the source tree"
+    folders = {
+        ".".join(p.relative_to(ROOT).parts)
+        for p in (ROOT / "service").iterdir()
+        if (p / "__init__.py").is_file()
+    }
+    assert folders == set(LAYERS)
+
+
+#: The fenced block under this heading in docs/architecture.md is the package tree.
+TREE_HEADING = "## The package tree"
+
+
+def documented_tree(markdown: str) -> set[str]:
+    """The paths the tree block names: one per line, nested by two spaces, comments after."""
+    block = markdown.split(TREE_HEADING, 1)[1].split("```", 2)[1]
+    paths: list[str] = []
+    stack: list[str] = []
+    for line in block.splitlines()[1:]:
+        if not line.strip():
+            continue
+        depth = (len(line) - len(line.lstrip(" "))) // 2
+        stack[depth:] = [line.split()[0].rstrip("/")]
+        paths.append("/".join(stack))
+    return set(paths)
+
+
+def real_tree() -> set[str]:
+    found: set[str] = set()
+    for package in ("service", "export"):
+        found.add(package)
+        for path in (ROOT / package).rglob("*"):
+            relative = path.relative_to(ROOT)
+            if "__pycache__" in relative.parts or path.name == "__init__.py":
+                continue
+            if path.is_dir() or path.suffix in (".py", ".proto"):
+                found.add(str(relative))
+    return found
+
+
+def test_the_package_tree_in_the_docs_is_the_real_one():
+    documented = documented_tree((ROOT / "docs" / "architecture.md").read_text())
+    real = real_tree()
+    assert not real - documented, (
+        f"in the source, not in docs/architecture.md: {sorted(real - documented)}"
+    )
+    assert not documented - real, (
+        f"in docs/architecture.md, not in the source: {sorted(documented - real)}"
+    )
+
+
+def test_the_tree_reader_nests_by_indentation():
+    text = (
+        f"{TREE_HEADING}\n\n```\nservice/      x\n  a.py        y\n  b/\n    c.py\nexport/\n```\n"
+    )
+    assert documented_tree(text) == {
+        "service",
+        "service/a.py",
+        "service/b",
+        "service/b/c.py",
+        "export",
+    }

@@ -6,7 +6,7 @@ import pytest
 
 from export.errors import ExportError
 from export.images import load_images, split_holdout, spread
-from service.files import image_files
+from service.host.files import image_files
 from tests.conftest import TINY_CONTRACT, image_bytes
 
 

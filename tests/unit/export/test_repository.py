@@ -13,9 +13,11 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from export.errors import ExportError
 from export.gate import run_onnx
+from export.images import Images
 from export.models import BasicBlock, ResNet
 from export.onnx_export import preprocess_real, real_images
-from export.pipeline import Images, PrecisionPlan, export_and_publish
+from export.pipeline import export_and_publish
+from export.plan import PrecisionPlan
 from export.repository import (
     PROBE_SIZE,
     Probe,
@@ -29,8 +31,8 @@ from export.repository import (
     validate_model,
     validate_repository,
 )
-from service.contract import PreprocessContract
-from service.repository import (
+from service.model.contract import PreprocessContract
+from service.model.repository import (
     Rollout,
     load_probe,
     load_spec,

@@ -40,8 +40,8 @@ from export.repository import (
     validate_model,
 )
 from export.tensorrt import EngineManifest, trtexec_command
-from service import repository as service_repository
-from service.repository import load_spec, parse_config, read_config
+from service.model import repository as service_repository
+from service.model.repository import load_spec, parse_config, read_config
 from tests.conftest import ROOT, TINY_CONTRACT
 
 SCRIPT = ROOT / "export" / "trt_node.py"

@@ -8,7 +8,8 @@ import time
 import numpy as np
 import pytest
 
-from service.batching import ADMISSION_SLACK, Batched, Batcher
+from service.dataplane.admission import ADMISSION_SLACK
+from service.dataplane.batching import Batched, Batcher
 from service.errors import (
     BackendUnavailable,
     DeadlineExceeded,
@@ -16,7 +17,7 @@ from service.errors import (
     Overloaded,
     ShuttingDown,
 )
-from service.metrics import Metrics
+from service.observability.metrics import Metrics
 from tests.helpers import until
 
 
@@ -104,7 +105,7 @@ async def test_lone_request_waits_at_most_max_delay():
     out = await b.submit([tensor(1)], far())
     # It waited for company (max_delay), then went alone: answered, not 504 at its deadline
     # (500 delays away), which is where a batcher waiting for a full batch would leave it.
-    assert out.queued_s >= 0.9 * b.max_delay_s
+    assert out.queued_s >= 0.9 * b.policy.max_delay_s
     assert rec.sizes == [1]
     await b.close()
 
@@ -224,8 +225,8 @@ async def test_admission_refuses_what_cannot_finish_before_its_deadline():
     await until(lambda: b.waiting == 6 and rec.active == 1)  # one batch running, three waves queued
     # In units of what a batch costs, as the batcher learned it here (c), and with the slack
     # it plans with: 2 more images wait for the running batch's rest (0..c) and 4 waves.
-    c = b.costs.cost(2)
-    slack = ADMISSION_SLACK * max(1.0, b.lateness)
+    c = b.policy.costs.cost(2)
+    slack = ADMISSION_SLACK * max(1.0, b.admission.lateness)
     with pytest.raises(Overloaded, match="after its deadline") as info:
         b.reserve(2, time.perf_counter() + 4 * c)  # 4 waves at least, more with the slack
     # Refused without waiting for a batch: the one ahead is still held in the backend.
@@ -254,7 +255,7 @@ async def test_admission_slack_grows_where_queued_images_wait_longer_than_predic
         out = await rec(x, timeout)
         # Blocking on purpose, once the batch is back: the next one starts late by one and a
         # half of what the batcher predicts a batch costs (whatever this machine's speed).
-        asyncio.get_running_loop().call_soon(time.sleep, 1.5 * b.costs.cost(len(x)))
+        asyncio.get_running_loop().call_soon(time.sleep, 1.5 * b.policy.costs.cost(len(x)))
         return out
 
     b = Batcher(
@@ -265,32 +266,18 @@ async def test_admission_slack_grows_where_queued_images_wait_longer_than_predic
     for _ in range(3):
         await asyncio.gather(*(b.submit([tensor(i), tensor(i)], far()) for i in range(5)))
     # Each wave costs what was predicted and starts 1.5 predicted batches late: ~2x.
-    assert b.lateness > 1.5, b.lateness
+    assert b.admission.lateness > 1.5, b.admission.lateness
     gauge = b._metrics.queue_lateness.labels(b.model, b.version)._value.get()
-    assert gauge == b.lateness
+    assert gauge == b.admission.lateness
     running = asyncio.create_task(b.submit([tensor(i) for i in range(10)], far()))
     await until(lambda: b.waiting <= 8)
-    wait = b.wait_s(2)
+    wait = b.policy.wait_s(b.load(), 2, time.perf_counter())
+    lateness = min(b.admission.lateness, 1.5)
     with pytest.raises(Overloaded, match="after its deadline"):
         # Admitted with the fixed slack alone; not after this lateness.
-        b.reserve(2, time.perf_counter() + wait * 1.25 * min(b.lateness, 1.5) * 0.99 + 0.01)
+        b.reserve(2, time.perf_counter() + wait * 1.25 * lateness * 0.99 + 0.01)
     await running
     await b.close()
-
-
-def test_cost_model_learns_per_batch_size_and_interpolates():
-    from service.batching import CostModel
-
-    costs = CostModel({1: 0.02, 8: 0.09})  # the backend's warm-up
-    assert costs.cost(1) == 0.02 and costs.cost(8) == 0.09
-    assert costs.cost(4) == pytest.approx(0.02 + 0.07 * 3 / 7)  # between what was seen
-    assert costs.work_s(19, 8) == pytest.approx(2 * 0.09 + costs.cost(3))  # full batches first
-    costs.observe(8, 0.19)  # live batches are slower than warm-up (decoding competes)
-    assert 0.09 < costs.cost(8) < 0.19  # moves toward them, not all the way at once
-    fresh = CostModel()
-    assert fresh.cost(4) == 0.05  # a prior until something is measured
-    fresh.observe(2, 0.3)
-    assert fresh.cost(2) == 0.3 and fresh.cost(4) == pytest.approx(0.6)  # proportional
 
 
 # --- choosing each batch's size ------------------------------------------------------------
@@ -344,7 +331,7 @@ async def test_a_deadline_no_batch_keeps_does_not_shrink_batches():
     rec = Scripted(lambda n: 0.05 + 0.05 * n, hold=hold)
     b = rec.batcher()
     hopeless = asyncio.create_task(b.submit([tensor(0)], time.perf_counter() + 2.0, reserved=True))
-    b._reserved += 1  # what reserve() did for it while its image decoded
+    b.admission.reserved += 1  # what reserve() did for it while its image decoded
     rest = [asyncio.create_task(b.submit([tensor(i)], plan_far())) for i in range(1, 8)]
     await until(lambda: rec.active == 1)
     assert rec.sizes == [8]  # all of them in one batch, the hopeless one too
@@ -358,12 +345,9 @@ async def test_a_deadline_no_batch_keeps_does_not_shrink_batches():
 async def test_latency_target_caps_batches_at_half_of_it():
     rec = Scripted(lambda n: 0.05 + 0.05 * n)
     b = rec.batcher(target_s=0.52 * PLAN)  # a batch may cost 0.26: 4 images
-    assert b.cap == 4
+    assert b.policy.cap == 4
     await asyncio.gather(*(b.submit([tensor(i)], plan_far()) for i in range(8)))
     assert rec.sizes == [4, 4]
-    # Admission plans with the cap: two batches of 4, not one of 8.
-    assert b.wait_s(8) == pytest.approx(2 * b.costs.cost(4))
-    assert b.costs.cost(8) != pytest.approx(2 * b.costs.cost(4))
     await b.close()
 
 
@@ -377,7 +361,7 @@ async def test_latency_target_is_a_deadline_for_the_size_choice():
     early = b.submit([tensor(0)], plan_far(), arrived=t0 - 0.29 * PLAN)
     rest = [b.submit([tensor(i)], plan_far()) for i in range(1, 5)]
     await asyncio.gather(early, *rest)
-    assert b.cap == 4 and rec.sizes[0] == 3
+    assert b.policy.cap == 4 and rec.sizes[0] == 3
     await b.close()
 
 
@@ -393,52 +377,3 @@ async def test_parallel_slots_split_a_small_queue():
     await both
     assert rec.sizes == [1, 1]
     await b.close()
-
-
-def test_size_choice_matches_its_definition():
-    """The batcher's choice against a brute-force reading of its rule, over random queues
-    and cost curves: of the sizes up to the queue spread over the free slots, the one whose
-    schedule (that batch, then full batches, each on the slot free first) misses the fewest
-    deadlines some batch could keep; the largest on a tie."""
-    import math
-    import random
-
-    from service.batching import _Item
-
-    rng = random.Random(7)
-    for _ in range(2000):
-        max_batch = rng.randint(1, 12)
-        fixed, per_image = rng.uniform(0, 0.1), rng.uniform(0.001, 0.05)
-        slots = rng.randint(1, 3)
-        b = Batcher(
-            "m",
-            Recorder(),
-            max_batch=max_batch,
-            max_delay_s=0,
-            max_queue=256,
-            metrics=Metrics(),
-            backend_name="test",
-            max_inflight=slots,
-            warm_costs={n: fixed + per_image * n for n in range(1, max_batch + 1)},
-        )
-        queued = rng.randint(1, 30)
-        now = 100.0
-        dues = sorted(now + rng.uniform(0, 1) for _ in range(queued))
-        head = [_Item(None, d, d, None) for d in dues][: 2 * max_batch]  # type: ignore[arg-type]
-        sizes = range(1, min(max_batch, len(head), math.ceil(queued / slots)) + 1)
-        missed = {n: _misses(n, head, max_batch, slots, now, b.costs.cost) for n in sizes}
-        fewest = min(missed.values())
-        assert b._size(head, queued, max_batch, now) == max(n for n in sizes if missed[n] == fewest)
-
-
-def _misses(n, head, max_batch, slots, now, cost) -> int:
-    """Deadlines some batch could keep that a first batch of ``n`` and then full batches,
-    each on the slot free first, would miss."""
-    batches = [head[:n]] + [head[i : i + max_batch] for i in range(n, len(head), max_batch)]
-    free_at = [now] * slots
-    missed = 0
-    for k, batch in enumerate(batches):
-        slot = min(range(slots), key=lambda j: (free_at[j], j))
-        free_at[slot] += cost(n if k == 0 else max_batch)
-        missed += sum(free_at[slot] > it.due >= now + cost(1) for it in batch)
-    return missed

@@ -10,11 +10,12 @@ import asyncio
 
 import pytest
 
-from service.bench import BenchError
-from service.bench.runner import Bounds, Step, closed_loop, open_loop, poisson_schedule
-from service.bench.server import breakdown, parse
-from service.bench.slo import passes, search
-from service.bench.targets import Answer, Target
+from service.tools.bench import BenchError
+from service.tools.bench.gateway_metrics import breakdown, parse
+from service.tools.bench.loops import Bounds, Step, closed_loop, open_loop, poisson_schedule
+from service.tools.bench.queueing import ideal_latencies_s
+from service.tools.bench.slo import passes, search
+from service.tools.bench.targets import Answer, Target
 from tests.helpers import on_virtual_clock
 
 
@@ -173,7 +174,7 @@ def test_server_breakdown_is_the_difference_of_two_scrapes():
 
 
 def test_bad_numbers_are_refused_before_anything_runs(tmp_path):
-    from service.bench.run import BenchConfig
+    from service.tools.bench.run import BenchConfig
 
     base = {"url": "http://127.0.0.1:1", "model": "m", "images": tmp_path, "output": tmp_path}
     for bad, message in (
@@ -190,8 +191,6 @@ def test_bad_numbers_are_refused_before_anything_runs(tmp_path):
 
 def test_the_ideal_server_batches_what_has_arrived_when_it_is_free():
     """make bench's tail reference: FIFO, no overhead, up to max_batch of what is waiting."""
-    from deploy.bench import ideal_latencies_s
-
     got = ideal_latencies_s([0.0, 0.0, 0.0, 1.0], lambda n: 0.1 * n, max_batch=2)
     # Two at once (0.2 s), the third after them alone (0.1 s), the fourth on an idle server.
     assert got == pytest.approx([0.2, 0.2, 0.3, 0.1])

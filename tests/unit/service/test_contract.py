@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from service.contract import PreprocessContract
+from service.model.contract import PreprocessContract
 from tests.conftest import TINY_CONTRACT
 
 

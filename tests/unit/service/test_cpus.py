@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from service.cpus import CpuBudget, cpu_budget, cpu_isa, usable_cpus
+from service.host.cpus import CpuBudget, cpu_budget, cpu_isa, usable_cpus
 
 
 class Host:
@@ -201,10 +201,10 @@ def test_thread_counts_follow_the_usable_cpus(monkeypatch):
 @pytest.mark.external
 async def test_gateway_start_logs_and_sizes_from_the_budget(tiny, monkeypatch, caplog):
     import service.backends.onnxruntime as ort_backend
-    import service.runtime as runtime_module
-    from service import dataplane
-    from service.metrics import Metrics
-    from service.runtime import Runtime
+    import service.runtime.core as runtime_module
+    from service.dataplane import plane as dataplane
+    from service.observability.metrics import Metrics
+    from service.runtime.core import Runtime
     from service.settings import Settings
 
     budget = CpuBudget(usable=3, affinity=64, quota=3.0, node=64)
@@ -212,7 +212,7 @@ async def test_gateway_start_logs_and_sizes_from_the_budget(tiny, monkeypatch, c
     monkeypatch.setattr(dataplane, "usable_cpus", lambda: budget.usable)
     monkeypatch.setattr(ort_backend, "usable_cpus", lambda: budget.usable)
     runtime = Runtime(Settings(repository=tiny.repository), Metrics())
-    with caplog.at_level(logging.INFO, logger="service.runtime"):
+    with caplog.at_level(logging.INFO, logger="service.runtime.core"):
         await runtime.start()
     try:
         assert runtime.plane is not None and runtime.plane.decoder.workers == 3

@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 
 from service.backends.base import Backend
-from service.dataplane import Classification, DataPlane, Prediction
+from service.dataplane.plane import Classification, DataPlane, Prediction
+from service.dataplane.routing import Routing
 from service.errors import ModelNotFound, ValidationFailed
-from service.metrics import Metrics
-from service.processes import wait_until
-from service.repository import ModelSpec, load_spec
-from service.routing import Routing
+from service.host.processes import wait_until
+from service.model.repository import ModelSpec, load_spec
+from service.observability.metrics import Metrics
+from service.runtime.shadow import Shadows
 from service.settings import Settings
-from service.shadow import Shadows
 from tests.conftest import image_bytes
 
 IMAGES = [image_bytes(seed=i) for i in range(3)]
@@ -193,7 +193,7 @@ def test_the_rest_answer_is_the_json_of_its_classification_byte_for_byte(specs, 
     what JSONResponse renders for the same classification, odd labels included."""
     from starlette.responses import JSONResponse
 
-    from service.api.v1 import _body, _response
+    from service.transports.http.rest_v1 import _body, _response
 
     spec = dataclasses.replace(specs[0], labels=LABELS + specs[0].labels[len(LABELS) :])
     rows = [

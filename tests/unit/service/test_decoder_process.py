@@ -13,11 +13,11 @@ import time
 import numpy as np
 import pytest
 
-from service.contract import input_fields
-from service.decoder_process import KEEP_REGION, DecoderProcesses, PreprocessJob
-from service.decoding import DecodePool
+from service.dataplane.decode_scheduler import DecodePool
+from service.dataplane.decode_workers import KEEP_REGION, DecoderProcesses, PreprocessJob
+from service.dataplane.preprocess import DEFAULT_LIMITS, DecodeLimits, preprocess
 from service.errors import InvalidImage, PayloadTooLarge, UnsupportedMediaType
-from service.preprocess import DEFAULT_LIMITS, DecodeLimits, preprocess
+from service.model.contract import input_fields
 from tests.conftest import contract, image_bytes
 from tests.unit.service.test_preprocess import GREY, RGB, photos
 

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from service.decoding import DecodePool
+from service.dataplane.decode_scheduler import DecodePool
 from service.errors import DeadlineExceeded
 from tests.helpers import ThreadWorkers, until
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from service.files import FolderError, image_files
+from service.host.files import FolderError, image_files
 from tests.conftest import image_bytes
 
 

@@ -1,17 +1,29 @@
-"""The guarded protocol: a response's head goes out with its first body message, in one
-write (uvicorn alone writes them apart: two sends per answer); a request the gateway can
-answer before the app (an admission refusal) is answered from the protocol, its body
-skipped, the connection kept; past the refusals' CPU budget, a refused connection pauses."""
+"""The guarded protocol, one connection at a time on a recording transport: its bounds
+(header size and lines, header and body time limits, open connections) answered in the /v1
+envelope and counted; a response's head goes out with its first body message, in one write
+(uvicorn alone writes them apart: two sends per answer); a request the gateway can answer
+before the app (an admission refusal) is answered from the protocol, its body skipped, the
+connection kept; past the refusals' CPU budget, a refused connection pauses."""
 
 from __future__ import annotations
+
+import asyncio
+import json
 
 import uvicorn
 from uvicorn.server import ServerState
 
-from service import http_guard
-from service.http_guard import ConnectionLimits, RefusalBudget, _HeldHead, guarded_protocol
-from service.metrics import Metrics
-from tests.helpers import until
+from service.observability.metrics import Metrics
+from service.transports.http import guard as http_guard
+from service.transports.http.guard import (
+    ConnectionLimits,
+    Guard,
+    GuardedProtocol,
+    RefusalBudget,
+    _HeldHead,
+    guarded_protocol,
+)
+from tests.helpers import counted, on_virtual_clock, until
 
 
 class Recording:
@@ -86,13 +98,19 @@ def connection(budget: RefusalBudget):
     def early(scope):
         return REFUSED if scope["path"] == "/refuse" else None
 
+    protocol_class = guarded_protocol(Guard(ConnectionLimits(), Metrics(), early, budget))
+    protocol, transport = open_connection(protocol_class, app)
+    return protocol, transport, seen
+
+
+def open_connection(protocol_class: type[GuardedProtocol], app, state: ServerState | None = None):
+    """A connection of ``protocol_class`` serving ``app``, made on a recording transport."""
     config = uvicorn.Config(app, log_config=None, lifespan="off")
     config.load()
-    cls = guarded_protocol(ConnectionLimits(), Metrics(), early, budget)
-    protocol = cls(config=config, server_state=ServerState(), app_state={})
+    protocol = protocol_class(config=config, server_state=state or ServerState(), app_state={})
     transport = Transport()
-    protocol.connection_made(transport)
-    return protocol, transport, seen
+    protocol.connection_made(transport)  # type: ignore[arg-type]
+    return protocol, transport
 
 
 REFUSE = b"POST /refuse HTTP/1.1\r\nhost: x\r\ncontent-length: 11\r\n\r\nhello world"
@@ -134,3 +152,141 @@ def test_the_refusal_budget_is_a_share_of_a_core(monkeypatch):
     assert sum(budget.spend(0.002) for _ in range(100)) in (24, 25)  # 50 ms, float-rounded
     assert 0.0005 < budget.cost_s < 0.004  # the average of the costs measured
     assert not budget.spend()  # one the app answered is charged that average
+
+
+# --- the bounds, on the protocol class itself ---------------------------------------------------
+
+
+class Bounded(GuardedProtocol):
+    """The protocol with small bounds, subclassed as :func:`guarded_protocol` does."""
+
+    guard = Guard(
+        ConnectionLimits(
+            header_timeout_s=5.0,
+            body_idle_timeout_s=2.0,
+            body_timeout_s=30.0,
+            max_header_bytes=256,
+            max_headers=4,
+            max_connections=2,
+        ),
+        Metrics(),
+    )
+
+
+async def never_called(scope, receive, send):
+    raise AssertionError("the app was called")
+
+
+def refused(transport: Transport) -> tuple[str, dict[str, str], dict]:
+    """The one answer written on ``transport`` before it closed: status line, headers, JSON."""
+    assert len(transport.writes) == 1 and transport.closed
+    head, _, body = transport.writes[0].partition(b"\r\n\r\n")
+    status, *lines = head.decode().split("\r\n")
+    headers = dict(line.split(": ", 1) for line in lines)
+    assert headers["content-length"] == str(len(body)) and headers["connection"] == "close"
+    return status, headers, json.loads(body)
+
+
+def answered(outcome: str) -> float:
+    return counted(
+        Bounded.guard.metrics.registry,
+        "resnet_serve_requests_total",
+        route="unmatched",
+        outcome=outcome,
+    )
+
+
+async def test_headers_past_their_size_are_refused_431_unread():
+    before = answered("header_too_large")
+    protocol, transport = open_connection(Bounded, never_called)
+    protocol.data_received(b"GET / HTTP/1.1\r\nx-long: " + b"a" * 300)  # no end of headers yet
+    status, headers, body = refused(transport)
+    assert status == "HTTP/1.1 431 Request Header Fields Too Large"
+    assert headers["content-type"] == "application/json"
+    assert body == {
+        "error": {"code": "header_too_large", "message": "request headers exceed 256 bytes"}
+    }
+    protocol.data_received(b"more\r\n\r\n")  # the rest is not read
+    assert len(transport.writes) == 1
+    assert answered("header_too_large") == before + 1
+
+
+async def test_too_many_header_lines_are_refused_431():
+    protocol, transport = open_connection(Bounded, never_called)
+    lines = b"".join(b"x-%d: 1\r\n" % i for i in range(5))
+    protocol.data_received(b"GET / HTTP/1.1\r\n" + lines + b"\r\n")
+    status, _, body = refused(transport)
+    assert status.startswith("HTTP/1.1 431 ")
+    assert body["error"] == {"code": "header_too_large", "message": "more than 4 header lines"}
+
+
+async def test_past_the_connection_cap_a_connection_is_refused_503_with_retry_after():
+    state = ServerState()
+    for _ in range(2):
+        _, transport = open_connection(Bounded, never_called, state)
+        assert transport.writes == [] and not transport.closed
+    _, transport = open_connection(Bounded, never_called, state)
+    status, headers, body = refused(transport)
+    assert status == "HTTP/1.1 503 Service Unavailable" and headers["retry-after"] == "1"
+    assert body["error"]["code"] == "overloaded"
+
+
+def test_headers_not_received_in_time_are_answered_408_and_an_idle_connection_closed():
+    async def main():
+        slow, slow_transport = open_connection(Bounded, never_called)
+        _, idle_transport = open_connection(Bounded, never_called)
+        slow.data_received(b"GET / HTTP/1.1\r\nhost: x\r\n")  # and nothing more
+        await asyncio.sleep(4.9)
+        assert slow_transport.writes == [] and not idle_transport.closed
+        await asyncio.sleep(0.2)
+        status, _, body = refused(slow_transport)
+        assert status == "HTTP/1.1 408 Request Timeout"
+        assert body["error"]["code"] == "request_timeout"
+        assert idle_transport.closed and idle_transport.writes == []  # nothing to answer
+
+    on_virtual_clock(main())
+
+
+def test_a_body_that_stops_coming_closes_the_connection_and_marks_its_request():
+    scopes: list[dict] = []
+
+    async def app(scope, receive, send):
+        scopes.append(scope)
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+    async def main():
+        protocol, transport = open_connection(Bounded, app)
+        protocol.data_received(b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 10\r\n\r\nabc")
+        await asyncio.sleep(1.9)
+        protocol.data_received(b"def")  # a gap under body_idle_timeout_s
+        await asyncio.sleep(1.9)
+        assert not transport.closed
+        await asyncio.sleep(0.2)  # 2 s without a byte
+        assert transport.closed and transport.writes == []  # the app answers the timeout
+        assert scopes[0]["state"]["body_timed_out"] is True
+        protocol.connection_lost(None)  # the app sees the disconnect and ends
+
+    on_virtual_clock(main())
+
+
+def test_a_body_that_trickles_past_its_whole_time_closes_the_connection():
+    scopes: list[dict] = []
+
+    async def app(scope, receive, send):
+        scopes.append(scope)
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+    async def main():
+        protocol, transport = open_connection(Bounded, app)
+        protocol.data_received(b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\n")
+        for _ in range(19):  # a byte every 1.5 s: never idle for body_idle_timeout_s
+            await asyncio.sleep(1.5)
+            protocol.data_received(b"a")
+        assert not transport.closed  # 28.5 s
+        await asyncio.sleep(1.6)  # past body_timeout_s (30 s) since the headers
+        assert transport.closed and scopes[0]["state"]["body_timed_out"] is True
+        protocol.connection_lost(None)
+
+    on_virtual_clock(main())

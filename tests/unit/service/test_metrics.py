@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from service.app import create_app
-from service.batching import Batcher
-from service.metrics import Metrics
+from service.dataplane.batching import Batcher
+from service.observability.metrics import Metrics
 from service.settings import Settings
+from service.transports.http.app import create_app
 from tests.conftest import image_bytes
 
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import logging
 import types
 
-from service import observe
-from service.observe import FloodFilter, request_id
+from service.observability import observe
+from service.observability.observe import FloodFilter, request_id
 
 
 def test_a_request_id_is_the_clients_only_if_it_is_a_plain_token():

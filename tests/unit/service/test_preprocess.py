@@ -10,9 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.contract import PreprocessContract, input_fields
-from service.errors import InvalidImage, PayloadTooLarge, UnsupportedMediaType
-from service.preprocess import (
+from service.dataplane.preprocess import (
     BOX_RESIZE_TOLERANCE,
     DEFAULT_LIMITS,
     DecodeLimits,
@@ -21,6 +19,8 @@ from service.preprocess import (
     preprocess,
     sniff_format,
 )
+from service.errors import InvalidImage, PayloadTooLarge, UnsupportedMediaType
+from service.model.contract import PreprocessContract, input_fields
 from tests.conftest import contract
 from tests.helpers import fastest_of
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from service.scores import probabilities, top_indices
+from service.dataplane.scores import probabilities, top_indices
 
 
 def stable_top(scores: np.ndarray, k: int) -> np.ndarray:

@@ -1,0 +1,1 @@
+"""The transport-neutral data plane: routing, decoding, preprocessing, batching, scoring, statistics."""

@@ -1,0 +1,1 @@
+"""What every transport shares: readiness and draining, API keys, the model lifecycle, shadows."""

@@ -1,0 +1,2 @@
+"""Commands beside the serving path: the ``resnet-serve`` CLI, the load tool, tune, a local Triton,
+an OTLP receiver."""

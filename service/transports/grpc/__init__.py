@@ -1,0 +1,1 @@
+"""gRPC: the ``Classifier`` service and KServe v2's ``GRPCInferenceService`` over the runtime, one error mapping."""
