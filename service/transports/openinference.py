@@ -137,12 +137,16 @@ def raw_input(name: str, datatype: str, shape: list[int], raw: bytes) -> InferIn
 
 def number_input(name: str, datatype: str, shape: list[int], values: list[Any]) -> InferInput:
     """An FP32 or UINT8 input whose data came as JSON numbers (flat or nested, row-major)."""
+    not_numbers = InvalidRequest(f"input {cut(name)}: data must be a (nested) list of numbers")
     flat: list[Any] = values
     while flat and isinstance(flat[0], list):
-        flat = [v for row in flat if isinstance(row, list) for v in row]
+        # A level mixing lists and numbers ([[1.0], 2.0]) is malformed, not to be cut short.
+        if not all(isinstance(row, list) for row in flat):
+            raise not_numbers
+        flat = [v for row in flat for v in row]
     # bool is an int subclass, and json gives arbitrarily large ints: neither is an FP32.
     if any(type(v) not in (int, float) for v in flat):
-        raise InvalidRequest(f"input {cut(name)}: data must be a (nested) list of numbers")
+        raise not_numbers
     try:
         arr = np.asarray(flat, dtype=np.float64)
     except OverflowError:  # an integer beyond any float
