@@ -51,7 +51,7 @@ esac
 ENGINE=$(engine_name)
 if [ "${ENGINE:-podman}" = podman ]; then
 	# runc: deploy/podman/containers.conf names it; slirp4netns: the tests reach containers
-	# through its port handler, on loopback (tests/containers.py says why).
+	# through its port handler, on loopback (tests/helpers/containers.py says why).
 	apt_install podman runc slirp4netns
 	ENGINE=podman
 	export CONTAINERS_CONF=${CONTAINERS_CONF:-$PWD/deploy/podman/containers.conf}

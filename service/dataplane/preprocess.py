@@ -185,7 +185,7 @@ def _composite_on_white(img: Image.Image) -> Image.Image:
 MAX_RESIZE_FACTOR = 64
 
 #: How far the crop-box resize may be from torchvision's resize-then-crop, in 8-bit steps
-#: of one pixel value before normalization (tests/unit/service/test_preprocess.py holds it
+#: of one pixel value before normalization (tests/unit/service/dataplane/test_preprocess.py holds it
 #: on real photos and the synthetic corpus; fewer than 1 % of the values differ at all).
 BOX_RESIZE_TOLERANCE = 1
 

@@ -19,8 +19,8 @@ import yaml
 
 from deploy.settings_doc import CHART_OWNED, SCHEMA, config_schema
 from service.settings import Settings, helm_key
-from tests.deploy import promql
-from tests.deploy.conftest import CHART, ROOT, tool
+from tests.helpers import promql
+from tests.helpers.paths import CHART, ROOT, tool
 
 KUBE_VERSION = "1.30.0"
 SCENARIOS = sorted(p.name for p in (CHART / "ci").glob("*-values.yaml"))

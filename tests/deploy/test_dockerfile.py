@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 
 from service.settings import Settings
-from tests.deploy.conftest import ROOT, tool
-from tests.deploy.dockerfile import Config, Dockerfile, DockerIgnore, duration_s, expand
+from tests.helpers.dockerfile import Config, Dockerfile, DockerIgnore, duration_s, expand
+from tests.helpers.paths import ROOT, tool
 
 DOCKERFILE = Dockerfile(ROOT / "Dockerfile")
 IGNORE = DockerIgnore(ROOT / ".dockerignore")

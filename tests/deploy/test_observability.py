@@ -22,9 +22,9 @@ from service.transports.grpc import classifier_pb2
 from service.transports.http.kserve_http import v2, v2_models
 from service.transports.http.ops import ops
 from service.transports.http.rest_v1 import admin, api
-from tests.deploy import promql
-from tests.deploy.conftest import DEPLOY, ROOT, tool
-from tests.helpers import doc_sections
+from tests.helpers import promql
+from tests.helpers.docs import doc_sections
+from tests.helpers.paths import DEPLOY, ROOT, tool
 
 PROM = DEPLOY / "prometheus"
 DOC_SECTIONS = doc_sections(ROOT)

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Literal
 
 import pytest
 
-from service.host.processes import GatewayProcess, free_ports
+from service.host.processes import GatewayProcess
+from tests.helpers.triton import start_real_triton
 
 
 @pytest.fixture(scope="session")
 def gateway_image() -> str:
     """The gateway image (CPU target), built once a session by `make image`'s script."""
-    from tests import containers
+    from tests.helpers import containers
 
     return containers.build()
 
@@ -39,37 +39,6 @@ def triton_repo(demo, tiny, tiny_pixels, tmp_path_factory) -> Path:
     for model_dir in (demo.model_dir, tiny.model_dir, tiny_pixels.model_dir):
         republish(model_dir, repo, "python-ort")
     return repo
-
-
-def start_real_triton(
-    repo: Path,
-    log: Path,
-    ports: tuple[int, int, int] | None = None,
-    extra_args: tuple[str, ...] = (),
-    control: Literal["none", "explicit"] = "none",
-):
-    from service.tools.triton_launcher import start_triton
-
-    http, grpc, metrics = ports or free_ports(3)
-    server = start_triton(
-        repo, http, grpc, metrics, log_path=log, extra_args=extra_args, control=control
-    )
-    server.wait_ready(180)
-    return server
-
-
-def gateway_on_triton(log: Path, repo: Path, triton) -> GatewayProcess:
-    """The gateway (REST and gRPC) with the Triton backend, in front of ``triton``."""
-    return GatewayProcess.start(
-        log,
-        "--repository",
-        str(repo),
-        "--backend",
-        "triton",
-        "--triton-url",
-        triton.grpc_url,
-        grpc=True,
-    )
 
 
 @pytest.fixture(scope="module")

@@ -24,8 +24,12 @@ from service.host.processes import BIN, GatewayProcess, wait_until
 from service.settings import Settings
 from service.transports.http.guard import REFUSAL_CPU_SHARE
 from service.transports.serving import ThreadedGateway
-from tests.conftest import ROOT, TINY_CONTRACT, image_bytes, slow_to_decode
-from tests.helpers import SlowBackend, counted, fastest_of, rss_mb, scrape
+from tests.helpers.doubles import SlowBackend
+from tests.helpers.images import image_bytes, slow_to_decode
+from tests.helpers.metrics import counted, rss_mb, scrape
+from tests.helpers.models import TINY_CONTRACT
+from tests.helpers.paths import ROOT
+from tests.helpers.timing import fastest_of
 
 PNG = {"content-type": "image/png"}
 IMAGE = image_bytes()

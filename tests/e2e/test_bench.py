@@ -17,8 +17,9 @@ from service.host.processes import GatewayProcess, group_alive
 from service.settings import Settings
 from service.tools.bench.run import BenchConfig, execute
 from service.transports.serving import ThreadedGateway
-from tests.conftest import image_bytes, run_cli
-from tests.helpers import SlowBackend
+from tests.helpers.cli import run_cli
+from tests.helpers.doubles import SlowBackend
+from tests.helpers.images import image_bytes
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ memory.
 What the test changes in a rendered object, and why: one replica (kube play starts a pod per
 replica; each would want the same loopback port), each container port also published on
 this machine's 127.0.0.1 (a hostPort: the test's way in; the chart sets none), each
-emptyDir given a volume of its own (tests.containers.played says why), and Triton's
+emptyDir given a volume of its own (tests.helpers.containers.played says why), and Triton's
 `$(TRITON_ADMIN_KEY)` argument expanded from its Secret, as the kubelet expands it. What podman does not
 honour is listed in docs/development.md ("Containers and pods")."""
 
@@ -23,7 +23,7 @@ import httpx
 import numpy as np
 import pytest
 
-from tests import containers
+from tests.helpers import containers
 
 API_KEY = "pod-test-key"
 STANDIN = "localhost/resnet-serving-triton-standin:test"

@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 
 from service.host.processes import GatewayProcess
-from tests.conftest import image_bytes
-from tests.containers import render_chart
-from tests.e2e.conftest import start_real_triton
-from tests.helpers import scrape
+from tests.helpers.containers import render_chart
+from tests.helpers.images import image_bytes
+from tests.helpers.metrics import scrape
+from tests.helpers.triton import start_real_triton
 
 ADMIN_KEY = "s3cret-admin-key"
 # Flags service.tools.triton_launcher sets for loopback ports and the local repository, and for
@@ -209,7 +209,7 @@ def test_sidecar_mode_the_gateway_and_triton_share_memory_as_the_chart_runs_them
     gateway with the environment the chart gives it. The gateway registers its regions
     with the key, answers through them, and releases them when it stops (SIGTERM, as the
     kubelet sends it)."""
-    from tests.e2e.test_triton_lifecycle import registered
+    from tests.helpers.triton import registered
 
     objs = render_chart({"triton": {"enabled": True, "sidecar": {"enabled": True}}})
     (pod,) = [o for o in objs if o["kind"] == "Deployment"]

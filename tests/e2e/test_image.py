@@ -20,8 +20,8 @@ import pytest
 from service.host.processes import free_port, wait_until
 from service.transports.grpc import classifier_pb2 as pb
 from service.transports.grpc import classifier_pb2_grpc as pbg
-from tests import containers
-from tests.helpers import scrape
+from tests.helpers import containers
+from tests.helpers.metrics import scrape
 
 UID = "10001:10001"  # the Dockerfile's USER and the chart's runAsUser
 DRAIN_S = 10  # the chart's gateway.config.drainSeconds

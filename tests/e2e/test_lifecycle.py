@@ -14,7 +14,7 @@ import pytest
 from export.repository import republish
 from service.host.processes import GatewayProcess, wait_until
 from service.model.repository import MODEL_FILENAME
-from tests.helpers import rss_mb, scrape
+from tests.helpers.metrics import rss_mb, scrape
 
 POLL_S = 0.5
 

@@ -18,7 +18,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.host.processes import BIN, GatewayProcess
-from tests.conftest import ROOT, image_bytes
+from tests.helpers.images import image_bytes
+from tests.helpers.paths import ROOT
 
 LOCUSTFILE = ROOT / "deploy" / "loadtest" / "locustfile.py"
 KEY = "locust-test-key"

@@ -16,7 +16,7 @@ from service.host.processes import GatewayProcess, wait_until
 from service.tools.otlp_receiver import OtlpReceiver
 from service.transports.grpc import classifier_pb2 as cpb
 from service.transports.openinference import serialize_bytes
-from tests.conftest import image_bytes
+from tests.helpers.images import image_bytes
 
 KEY = "s3cret-key-never-logged"
 

@@ -24,10 +24,10 @@ import pytest
 from service.host.processes import GatewayProcess, wait_until
 from service.model.repository import MODEL_FILENAME, Rollout, write_rollout
 from service.transports.grpc import classifier_pb2, classifier_pb2_grpc
-from tests.conftest import image_bytes
-from tests.deploy import promql
-from tests.e2e.conftest import start_real_triton
-from tests.helpers import scrape
+from tests.helpers import promql
+from tests.helpers.images import image_bytes
+from tests.helpers.metrics import scrape
+from tests.helpers.triton import start_real_triton
 
 pytestmark = pytest.mark.triton
 PNG = {"content-type": "image/png"}

@@ -10,7 +10,7 @@ import os
 import httpx
 
 from service.host.processes import GatewayProcess
-from tests.conftest import run_cli
+from tests.helpers.cli import run_cli
 
 
 def test_the_api_keeps_its_own_openapi_promises(tiny, tmp_path):

@@ -18,8 +18,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from service.host.processes import GatewayProcess, wait_until
 from service.transports.grpc import classifier_pb2 as pb
 from service.transports.grpc import classifier_pb2_grpc as pbg
-from tests.conftest import image_bytes, run_cli
-from tests.helpers import rss_mb, scrape
+from tests.helpers.cli import run_cli
+from tests.helpers.images import image_bytes
+from tests.helpers.metrics import rss_mb, scrape
 
 PNG = {"content-type": "image/png"}
 

@@ -22,9 +22,11 @@ from service.dataplane.preprocess import preprocess
 from service.host.processes import GatewayProcess, free_port, wait_until
 from service.settings import Settings
 from service.transports.grpc import classifier_pb2, classifier_pb2_grpc
-from tests.conftest import TINY_LABELS, assert_same_predictions, image_bytes, run_cli
-from tests.e2e.conftest import gateway_on_triton, start_real_triton
-from tests.helpers import fastest_of
+from tests.helpers.cli import run_cli
+from tests.helpers.images import image_bytes
+from tests.helpers.models import TINY_LABELS, assert_same_predictions
+from tests.helpers.timing import fastest_of
+from tests.helpers.triton import gateway_on_triton, start_real_triton
 
 pytestmark = pytest.mark.triton
 PNG = {"content-type": "image/png"}

@@ -24,7 +24,7 @@ from service.backends.triton.backend import TritonBackend
 from service.errors import BackendUnavailable
 from service.host.processes import wait_until
 from service.model.repository import MODEL_FILENAME, ModelSpec, RepositoryError, load_spec
-from tests.e2e.conftest import start_real_triton
+from tests.helpers.triton import registered, start_real_triton
 
 pytestmark = pytest.mark.triton
 BATCH = np.random.default_rng(0).normal(size=(3, 3, 32, 32)).astype(np.float32)
@@ -351,17 +351,6 @@ def test_the_tritons_behind_a_target():
     local = endpoints("dns:///localhost:8001")
     assert local and all(e.endswith(":8001") for e in local)
     assert set(local) <= {"127.0.0.1:8001", "[::1]:8001"}
-
-
-def registered(triton, key: str | None = None) -> set[str]:
-    """The system shared memory regions Triton holds."""
-    from service.backends.triton.channels import ADMIN_HEADER
-
-    client = triton_grpc.InferenceServerClient(triton.grpc_url)
-    headers = {ADMIN_HEADER: key} if key else None
-    status = client.get_system_shared_memory_status(headers=headers, as_json=True)
-    client.close()
-    return set(status.get("regions", {}))
 
 
 async def test_batches_through_shared_memory_survive_a_triton_restart(model_dir, tmp_path):

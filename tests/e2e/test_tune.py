@@ -18,9 +18,10 @@ from service.model.repository import ModelSpec
 from service.settings import Settings
 from service.tools.tune import tune
 from service.transports.serving import ThreadedGateway
-from tests.conftest import image_bytes, run_cli
-from tests.deploy.conftest import CHART
-from tests.helpers import SlowBackend
+from tests.helpers.cli import run_cli
+from tests.helpers.doubles import SlowBackend
+from tests.helpers.images import image_bytes
+from tests.helpers.paths import CHART
 
 PER_IMAGE_S = 0.03
 

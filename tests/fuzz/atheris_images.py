@@ -1,5 +1,5 @@
 """Coverage-guided fuzzing of the image path with atheris (libFuzzer), Pillow's Python
-plugins instrumented. Run by tests/unit/service/test_fuzz_images.py for a bounded number of
+plugins instrumented. Run by tests/fuzz/test_images.py for a bounded number of
 runs; by hand for longer:
 
     python tests/fuzz/atheris_images.py CORPUS_DIR -runs=100000 -max_len=8192

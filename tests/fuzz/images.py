@@ -2,7 +2,7 @@
 
 The property: ``preprocess`` on any bytes returns a finite tensor of the contract's shape,
 or raises one of the gateway's own client errors (400 / 413 / 415): never another
-exception, never a hang. ``tests/unit/service/test_fuzz_images.py`` checks it with
+exception, never a hang. ``tests/fuzz/test_images.py`` checks it with
 hypothesis (structured mutations of real files), ``tests/fuzz/atheris_images.py`` with
 coverage-guided fuzzing; what either finds is kept in ``tests/data/fuzz/`` and replayed.
 """
@@ -17,7 +17,7 @@ from PIL import Image
 
 from service.dataplane.preprocess import DecodeLimits, preprocess
 from service.errors import InvalidImage, PayloadTooLarge, UnsupportedMediaType
-from tests.conftest import TINY_CONTRACT
+from tests.helpers.models import TINY_CONTRACT
 
 CONTRACT = TINY_CONTRACT
 #: Small enough that a forged header cannot make one example slow.

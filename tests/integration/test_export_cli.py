@@ -13,7 +13,8 @@ from export.models import build_model
 from service.dataplane.preprocess import normalized
 from service.host.cpus import cpu_isa
 from service.model.contract import PreprocessContract
-from tests.conftest import run_cli, tree_digest
+from tests.helpers.cli import assert_one_line_failure, run_cli
+from tests.helpers.models import tree_digest
 
 
 @pytest.fixture(scope="module")
@@ -29,16 +30,6 @@ def labels5(tmp_path_factory):
     path = tmp_path_factory.mktemp("labels") / "labels.txt"
     path.write_text("apple\nbanana\ncherry\ndate\nelder\n")
     return path
-
-
-def assert_one_line_failure(proc, *fragments):
-    assert proc.returncode == 1, proc.stdout + proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("resnet-export: error: ")
-    assert "Traceback" not in proc.stderr
-    for fragment in fragments:
-        assert fragment in lines[0]
 
 
 def test_help_explains_every_option():

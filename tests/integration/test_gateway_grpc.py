@@ -6,7 +6,6 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
-from pathlib import Path
 
 import grpc
 import pytest
@@ -20,10 +19,12 @@ from service.settings import Settings
 from service.transports.grpc import classifier_pb2 as pb
 from service.transports.grpc import classifier_pb2_grpc as pbg
 from service.transports.http.app import create_app
-from tests.conftest import TINY_LABELS, image_bytes
-from tests.helpers import SlowBackend, counted
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.helpers.doubles import SlowBackend
+from tests.helpers.errors import code_of
+from tests.helpers.images import image_bytes
+from tests.helpers.metrics import counted
+from tests.helpers.models import TINY_LABELS
+from tests.helpers.paths import ROOT
 
 
 def serve(tiny, backend=None, **kw):
@@ -51,12 +52,6 @@ def pngs(gateway):
         )
         out.append((data, resp.json()["predictions"][0][0]["index"]))
     return out
-
-
-def code_of(call):
-    with pytest.raises(grpc.RpcError) as info:
-        call()
-    return info.value.code(), info.value.details()
 
 
 def test_classify_matches_rest(gateway, pngs):

@@ -21,8 +21,11 @@ from service.host.processes import wait_until
 from service.settings import Settings
 from service.transports.http.app import create_app
 from service.transports.serving import ThreadedGateway
-from tests.conftest import TINY_LABELS, image_bytes
-from tests.helpers import SlowBackend, counted
+from tests.helpers.doubles import SlowBackend
+from tests.helpers.errors import assert_error
+from tests.helpers.images import image_bytes
+from tests.helpers.metrics import counted
+from tests.helpers.models import TINY_LABELS
 
 
 @pytest.fixture(scope="module")
@@ -50,15 +53,6 @@ def png(img: Image.Image, fmt: str = "PNG") -> bytes:
     buf = io.BytesIO()
     img.save(buf, format=fmt)
     return buf.getvalue()
-
-
-def assert_error(resp, status: int, code: str, fragment: str = "") -> None:
-    assert resp.status_code == status, resp.text
-    body = resp.json()
-    assert set(body) == {"error"} and set(body["error"]) == {"code", "message"}
-    assert body["error"]["code"] == code
-    assert fragment in body["error"]["message"]
-    assert "Traceback" not in resp.text
 
 
 # --- the API ----------------------------------------------------------------------------------

@@ -16,7 +16,8 @@ from service import __version__
 from service.dataplane.preprocess import preprocess
 from service.settings import Settings
 from service.transports.http.app import create_app
-from tests.conftest import TINY_LABELS, image_bytes
+from tests.helpers.images import image_bytes
+from tests.helpers.models import TINY_LABELS
 
 IMAGES = [image_bytes(size=(50 + n, 41), seed=20 + n) for n in range(3)]
 

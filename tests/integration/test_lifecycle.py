@@ -28,10 +28,9 @@ from service.settings import Settings
 from service.transports.grpc import classifier_pb2 as pb
 from service.transports.grpc import classifier_pb2_grpc as pbg
 from service.transports.http.app import create_app
-from tests.conftest import image_bytes
-from tests.helpers import counted
-from tests.integration.test_gateway_grpc import code_of
-from tests.integration.test_gateway_http import assert_error
+from tests.helpers.errors import assert_error, code_of
+from tests.helpers.images import image_bytes
+from tests.helpers.metrics import counted
 
 ADMIN = {"X-API-Key": "admin-key"}
 PNG = {"content-type": "image/png"}

@@ -16,7 +16,8 @@ from service.dataplane.preprocess import preprocess
 from service.model.contract import PreprocessContract, input_fields
 from service.settings import Settings
 from service.transports.http.app import create_app
-from tests.conftest import TINY_CONTRACT, TINY_LABELS, assert_same_predictions, image_bytes
+from tests.helpers.images import image_bytes
+from tests.helpers.models import TINY_CONTRACT, TINY_LABELS, assert_same_predictions
 
 PIXELS = TINY_CONTRACT.model_copy(update=input_fields("uint8"))
 

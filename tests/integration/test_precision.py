@@ -22,9 +22,10 @@ from export.repository import ServingConfig
 from service.host.cpus import cpu_isa
 from service.host.processes import GatewayProcess, wait_until
 from service.model.repository import Rollout, load_spec, parity_problem, write_rollout
-from tests.conftest import TINY_CONTRACT, TINY_LABELS, image_bytes, run_cli
-from tests.helpers import scrape
-from tests.integration.test_export_cli import assert_one_line_failure
+from tests.helpers.cli import assert_one_line_failure, run_cli
+from tests.helpers.images import image_bytes
+from tests.helpers.metrics import scrape
+from tests.helpers.models import TINY_CONTRACT, TINY_LABELS
 
 pytestmark = pytest.mark.slow
 

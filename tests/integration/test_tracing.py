@@ -24,9 +24,9 @@ from service.observability.tracing import TracingError, provider_from_env
 from service.settings import Settings
 from service.transports.grpc import classifier_pb2 as cpb
 from service.transports.http.app import create_app
-from tests.conftest import image_bytes
-from tests.helpers import SlowBackend
-from tests.integration.test_triton_backend_retries import SPEC, scripted, started  # noqa: F401
+from tests.helpers.doubles import SlowBackend
+from tests.helpers.images import image_bytes
+from tests.helpers.triton import SPEC, started
 
 TRACE = "0af7651916cd43dd8448eb211c80319c"
 CALLER = "b7ad6b7169203331"
@@ -163,7 +163,7 @@ def servers(exporter: InMemorySpanExporter) -> list[ReadableSpan]:
     return [s for s in exporter.get_finished_spans() if s.kind == trace.SpanKind.SERVER]
 
 
-async def test_the_call_to_triton_carries_the_requests_trace(scripted):  # noqa: F811
+async def test_the_call_to_triton_carries_the_requests_trace(scripted):
     servicer, url = scripted
     backend = await started(servicer, url)
     provider, exporter = recorder()

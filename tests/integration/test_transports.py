@@ -24,8 +24,10 @@ from service.settings import Settings
 from service.transports.grpc import classifier_pb2 as cpb
 from service.transports.http.app import create_app
 from service.transports.openinference import serialize_bytes
-from tests.conftest import image_bytes, slow_to_decode
-from tests.helpers import SlowBackend, counted, fastest_of
+from tests.helpers.doubles import SlowBackend
+from tests.helpers.images import image_bytes, slow_to_decode
+from tests.helpers.metrics import counted
+from tests.helpers.timing import fastest_of
 
 GOOD = image_bytes()
 BAD_PNG = GOOD[:60]  # a truncated file

@@ -8,7 +8,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-from tests.conftest import ROOT
+from tests.helpers.paths import ROOT
 
 PACKAGES = ("service", "export", "deploy")
 
@@ -222,3 +222,35 @@ def test_the_tree_reader_nests_by_indentation():
         "service/b/c.py",
         "export",
     }
+
+
+def test_tests_import_helpers_never_another_test_module_or_a_conftest():
+    """Shared code is in tests/helpers/ (a package of plain modules); fixtures are in
+    conftest.py files, which pytest finds by itself."""
+    found = []
+    for path in sorted((ROOT / "tests").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = (
+                [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else []
+            )
+            for name in names:
+                last = name.rpartition(".")[2]
+                if name.startswith("tests") and (last.startswith("test_") or last == "conftest"):
+                    found.append(f"{path.relative_to(ROOT)} imports {name}")
+    assert found == []
+
+
+def test_unit_tests_mirror_the_source():
+    """tests/unit/service/<folder>/ tests service/<folder>/: a test is where its module is."""
+    stray = [
+        str(folder.relative_to(ROOT))
+        for folder in (ROOT / "tests" / "unit" / "service").rglob("*")
+        if folder.is_dir()
+        and folder.name != "__pycache__"
+        and not (ROOT / folder.relative_to(ROOT / "tests" / "unit")).is_dir()
+    ]
+    assert stray == []

@@ -7,7 +7,8 @@ import pytest
 from export.errors import ExportError
 from export.images import load_images, split_holdout, spread
 from service.host.files import image_files
-from tests.conftest import TINY_CONTRACT, image_bytes
+from tests.helpers.images import image_bytes
+from tests.helpers.models import TINY_CONTRACT
 
 
 def test_corrupt_files_are_skipped_with_the_gateways_reason(tmp_path):

@@ -37,7 +37,7 @@ from export.tensorrt import (
     trtexec_command,
     unavailable_reason,
 )
-from tests.conftest import TINY_CONTRACT
+from tests.helpers.models import TINY_CONTRACT
 
 SMALL = TINY_CONTRACT
 CONTRACT = SMALL.model_copy(

@@ -42,7 +42,8 @@ from export.repository import (
 from export.tensorrt import EngineManifest, trtexec_command
 from service.model import repository as service_repository
 from service.model.repository import load_spec, parse_config, read_config
-from tests.conftest import ROOT, TINY_CONTRACT
+from tests.helpers.models import TINY_CONTRACT
+from tests.helpers.paths import ROOT
 
 SCRIPT = ROOT / "export" / "trt_node.py"
 H100 = "NVIDIA H100 80GB HBM3, 9.0"

@@ -16,22 +16,12 @@ from service.backends.onnxruntime import OnnxRuntimeBackend
 from service.dataplane.plane import DataPlane
 from service.dataplane.routing import Routing
 from service.errors import ModelNotFound
-from service.model.contract import PreprocessContract
 from service.model.repository import ModelSpec
 from service.observability.metrics import Metrics
 from service.settings import Settings
+from tests.helpers.models import contract
 
-CONTRACT = PreprocessContract(
-    arch="tiny",
-    input_name="input",
-    output_name="logits",
-    channels="RGB",
-    resize=36,
-    crop=32,
-    mean=(0.5, 0.5, 0.5),
-    std=(0.25, 0.25, 0.25),
-    num_classes=3,
-)
+CONTRACT = contract(mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), num_classes=3)
 
 
 def spec(name: str, version: str) -> ModelSpec:

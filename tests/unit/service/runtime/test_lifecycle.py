@@ -41,7 +41,9 @@ from service.model.repository import (
 from service.observability.metrics import Metrics
 from service.runtime.lifecycle import Lifecycle, Reload, fingerprint
 from service.settings import Settings
-from tests.helpers import SlowBackend, counted, on_virtual_clock, until
+from tests.helpers.doubles import SlowBackend
+from tests.helpers.metrics import counted
+from tests.helpers.timing import on_virtual_clock, until
 
 
 @dataclass

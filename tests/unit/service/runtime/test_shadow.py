@@ -20,7 +20,7 @@ from service.model.repository import load_spec
 from service.observability.metrics import Metrics
 from service.runtime.shadow import Comparison, Shadows, compare
 from service.settings import Settings
-from tests.helpers import counted
+from tests.helpers.metrics import counted
 
 
 def softmax(x: np.ndarray) -> np.ndarray:

@@ -19,7 +19,7 @@ from tests.fuzz.images import REGRESSIONS, check, seeds
 
 pytestmark = pytest.mark.fuzz
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "150"))
-HARNESS = Path(__file__).resolve().parents[2] / "fuzz" / "atheris_images.py"
+HARNESS = Path(__file__).resolve().parent / "atheris_images.py"
 SEEDS = seeds()
 DIMENSIONS = st.one_of(
     st.integers(0, 70_000), st.sampled_from([0, 1, 2**15, 2**16 - 1, 2**31 - 1, 2**32 - 1])

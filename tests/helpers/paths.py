@@ -1,7 +1,5 @@
-"""The deployment files (Dockerfile, Helm chart, Prometheus rules, Grafana dashboard),
-proved with the real tools `make tools` installs: Helm's engine (helm-python-sdk),
-kubernetes-validate, hadolint, promtool. A missing tool fails the test: it is never
-skipped, because `make test` installs them."""
+"""Where things are: the repository, this interpreter's scripts, the chart, deploy/; the
+checkers `make tools` installs."""
 
 from __future__ import annotations
 
@@ -12,7 +10,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
+
 CHART = ROOT / "helm" / "resnet-serving"
+
 DEPLOY = ROOT / "deploy"
 
 
@@ -23,3 +23,6 @@ def tool(name: str) -> str:
     if not found:
         pytest.fail(f"{name} is not installed: run `make tools`")
     return found
+
+
+BIN = Path(sys.executable).parent

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from service.host.files import FolderError, image_files
-from tests.conftest import image_bytes
+from tests.helpers.images import image_bytes
 
 
 def test_missing_empty_and_file_folders_are_one_line_errors(tmp_path):

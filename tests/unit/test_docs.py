@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from service.settings import Settings
-from tests.conftest import ROOT
-from tests.helpers import doc_sections
+from tests.helpers.docs import doc_sections
+from tests.helpers.paths import ROOT
 
 README = (ROOT / "README.md").read_text()
 SETTINGS_PAGE = (ROOT / "docs" / "operations.md").read_text()

@@ -18,7 +18,7 @@ from service.errors import (
     ShuttingDown,
 )
 from service.observability.metrics import Metrics
-from tests.helpers import until
+from tests.helpers.timing import until
 
 
 class Recorder:

@@ -19,7 +19,7 @@ from service.model.repository import ModelSpec, load_spec
 from service.observability.metrics import Metrics
 from service.runtime.shadow import Shadows
 from service.settings import Settings
-from tests.conftest import image_bytes
+from tests.helpers.images import image_bytes
 
 IMAGES = [image_bytes(seed=i) for i in range(3)]
 

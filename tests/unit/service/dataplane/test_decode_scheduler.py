@@ -1,6 +1,6 @@
 """The decoding pool's scheduling: fair between models, never past a deadline, no worker
 lost, never more CPUs held than there are (workers here: threads running scripted jobs,
-``tests.helpers.ThreadWorkers``; the decoding processes are test_decoder_process's)."""
+``tests.helpers.doubles.ThreadWorkers``; the decoding processes are test_decode_workers')."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import pytest
 
 from service.dataplane.decode_scheduler import DecodePool
 from service.errors import DeadlineExceeded
-from tests.helpers import ThreadWorkers, until
+from tests.helpers.doubles import ThreadWorkers
+from tests.helpers.timing import until
 
 
 def far() -> float:

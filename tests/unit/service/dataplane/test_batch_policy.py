@@ -11,7 +11,7 @@ import random
 import pytest
 
 from service.dataplane.batch_policy import BatchPolicy, CostModel, Load
-from tests.conftest import ROOT
+from tests.helpers.paths import ROOT
 
 #: 0.05 s a batch and 0.05 s an image: a batch of 8 costs 0.45.
 LINEAR = {n: 0.05 + 0.05 * n for n in range(1, 9)}

@@ -18,12 +18,11 @@ import numpy as np
 import yaml
 
 from service.host.processes import free_port, wait_until
+from tests.helpers.paths import CHART, ROOT
 
 if TYPE_CHECKING:
-    from tests.conftest import Demo
+    from tests.helpers.models import Demo
 
-ROOT = Path(__file__).resolve().parent.parent
-CHART = ROOT / "helm" / "resnet-serving"
 # podman, whatever else is installed: the tests use its kube play, secrets and healthchecks.
 # (IMAGE and TARGET, deploy/image.sh's other settings, come from the tests alone.)
 ENV = {

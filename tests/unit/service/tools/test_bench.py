@@ -1,7 +1,7 @@
 """The load tool's own logic, where a scripted target makes the expected answer exact: the
 open loop's Poisson schedule, latency from the scheduled time (coordinated omission),
 warm-up excluded, the bounds, and the SLO search's bracketing. The loops run on a virtual
-clock (``tests.helpers.VirtualClockLoop``): the target's costs and stalls take exactly the
+clock (``tests.helpers.timing.VirtualClockLoop``): the target's costs and stalls take exactly the
 time they script, on any machine. Real gateways: tests/e2e."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from service.tools.bench.loops import Bounds, Step, closed_loop, open_loop, pois
 from service.tools.bench.queueing import ideal_latencies_s
 from service.tools.bench.slo import passes, search
 from service.tools.bench.targets import Answer, Target
-from tests.helpers import on_virtual_clock
+from tests.helpers.timing import on_virtual_clock
 
 
 class Scripted(Target):

@@ -4,7 +4,7 @@ import pytest
 from pydantic import ValidationError
 
 from service.model.contract import PreprocessContract
-from tests.conftest import TINY_CONTRACT
+from tests.helpers.models import TINY_CONTRACT
 
 
 def test_an_int8_scheme_belongs_to_int8_models_only():

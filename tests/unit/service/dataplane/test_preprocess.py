@@ -4,7 +4,6 @@ straightforward reference implementation of torchvision's eval transform."""
 from __future__ import annotations
 
 import io
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,20 +20,11 @@ from service.dataplane.preprocess import (
 )
 from service.errors import InvalidImage, PayloadTooLarge, UnsupportedMediaType
 from service.model.contract import PreprocessContract, input_fields
-from tests.conftest import contract
-from tests.helpers import fastest_of
+from tests.helpers.images import photos
+from tests.helpers.models import GREY, RGB
+from tests.helpers.timing import fastest_of
 
-RGB = contract(arch="resnet50", resize=256, crop=224, num_classes=1000)  # ResNet-50's
-GREY = RGB.model_copy(
-    update={"channels": "L", "mean": (0.5,), "std": (0.25,), "resize": 36, "crop": 32}
-)
 NO_DRAFT = DecodeLimits(jpeg_draft=False)
-
-
-def photos() -> list[bytes]:
-    from sklearn.datasets import load_sample_images
-
-    return [Path(f).read_bytes() for f in load_sample_images().filenames]
 
 
 def encode(img: Image.Image, fmt: str, **kw) -> bytes:

@@ -23,7 +23,8 @@ from service.transports.http.guard import (
     _HeldHead,
     guarded_protocol,
 )
-from tests.helpers import counted, on_virtual_clock, until
+from tests.helpers.metrics import counted
+from tests.helpers.timing import on_virtual_clock, until
 
 
 class Recording:

@@ -10,7 +10,7 @@ from service.dataplane.batching import Batcher
 from service.observability.metrics import Metrics
 from service.settings import Settings
 from service.transports.http.app import create_app
-from tests.conftest import image_bytes
+from tests.helpers.images import image_bytes
 
 
 async def _echo(x: np.ndarray, timeout: float) -> np.ndarray:

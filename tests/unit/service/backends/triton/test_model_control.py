@@ -18,7 +18,7 @@ from service.backends.triton import model_control
 from service.backends.triton.channels import channel_args
 from service.backends.triton.model_control import NOT_EXPLICIT, ModelControl
 from service.model.repository import ModelSpec, RepositoryError
-from tests.conftest import contract
+from tests.helpers.models import contract
 
 CONTRACT = contract(
     arch="resnet18", channels="L", resize=8, crop=8, mean=(0.5,), std=(0.5,), num_classes=3

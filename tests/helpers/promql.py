@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import yaml
 
-from tests.deploy.conftest import DEPLOY
+from tests.helpers.paths import DEPLOY
 
 RULES = DEPLOY / "prometheus" / "alerts.yml"
 ADAPTER_RULES = DEPLOY / "prometheus" / "adapter-rules.yaml"

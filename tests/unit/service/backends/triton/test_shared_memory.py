@@ -22,7 +22,7 @@ from service.backends.triton.inference import Inference
 from service.backends.triton.shared_memory import SharedMemoryPool, shared_memory_bytes
 from service.errors import BackendUnavailable
 from service.model.repository import ModelSpec, RepositoryError
-from tests.conftest import contract
+from tests.helpers.models import contract
 
 CONTRACT = contract(
     arch="resnet18", channels="L", resize=8, crop=8, mean=(0.5,), std=(0.5,), num_classes=3

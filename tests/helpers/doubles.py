@@ -1,0 +1,77 @@
+"""Test doubles: decoding workers that are threads, a backend made slow (or held) on
+purpose."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from service.backends.base import Backend
+from service.model.repository import ModelSpec
+
+if TYPE_CHECKING:
+    pass
+
+
+class ThreadWorkers:
+    """Decoding workers that are threads running callables (``service.dataplane.decode_scheduler.Workers``):
+    the pool's scheduling (turns, deadlines, CPUs) tested with jobs that take what a test
+    says, apart from the decoding processes."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+        self._executor = ThreadPoolExecutor(count)
+
+    def start(self) -> None: ...
+
+    def submit(self, job: Callable[[], object]) -> asyncio.Future[object]:
+        return asyncio.wrap_future(self._executor.submit(job))
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self._executor.shutdown, wait=True)
+
+
+class SlowBackend(Backend):
+    """Another backend with ``delay_s`` added to every batch, and each batch's size
+    recorded: queues fill and deadlines pass on cue. While ``hold`` (an event, set to begin
+    with) is cleared, a batch stays in the backend until it is set again: a test releases
+    it once it has seen what it waits for (requests queued behind it)."""
+
+    def __init__(self, inner: Backend, delay_s: float) -> None:
+        self.inner = inner
+        self.name = inner.name  # type: ignore[misc]
+        self.max_inflight_batches = inner.max_inflight_batches
+        self.delay_s = delay_s
+        self.batches: list[int] = []
+        self.hold = threading.Event()
+        self.hold.set()
+
+    async def start(self, specs: list[ModelSpec]) -> None:
+        await self.inner.start(specs)
+
+    async def load(self, spec: ModelSpec) -> None:
+        await self.inner.load(spec)
+
+    async def unload(self, spec: ModelSpec) -> None:
+        await self.inner.unload(spec)
+
+    def warm_costs(self, spec: ModelSpec) -> dict[int, float]:
+        return {n: t + self.delay_s for n, t in self.inner.warm_costs(spec).items()}
+
+    async def infer(self, spec: ModelSpec, batch: np.ndarray, timeout_s: float) -> np.ndarray:
+        self.batches.append(len(batch))
+        await asyncio.sleep(self.delay_s)
+        while not self.hold.is_set():  # set from the test's thread
+            await asyncio.sleep(0.002)
+        return await self.inner.infer(spec, batch, timeout_s)
+
+    def is_ready(self) -> bool:
+        return self.inner.is_ready()
+
+    async def close(self) -> None:
+        await self.inner.close()

@@ -1,0 +1,124 @@
+"""The models the tests publish: the tiny ResNet (kB, real export path) and its contract,
+the trained demo, and comparing answers and trees."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from service.model.contract import PreprocessContract
+from service.model.repository import load_spec
+from tests.helpers.images import image_bytes
+
+
+def tree_digest(path: Path) -> dict[str, str]:
+    """relative path -> sha256 for every file under ``path`` (hidden ones included)."""
+    if not path.exists():
+        return {}
+    return {
+        str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(path.rglob("*"))
+        if p.is_file() and p.name != ".resnet-export.lock"
+    }
+
+
+@dataclass(frozen=True)
+class Demo:
+    repository: Path
+    images: Path
+    stdout: str
+
+    @property
+    def model_dir(self) -> Path:
+        return self.repository / "digits"
+
+    @property
+    def contract(self) -> PreprocessContract:
+        return load_spec(self.model_dir).contract
+
+    def pngs(self) -> list[tuple[Path, int]]:
+        return sorted((p, int(p.parent.name)) for p in self.images.rglob("*.png"))
+
+
+TINY_LABELS = [
+    "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
+]  # fmt: skip
+
+TINY_CONTRACT = PreprocessContract(
+    arch="tiny",
+    input_name="input",
+    output_name="logits",
+    channels="RGB",
+    resize=36,
+    crop=32,
+    mean=(0.485, 0.456, 0.406),
+    std=(0.229, 0.224, 0.225),
+    num_classes=10,
+)
+
+
+def contract(**changes: object) -> PreprocessContract:
+    """The one contract of the tests (``TINY_CONTRACT``), with ``changes``, validated as a
+    published one is (model_copy would not check them)."""
+    return PreprocessContract(**{**TINY_CONTRACT.model_dump(), **changes})
+
+
+@dataclass(frozen=True)
+class Tiny:
+    """A ResNet of a few kB (random weights, 10 classes, RGB 32x32): every transport test
+    runs on it in milliseconds."""
+
+    repository: Path
+    name: str = "tiny"
+
+    @property
+    def model_dir(self) -> Path:
+        return self.repository / self.name
+
+    @property
+    def contract(self) -> PreprocessContract:
+        return load_spec(self.model_dir).contract
+
+
+def assert_same_predictions(ours: list[dict], theirs: list[dict]) -> None:
+    """Two answers' prediction lists for one image (REST ``predictions[i]``): the same
+    classes in the same order, the same probabilities within float32 rounding."""
+    assert [p["index"] for p in ours] == [p["index"] for p in theirs]
+    np.testing.assert_allclose([p["score"] for p in ours], [p["score"] for p in theirs], atol=1e-5)
+
+
+def publish_tiny(repository: Path, name: str, contract: PreprocessContract) -> Tiny:
+    """The tiny network (the same weights every time: seed 0) published as ``name``."""
+    import torch
+
+    from export.models import BasicBlock, ResNet
+    from export.pipeline import export_and_publish
+    from export.repository import ServingConfig
+
+    torch.manual_seed(0)
+    model = ResNet(BasicBlock, (1, 1, 1, 1), num_classes=10, channels=(4, 8, 8, 8))
+    export_and_publish(
+        model=model,
+        contract=contract,
+        labels=TINY_LABELS,
+        name=name,
+        repository=repository,
+        flavor="onnxruntime",
+        serving=ServingConfig(max_batch_size=8),
+        opset=17,
+        real_images=[image_bytes(seed=s) for s in range(2)],
+        source="tests",
+        log=lambda _: None,
+    )
+    return Tiny(repository, name)
+
+
+# ResNet-50's contract, and a grey one: what the preprocessing tests run with.
+RGB = contract(arch="resnet50", resize=256, crop=224, num_classes=1000)  # ResNet-50's
+
+GREY = RGB.model_copy(
+    update={"channels": "L", "mean": (0.5,), "std": (0.25,), "resize": 36, "crop": 32}
+)
