@@ -152,6 +152,8 @@ class PreprocessContract(BaseModel):
             return cls.model_validate_json(path.read_bytes())
         except FileNotFoundError as exc:
             raise ContractError(f"{path}: missing") from exc
+        except OSError as exc:  # unreadable to the gateway's user, a directory...
+            raise ContractError(f"{path}: {exc.strerror or exc}") from exc
         except ValidationError as exc:
             detail = describe_validation_error(exc)
             raise ContractError(f"{path}: not a valid preprocessing contract ({detail})") from exc

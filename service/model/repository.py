@@ -34,10 +34,11 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 from google.protobuf import text_format
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator
 from tritonclient.grpc import model_config_pb2 as mc
 
 from service.model.contract import (
@@ -130,6 +131,8 @@ def read_config(model_dir: Path) -> mc.ModelConfig:
         return parse_config(path.read_text(encoding="utf-8"))
     except FileNotFoundError as exc:
         raise RepositoryError(f"{CONFIG_FILENAME} missing") from exc
+    except OSError as exc:  # unreadable to the gateway's user, a directory...
+        raise RepositoryError(f"{CONFIG_FILENAME}: {exc.strerror or exc}") from exc
     except (text_format.ParseError, UnicodeDecodeError) as exc:
         raise RepositoryError(
             f"{CONFIG_FILENAME} does not parse as a Triton ModelConfig ({exc})"
@@ -139,7 +142,13 @@ def read_config(model_dir: Path) -> mc.ModelConfig:
 def numbered_versions(model_dir: Path) -> list[int]:
     if not model_dir.is_dir():
         return []
-    return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
+    # ASCII digits only (version_key's rule, and Triton's): "²" is a digit to str.isdigit()
+    # but not to int(), and int("١") is 1.
+    return sorted(
+        int(p.name)
+        for p in model_dir.iterdir()
+        if p.is_dir() and p.name.isascii() and p.name.isdigit()
+    )
 
 
 def latest_version(model_dir: Path) -> int | None:
@@ -228,13 +237,17 @@ def version_key(text: str) -> str:
     return str(int(text))
 
 
+#: A weight is a JSON number: pydantic's lax mode would read true as 1.0 and "50" as 50.0.
+StrictWeight = Annotated[float, Strict()]
+
+
 class Rollout(BaseModel):
     """``rollout.json``: how unpinned traffic is split between versions, and which version
     gets a copy of it. Absent: every unpinned request goes to the newest served version."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    weights: dict[str, float] = Field(
+    weights: dict[str, StrictWeight] = Field(
         default_factory=dict,
         description="Version -> share of the unpinned requests (relative; 0 = none).",
     )
@@ -267,6 +280,11 @@ class Rollout(BaseModel):
         named = {int(v) for v, w in self.weights.items() if w > 0}
         return named | ({int(self.shadow)} if self.shadow else set())
 
+    def mentioned(self) -> set[int]:
+        """Every version the file names, weight 0 included: each must exist (a typo must
+        not pass as "no traffic")."""
+        return {int(v) for v in self.weights} | ({int(self.shadow)} if self.shadow else set())
+
 
 def read_rollout(model_dir: Path) -> Rollout:
     """The model's rollout.json (an empty Rollout if there is none), or RepositoryError."""
@@ -275,6 +293,8 @@ def read_rollout(model_dir: Path) -> Rollout:
         return Rollout.model_validate_json(path.read_bytes())
     except FileNotFoundError:
         return Rollout()
+    except OSError as exc:
+        raise RepositoryError(f"{ROLLOUT_FILENAME}: {exc.strerror or exc}") from exc
     except ValidationError as exc:
         raise RepositoryError(f"{ROLLOUT_FILENAME}: {describe_validation_error(exc)}") from exc
 
@@ -305,6 +325,8 @@ def policy_versions(cfg: mc.ModelConfig, available: list[int]) -> list[int]:
     if which == "all":
         return list(available)
     if which == "specific":
+        if not policy.specific.versions:
+            raise RepositoryError("version_policy specific lists no version")
         missing = sorted(set(policy.specific.versions) - set(available))
         if missing:
             raise RepositoryError(
@@ -324,7 +346,7 @@ def served_versions(model_dir: Path) -> tuple[list[int], Rollout]:
         if not available:
             raise RepositoryError("no numbered version directory")
         rollout = read_rollout(model_dir)
-        missing = sorted(rollout.named() - set(available))
+        missing = sorted(rollout.mentioned() - set(available))
         if missing:
             raise RepositoryError(
                 f"{ROLLOUT_FILENAME} names version {', '.join(map(str, missing))}, "
@@ -370,12 +392,23 @@ def load_probe(spec: ModelSpec) -> tuple[np.ndarray, np.ndarray] | None:
     if not path.is_file():
         return None
     try:
-        with np.load(path, allow_pickle=False) as data:
-            return data["inputs"], data["outputs"]
+        inputs, outputs = _probe_arrays(path)
     except Exception as exc:  # numpy raises many kinds for a damaged archive (BadZipFile...)
         raise RepositoryError(
             f"model {spec.name!r} version {spec.version}: {PROBE_FILENAME} unreadable ({exc})"
         ) from exc
+    return inputs, outputs
+
+
+def _probe_arrays(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """probe.npz's inputs and outputs, or an exception: KeyError for a missing one,
+    ValueError for a member that is not a .npy array (numpy would hand back its bytes)."""
+    # np.load leaves a file it opened open when it is not a zip: open it here.
+    with path.open("rb") as fh, np.load(fh, allow_pickle=False) as data:
+        arrays = data["inputs"], data["outputs"]
+    if not all(isinstance(a, np.ndarray) for a in arrays):
+        raise ValueError("its inputs and outputs are not .npy arrays")
+    return arrays
 
 
 def load_repository(repository: Path, only: list[str] | None = None) -> list[ModelSpec]:
@@ -432,7 +465,7 @@ def layout_problems(model_dir: Path, expected_name: str | None = None) -> list[s
     for version in versions:
         problems += _version_problems(model_dir, version, cfg, labels)
     try:
-        missing = sorted(read_rollout(model_dir).named() - set(versions))
+        missing = sorted(read_rollout(model_dir).mentioned() - set(versions))
     except RepositoryError as exc:
         problems.append(str(exc))
     else:
@@ -487,11 +520,11 @@ def _probe_problems(path: Path, contract: PreprocessContract) -> list[str]:
     if not zipfile.is_zipfile(path):
         return [f"{PROBE_FILENAME} is not an .npz archive"]
     try:
-        with np.load(path, allow_pickle=False) as data:
+        with path.open("rb") as fh, np.load(fh, allow_pickle=False) as data:
             absent = [k for k in ("inputs", "outputs") if k not in data.files]
-            if absent:
-                return [f"{PROBE_FILENAME} has no {' or '.join(absent)} array"]
-            inputs, outputs = data["inputs"], data["outputs"]
+        if absent:
+            return [f"{PROBE_FILENAME} has no {' or '.join(absent)} array"]
+        inputs, outputs = _probe_arrays(path)
     except Exception as exc:  # zipfile, zlib and numpy each raise their own errors
         return [f"{PROBE_FILENAME} unreadable ({type(exc).__name__}: {exc})"]
     n = inputs.shape[0] if inputs.ndim else 0
