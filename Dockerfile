@@ -4,6 +4,7 @@
 #
 #   docker build -t resnet-serving:0.1.0 .                        # CPU (the default target)
 #   docker build --target gpu -t resnet-serving:0.1.0-gpu .       # onnxruntime-gpu, CUDA 13
+#   docker build --build-arg OPENVINO=1 -t resnet-serving:0.1.0 . # with OpenVINO (ENGINE)
 #   docker run --read-only --tmpfs /tmp -p 8000:8000 -p 50051:50051 \
 #       -v "$PWD/model_repository:/models:ro" resnet-serving:0.1.0
 #
@@ -25,6 +26,9 @@ ENV PIP_NO_CACHE_DIR=1 \
     PYTHONDONTWRITEBYTECODE=1
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
+# Non-empty (OPENVINO=1): the `openvino` extra too, the embedded backend's second engine
+# (RESNET_SERVE_ENGINE=openvino or auto; about 180 MB). Empty, the default: ONNX Runtime only.
+ARG OPENVINO=
 WORKDIR /src
 # What setuptools needs to build the wheel: the metadata, the readme it embeds, and the
 # gateway package (package discovery takes the `service*` packages that are present; the
@@ -45,7 +49,7 @@ COPY pyproject.toml README.md ./
 RUN --mount=type=secret,id=pip.conf,target=/etc/pip.conf \
     --mount=type=secret,id=pip-ca.crt,target=/run/secrets/pip-ca.crt \
     mkdir service && touch service/__init__.py \
-    && pip install --only-binary=:all: ".[service]" \
+    && pip install --only-binary=:all: ".[service${OPENVINO:+,openvino}]" \
     && pip uninstall --yes resnet-serving \
     && rm -r service build ./*.egg-info
 COPY service/ service/

@@ -13,7 +13,7 @@ PORT ?= 8000
 # without its dependencies: we need only the binary, not pytriton's Python API.
 PYTRITON := nvidia-pytriton==0.7.0
 
-.PHONY: help setup tools serve demo test test-fast image lint bench fuzz docs proto clean
+.PHONY: help setup tools browser serve demo test test-fast image lint bench fuzz docs proto clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-9s %s\n", $$1, $$2}'
@@ -21,7 +21,7 @@ help: ## list the targets
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade "pip>=24"
-	$(BIN)/pip install --quiet -e ".[export,service,triton,bench,deploy,docs,dev]"
+	$(BIN)/pip install --quiet -e ".[export,service,openvino,triton,bench,deploy,docs,dev]"
 	$(BIN)/pip install --quiet --no-deps "$(PYTRITON)"
 	@touch $@
 
@@ -41,12 +41,26 @@ $(PROMTOOL): | $(STAMP)
 	fi
 	@$@ --version | head -1
 
-tools: $(STAMP) $(PROMTOOL) ## the deployment checkers: Helm engine, k8s schemas, hadolint, promtool, podman
+# Chromium and its WebDriver for the browser tests (tests/e2e/test_pages.py): Debian's, one
+# source package, so their versions always match (Playwright's and Selenium's own browser
+# downloads need the internet). Installed where either is missing.
+browser: ## Chromium and chromedriver (Debian's) for the browser tests
+	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+		command -v apt-get >/dev/null || { echo "browser: needs apt-get (Debian) or chromium and chromedriver on PATH" >&2; exit 1; }; \
+		export DEBIAN_FRONTEND=noninteractive; \
+		apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 \
+			|| { apt-get update -q >/dev/null && apt-get install -y -q chromium chromium-driver >/dev/null; }; \
+	fi
+	@chromedriver --version | head -1
+
+tools: $(STAMP) $(PROMTOOL) browser ## the checkers: Helm engine, k8s schemas, hadolint, promtool, podman, Chromium
 	@ENGINE=podman bash deploy/image.sh engine  # the suite runs the image and pods with podman
 
 TARGET ?= cpu
-image: ## build the gateway image (TARGET=cpu or gpu) with podman or docker (deploy/image.sh)
-	TARGET=$(TARGET) bash deploy/image.sh build
+# Non-empty: the image with the OpenVINO engine too (the Dockerfile's OPENVINO build argument).
+OPENVINO ?=
+image: ## build the gateway image (TARGET=cpu or gpu; OPENVINO=1 adds OpenVINO) with podman or docker
+	TARGET=$(TARGET) OPENVINO=$(OPENVINO) bash deploy/image.sh build
 
 demo: setup ## train the digits demo model into $(REPO)/ unless it already holds a model
 	@if $(BIN)/resnet-export validate --repository $(REPO) --quiet 2>/dev/null; then \
@@ -56,6 +70,7 @@ demo: setup ## train the digits demo model into $(REPO)/ unless it already holds
 	fi
 
 serve: demo ## set up, build the demo model if needed, serve it with the embedded backend
+	@echo "Try it in a browser: http://$(HOST):$(PORT)/  (API docs: http://$(HOST):$(PORT)/docs)"
 	$(BIN)/resnet-serve serve --repository $(REPO) --host $(HOST) --port $(PORT)
 
 test: setup tools ## set up and run the whole test suite

@@ -10,8 +10,9 @@
 #                                index as for the gateway (the tests' Triton stand-in)
 #
 # Settings (environment): ENGINE (podman or docker; default: whichever is installed, podman
-# first), TARGET, IMAGE (default resnet-serving:<version>[-gpu]), MIRROR (the Debian mirror
-# for the stand-in; default: the machine's own apt source).
+# first), TARGET, OPENVINO (non-empty: with the OpenVINO engine, --build-arg OPENVINO=1),
+# IMAGE (default resnet-serving:<version>[-gpu][-openvino]), MIRROR (the Debian mirror for
+# the stand-in; default: the machine's own apt source).
 #
 # podman runs with deploy/podman/containers.conf unless CONTAINERS_CONF says otherwise: the
 # build machines' kernels need runc and lower rlimits (the file says why).
@@ -60,8 +61,8 @@ command -v "$ENGINE" >/dev/null || die "ENGINE=$ENGINE is not installed"
 VERSION=$(sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 TARGET=${TARGET:-cpu}
 case "$TARGET" in
-	cpu) IMAGE=${IMAGE:-resnet-serving:$VERSION} ;;
-	gpu) IMAGE=${IMAGE:-resnet-serving:$VERSION-gpu} ;;
+	cpu) IMAGE=${IMAGE:-resnet-serving:$VERSION${OPENVINO:+-openvino}} ;;
+	gpu) IMAGE=${IMAGE:-resnet-serving:$VERSION-gpu${OPENVINO:+-openvino}} ;;
 	*) die "TARGET must be cpu or gpu, not '$TARGET'" ;;
 esac
 BASE=$(sed -n 's/^ARG PYTHON_IMAGE=//p' Dockerfile)
@@ -155,7 +156,8 @@ build() {
 	local old
 	ensure_base
 	old=$("$ENGINE" image inspect --format '{{.Id}}' "$IMAGE" 2>/dev/null || true)
-	build_with_pip --target "$TARGET" --build-arg "VERSION=$VERSION" -t "$IMAGE" .
+	build_with_pip --target "$TARGET" --build-arg "VERSION=$VERSION" \
+		${OPENVINO:+--build-arg OPENVINO=1} -t "$IMAGE" .
 	# The image this one replaces (its copy of the venv is hundreds of MB), unless it is
 	# still in use; the builder stages stay, as the next build's cache.
 	if [ -n "$old" ] && [ "$old" != "$("$ENGINE" image inspect --format '{{.Id}}' "$IMAGE")" ]; then

@@ -25,7 +25,7 @@ from export.gate import DEFAULT_MIN_AGREEMENT
 from export.images import Images, spread
 from export.models import build_model
 from export.pipeline import export_and_publish
-from export.plan import PrecisionPlan
+from export.plan import PrecisionPlan, check_precision
 from export.publish import ExportResult
 from export.quantize import DEFAULT_CALIBRATION_COUNT, Precision
 from export.repository import Flavor, ServingConfig, ensure_writable
@@ -174,6 +174,7 @@ def run_demo(
     log: Callable[[str], None] = print,
 ) -> ExportResult:
     ensure_writable(repository)  # before a minute of training, not after
+    check_precision(precision)
     split = load_split(seed)
     log(
         f"digits: {len(split.train_png)} training / {len(split.test_png)} held-out images, "
@@ -189,8 +190,8 @@ def run_demo(
     contract = contract.model_copy(update=input_fields(input_dtype))
     plan = None
     if precision != "fp32":
-        # INT8 calibrates on training digits and is judged on the held-out ones, which the
-        # model has never seen in any form.
+        # INT8 calibrates on training digits; every precision is judged on the held-out
+        # ones, which the model has never seen in any form.
         calibration = _tensors(spread(split.train_png, DEFAULT_CALIBRATION_COUNT), contract)
         plan = PrecisionPlan(
             precision=precision,

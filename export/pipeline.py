@@ -29,6 +29,7 @@ from export.onnx_export import (
 from export.plan import (
     ExportRequest,
     PrecisionPlan,
+    check_precision,
     check_request,
     class_names,
     contract_for,
@@ -121,6 +122,7 @@ def export_and_publish(
     ensure_writable(repository)
     check_same_input(repository / name, contract)  # before the work; publish checks again
     plan = plan or PrecisionPlan()
+    check_precision(plan.precision, plan.tensorrt)
     if len(labels) != contract.num_classes:
         raise ExportError(f"{len(labels)} labels for {contract.num_classes} classes")
     model = for_contract(model, contract)

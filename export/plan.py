@@ -15,10 +15,11 @@ from pydantic import ValidationError
 from torch import nn
 
 from export.errors import ExportError
-from export.gate import DEFAULT_MIN_AGREEMENT
+from export.gate import DEFAULT_MIN_AGREEMENT, openvino_version
 from export.images import Images, load_images, split_holdout, spread
 from export.quantize import DEFAULT_CALIBRATION_COUNT, CalibrationMethod, Precision
 from export.repository import Flavor, ServingConfig, check_name
+from service.host.cpus import bf16_isa
 from service.host.files import image_files
 from service.model.contract import ContractError, PreprocessContract, read_labels
 
@@ -104,6 +105,7 @@ def check_request(r: ExportRequest) -> None:
         raise ExportError("--precision int8 needs --calibration-dir DIR (real images)")
     if r.precision != "int8" and r.calibration_dir is not None:
         raise ExportError("--calibration-dir is used only with --precision int8")
+    check_precision(r.precision, r.tensorrt)
     if r.tensorrt:
         if r.flavor != "onnxruntime":
             raise ExportError("--format tensorrt needs --flavor onnxruntime (NVIDIA's Triton)")
@@ -115,6 +117,32 @@ def check_request(r: ExportRequest) -> None:
                 f"--format tensorrt: {reason}; `resnet-export tensorrt-job` writes the "
                 "Kubernetes Job that builds the engine on the GPU node instead"
             )
+
+
+def check_precision(precision: Precision, tensorrt: bool = False) -> None:
+    """What ``precision`` needs of this machine, refused before any heavy work. BF16 is
+    proved by computing it: with OpenVINO, on this CPU's BF16 instructions (nothing else
+    here computes BF16 as a BF16 node will serve it); and it is a CPU precision, which no
+    TensorRT engine is built for."""
+    if precision != "bf16":
+        return
+    if tensorrt:
+        raise ExportError(
+            "--format tensorrt builds fp32, fp16 and int8 engines; a bf16 version is for "
+            "CPU nodes (OpenVINO)"
+        )
+    if bf16_isa() is None:
+        raise ExportError(
+            "--precision bf16: this CPU has no BF16 instructions (neither avx512_bf16 nor "
+            "amx_bf16 among its flags in /proc/cpuinfo), so the accuracy gate cannot measure "
+            "BF16 here; export it on a CPU that has them (AMD Zen 4 or later, Intel Cooper "
+            "Lake, Sapphire Rapids or later)"
+        )
+    if openvino_version() is None:
+        raise ExportError(
+            "--precision bf16: OpenVINO, which the accuracy gate computes BF16 with, is not "
+            "installed; install the openvino extra (pip install 'resnet-serving[export,openvino]')"
+        )
 
 
 def class_names(r: ExportRequest) -> list[str]:

@@ -1,6 +1,11 @@
 """Reduced precision behind the accuracy gate: the graph (INT8 or FP16) and the TensorRT
 engine that a :class:`~export.plan.PrecisionPlan` asks for, each made from the FP32 graph
-and proved against it (:mod:`export.gate`) before it may be published."""
+and proved against it (:mod:`export.gate`) before it may be published.
+
+BF16 makes no graph of its own: a version says ``bf16`` and publishes the FP32 graph,
+which OpenVINO computes in BF16 on a CPU with BF16 instructions (about twice ONNX
+Runtime's FP32 speed) and every other node computes exactly in FP32. What it proves is
+the BF16 computation, measured on this CPU (which must have BF16: export.plan)."""
 
 from __future__ import annotations
 
@@ -57,27 +62,7 @@ def reduce_precision(
     report: dict[str, Any] = {}
     published = fp32
     if plan.precision != "fp32":
-        published = fp32.with_name(f"model.{plan.precision}.onnx")
-        if plan.precision == "int8":
-            if plan.calibration is None:
-                raise ExportError("--precision int8 needs --calibration-dir DIR")
-            log(
-                f"quantizing to INT8: {plan.method} calibration on {len(plan.calibration)} "
-                f"{plan.calibration.source} ..."
-            )
-            settings = quantize_int8(
-                fp32,
-                published,
-                contract,
-                plan.calibration.tensors,
-                plan.method,
-                # TensorRT takes only symmetric INT8; ORT's fast x86 path is uint8.
-                symmetric_activations=plan.symmetric_int8 or plan.tensorrt,
-            )
-            settings["calibration_source"] = plan.calibration.source
-        else:
-            log(f"converting to FP16 ({contract.dtype} inputs, float32 outputs) ...")
-            settings = convert_fp16(fp32, published, contract)
+        published, settings = _reduced_graph(fp32, contract, plan, log)
         check_onnx(published, contract)
         report["quantization"] = settings
         report.update(
@@ -99,6 +84,42 @@ def reduce_precision(
         )
         report["tensorrt"] = {**json.loads(engine.manifest), "accuracy_gate": gate.as_dict()}
     return Reduced(published, engine, plan.precision, report)
+
+
+def _reduced_graph(
+    fp32: Path, contract: PreprocessContract, plan: PrecisionPlan, log: Callable[[str], None]
+) -> tuple[Path, dict[str, Any]]:
+    """The graph ``plan.precision`` publishes, written beside ``fp32`` (BF16's is ``fp32``
+    itself), and how it was made (the report's ``quantization``)."""
+    if plan.precision == "bf16":
+        log("BF16: the FP32 graph, to be computed in BF16 where the CPU has BF16 ...")
+        return fp32, {
+            "weights": "fp32 (the FP32 graph)",
+            "compute": "bf16 on CPUs with BF16 instructions (OpenVINO), fp32 elsewhere",
+            "inputs": contract.dtype,
+            "outputs": "float32",
+        }
+    published = fp32.with_name(f"model.{plan.precision}.onnx")
+    if plan.precision == "fp16":
+        log(f"converting to FP16 ({contract.dtype} inputs, float32 outputs) ...")
+        return published, convert_fp16(fp32, published, contract)
+    if plan.calibration is None:
+        raise ExportError("--precision int8 needs --calibration-dir DIR")
+    log(
+        f"quantizing to INT8: {plan.method} calibration on {len(plan.calibration)} "
+        f"{plan.calibration.source} ..."
+    )
+    settings = quantize_int8(
+        fp32,
+        published,
+        contract,
+        plan.calibration.tensors,
+        plan.method,
+        # TensorRT takes only symmetric INT8; ORT's fast x86 path is uint8.
+        symmetric_activations=plan.symmetric_int8 or plan.tensorrt,
+    )
+    settings["calibration_source"] = plan.calibration.source
+    return published, settings
 
 
 def _engine(

@@ -15,7 +15,7 @@ import onnx
 import onnxruntime
 import torch
 
-from export.gate import run_onnx
+from export.gate import openvino_version, run_onnx
 from export.images import Images, spread
 from export.onnx_export import ParityReport, random_inputs
 from export.precision import Reduced
@@ -53,6 +53,7 @@ def publish_export(
     (``source``, ``opset``) and what it passed (``parity``, the reduction's gates)."""
     exact = reduced.precision == "int8"
     probe, probe_source = _probe(reduced.onnx, contract, validation, exact)
+    openvino = openvino_version()
     contract = contract.model_copy(
         update={"precision": reduced.precision, "int8_scheme": reduced.int8_scheme}
     )
@@ -72,12 +73,13 @@ def publish_export(
         "probe": {
             "inputs": len(probe.inputs),
             "source": probe_source,
-            "outputs": "INT8 exact reference" if exact else "onnxruntime",
+            "outputs": _PROBE_OUTPUTS.get(reduced.precision, "onnxruntime"),
         },
         "versions": {
             "torch": torch.__version__,
             "onnx": onnx.__version__,
             "onnxruntime": onnxruntime.__version__,
+            **({"openvino": openvino} if openvino else {}),
         },
         **(extra_report or {}),
     }
@@ -90,6 +92,11 @@ def publish_export(
     return ExportResult(name, version, model_dir, {**report, "version": version})
 
 
+#: What the probe's outputs are, by precision where they are not the graph's ONNX Runtime
+#: logits as this CPU computes them: the exact result every node's kernels are held to.
+_PROBE_OUTPUTS = {"int8": "INT8 exact reference", "bf16": "FP32 (onnxruntime)"}
+
+
 def _probe(
     published: Path, contract: PreprocessContract, images: Images | None, exact: bool
 ) -> tuple[Probe, str]:
@@ -97,8 +104,10 @@ def _probe(
     published graph was checked on (the accuracy gate's, else the parity check's), and that
     graph's ONNX Runtime logits for them; for INT8 the exact reference's (``run_onnx``), not
     this CPU's kernels', so that a version loads wherever its kernels compute the exact
-    result. With no real image at all, the parity check's random inputs (same seed): a probe
-    checks the arithmetic, which random inputs exercise."""
+    result. For BF16 they are the FP32 logits: what a node without BF16 serves exactly, and
+    what the gate held OpenVINO's BF16 to within the probe's tolerance on every image the
+    probe's are picked from. With no real image at all, the parity check's random inputs
+    (same seed): a probe checks the arithmetic, which random inputs exercise."""
     if images is not None and len(images):
         picked = spread(list(images.tensors), PROBE_SIZE)
         inputs, source = np.stack(picked).astype(contract.dtype), images.source

@@ -45,8 +45,10 @@ from export.errors import ExportError
 from export.images import progress
 from service.model.contract import Int8Scheme, PreprocessContract
 
-Precision = Literal["fp32", "fp16", "int8"]
-PRECISIONS: tuple[Precision, ...] = ("fp32", "fp16", "int8")
+#: What an export publishes (the contract's ``precision``); bf16 is the FP32 graph, computed
+#: in BF16 where the CPU can (export.precision).
+Precision = Literal["fp32", "fp16", "bf16", "int8"]
+PRECISIONS: tuple[Precision, ...] = ("fp32", "fp16", "bf16", "int8")
 CalibrationMethod = Literal["percentile", "minmax", "entropy"]
 CALIBRATION_METHODS: tuple[CalibrationMethod, ...] = ("percentile", "minmax", "entropy")
 #: Percentile calibration clips activations at this percentile of |x|: ReLU networks have

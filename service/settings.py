@@ -49,7 +49,16 @@ class Settings(BaseSettings):
         None, description="Model behind /v1/classify (default: the first model by name)."
     )
     backend: Literal["onnxruntime", "triton"] = Field(
-        "onnxruntime", description="Embedded ONNX Runtime, or a Triton server over gRPC."
+        "onnxruntime",
+        description="onnxruntime: the embedded backend, an engine in this process (ENGINE "
+        "picks it); triton: a Triton server over gRPC.",
+    )
+    engine: Literal["onnxruntime", "openvino", "auto"] = Field(
+        "onnxruntime",
+        description="The embedded backend's engine: ONNX Runtime; OpenVINO (the "
+        "resnet-serving[openvino] extra; a bf16 version computed in BF16 where the CPU has "
+        "it); or auto: at start, the first version timed on a warm-up batch with each "
+        "installed engine, and the faster one kept for every version.",
     )
     triton_url: str = Field(
         "127.0.0.1:8001",
@@ -163,8 +172,9 @@ class Settings(BaseSettings):
     ort_intra_op_threads: int = Field(
         0,
         ge=0,
-        description="ONNX Runtime intra-op threads per batch (0: the usable CPUs (cgroup "
-        "quota and affinity) divided by ORT_PARALLEL_BATCHES).",
+        description="Threads per batch of the embedded engine (ONNX Runtime's intra-op "
+        "threads, OpenVINO's threads per stream; 0: the usable CPUs (cgroup quota and "
+        "affinity) divided by ORT_PARALLEL_BATCHES).",
     )
     ort_providers: CommaList = Field(
         default_factory=lambda: ["CPUExecutionProvider"],
@@ -176,9 +186,16 @@ class Settings(BaseSettings):
         1,
         ge=1,
         le=64,
-        description="Batches of one model ONNX Runtime runs at once. 1: each "
-        "batch on all cores (lowest latency). 2 on a 2-core machine: one single-threaded batch "
-        "per core (more throughput when decoding competes for the cores).",
+        description="Batches of one model the embedded engine runs at once (OpenVINO: its "
+        "streams). 1: each batch on all cores (lowest latency). 2 on a 2-core machine: one "
+        "single-threaded batch per core (more throughput when decoding competes for the "
+        "cores).",
+    )
+    openvino_cache_dir: Path | None = Field(
+        None,
+        description="A writable directory where OpenVINO keeps the models it compiled, so "
+        "that the next load of a version skips compiling (default: none, every load "
+        "compiles).",
     )
     exclusive_cpus: bool = Field(
         False,
@@ -208,6 +225,27 @@ class Settings(BaseSettings):
         description="text: lines for people; json: one object per line (request id, trace "
         "id, model, version, images, outcome, stage timings on each request's line).",
     )
+
+    # --- pages (service.transports.http.pages) --------------------------------------------
+    try_page: bool = Field(
+        True,
+        description="Serve the page to try a model at / (pick a model and an image, see the "
+        "top-k); off: / is a 404. /docs and /redoc are served either way.",
+    )
+
+    @field_validator("engine")
+    @classmethod
+    def _engine_installed(cls, value: str, info: ValidationInfo) -> str:
+        if value != "openvino" or info.data.get("backend") != "onnxruntime":
+            return value  # auto takes the engines that are installed
+        try:
+            import openvino  # noqa: F401
+        except ImportError as exc:
+            raise ValueError(
+                f"OpenVINO is not installed ({str(exc).splitlines()[0]}): install "
+                "resnet-serving[openvino], or build the image with --build-arg OPENVINO=1"
+            ) from None
+        return value
 
     @field_validator("ort_providers")
     @classmethod

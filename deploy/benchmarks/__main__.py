@@ -33,7 +33,14 @@ same model file and the same machine, in this order:
    bare model's batch-1 latency, with the gateway's defaults and with the settings
    ``resnet-serve tune`` chose here when they differ from them
    (``deploy/loadtest/tune-example/tune.env``, a latency target set to this run's budget),
-   as ratios to bare batch 8 (target: 0.5x).
+   as ratios to bare batch 8 (target: 0.5x);
+8. the engines (``--engines-only`` runs just that, deploy/benchmarks/engines.py): bare ONNX
+   Runtime against bare OpenVINO on the same files, batch 8, interleaved rounds (FP32 exact,
+   BF16, INT8); the gateway with each engine against its own bare engine (16 closed-loop
+   clients; the gateway serving a ``--precision bf16`` version through OpenVINO against the
+   FP32 version through ONNX Runtime, INT8 through both; p99 under Poisson arrivals against
+   the ideal server); and BF16's and INT8's top-1 agreement with FP32 on the demo's
+   held-out digits, from the export reports of ``--demo-repository`` repositories.
 
 The load comes from ``service.tools.bench`` (the ``resnet-serve bench`` load tool: keep-alive
 HTTP/1.1 on raw asyncio streams, grpc.aio with pre-serialized messages), each step bounded
@@ -42,7 +49,7 @@ reported as ratios to bare ORT from the same run, because the machines are share
 
     python -m deploy.benchmarks [--seconds 20] [--out bench-results.json] [--no-triton]
         [--latency-only | --tracing-only | --lifecycle-only | --int8-only | --cost-only
-         | --tail-only | --parity-only]
+         | --tail-only | --parity-only | --engines-only [--demo-repository DIR ...]]
 """
 
 from __future__ import annotations
@@ -51,8 +58,8 @@ import argparse
 import json
 from pathlib import Path
 
-from deploy.benchmarks.harness import ALONE, run, run_alone
-from deploy.benchmarks.tables import cost_table, table
+from deploy.benchmarks.harness import ALONE, Options, run, run_alone
+from deploy.benchmarks.tables import cost_table, engines_table, table
 
 
 def parser() -> argparse.ArgumentParser:
@@ -81,8 +88,20 @@ def parser() -> argparse.ArgumentParser:
             "gateway cost per image: server CPU per request vs decode floor and the peers",
         ),
         ("--lifecycle-only", "p99 under Poisson arrivals with a shadow and across a reload only"),
+        (
+            "--engines-only",
+            "ONNX Runtime vs OpenVINO: bare (FP32, BF16, INT8) and behind the gateway",
+        ),
     ):
         p.add_argument(flag, action="store_true", help=help_text)
+    p.add_argument(
+        "--demo-repository",
+        type=Path,
+        action="append",
+        default=[],
+        help="a repository `resnet-export demo --precision bf16|int8` published: the engines "
+        "phase reports its export gate's agreement with FP32 (repeat for each)",
+    )
     return p
 
 
@@ -91,15 +110,26 @@ def main() -> None:
     args = p.parse_args()
     if not 1 <= args.seconds <= 120:
         p.error("--seconds must be between 1 and 120")
+    bad = [d for d in args.demo_repository if not d.is_dir()]
+    if bad:
+        p.error(f"--demo-repository {bad[0]}: not a directory")
+    options = Options(triton=not args.no_triton, demo=tuple(args.demo_repository))
     for name in ALONE:
         if getattr(args, f"{name}_only"):
-            found = run_alone(name, args.seconds, args.out, triton=not args.no_triton)
-            print(cost_table(found["cost"]) if "cost" in found else json.dumps(found, indent=2))
+            found = run_alone(name, args.seconds, args.out, options)
+            if "cost" in found:
+                print(cost_table(found["cost"]))
+            elif "engines" in found:
+                print(engines_table(found["engines"], found["machine"]))
+            else:
+                print(json.dumps(found, indent=2))
             return
-    results = run(args.seconds, args.out, triton=not args.no_triton, latency_only=args.latency_only)
+    results = run(args.seconds, args.out, options, latency_only=args.latency_only)
     print(table(results))
     if "cost" in results:
         print("\n" + cost_table(results["cost"]))
+    if "engines" in results:
+        print("\n" + engines_table(results["engines"], results["machine"]))
 
 
 if __name__ == "__main__":

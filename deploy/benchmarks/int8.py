@@ -26,24 +26,8 @@ def bench_int8(
     latency_only: bool = False,
     latency: bool = True,
 ) -> dict[str, Any]:
-    repo = root / "int8"
-    calib = calibration_images(root / "calibration")
-    # Other crops for the gate, so that its figures rest on more than calibration's
-    # held-out fifth.
-    sample = calibration_images(root / "sample", INT8_GATE_IMAGES, seed=1)
-    export_model(
-        repo,
-        "--precision",
-        "int8",
-        "--calibration-dir",
-        str(calib),
-        "--sample-images",
-        str(sample),
-        "--calibration-method",
-        "minmax",  # the fastest to calibrate; speed does not depend on the method
-        "--min-agreement",
-        "0",
-    )
+    repo = export_int8(root)
+    calib = root / "calibration"
     onnx_path = onnx_of(repo)
     log("bare ONNX Runtime, INT8 ...")
     bare1 = bare_ort(onnx_path, 1, seconds / 2)
@@ -62,6 +46,30 @@ def bench_int8(
     if latency:
         out["latency_under_load"] = latency_under_load(repo, calib, seconds, bare1, bare8)
     return out
+
+
+def export_int8(root: Path) -> Path:
+    """The INT8 repository it exported under ``root`` (``root/int8``, calibrated on crops
+    in ``root/calibration``)."""
+    repo = root / "int8"
+    calib = calibration_images(root / "calibration")
+    # Other crops for the gate, so that its figures rest on more than calibration's
+    # held-out fifth.
+    sample = calibration_images(root / "sample", INT8_GATE_IMAGES, seed=1)
+    export_model(
+        repo,
+        "--precision",
+        "int8",
+        "--calibration-dir",
+        str(calib),
+        "--sample-images",
+        str(sample),
+        "--calibration-method",
+        "minmax",  # the fastest to calibrate; speed does not depend on the method
+        "--min-agreement",
+        "0",
+    )
+    return repo
 
 
 def int8_gates(report_path: Path) -> dict[str, Any]:

@@ -21,6 +21,14 @@ SERVER_NAMES = {
     "litserve": "LitServe (batch 8)",
 }
 
+#: How the engines table names the engines phase's gateways.
+ENGINE_GATEWAYS = {
+    "ort_fp32": "ONNX Runtime, FP32 version",
+    "ov_bf16": "OpenVINO, bf16 version (BF16)",
+    "ort_int8": "ONNX Runtime, INT8 version",
+    "ov_int8": "OpenVINO, INT8 version",
+}
+
 
 def table(results: dict[str, Any]) -> str:
     """A full run (or ``--latency-only``'s) as one table, a row per figure."""
@@ -257,3 +265,104 @@ def cost_table(cost: dict[str, Any]) -> str:
             )
         )
     return "\n".join(lines)
+
+
+def _median(rounds: list[dict[str, float]], name: str) -> float:
+    values = sorted(r[name] for r in rounds)
+    mid = len(values) // 2
+    return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
+
+
+def _ratio(r: dict[str, Any]) -> str:
+    """A ratio's median, its rounds, and its target's verdict where it has one."""
+    each = ", ".join(f"{x:.2f}" for x in r["rounds"])
+    verdict = ""
+    if r["target"] is not None:
+        verdict = f"; target {r['target']:.2f}x: {'met' if r['met'] else 'MISSED'}"
+    return f"**{r['median']:.2f}x** (rounds {each}{verdict})"
+
+
+def engines_table(e: dict[str, Any], machine: dict[str, Any]) -> str:
+    """The engines phase: bare engines on the same files, the gateways with each engine, their
+    tails against the ideal server, and BF16's and INT8's agreement with FP32."""
+    bare, gw, ratios = (
+        e["bare_batch8_images_per_s"],
+        e["gateway_clients16_images_per_s"],
+        e["ratios"],
+    )
+    own = e["gateway_vs_own_bare"]
+    lines = [
+        f"CPU: {machine['isa']}; flags {', '.join(machine.get('flags', []))}; "
+        f"{machine.get('cpus', '?')} usable CPUs. Medians of {e['rounds']} interleaved rounds.",
+        "",
+        "| the same file, bare, batch 8 | ONNX Runtime | OpenVINO | OpenVINO vs ONNX Runtime |",
+        "|---|---|---|---|",
+    ]
+    for what, ort, ov, key in (
+        ("FP32, OpenVINO exact (f32)", "ort_fp32", "ov_fp32", "bare_fp32_ov_vs_ort"),
+        (
+            "FP32 file, OpenVINO in BF16 vs ONNX Runtime FP32",
+            "ort_fp32",
+            "ov_bf16",
+            "bare_bf16_ov_vs_ort_fp32",
+        ),
+        ("the project's INT8 (QDQ) file", "ort_int8", "ov_int8", "bare_int8_ov_vs_ort"),
+    ):
+        lines.append(
+            f"| {what} | {_median(bare, ort):.1f} img/s | {_median(bare, ov):.1f} img/s "
+            f"| {_ratio(ratios[key])} |"
+        )
+    lines += [
+        "",
+        "| gateway, REST, 16 clients, 500x375 JPEG | ONNX Runtime | OpenVINO | OpenVINO vs ONNX Runtime |",
+        "|---|---|---|---|",
+    ]
+    for what, ort, ov, key in (
+        (
+            "FP32 version (ORT) vs `--precision bf16` version (OpenVINO BF16)",
+            "ort_fp32",
+            "ov_bf16",
+            "gateway_bf16_ov_vs_ort_fp32",
+        ),
+        ("INT8 version", "ort_int8", "ov_int8", "gateway_int8_ov_vs_ort"),
+    ):
+        lines.append(
+            f"| {what} | {_median(gw, ort):.1f} img/s ({own[ort]:.2f}x its bare) "
+            f"| {_median(gw, ov):.1f} img/s ({own[ov]:.2f}x its bare) | {_ratio(ratios[key])} |"
+        )
+    return "\n".join(lines + _engine_tail_lines(e))
+
+
+def _engine_tail_lines(e: dict[str, Any]) -> list[str]:
+    """The Poisson-vs-ideal rows and the demo's agreement rows of engines_table."""
+    lines = [
+        "",
+        "| gateway under Poisson arrivals (0.4x its bare batch 8) | rate | p99 | ideal server p99 | vs ideal |",
+        "|---|---|---|---|---|",
+    ]
+    for name, t in e["poisson_vs_ideal"].items():
+        lines.append(
+            f"| {ENGINE_GATEWAYS.get(name, name)} | {t['rate_per_s']:.1f}/s | {t['p99_ms']:.0f} ms "
+            f"| {t['ideal_p99_ms']:.0f} ms | {t['vs_ideal']:.2f}x |"
+        )
+    agreement = e.get("demo_agreement", [])
+    if not agreement:
+        return [*lines, "", "Demo agreement: not read (no --demo-repository given)."]
+    lines += [
+        "",
+        "| demo (ResNet-18, digits) vs FP32 | held-out digits | top-1 agreement | largest logit diff |",
+        "|---|---|---|---|",
+    ]
+    for a in agreement:
+        extra = ""
+        if "openvino_top1_vs_exact_pct" in a:
+            extra = (
+                f"; OpenVINO vs exact INT8: {a['openvino_top1_vs_exact_pct']:.2f}% top-1, "
+                f"{a['openvino_max_diff_pct_of_largest']:.2f}% of the largest logit"
+            )
+        lines.append(
+            f"| {a['precision'].upper()}: {a['candidate']} | {a['images']} | "
+            f"{a['top1_vs_fp32_pct']:.2f}% | {a['max_logit_diff']:.4f} "
+            f"({a['kernels']}: {a['kernels_max_diff_pct_of_largest']:.2f}% of the largest){extra} |"
+        )
+    return lines

@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 from service.backends.base import Backend
+from service.model.repository import ModelSpec
 from service.settings import Settings
 
 
 def make_backend(settings: Settings) -> Backend:
+    """The backend ``settings`` names, not started (``ENGINE=auto`` is decided at start:
+    :func:`start_backend`)."""
     if settings.backend == "onnxruntime":
-        from service.backends.onnxruntime import OnnxRuntimeBackend
+        from service.backends.engines import make_engine
 
-        return OnnxRuntimeBackend(
-            intra_op_threads=settings.ort_intra_op_threads,
-            parallel_batches=settings.ort_parallel_batches,
-            providers=settings.ort_providers,
-        )
+        return make_engine(settings.engine, settings)
     from service.backends.triton.backend import TritonBackend
 
     return TritonBackend(
@@ -25,4 +24,21 @@ def make_backend(settings: Settings) -> Backend:
     )
 
 
-__all__ = ["Backend", "make_backend"]
+async def start_backend(settings: Settings, specs: list[ModelSpec]) -> Backend:
+    """The backend ``settings`` names, started with ``specs`` (with ``ENGINE=auto``, the
+    faster engine: service.backends.engines); on failure, closed again."""
+    if settings.backend == "onnxruntime" and settings.engine == "auto":
+        from service.backends.engines import installed_engines, make_engine, start_fastest
+
+        engines = [make_engine(e, settings) for e in installed_engines()]
+        return await start_fastest(engines, specs)
+    backend = make_backend(settings)
+    try:
+        await backend.start(specs)
+    except BaseException:
+        await backend.close()
+        raise
+    return backend
+
+
+__all__ = ["Backend", "make_backend", "start_backend"]

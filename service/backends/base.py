@@ -35,6 +35,13 @@ class Backend(abc.ABC):
         # Per (model, version): seconds per batch size, timed at warm-up (warm_up).
         self._warm: dict[tuple[str, str], dict[int, float]] = {}
 
+    def served_precision(self, spec: ModelSpec) -> str:
+        """What the version's batches are computed in (``fp32``, ``bf16``, ``fp16``,
+        ``int8``): its contract's precision, except that a BF16 version is computed exactly
+        in FP32 by an engine that does not run it in BF16 (as ONNX Runtime, whose CPU
+        kernels have no BF16 convolution, and Triton's ONNX Runtime backend)."""
+        return "fp32" if spec.precision == "bf16" else spec.precision
+
     def warm_costs(self, spec: ModelSpec) -> dict[int, float]:
         """Seconds a batch of each size took at warm-up, for the sizes the backend timed
         (the batcher's estimates before any live batch)."""

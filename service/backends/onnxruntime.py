@@ -1,20 +1,13 @@
-"""The embedded backend: ONNX Runtime in this process, no server to run (the default)."""
+"""ONNX Runtime in this process: the embedded backend's default engine, no server to run."""
 
 from __future__ import annotations
-
-import asyncio
-import logging
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import onnxruntime as ort
 
-from service.backends.base import Backend
-from service.errors import BackendUnavailable, brief
-from service.host.cpus import cpu_isa, usable_cpus
-from service.model.repository import ModelSpec, RepositoryError, TensorSig, tensor_problems
-
-log = logging.getLogger(__name__)
+from service.backends.embedded import EmbeddedBackend, Runner, check_tensors, refusal
+from service.errors import brief
+from service.model.repository import ModelSpec, RepositoryError, TensorSig
 
 
 def _sigs(args: list[ort.NodeArg]) -> list[TensorSig]:
@@ -51,8 +44,9 @@ def gpu_driver_missing() -> str | None:
     return None
 
 
-class OnnxRuntimeBackend(Backend):
+class OnnxRuntimeBackend(EmbeddedBackend):
     name = "onnxruntime"
+    engine = "ONNX Runtime"
 
     def __init__(
         self,
@@ -61,26 +55,32 @@ class OnnxRuntimeBackend(Backend):
         providers: list[str] | None = None,
     ) -> None:
         """``parallel_batches`` runs of one session at once, each with ``intra_op_threads``
-        (default: the usable CPUs, :func:`service.host.cpus.usable_cpus`, divided among them).
-        One batch on all cores gives the lowest latency; several single-threaded batches
-        avoid stalling a whole batch whenever a decoding process takes one of its cores,
-        which gives more throughput under load."""
-        super().__init__()
-        self.max_inflight_batches = max(1, parallel_batches)
+        (see :class:`EmbeddedBackend`); ``providers``: ONNX Runtime's execution providers,
+        in order of preference (default: its CPU kernels)."""
+        super().__init__(intra_op_threads, parallel_batches)
         self._providers = providers or ["CPUExecutionProvider"]
-        self._threads = intra_op_threads or max(1, usable_cpus() // self.max_inflight_batches)
-        if self._providers[0] == "CPUExecutionProvider":
-            self.cpus_per_batch = self._threads
-            self.kernels = cpu_isa()
-        else:
+        self._preloaded = False
+        if self._providers[0] != "CPUExecutionProvider":
+            self.cpus_per_batch = 0
             self.kernels = self._providers[0].removesuffix("ExecutionProvider")
-        # Per (model, version): versions of one model are served side by side.
-        self._sessions: dict[tuple[str, str], ort.InferenceSession] = {}
-        # Threads that call session.run (the GIL is released while ORT computes).
-        self._executors: dict[tuple[str, str], ThreadPoolExecutor] = {}
-        self._ready = False
 
-    def _open(self, spec: ModelSpec) -> ort.InferenceSession:
+    def _preload(self) -> None:
+        """onnxruntime-gpu finds the CUDA and cuDNN libraries of the nvidia-* wheels (how the
+        GPU image gets them: no CUDA toolkit in it) only once they are loaded; without those
+        wheels it loads the system's. A no-op in the CPU package; once, before the first
+        session."""
+        if self._preloaded or not {
+            "CUDAExecutionProvider",
+            "TensorrtExecutionProvider",
+        } & set(self._providers):
+            return
+        preload = getattr(ort, "preload_dlls", None)
+        if preload is not None:
+            preload()
+        self._preloaded = True
+
+    def _open(self, spec: ModelSpec) -> Runner:
+        self._preload()
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = self._threads
         opts.inter_op_num_threads = 1
@@ -92,10 +92,8 @@ class OnnxRuntimeBackend(Backend):
             session = ort.InferenceSession(str(spec.model_path), opts, providers=self._providers)
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph/NoSuchFile types
             # "[ONNXRuntimeError] : 1 : FAIL : Load model from <path> failed:<reason>"
-            reason = brief(exc).rpartition(" failed:")[2] or brief(exc)
-            raise RepositoryError(
-                f"model {spec.name!r} version {spec.version}: ONNX Runtime cannot load it "
-                f"({reason})"
+            raise refusal(
+                spec, self.engine, brief(exc).rpartition(" failed:")[2] or brief(exc)
             ) from exc
         # ORT falls back to the CPU, with only a log line, when a GPU provider fails to
         # start (no device, missing CUDA libraries): a GPU deployment must not run on the CPU.
@@ -105,80 +103,10 @@ class OnnxRuntimeBackend(Backend):
                 f"{self._providers[0]} (it would run on {', '.join(session.get_providers())})"
                 + (f": {why}" if (why := gpu_driver_missing()) else "")
             )
+        check_tensors(spec, _sigs(session.get_inputs()), _sigs(session.get_outputs()))
         c = spec.contract
-        problems = tensor_problems(
-            c, _sigs(session.get_inputs()), _sigs(session.get_outputs()), "graph"
-        )
-        if problems:
-            raise RepositoryError(
-                f"model {spec.name!r} version {spec.version}: " + "; ".join(problems)
-            )
-        return session
 
-    async def start(self, specs: list[ModelSpec]) -> None:
-        loop = asyncio.get_running_loop()
-        if {"CUDAExecutionProvider", "TensorrtExecutionProvider"} & set(self._providers):
-            # onnxruntime-gpu finds the CUDA and cuDNN libraries of the nvidia-* wheels (how
-            # the GPU image gets them: no CUDA toolkit in it) only once they are loaded;
-            # without those wheels it loads the system's. A no-op in the CPU package.
-            preload = getattr(ort, "preload_dlls", None)
-            if preload is not None:
-                await loop.run_in_executor(None, preload)
-        for spec in specs:
-            await self.load(spec)
-        self._ready = True
+        def run(batch: np.ndarray) -> np.ndarray:
+            return np.asarray(session.run([c.output_name], {c.input_name: batch})[0])
 
-    async def load(self, spec: ModelSpec) -> None:
-        key = (spec.name, spec.version)
-        executor = ThreadPoolExecutor(
-            self.max_inflight_batches, thread_name_prefix=f"ort-{spec.name}-{spec.version}"
-        )
-        try:
-            loop = asyncio.get_running_loop()
-            session = await loop.run_in_executor(executor, self._open, spec)
-            c = spec.contract
-
-            def run(batch: np.ndarray) -> asyncio.Future[object]:
-                return loop.run_in_executor(
-                    executor, session.run, [c.output_name], {c.input_name: batch}
-                )
-
-            await self.warm_up(spec, run, serving=self._ready)
-        except BaseException:
-            executor.shutdown(wait=False)
-            self._warm.pop(key, None)
-            raise
-        self._executors[key], self._sessions[key] = executor, session
-        log.info("onnxruntime: loaded %s version %s", spec.name, spec.version)
-
-    async def unload(self, spec: ModelSpec) -> None:
-        key = (spec.name, spec.version)
-        # Dropping the last reference frees the session (its weights and arenas).
-        self._sessions.pop(key, None)
-        self._warm.pop(key, None)
-        executor = self._executors.pop(key, None)
-        if executor is not None:
-            await asyncio.to_thread(executor.shutdown, wait=True)
-        log.info("onnxruntime: unloaded %s version %s", spec.name, spec.version)
-
-    async def infer(self, spec: ModelSpec, batch: np.ndarray, timeout_s: float) -> np.ndarray:
-        key = (spec.name, spec.version)
-        session = self._sessions.get(key)
-        if session is None or not self._ready:
-            raise BackendUnavailable(f"model {spec.name!r} version {spec.version} is not loaded")
-        c = spec.contract
-        loop = asyncio.get_running_loop()
-        outputs = await loop.run_in_executor(
-            self._executors[key], session.run, [c.output_name], {c.input_name: batch}
-        )
-        return np.asarray(outputs[0])
-
-    def is_ready(self) -> bool:
-        return self._ready
-
-    async def close(self) -> None:
-        self._ready = False
-        for executor in self._executors.values():
-            executor.shutdown(wait=True)
-        self._sessions.clear()
-        self._executors.clear()
+        return run

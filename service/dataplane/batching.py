@@ -106,6 +106,7 @@ class Batcher:
         max_queue: int,
         metrics: Metrics,
         backend_name: str,
+        served_precision: str = "",
         max_inflight: int = 1,
         warm_costs: dict[int, float] | None = None,
         target_s: float | None = None,
@@ -134,7 +135,7 @@ class Batcher:
         self._depth.set(0)
         self._lateness = metrics.queue_lateness.labels(*ids)
         self._queue_wait = metrics.queue_wait.labels(*ids)
-        self._inference = metrics.inference.labels(*ids, backend_name)
+        self._inference = metrics.inference.labels(*ids, backend_name, served_precision)
         self._batch_size = metrics.batch_size.labels(*ids)
         # Earliest deadline first: a request admitted with less time left is not pushed back
         # by one that finished decoding sooner (with one timeout for all, this is arrival

@@ -158,6 +158,7 @@ class DataPlane:
             max_queue=self.settings.max_queue_images,
             metrics=self.metrics,
             backend_name=self.backend.name,
+            served_precision=self.backend.served_precision(spec),
             max_inflight=self.backend.max_inflight_batches,
             warm_costs=self.backend.warm_costs(spec),
             target_s=None if target_ms is None else target_ms / 1000.0,

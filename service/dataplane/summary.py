@@ -20,8 +20,14 @@ class ModelSummary(BaseModel):
     num_classes: int
     labels_count: int
     max_batch_size: int
-    precision: str
-    backend: str
+    precision: str = Field(description="The version's precision, as export proved it.")
+    served_precision: str = Field(
+        description="What the gateway computes its batches in: the precision, except a bf16 "
+        "version computed exactly in fp32 where the engine or the CPU has no BF16."
+    )
+    backend: str = Field(
+        description="What runs the model: the embedded engine (onnxruntime, openvino) or triton."
+    )
     kernels: str = Field(
         description="What computes its batches: the instruction set of the gateway's CPU "
         "kernels (AVX2, AVX-512, AVX-512 VNNI, AMX), an accelerator (CUDA) or triton."
@@ -44,6 +50,7 @@ class ModelSummary(BaseModel):
             labels_count=len(spec.labels),
             max_batch_size=served.batcher.max_batch,
             precision=spec.precision,
+            served_precision=backend.served_precision(spec),
             backend=backend.name,
             kernels=backend.kernels,
             default=default,

@@ -191,17 +191,42 @@ _ISA_FLAGS = (
 )
 
 
+#: The BF16 instructions a CPU may have, most capable first: with either, OpenVINO runs FP32
+#: models in BF16 (unless told ``INFERENCE_PRECISION_HINT=f32``); without both, a BF16
+#: version is served exactly in FP32. AMD Zen 4 and later and Intel Cooper Lake have
+#: AVX512_BF16; Intel Sapphire Rapids and later also AMX-BF16.
+_BF16_FLAGS = (
+    ("AMX-BF16", {"amx_tile", "amx_bf16"}),
+    ("AVX512_BF16", {"avx512_bf16"}),
+)
+
+
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
+    """The CPU's feature flags as ``/proc/cpuinfo`` lists them (empty where it lists none)."""
+    for line in _read(cpuinfo).splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+            return set(value.split())
+    return set()
+
+
 def cpu_isa(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
     """The instruction set this machine's CPU kernels run on ("AVX2", "AVX-512 VNNI",
     "AMX"...), from the CPU flags; the machine's architecture where there are no x86 flags
     to read (``aarch64``)."""
-    flags: set[str] = set()
-    for line in _read(cpuinfo).splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() == "flags":
-            flags = set(value.split())
-            break
+    flags = cpu_flags(cpuinfo)
     for name, needed in _ISA_FLAGS:
         if needed <= flags:
             return name
     return platform.machine() or "unknown"
+
+
+def bf16_isa(cpuinfo: Path = Path("/proc/cpuinfo")) -> str | None:
+    """The BF16 instructions this CPU has ("AMX-BF16", "AVX512_BF16"), None: none."""
+    flags = cpu_flags(cpuinfo)
+    return next((name for name, needed in _BF16_FLAGS if needed <= flags), None)
+
+
+def has_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """Whether this CPU computes in BF16 natively (see :func:`bf16_isa`)."""
+    return bf16_isa(cpuinfo) is not None

@@ -88,7 +88,12 @@ class PreprocessContract(BaseModel):
     std: tuple[float, ...] = Field(description="Per-channel standard deviation, in 0..1 units.")
     num_classes: int = Field(gt=0)
     labels_file: str = LABELS_FILENAME
-    precision: Literal["fp32", "fp16", "int8"] = "fp32"
+    precision: Literal["fp32", "fp16", "bf16", "int8"] = Field(
+        default="fp32",
+        description="What the version's graph computes in. bf16: the FP32 graph, proved "
+        "in BF16 against FP32, served in BF16 where the CPU has BF16 instructions (with "
+        "OpenVINO) and exactly in FP32 elsewhere.",
+    )
     int8_scheme: Int8Scheme | None = Field(
         default=None,
         description="INT8 only: activations x weights (u8s8: uint8 activations for ONNX "

@@ -69,8 +69,8 @@ class Metrics:
         )
         self.inference = Histogram(
             p + "inference_seconds",
-            "Backend call per batch.",
-            ["model", "version", "backend"],
+            "Backend call per batch; served_precision: what the batch was computed in.",
+            ["model", "version", "backend", "served_precision"],
             buckets=_LATENCY,
             registry=r,
         )
@@ -114,8 +114,8 @@ class Metrics:
         self.model_info = Gauge(
             p + "model_info",
             "Served models (value 1); kernels: what computes their batches (the CPU's "
-            "instruction set, CUDA, triton).",
-            ["model", "version", "precision", "arch", "backend", "kernels"],
+            "instruction set, CUDA, triton); served_precision: in what precision.",
+            ["model", "version", "precision", "served_precision", "arch", "backend", "kernels"],
             registry=r,
         )
         self.ready = Gauge(p + "ready", "1 when the gateway is ready to serve.", registry=r)

@@ -21,7 +21,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
-from service.backends import Backend, make_backend
+from service.backends import Backend, start_backend
 from service.dataplane.plane import DataPlane
 from service.errors import Forbidden, NotReady, ShuttingDown
 from service.host.cpus import cpu_budget
@@ -89,10 +89,13 @@ class Runtime:
         (then :meth:`close` releases what was started)."""
         budget = cpu_budget()
         log.info("sizing threads for %s", budget.describe())
-        backend = self.backend = self.backend or make_backend(self.settings)
         try:
             specs = load_repository(self.settings.repository, self.settings.models or None)
-            await backend.start(specs)
+            if self.backend is None:
+                self.backend = await start_backend(self.settings, specs)
+            else:
+                await self.backend.start(specs)
+            backend = self.backend
             plane = DataPlane(specs, backend, self.settings, self.metrics, self.tracer)
         except (RepositoryError, ValueError) as exc:
             raise StartupError(str(exc)) from exc

@@ -345,8 +345,9 @@ class Lifecycle:
 
     def _info(self, spec: ModelSpec) -> tuple[str, ...]:
         """The model-info metric's labels for ``spec``."""
-        b = self.backend
-        return spec.name, spec.version, spec.precision, spec.contract.arch, b.name, b.kernels
+        b, c = self.backend, spec.contract
+        precisions = (spec.precision, b.served_precision(spec))
+        return spec.name, spec.version, *precisions, c.arch, b.name, b.kernels
 
     def _retire(self, version: Version) -> None:
         self._retiring[version] = asyncio.create_task(

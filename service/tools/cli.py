@@ -40,6 +40,13 @@ def serve(
     backend: Annotated[
         str | None, typer.Option(help="onnxruntime (embedded, the default) or triton.")
     ] = None,
+    engine: Annotated[
+        str | None,
+        typer.Option(
+            help="The embedded backend's engine: onnxruntime (the default), openvino, or "
+            "auto (the faster, timed at start)."
+        ),
+    ] = None,
     triton_url: Annotated[
         str | None, typer.Option(help="Triton gRPC endpoint HOST:PORT (with --backend triton).")
     ] = None,
@@ -93,7 +100,9 @@ def serve(
         ", ".join(s.name for s in specs),
         settings.host,
         settings.port,
-        settings.backend,
+        f"onnxruntime, engine {settings.engine}"
+        if settings.backend == "onnxruntime"
+        else settings.backend,
         f"; gRPC on port {settings.grpc_port}" if settings.grpc_port is not None else "",
     )
     if not DrainingServer(config, fastapi_app.state.runtime, settings.drain_seconds).run():
@@ -270,7 +279,8 @@ def tune(
     images: Annotated[Path, typer.Option(help="A folder of your own image files.")],
     slo_p99_ms: Annotated[float, typer.Option(help="The p99 budget, milliseconds.")],
     output: Annotated[
-        Path, typer.Option(help="Folder for tune.json, tune.env, values.yaml, each trial.")
+        Path,
+        typer.Option(help="Folder for tune.json, tune.md, tune.env, values.yaml, each trial."),
     ],
     duration: Annotated[float, typer.Option(help="Seconds per load step.")] = 10.0,
     warmup: Annotated[float, typer.Option(help="Seconds of warm-up per step.")] = 2.0,
@@ -281,7 +291,7 @@ def tune(
     import itertools
 
     from service.tools.bench import BenchError
-    from service.tools.tune import gateway_process
+    from service.tools.tune import gateway_process, table
     from service.tools.tune import tune as run_tune
 
     if not (repository / model).is_dir():
@@ -306,10 +316,15 @@ def tune(
         typer.echo("resnet-serve: interrupted; nothing written", err=True)
         raise typer.Exit(130) from None
     best = summary["best"]
+    typer.echo(table(summary), nl=False)
     typer.echo(
-        f"best: {best['settings'] or 'the defaults'}: {best['slo']['max_rate_per_s']:g} requests/s"
+        f"best: {summary['recommended']}: {best['slo']['max_rate_per_s']:g} requests/s with "
+        f"{best.get('engine')} computing in {best.get('served_precision')}"
     )
-    typer.echo(f"wrote: {output / 'tune.env'}, {output / 'values.yaml'}, {output / 'tune.json'}")
+    typer.echo(
+        f"wrote: {output / 'tune.env'}, {output / 'values.yaml'}, {output / 'tune.json'}, "
+        f"{output / 'tune.md'}"
+    )
 
 
 def main() -> None:

@@ -249,8 +249,12 @@ def server_metadata() -> dict[str, Any]:
 
 
 def model_metadata(plane: DataPlane, spec: ModelSpec) -> dict[str, Any]:
-    """The version's name and versions as its summary says them, and the platform and the
-    tensors of its spec."""
+    """The version's name and versions as its summary says them, the platform and the
+    tensors of its spec, and (as ``parameters``, which the protocol's REST schema allows in
+    model metadata and KServe's and MLServer's servers answer) what runs it: the backend,
+    the precision export proved and the one its batches are computed in, the kernels.
+    Triton's gRPC ``ModelMetadataResponse`` has no parameters field: the gRPC transport
+    leaves them out (the ``Classifier``'s ``ListModels`` says the same)."""
     summary = plane.summary(spec)
     inputs, outputs = contract_tensors(spec.contract)
 
@@ -263,4 +267,10 @@ def model_metadata(plane: DataPlane, spec: ModelSpec) -> dict[str, Any]:
         "platform": spec.platform,
         "inputs": tensors(inputs),
         "outputs": tensors(outputs),
+        "parameters": {
+            "backend": summary.backend,
+            "precision": summary.precision,
+            "served_precision": summary.served_precision,
+            "kernels": summary.kernels,
+        },
     }

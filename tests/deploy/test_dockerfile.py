@@ -34,17 +34,21 @@ def config(target: str) -> Config:
     return DOCKERFILE.config(TARGETS[target])
 
 
-def pip_installs(stage_names: tuple[str, ...]) -> list[list[str]]:
-    """The arguments of every ``pip install`` the named stages run (ARGs expanded)."""
+def pip_installs(
+    stage_names: tuple[str, ...], build_args: dict[str, str] | None = None
+) -> list[list[str]]:
+    """The arguments of every ``pip install`` the named stages run (ARGs expanded: their
+    defaults, or ``build_args`` as ``--build-arg`` gives them)."""
     out = []
     for name in stage_names:
         stage = DOCKERFILE.stage(name)
         args = {
             k: v
             for i in stage.all("ARG")
-            for k, _, v in [i.args.partition("=")]
-            if v  # ARG NAME=default
+            for k, eq, v in [i.args.partition("=")]
+            if eq  # ARG NAME=default (an empty default included)
         }
+        args.update({k: v for k, v in (build_args or {}).items() if k in args})
         for run in stage.all("RUN"):
             for command in re.split(r"&&|;", run.args):
                 words = shlex.split(command)
@@ -155,6 +159,20 @@ def test_only_the_service_extra_and_never_torch():
         assert copies == [[f"--from={builder}", "/opt/venv", "/opt/venv"]]
 
 
+def test_openvino_is_one_build_argument_away_and_off_by_default():
+    """``--build-arg OPENVINO=1`` adds the ``openvino`` extra (pinned in pyproject.toml) to
+    the builder's install; without it the image holds ONNX Runtime only."""
+    pinned = PYPROJECT["project"]["optional-dependencies"]["openvino"]
+    assert [p.partition("==")[0] for p in pinned] == ["openvino"] and "==" in pinned[0]
+
+    def extras(build_args: dict[str, str]) -> list[str]:
+        installs = pip_installs(("builder",), build_args)
+        return [w for words in installs for w in words if w.startswith(".[")]
+
+    assert extras({}) == [".[service]"]
+    assert extras({"OPENVINO": "1"}) == [".[service,openvino]"]
+
+
 def test_gpu_target_swaps_in_onnxruntime_gpu_of_the_pinned_release():
     pinned = next(
         r.split("==")[1]
@@ -262,12 +280,13 @@ def test_build_context_is_small_and_builds_the_gateway_wheel(tmp_path):
 
 
 def test_image_install_resolves_without_torch(tmp_path):
-    """pip resolves what the builders install (`.[service]`, onnxruntime-gpu with its CUDA
-    wheels), wheels only, as the Dockerfile asks: no torch, no export extra. Reads package
+    """pip resolves what the builders install (`.[service]`, with OpenVINO as
+    ``--build-arg OPENVINO=1`` adds it, onnxruntime-gpu with its CUDA wheels), wheels only,
+    as the Dockerfile asks: no torch, no export extra. Reads package
     metadata from the index (PEP 658), downloads no wheel: ~10-15 s."""
     context = build_context(tmp_path / "context")
     requirements = []
-    for words in pip_installs(("builder", "builder-gpu")):
+    for words in pip_installs(("builder", "builder-gpu"), {"OPENVINO": "1"}):
         if "--no-deps" in words:
             continue  # the project again, after its dependencies
         for w in words[2:]:
@@ -297,7 +316,7 @@ def test_image_install_resolves_without_torch(tmp_path):
     names = {i["metadata"]["name"].lower() for i in json.loads(report.read_text())["install"]}
     print(f"resolved {len(names)} distributions in {time.monotonic() - start:.1f}s")
     assert not {n for n in names if n.startswith("torch") or n.startswith("nvidia-nccl")}
-    assert {"onnxruntime", "onnxruntime-gpu", "fastapi", "grpcio"} <= names
+    assert {"onnxruntime", "onnxruntime-gpu", "openvino", "fastapi", "grpcio"} <= names
     assert any(n.startswith("nvidia-cudnn") for n in names)
     assert not names & {"onnx", "scikit-learn", "safetensors", "pytest", "ruff"}
 

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from prometheus_client.metrics import MetricWrapperBase
 from tritonclient.grpc import service_pb2
 
 from service.errors import ServiceError
@@ -24,6 +23,7 @@ from service.transports.http.ops import ops
 from service.transports.http.rest_v1 import admin, api
 from tests.helpers import promql
 from tests.helpers.docs import doc_sections
+from tests.helpers.metrics import declared_labels, sample_kinds
 from tests.helpers.paths import DEPLOY, ROOT, tool
 
 PROM = DEPLOY / "prometheus"
@@ -338,8 +338,6 @@ def test_dashboard_shows_versions_and_rollout(dashboard):
 
 # --- the gateway's names: metrics, routes, outcomes ----------------------------------------
 
-#: The gateway's own metrics (resnet_serve_*) and prometheus_client's standard ones.
-_GATEWAY = ("resnet_serve_", "process_", "python_")
 #: The recording rule that defines a failed call.
 ERRORS_RULE = "namespace:resnet_serve_call_errors:rate5m"
 _MATCHER = re.compile(r'(\w+)\s*(=~|!~|!=|=)\s*"((?:[^"\\]|\\.)*)"')
@@ -362,45 +360,9 @@ def test_every_gateway_metric_used_is_in_its_registry():
     """Without a running gateway (the e2e test checks labels on a real one): each
     resnet_serve_*, process_* and python_* sample named is one that service.observability.metrics defines,
     and only counters and histogram parts go through rate()."""
-    kinds: dict[str, str] = {}
-    for family in Metrics().registry.collect():
-        if family.type == "counter":
-            kinds[family.name + "_total"] = "counter"
-        elif family.type == "histogram":
-            kinds.update({family.name + s: "histogram" for s in ("_bucket", "_sum", "_count")})
-        else:
-            kinds[family.name] = family.type
-    wrong = []
-    for q in promql.all_queries():
-        for use in q.uses:
-            if not use.metric.startswith(_GATEWAY):
-                continue
-            kind = kinds.get(use.metric)
-            if kind is None:
-                wrong.append(f"{q.where}: {use.metric} is not exported")
-            elif use.in_rate != (kind in ("counter", "histogram")):
-                wrong.append(
-                    f"{q.where}: {use.metric} ({kind}) {'in' if use.in_rate else 'not in'} rate()"
-                )
+    kinds = sample_kinds(Metrics().registry)
+    wrong = [w for q in promql.all_queries() for w in promql.gateway_metric_problems(q, kinds)]
     assert not wrong, "\n".join(wrong)
-
-
-def _gateway_labels() -> dict[str, set[str]]:
-    """Sample name -> label names, for every metric service.observability.metrics defines (from its
-    declarations: a labelled family has no samples until used)."""
-    out: dict[str, set[str]] = {}
-    for m in vars(Metrics()).values():
-        if not isinstance(m, MetricWrapperBase):
-            continue
-        names = set(m._labelnames)
-        if m._type == "counter":
-            out[m._name + "_total"] = names
-        elif m._type == "histogram":
-            out.update({m._name + "_sum": names, m._name + "_count": names})
-            out[m._name + "_bucket"] = names | {"le"}
-        else:
-            out[m._name] = names
-    return out
 
 
 def test_every_gateway_label_used_is_on_its_metric():
@@ -408,18 +370,9 @@ def test_every_gateway_label_used_is_on_its_metric():
     only has samples once used, e.g. the shadow metrics): the labels each selector of a
     resnet_serve_* metric matches on are its own or target labels, and so are those a
     by/on clause names in a query made of gateway metrics only."""
-    labels = _gateway_labels()
+    labels = declared_labels(Metrics())
     assert labels["resnet_serve_shadow_images_total"] == {"model", "version", "shadow", "outcome"}
-    wrong = []
-    for q in promql.all_queries():
-        gateway = [u for u in q.uses if u.metric in labels]
-        for use in gateway:
-            if extra := use.labels - labels[use.metric] - promql.TARGET_LABELS:
-                wrong.append(f"{q.where}: {use.metric} has no label {sorted(extra)}")
-        if gateway and len(gateway) == len(q.uses):
-            have = set(promql.TARGET_LABELS).union(*(labels[u.metric] for u in gateway))
-            if extra := q.grouping - have:
-                wrong.append(f"{q.where}: no metric of it has {sorted(extra)}")
+    wrong = [w for q in promql.all_queries() for w in promql.gateway_label_problems(q, labels)]
     assert not wrong, "\n".join(wrong)
 
 

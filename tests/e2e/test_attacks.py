@@ -7,11 +7,13 @@ from __future__ import annotations
 import io
 import json
 import math
+import re
 import socket
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from urllib.parse import quote
 
 import httpx
 import pytest
@@ -90,11 +92,11 @@ def test_a_bomb_batch_is_answered_at_its_deadline_and_spares_the_other_model(gw)
     model's request waited 14.5 s behind them, RSS went to 2.8 GB and stayed."""
     image = slow_to_decode()
     # What the bound allows past the deadline: the decodes in flight when it passes, one
-    # per decoding thread, sharing the two cores with the upload and each other (so up to
+    # per decoding process, sharing the two cores with the upload and each other (so up to
     # twice a lone decode of the same image, timed here first), and the answer's way back.
     decode = fastest_of(lambda: preprocess(image, TINY_CONTRACT), runs=2)
     in_flight = 2 * decode + 0.2
-    # Enough bombs that decoding them all, every decoding thread busy, takes twice the
+    # Enough bombs that decoding them all, every decoding process busy, takes twice the
     # deadline on this machine (a fixed 8 all fit in the 1 s on CI's faster CPU once
     # preprocessing got cheaper), within the body limit (0.5 MB each).
     count = min(32, max(8, math.ceil(2 * usable_cpus() / decode)))
@@ -290,6 +292,119 @@ def test_connections_past_the_limit_are_refused_at_once(gw):
         for s in socks:
             s.close()
     wait_until(lambda: httpx.get(gw.url + "/healthz").status_code == 200, 5, "not serving")
+
+
+def exchange(url: str, request: bytes) -> tuple[list[bytes], bool]:
+    """Send ``request`` on a new connection and read until the server closes it (or goes
+    quiet for 10 s): (each response's head and body, whether it closed)."""
+    host, port = url.removeprefix("http://").split(":")
+    data, closed = b"", False
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(request)
+        try:
+            while chunk := sock.recv(65536):
+                data += chunk
+            closed = True
+        except TimeoutError:
+            pass
+    responses = []
+    while data:
+        head, _, rest = data.partition(b"\r\n\r\n")
+        length = int(re.search(rb"content-length: (\d+)", head, re.I)[1])  # type: ignore[index]
+        responses.append(head + b"\r\n\r\n" + rest[:length])
+        data = rest[length:]
+    return responses, closed
+
+
+def parts(response: bytes) -> tuple[int, dict[str, str], bytes]:
+    head, _, body = response.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = dict(line.lower().split(": ", 1) for line in lines)
+    return int(status_line.split()[1]), headers, body
+
+
+CLASSIFY_HEAD = b"POST /v1/models/tiny/classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+
+
+# Each refused by the HTTP parser; what llhttp says, which the message carries.
+@pytest.mark.parametrize(
+    ("request_bytes", "reason"),
+    [
+        pytest.param(CLASSIFY_HEAD + b"Content-Length: -1\r\n\r\n", "Invalid character in Content-Length", id="negative-content-length"),
+        pytest.param(CLASSIFY_HEAD + b"Content-Length: 1\r\nContent-Length: 2\r\n\r\nx", "Duplicate Content-Length", id="two-content-lengths"),
+        pytest.param(CLASSIFY_HEAD + b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", "Transfer-Encoding can't be present with Content-Length", id="content-length-and-chunked"),
+        pytest.param(CLASSIFY_HEAD + b"Transfer-Encoding: gzip\r\n\r\n", "Request has invalid `Transfer-Encoding`", id="not-chunked-last"),
+        pytest.param(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-A: a\rb\r\n\r\n", "Missing expected LF after header value", id="cr-in-header"),
+        pytest.param(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-A: a\nb\r\n\r\n", "Missing expected CR after header value", id="lf-in-header"),
+        pytest.param(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-A: a\r\n b\r\n\r\n", "Unexpected whitespace after header value", id="folded-header"),
+        pytest.param(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-A: a\x00b\r\n\r\n", "Invalid header value char", id="nul-in-header"),
+        pytest.param(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX\x00A: b\r\n\r\n", "Invalid header token", id="nul-in-name"),
+        pytest.param(b"GET /healthz HTTP/9.9\r\nHost: x\r\n\r\n", "Invalid HTTP version", id="http-version"),
+        pytest.param(b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03", "Invalid method encountered", id="tls-hello"),
+        pytest.param(CLASSIFY_HEAD + b"Transfer-Encoding: chunked\r\n\r\nzz\r\n", "Invalid character in chunk size", id="bad-chunk-in-body"),
+        pytest.param(b"POST /v2/models/tiny/infer HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n", "Invalid character in Content-Length", id="kserve-v2"),
+    ],
+)  # fmt: skip
+def test_malformed_framing_gets_the_envelope(gw, request_bytes, reason):
+    """Was: uvicorn's plain-text "Invalid HTTP request received." for each of these. Now a
+    400 in the error envelope of the path's dialect, saying what was wrong, counted once
+    as invalid_request, and the connection closed."""
+    before = scrape(gw.url, "resnet_serve_requests_total", outcome="invalid_request")
+    (answer,), closed = exchange(gw.url, request_bytes)
+    status, headers, body = parts(answer)
+    assert status == 400 and headers["content-type"] == "application/json", answer
+    assert headers["connection"] == "close" and closed
+    error = json.loads(body)
+    if request_bytes.startswith(b"POST /v2/"):
+        assert error == {"error": f"malformed HTTP request: {reason}", "code": "invalid_request"}
+    else:
+        assert error == {
+            "error": {"code": "invalid_request", "message": f"malformed HTTP request: {reason}"}
+        }
+    wait_until(
+        lambda: scrape(gw.url, "resnet_serve_requests_total", outcome="invalid_request") > before,
+        10,
+        "not counted",
+    )
+    assert scrape(gw.url, "resnet_serve_requests_total", outcome="invalid_request") == before + 1
+
+
+def test_a_malformed_request_after_a_good_one_is_answered_after_it(gw):
+    """Pipelined: the good request gets its answer first, then the malformed one its 400."""
+    good = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+    bad = b"GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n"
+    (first, second), closed = exchange(gw.url, good + bad)
+    assert parts(first)[0] == 200 and json.loads(parts(first)[2]) == {"status": "ok"}
+    assert parts(second)[0] == 400 and b"Content-Length" in parts(second)[2] and closed
+
+
+NAME = "\U0001f600\u00f1"  # sent percent-encoded as UTF-8: %F0%9F%98%80%C3%B1
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "message"),
+    [
+        ("POST", "/v1/models/{}/classify", lambda e: e["error"]["message"]),
+        ("GET", "/v1/models/{}", lambda e: e["error"]["message"]),
+        ("POST", "/v1/models/tiny/versions/{}/classify", lambda e: e["error"]["message"]),
+        ("POST", "/v2/models/{}/infer", lambda e: e["error"]),
+        ("GET", "/v2/models/{}", lambda e: e["error"]),
+        ("GET", "/v2/models/tiny/versions/{}", lambda e: e["error"]),
+    ],
+)
+def test_a_utf8_name_is_echoed_as_sent(gw, method, path, message):
+    """Was: the name echoed as mojibake by a client that read the (unlabelled) UTF-8 body
+    as Latin-1. Now the body is ASCII, the name in JSON escapes: any decoding reads back
+    the characters sent."""
+    target = path.format(quote(NAME, safe=""))
+    (answer,), _ = exchange(
+        gw.url,
+        f"{method} {target} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".encode(),
+    )
+    status, _, body = parts(answer)
+    assert status == 404 and body.isascii(), body
+    for decoded in (body.decode("utf-8"), body.decode("latin-1")):
+        assert f"{NAME!r}" in message(json.loads(decoded)), decoded
 
 
 def load(url: str, images: Path, output: Path, clients: int, seconds: float, polite: bool = True):

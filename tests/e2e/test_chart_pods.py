@@ -4,13 +4,14 @@ named volume standing for the claim), then classifying through it. Then the GPU 
 scenario: the gateway and Triton in one pod sharing its memory-backed /dev/shm, with a
 stand-in for NVIDIA's Triton image (the CPU tritonserver of the nvidia-pytriton wheel)
 started with the chart's Triton container arguments; a request is answered through shared
-memory.
+memory. In both, the chart's `helm test` pod, run, classifies through the gateway pod.
 
 What the test changes in a rendered object, and why: one replica (kube play starts a pod per
 replica; each would want the same loopback port), each container port also published on
 this machine's 127.0.0.1 (a hostPort: the test's way in; the chart sets none), each
 emptyDir given a volume of its own (tests.helpers.containers.played says why), and Triton's
-`$(TRITON_ADMIN_KEY)` argument expanded from its Secret, as the kubelet expands it. What podman does not
+`$(TRITON_ADMIN_KEY)` argument expanded from its Secret, as the kubelet expands it, and the
+test pod's URL, which names this machine's loopback instead of the Service. What podman does not
 honour is listed in docs/development.md ("Containers and pods")."""
 
 from __future__ import annotations
@@ -63,7 +64,8 @@ def demo_claim(demo):
 def test_the_cpu_scenarios_gateway_pod_classifies(gateway_image, demo, demo_claim, tmp_path):
     values = containers.scenario("default")
     values["modelRepository"]["pvc"]["existingClaim"] = demo_claim
-    dep = deployment(containers.render_chart(values))
+    objs = containers.render_chart(values)
+    dep = deployment(objs)
     gateway = container(dep, "gateway")
     assert gateway["image"] == gateway_image  # the chart's default image is what make image tags
     ports = containers.publish_loopback(gateway)
@@ -96,6 +98,10 @@ def test_the_cpu_scenarios_gateway_pod_classifies(gateway_image, demo, demo_clai
             "exec", name, "sh", "-c", "touch /opt/x 2>&1; touch /tmp/x && echo tmp-ok"
         )
         assert "Read-only file system" in wrote.stdout and "tmp-ok" in wrote.stdout
+
+        # `helm test`: the chart's test pod, run, classifies through the gateway pod.
+        code, out = containers.helm_test(objs, tmp_path, ports["http"])
+        assert code == 0 and out.startswith("ok: digits version 1: "), out
 
 
 @pytest.fixture(scope="module")
@@ -170,6 +176,13 @@ def test_the_sidecar_pod_answers_through_shared_memory(
         assert top["index"] == int(np.argmax(expected))
         np.testing.assert_allclose(top["score"], expected.max(), atol=1e-4)
         assert triton_successes(triton_url) == before + 1  # Triton ran it
+
+        # `helm test` in the sidecar scenario, API keys on (the pod reads one from the
+        # Secret): the chart's test pod, run. (podman enforces no NetworkPolicy: that every
+        # scenario's policies admit this pod is tests/deploy/test_chart.py's.)
+        code, out = containers.helm_test(objs, tmp_path, ports["http"])
+        assert code == 0 and out.startswith("ok: digits version 1: "), out
+        assert triton_successes(triton_url) == before + 2
 
 
 def triton_successes(triton_url: str) -> float:

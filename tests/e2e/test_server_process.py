@@ -18,7 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from service.host.processes import GatewayProcess, wait_until
 from service.transports.grpc import classifier_pb2 as pb
 from service.transports.grpc import classifier_pb2_grpc as pbg
-from tests.helpers.cli import run_cli
+from tests.helpers.cli import run_cli, without_package
 from tests.helpers.images import image_bytes
 from tests.helpers.metrics import rss_mb, scrape
 
@@ -259,6 +259,29 @@ def test_cli_refuses_a_bad_repository(tmp_path):
     )
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "RESNET_SERVE_BACKEND=tensorflow: Input should be" in proc.stderr
+
+
+def test_choosing_openvino_where_it_is_not_installed_is_one_line(tiny, tmp_path):
+    """Its import made to fail as where the extra is not installed (a stub package first
+    on PYTHONPATH): --engine openvino stops at once, saying how to get it; auto serves
+    with what is installed (checked in process: tests/integration/test_engines.py)."""
+    env = without_package("openvino", tmp_path)
+    for how in (("--engine", "openvino"), ()):
+        proc = run_cli(
+            "resnet-serve",
+            "serve",
+            "--repository",
+            str(tiny.repository),
+            *how,
+            env={**env, **({} if how else {"RESNET_SERVE_ENGINE": "openvino"})},
+            timeout=60,
+        )
+        assert proc.returncode == 1, proc.stderr
+        assert proc.stderr.strip() == (
+            "resnet-serve: error: invalid setting RESNET_SERVE_ENGINE=openvino: OpenVINO is "
+            "not installed (No module named 'openvino'): install resnet-serving[openvino], "
+            "or build the image with --build-arg OPENVINO=1"
+        )
 
 
 def test_cli_takes_the_repository_and_backend_from_the_environment(tmp_path):

@@ -91,13 +91,14 @@ def test_heldout_over_rest_and_grpc_through_triton(via_triton, demo, embedded_to
     assert np.array_equal(rest, embedded_top1)  # identical top-1 to the embedded backend
     assert np.array_equal(grpc_top1, embedded_top1)
     metrics = httpx.get(via_triton.url + "/metrics").text
-    assert 'resnet_serve_inference_seconds_count{backend="triton",model="digits",version="1"}' in (
-        metrics
-    )
     assert (
-        'backend="triton",kernels="triton",model="digits",precision="fp32",version="1"} 1.0'
-        in metrics
-    )
+        'resnet_serve_inference_seconds_count{backend="triton",model="digits",'
+        'served_precision="fp32",version="1"}'
+    ) in metrics
+    assert (
+        'backend="triton",kernels="triton",model="digits",precision="fp32",'
+        'served_precision="fp32",version="1"} 1.0'
+    ) in metrics
 
 
 def _answers(client, module, x: np.ndarray, images: list[bytes]) -> dict:

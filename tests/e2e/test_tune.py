@@ -1,11 +1,12 @@
-"""`resnet-serve tune` on a backend of known cost: it must find the setting that is known to
-be best, and write it where an operator takes it from (an env file, Helm values the chart
-accepts)."""
+"""`resnet-serve tune` on engines of known cost: it must find the engine and setting known to
+be best, say what each candidate computed in, and write the best where an operator takes it
+from (an env file, Helm values the chart accepts)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -13,32 +14,48 @@ import helm_python as helm
 import numpy as np
 import yaml
 
-from service.backends.onnxruntime import OnnxRuntimeBackend
+from service.backends.base import Backend
+from service.backends.engines import make_engine
+from service.host.cpus import has_bf16
 from service.model.repository import ModelSpec
 from service.settings import Settings
-from service.tools.tune import tune
+from service.tools.tune import candidates, tune
 from service.transports.serving import ThreadedGateway
 from tests.helpers.cli import run_cli
 from tests.helpers.doubles import SlowBackend
+from tests.helpers.engines import NEEDS_OPENVINO
 from tests.helpers.images import image_bytes
+from tests.helpers.models import as_bf16
 from tests.helpers.paths import CHART
 
-PER_IMAGE_S = 0.03
+#: Seconds per image, whatever the batch, by engine: OpenVINO twice as fast.
+PER_IMAGE_S = {"onnxruntime": 0.06, "openvino": 0.03}
 
 
 class PerImage(SlowBackend):
-    """30 ms per image, whatever the batch: batching buys nothing, and only running
-    batches side by side (ORT_PARALLEL_BATCHES) adds capacity."""
+    """A fixed cost per image, whatever the batch: batching buys nothing, and only running
+    batches side by side (ORT_PARALLEL_BATCHES) or the faster engine adds capacity."""
+
+    def __init__(self, inner: Backend, per_image_s: float) -> None:
+        super().__init__(inner, 0.0)
+        self.per_image_s = per_image_s
 
     def warm_costs(self, spec: ModelSpec) -> dict[int, float]:
-        return {n: PER_IMAGE_S * n for n in self.inner.warm_costs(spec)}
+        return {n: self.per_image_s * n for n in self.inner.warm_costs(spec)}
 
     async def infer(self, spec: ModelSpec, batch: np.ndarray, timeout_s: float) -> np.ndarray:
-        await asyncio.sleep(PER_IMAGE_S * len(batch))
+        await asyncio.sleep(self.per_image_s * len(batch))
         return await self.inner.infer(spec, batch, timeout_s)
 
 
-def test_tune_finds_the_known_best_setting(tiny, tmp_path):
+@NEEDS_OPENVINO
+def test_tune_finds_the_known_best_engine_and_setting(tiny, tmp_path):
+    """Each engine with one batch and with two side by side (tune's first round), on a bf16
+    version: the best is the faster engine's two batches, and the report says which engine
+    computed each candidate in what."""
+    repo = tmp_path / "repo"
+    shutil.copytree(tiny.repository, repo)
+    as_bf16(repo)
     images = tmp_path / "images"
     images.mkdir()
     for i in range(3):
@@ -46,12 +63,13 @@ def test_tune_finds_the_known_best_setting(tiny, tmp_path):
 
     @contextmanager
     def launch(overrides: dict) -> Iterator[str]:
-        settings = Settings(repository=tiny.repository, **overrides)
-        backend = OnnxRuntimeBackend(parallel_batches=settings.ort_parallel_batches)
-        with ThreadedGateway(settings, PerImage(backend, 0.0)) as gw:
+        settings = Settings(repository=repo, **overrides)
+        backend = make_engine(settings.engine, settings)
+        with ThreadedGateway(settings, PerImage(backend, PER_IMAGE_S[settings.engine])) as gw:
             yield gw.url
 
     out = tmp_path / "tune"
+    tried = candidates(2, ["onnxruntime", "openvino"])
     summary = tune(
         launch,
         tiny.name,
@@ -60,24 +78,32 @@ def test_tune_finds_the_known_best_setting(tiny, tmp_path):
         output=out,
         duration_s=1.5,
         warmup_s=0.3,
-        tried=[{}, {"ort_parallel_batches": 2}, {"max_batch_size": 2}],
+        tried=tried,
         log=lambda _: None,
     )
-    rates = {json.dumps(t["settings"]): t["slo"]["max_rate_per_s"] for t in summary["trials"]}
-    assert summary["best"]["settings"] == {"ort_parallel_batches": 2}, rates
-    assert rates['{"ort_parallel_batches": 2}'] > 1.4 * rates["{}"], rates
-    assert (out / "tune.env").read_text().splitlines()[1:] == [
-        "RESNET_SERVE_ORT_PARALLEL_BATCHES=2"
+    rows = summary["trials"]
+    assert [r["settings"] for r in rows] == tried
+    assert [(r["engine"], r["precision"], r["served_precision"]) for r in rows] == [
+        (e, "bf16", "bf16" if e == "openvino" and has_bf16() else "fp32")
+        for e in ("onnxruntime", "onnxruntime", "openvino", "openvino")
     ]
+    rates = {json.dumps(r["settings"]): r["slo"]["max_rate_per_s"] for r in rows}
+    best = {"engine": "openvino", "ort_parallel_batches": 2}
+    assert summary["best"]["settings"] == summary["recommended"] == best, rates
+    assert rates[json.dumps(best)] > 1.4 * max(v for k, v in rates.items() if k != json.dumps(best))
+    assert (out / "tune.env").read_text().splitlines()[1:] == [
+        "RESNET_SERVE_ENGINE=openvino",
+        "RESNET_SERVE_ORT_PARALLEL_BATCHES=2",
+    ]
+    assert "| `ORT_PARALLEL_BATCHES=2` (chosen) | openvino |" in (out / "tune.md").read_text()
     values = yaml.safe_load((out / "values.yaml").read_text())
-    assert values == {"gateway": {"config": {"ortParallelBatches": 2}}}
-    # The snippet is values the chart takes: the setting reaches the gateway's environment.
+    assert values == {"gateway": {"config": {"engine": "openvino", "ortParallelBatches": 2}}}
+    # The snippet is values the chart takes: the settings reach the gateway's environment.
     with helm.Chart.load(CHART) as chart:
         rendered = chart.render(values=values, name="t")
-    assert (
-        'name: RESNET_SERVE_ORT_PARALLEL_BATCHES\n              value: "2"'
-        in rendered["resnet-serving/templates/gateway-deployment.yaml"]
-    )
+    deployment = rendered["resnet-serving/templates/gateway-deployment.yaml"]
+    for name, value in (("ENGINE", "openvino"), ("ORT_PARALLEL_BATCHES", "2")):
+        assert f'name: RESNET_SERVE_{name}\n              value: "{value}"' in deployment
     assert json.loads((out / "tune.json").read_text())["best"] == summary["best"]
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+from pathlib import Path
 
 from tests.helpers.paths import BIN
 
@@ -21,6 +22,19 @@ def run_cli(
         env={**os.environ, **(env or {})},
         check=False,
     )
+
+
+def without_package(name: str, where: Path) -> dict[str, str]:
+    """An environment for :func:`run_cli` in which ``import name`` fails as it does where
+    the package is not installed: a stub package of that name under ``where``, first on
+    PYTHONPATH, that raises ImportError (only the import is simulated; the real package
+    stays installed for every other process)."""
+    stub = where / "uninstalled" / name
+    stub.mkdir(parents=True, exist_ok=True)
+    message = f"No module named {name!r}"
+    (stub / "__init__.py").write_text(f"raise ImportError({message!r})\n")
+    path = [str(stub.parent), *filter(None, [os.environ.get("PYTHONPATH")])]
+    return {"PYTHONPATH": os.pathsep.join(path)}
 
 
 def assert_one_line_failure(proc, *fragments):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import copy
 import json
 import os
 import subprocess
@@ -24,9 +25,9 @@ if TYPE_CHECKING:
     from tests.helpers.models import Demo
 
 # podman, whatever else is installed: the tests use its kube play, secrets and healthchecks.
-# (IMAGE and TARGET, deploy/image.sh's other settings, come from the tests alone.)
+# (IMAGE, TARGET and OPENVINO, deploy/image.sh's other settings, come from the tests alone.)
 ENV = {
-    **{k: v for k, v in os.environ.items() if k not in ("IMAGE", "TARGET")},
+    **{k: v for k, v in os.environ.items() if k not in ("IMAGE", "TARGET", "OPENVINO")},
     "ENGINE": "podman",
     "CONTAINERS_CONF": str(ROOT / "deploy" / "podman" / "containers.conf"),
 }
@@ -158,16 +159,18 @@ def publish_loopback(container: dict[str, Any]) -> dict[str, int]:
 
 
 @contextlib.contextmanager
-def played(objs: Sequence[dict[str, Any]], tmp: Path) -> Iterator[list[str]]:
-    """`podman kube play` of ``objs`` (Deployments); yields the names of the containers it
-    started, and tears the pods down (`kube down`) afterwards.
+def played(
+    objs: Sequence[dict[str, Any]], tmp: Path, network: str = NETWORK
+) -> Iterator[list[str]]:
+    """`podman kube play` of ``objs`` (Deployments, Pods); yields the names of the containers
+    it started, and tears the pods down (`kube down`) afterwards.
 
     podman makes an emptyDir a named volume: shared by every pod that names it, root-owned
     0755 where Kubernetes gives each pod its own, writable by any uid (0777). Each one here
     gets a volume of its own, made as Kubernetes makes it (see ``volume``)."""
     with contextlib.ExitStack() as stack:
         for obj in objs:
-            pod = obj["spec"]["template"]["spec"]
+            pod = obj["spec"]["template"]["spec"] if obj["kind"] == "Deployment" else obj["spec"]
             renamed = {}
             for vol in pod.get("volumes", []):
                 if "emptyDir" in vol:
@@ -177,15 +180,35 @@ def played(objs: Sequence[dict[str, Any]], tmp: Path) -> Iterator[list[str]]:
             for container in pod["containers"]:
                 for mount in container.get("volumeMounts", []):
                     mount["name"] = renamed.get(mount["name"], mount["name"])
-        spec = tmp / "play.yaml"
+        spec = tmp / f"play-{uuid.uuid4().hex[:8]}.yaml"  # one per play: they may nest
         spec.write_text(yaml.safe_dump_all(objs))
         stack.callback(podman, "kube", "down", str(spec), check=False, timeout=120)
-        podman("kube", "play", "--network", NETWORK, str(spec), timeout=300)
-        pods = [f"{o['metadata']['name']}-pod-0" for o in objs]
+        podman("kube", "play", "--network", network, str(spec), timeout=300)
+        # A Deployment's (one replica) pod is <name>-pod-0; a Pod keeps its name.
+        pods = [
+            o["metadata"]["name"] + ("-pod-0" if o["kind"] == "Deployment" else "") for o in objs
+        ]
         names = podman(
             "ps", "-a", "--format", "{{.Names}}", *(f"--filter=pod={p}" for p in pods)
         ).stdout.split()
         yield [n for n in names if not n.endswith("-infra")]
+
+
+def helm_test(objs: Sequence[dict[str, Any]], tmp: Path, http_port: int) -> tuple[int, str]:
+    """The chart's `helm test` pod, played: its image, command, securityContext and env
+    (API_KEY from the Secret, which ``secrets`` must hold), reaching the gateway's HTTP port
+    published on this machine's 127.0.0.1 as ``http_port`` (podman has no Service and no
+    cluster DNS: the pod's URL names this machine's loopback, which slirp4netns shows the pod
+    as 10.0.2.2). Returns its exit code and output, once it has exited."""
+    (pod,) = [copy.deepcopy(o) for o in objs if o["kind"] == "Pod"]
+    assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    (container,) = pod["spec"]["containers"]
+    (url,) = [e for e in container["env"] if e["name"] == "URL"]
+    url["value"] = f"http://10.0.2.2:{http_port}"
+    with played([pod], tmp, "slirp4netns:allow_host_loopback=true") as (name,):
+        wait_until(lambda: not running(name), 180, f"{name} still running", 0.3)
+        out = podman("logs", name, check=False)
+        return exit_code(name), out.stdout + out.stderr
 
 
 def render_chart(values: dict[str, Any]) -> list[dict[str, Any]]:

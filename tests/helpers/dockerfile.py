@@ -81,12 +81,22 @@ def _logical_lines(text: str) -> list[tuple[int, str]]:
     return out
 
 
-_VAR = re.compile(r"\$(?:\{(\w+)\}|(\w+))")
+_VAR = re.compile(r"\$(?:\{(\w+)(:\+[^}]*)?\}|(\w+))")
 
 
 def expand(value: str, variables: dict[str, str]) -> str:
-    """``$X`` / ``${X}`` from ``variables``; unknown ones (the base image's) stay as is."""
-    return _VAR.sub(lambda m: variables.get(m.group(1) or m.group(2), m.group(0)), value)
+    """``$X`` / ``${X}`` from ``variables``, and ``${X:+WORD}`` (WORD where X is set and not
+    empty, else nothing) as the shell expands it; unknown ones (the base image's) stay as is."""
+
+    def value_of(m: re.Match[str]) -> str:
+        name = m.group(1) or m.group(3)
+        if name not in variables:
+            return m.group(0)
+        if m.group(2):
+            return m.group(2)[2:] if variables[name] else ""
+        return variables[name]
+
+    return _VAR.sub(value_of, value)
 
 
 class Dockerfile:

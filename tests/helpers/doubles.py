@@ -63,6 +63,9 @@ class SlowBackend(Backend):
     def warm_costs(self, spec: ModelSpec) -> dict[int, float]:
         return {n: t + self.delay_s for n, t in self.inner.warm_costs(spec).items()}
 
+    def served_precision(self, spec: ModelSpec) -> str:
+        return self.inner.served_precision(spec)
+
     async def infer(self, spec: ModelSpec, batch: np.ndarray, timeout_s: float) -> np.ndarray:
         self.batches.append(len(batch))
         await asyncio.sleep(self.delay_s)

@@ -122,3 +122,44 @@ RGB = contract(arch="resnet50", resize=256, crop=224, num_classes=1000)  # ResNe
 GREY = RGB.model_copy(
     update={"channels": "L", "mean": (0.5,), "std": (0.25,), "resize": 36, "crop": 32}
 )
+
+
+def as_bf16(repo: Path, name: str = "tiny") -> None:
+    """Version 1 of ``name`` in ``repo`` made a bf16 version: its contract says bf16 over the
+    same FP32 graph, as export's ``--precision bf16`` publishes it."""
+    import json
+
+    from service.model.repository import CONTRACT_FILENAME
+
+    path = repo / name / "1" / CONTRACT_FILENAME
+    path.write_text(json.dumps({**json.loads(path.read_text()), "precision": "bf16"}))
+
+
+def unconvertible_graph(path: Path) -> None:
+    """A valid graph with the tiny contract's tensors that ONNX Runtime runs and OpenVINO
+    has no conversion for (StringNormalizer: strings have no place in its CPU plugin)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    nodes = [
+        helper.make_node("ReduceMean", ["input"], ["mean"], axes=[1, 2, 3], keepdims=0),
+        helper.make_node("Cast", ["mean"], ["text"], to=TensorProto.STRING),
+        helper.make_node("StringNormalizer", ["text"], ["same"], locale="C"),
+        helper.make_node("Cast", ["same"], ["number"], to=TensorProto.FLOAT),
+        helper.make_node("Unsqueeze", ["number", "axis"], ["column"]),
+        helper.make_node("Tile", ["column", "repeats"], ["logits"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "unconvertible",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["n", 3, 32, 32])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", 10])],
+        [
+            helper.make_tensor("axis", TensorProto.INT64, [1], [1]),
+            helper.make_tensor("repeats", TensorProto.INT64, [2], [1, 10]),
+        ],
+    )
+    # IR 8: what ONNX Runtime 1.31 reads (onnx writes its newest by default).
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, path)

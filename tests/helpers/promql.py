@@ -176,3 +176,41 @@ def adapter_queries() -> Iterator[Query]:
 
 def all_queries() -> list[Query]:
     return [*rule_queries(), *dashboard_queries(), *adapter_queries()]
+
+
+#: The gateway's own metrics (resnet_serve_*) and prometheus_client's standard ones.
+GATEWAY_PREFIXES = ("resnet_serve_", "process_", "python_")
+
+
+def gateway_metric_problems(q: Query, kinds: dict[str, str]) -> list[str]:
+    """Each resnet_serve_*, process_* and python_* sample ``q`` names is one the gateway
+    exports (``kinds``: tests.helpers.metrics.sample_kinds), and only counters and histogram
+    parts go through rate()."""
+    wrong = []
+    for use in q.uses:
+        if not use.metric.startswith(GATEWAY_PREFIXES):
+            continue
+        kind = kinds.get(use.metric)
+        if kind is None:
+            wrong.append(f"{q.where}: {use.metric} is not exported")
+        elif use.in_rate != (kind in ("counter", "histogram")):
+            wrong.append(
+                f"{q.where}: {use.metric} ({kind}) {'in' if use.in_rate else 'not in'} rate()"
+            )
+    return wrong
+
+
+def gateway_label_problems(q: Query, labels: dict[str, set[str]]) -> list[str]:
+    """The labels each selector of a gateway metric in ``q`` matches on are its own
+    (``labels``: tests.helpers.metrics.declared_labels) or target labels, and so are those
+    a by/on clause names in a query made of gateway metrics only."""
+    wrong = []
+    gateway = [u for u in q.uses if u.metric in labels]
+    for use in gateway:
+        if extra := use.labels - labels[use.metric] - TARGET_LABELS:
+            wrong.append(f"{q.where}: {use.metric} has no label {sorted(extra)}")
+    if gateway and len(gateway) == len(q.uses):
+        have = set(TARGET_LABELS).union(*(labels[u.metric] for u in gateway))
+        if extra := q.grouping - have:
+            wrong.append(f"{q.where}: no metric of it has {sorted(extra)}")
+    return wrong

@@ -22,16 +22,23 @@ from service.settings import Settings
 from service.transports.http.app import create_app
 from service.transports.serving import ThreadedGateway
 from tests.helpers.doubles import SlowBackend
+from tests.helpers.engines import ENGINES
 from tests.helpers.errors import assert_error
 from tests.helpers.images import image_bytes
 from tests.helpers.metrics import counted
 from tests.helpers.models import TINY_LABELS
 
 
-@pytest.fixture(scope="module")
-def client(tiny):
+@pytest.fixture(scope="module", params=ENGINES)
+def client(tiny, request):
+    """The gateway on the tiny model, with each engine of the embedded backend."""
     app = create_app(
-        Settings(repository=tiny.repository, max_body_bytes=2_000_000, max_images_per_request=8)
+        Settings(
+            repository=tiny.repository,
+            max_body_bytes=2_000_000,
+            max_images_per_request=8,
+            engine=request.param,
+        )
     )
     with TestClient(app, raise_server_exceptions=False) as c:
         yield c
@@ -123,7 +130,10 @@ def test_models_endpoints(client):
     assert models[0]["labels_count"] == 10 and models[0]["default"] is True
     detail = client.get("/v1/models/tiny").json()
     assert detail["contract"]["channels"] == "RGB" and detail["contract"]["crop"] == 32
-    assert detail["version"] == "1" and detail["backend"] == "onnxruntime"
+    engine = client.app.state.runtime.settings.engine  # the fixture's
+    assert detail["version"] == "1" and detail["backend"] == engine
+    assert detail["precision"] == detail["served_precision"] == "fp32"
+    assert client.get("/v2/models/tiny").json()["parameters"]["backend"] == engine
     assert_error(client.get("/v1/models/nope"), 404, "model_not_found", "'nope'")
 
 
@@ -181,10 +191,11 @@ def test_metrics_use_route_templates(client, images):
         "resnet_serve_ready 1.0",
     ):
         assert name in text
+    engine = client.app.state.runtime.settings.engine  # the fixture's
     assert re.search(
-        r'resnet_serve_model_info\{arch="tiny",backend="onnxruntime",kernels="'
+        rf'resnet_serve_model_info\{{arch="tiny",backend="{engine}",kernels="'
         + re.escape(cpu_isa())
-        + r'",model="tiny",precision="fp32",version="1"\} 1\.0',
+        + r'",model="tiny",precision="fp32",served_precision="fp32",version="1"\} 1\.0',
         text,
     )
 

@@ -28,9 +28,11 @@ from service.settings import Settings
 from service.transports.grpc import classifier_pb2 as pb
 from service.transports.grpc import classifier_pb2_grpc as pbg
 from service.transports.http.app import create_app
+from tests.helpers.engines import ENGINES
 from tests.helpers.errors import assert_error, code_of
 from tests.helpers.images import image_bytes
 from tests.helpers.metrics import counted
+from tests.helpers.models import unconvertible_graph
 
 ADMIN = {"X-API-Key": "admin-key"}
 PNG = {"content-type": "image/png"}
@@ -141,8 +143,9 @@ def test_the_admin_api_is_off_by_default_and_needs_its_own_key(repo):
         assert_error(client.post("/v1/models/nope/reload", headers=ADMIN), 404, "model_not_found")
 
 
-def test_a_reload_switches_to_the_new_version_and_releases_the_old(repo):
-    with serve(repo, request_timeout_s=1.0) as client:
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_reload_switches_to_the_new_version_and_releases_the_old(repo, engine):
+    with serve(repo, request_timeout_s=1.0, engine=engine) as client:
         assert version_of(client) == "1"
         assert publish_version(repo / "tiny") == "2"
         assert version_of(client) == "1"  # nothing changes until a reload
@@ -163,7 +166,7 @@ def test_a_reload_switches_to_the_new_version_and_releases_the_old(repo):
         # Released once the last request planned on it is past its deadline (1 s here).
         # (Its state goes just after its session: under load the test may look in between.)
         wait_until(
-            lambda: list(backend._sessions) == [("tiny", "2")] and list(states(client)) == ["2"],
+            lambda: list(backend._runners) == [("tiny", "2")] and list(states(client)) == ["2"],
             10,
             "v1 not released",
         )
@@ -173,8 +176,9 @@ def test_a_reload_switches_to_the_new_version_and_releases_the_old(repo):
         assert counted(registry, "resnet_serve_traffic_weight", version="2") == 1
 
 
-def test_a_quick_rollback_routes_to_the_retiring_version_again(repo):
-    with serve(repo, request_timeout_s=2.0) as client:
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_quick_rollback_routes_to_the_retiring_version_again(repo, engine):
+    with serve(repo, request_timeout_s=2.0, engine=engine) as client:
         runtime = client.app.state.runtime  # type: ignore[attr-defined]
         backend = runtime.backend
         version_of(client)
@@ -191,46 +195,75 @@ def test_a_quick_rollback_routes_to_the_retiring_version_again(repo):
         wait_until(retirement.done, 10, "the retirement still runs")
         assert retirement.cancelled() and not runtime.lifecycle._retiring
         assert states(client)["1"]["state"] == "serving"
-        assert sorted(backend._sessions) == [("tiny", "1"), ("tiny", "2")]
+        assert sorted(backend._runners) == [("tiny", "1"), ("tiny", "2")]
         assert version_of(client) == "1"
 
 
-def _truncate(vdir: Path) -> str:
+# Each breakage returns what the refusal says, per engine.
+
+
+def _truncate(vdir: Path) -> dict[str, str]:
     (vdir / MODEL_FILENAME).write_bytes((vdir / MODEL_FILENAME).read_bytes()[:200])
-    return "ONNX Runtime cannot load it"
+    return {
+        "onnxruntime": "ONNX Runtime cannot load it",
+        "openvino": "OpenVINO cannot load it (FrontEnd API failed with GeneralFailure: Model "
+        "can't be parsed)",
+    }
 
 
-def _newer_ir(vdir: Path) -> str:
+def _newer_ir(vdir: Path) -> dict[str, str]:
     """A graph saved by a newer ONNX than this ONNX Runtime reads: the reason is kept whole,
-    not cut short behind ONNX Runtime's C++ source location and signature."""
+    not cut short behind ONNX Runtime's C++ source location and signature. (OpenVINO reads
+    the graph as it is.)"""
     import onnx
 
     model = onnx.load(vdir / MODEL_FILENAME)
     model.ir_version = 99
     onnx.save(model, vdir / MODEL_FILENAME)
-    return (
-        "ONNX Runtime cannot load it (Unsupported model IR version: 99, max supported IR version:"
-    )
+    return {
+        "onnxruntime": "ONNX Runtime cannot load it (Unsupported model IR version: 99, max "
+        "supported IR version:"
+    }
 
 
-def _other_contract(vdir: Path) -> str:
+def _unconvertible(vdir: Path) -> dict[str, str]:
+    """A graph with an operator OpenVINO has no conversion for (StringNormalizer), which
+    ONNX Runtime runs (its answers are not the probe's)."""
+    unconvertible_graph(vdir / MODEL_FILENAME)
+    return {
+        "onnxruntime": "parity probe failed",
+        "openvino": "OpenVINO cannot load it (FrontEnd API failed with OpConversionFailure: "
+        "Model wasn't fully converted. Summary: -- No conversion rule found for operations: "
+        "StringNormalizer-17)",
+    }
+
+
+def _other_contract(vdir: Path) -> dict[str, str]:
     text = (vdir / CONTRACT_FILENAME).read_text().replace('"resize": 36', '"resize": 40')
     (vdir / CONTRACT_FILENAME).write_text(text.replace('"crop": 32', '"crop": 40'))
-    return "!= preprocess.json"
+    return dict.fromkeys(("onnxruntime", "openvino"), "!= preprocess.json")
 
 
-def _wrong_probe(vdir: Path) -> str:
+def _wrong_probe(vdir: Path) -> dict[str, str]:
     inputs = np.random.default_rng(0).normal(size=(2, 3, 32, 32)).astype(np.float32)
     outputs = np.random.default_rng(1).normal(size=(2, 10)).astype(np.float32) * 10
     np.savez(vdir / PROBE_FILENAME, inputs=inputs, outputs=outputs)
-    return "parity probe failed"
+    return dict.fromkeys(("onnxruntime", "openvino"), "parity probe failed")
 
 
-@pytest.mark.parametrize("corrupt", [_truncate, _newer_ir, _other_contract, _wrong_probe])
-def test_a_version_that_cannot_be_served_leaves_the_old_one_serving(repo, corrupt):
-    with serve(repo) as client:
+@pytest.mark.parametrize(
+    ("corrupt", "engine"),
+    [
+        pytest.param(corrupt, *engine.values, marks=engine.marks)
+        for corrupt in (_truncate, _newer_ir, _unconvertible, _other_contract, _wrong_probe)
+        for engine in ENGINES
+        if corrupt is not _newer_ir or engine.values == ("onnxruntime",)  # OpenVINO serves it
+    ],
+)
+def test_a_version_that_cannot_be_served_leaves_the_old_one_serving(repo, corrupt, engine):
+    with serve(repo, engine=engine) as client:
         publish_version(repo / "tiny")
-        reason = corrupt(repo / "tiny" / "2")
+        reason = corrupt(repo / "tiny" / "2")[engine]
         resp = client.post("/v1/models/tiny/reload", headers=ADMIN)
         assert_error(resp, 409, "load_failed", reason)
         assert "still serving version 1" in resp.json()["error"]["message"]
@@ -245,7 +278,7 @@ def test_a_version_that_cannot_be_served_leaves_the_old_one_serving(repo, corrup
         assert counted(registry, "resnet_serve_model_loads_total", outcome="failed") == 1
         assert counted(registry, "resnet_serve_model_load_failing", model="tiny") == 1
         backend = client.app.state.runtime.backend  # type: ignore[attr-defined]
-        assert list(backend._sessions) == [("tiny", "1")]  # nothing of version 2 is held
+        assert list(backend._runners) == [("tiny", "1")]  # nothing of version 2 is held
 
 
 def test_polling_picks_up_a_new_version_and_a_removed_one(repo):

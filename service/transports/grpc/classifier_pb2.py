@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n(service/transports/grpc/classifier.proto\x12\x11resnet_serving.v1\"V\n\x0f\x43lassifyRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06images\x18\x02 \x03(\x0c\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x15\n\rmodel_version\x18\x04 \x01(\t\"l\n\x10\x43lassifyResponse\x12\x32\n\x07results\x18\x01 \x03(\x0b\x32!.resnet_serving.v1.Classification\x12\r\n\x05model\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\"D\n\x0e\x43lassification\x12\x32\n\x0bpredictions\x18\x01 \x03(\x0b\x32\x1d.resnet_serving.v1.Prediction\"9\n\nPrediction\x12\r\n\x05index\x18\x01 \x01(\x05\x12\r\n\x05label\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x02\"\x13\n\x11ListModelsRequest\"B\n\x12ListModelsResponse\x12,\n\x06models\x18\x01 \x03(\x0b\x32\x1c.resnet_serving.v1.ModelInfo\"\xaf\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0c\n\x04\x61rch\x18\x03 \x01(\t\x12\x13\n\x0bnum_classes\x18\x04 \x01(\x05\x12\x16\n\x0emax_batch_size\x18\x05 \x01(\x05\x12\x11\n\tprecision\x18\x06 \x01(\t\x12\x12\n\nis_default\x18\x07 \x01(\x08\x12\x10\n\x08versions\x18\x08 \x03(\t\x12\x0f\n\x07kernels\x18\t \x01(\t\"#\n\x12ReloadModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\"U\n\x13ReloadModelResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07serving\x18\x02 \x03(\t\x12\r\n\x05\x61\x64\x64\x65\x64\x18\x03 \x03(\t\x12\x0f\n\x07retired\x18\x04 \x03(\t2\x9a\x02\n\nClassifier\x12S\n\x08\x43lassify\x12\".resnet_serving.v1.ClassifyRequest\x1a#.resnet_serving.v1.ClassifyResponse\x12Y\n\nListModels\x12$.resnet_serving.v1.ListModelsRequest\x1a%.resnet_serving.v1.ListModelsResponse\x12\\\n\x0bReloadModel\x12%.resnet_serving.v1.ReloadModelRequest\x1a&.resnet_serving.v1.ReloadModelResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n(service/transports/grpc/classifier.proto\x12\x11resnet_serving.v1\"V\n\x0f\x43lassifyRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06images\x18\x02 \x03(\x0c\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x15\n\rmodel_version\x18\x04 \x01(\t\"l\n\x10\x43lassifyResponse\x12\x32\n\x07results\x18\x01 \x03(\x0b\x32!.resnet_serving.v1.Classification\x12\r\n\x05model\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\"D\n\x0e\x43lassification\x12\x32\n\x0bpredictions\x18\x01 \x03(\x0b\x32\x1d.resnet_serving.v1.Prediction\"9\n\nPrediction\x12\r\n\x05index\x18\x01 \x01(\x05\x12\r\n\x05label\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x02\"\x13\n\x11ListModelsRequest\"B\n\x12ListModelsResponse\x12,\n\x06models\x18\x01 \x03(\x0b\x32\x1c.resnet_serving.v1.ModelInfo\"\xda\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0c\n\x04\x61rch\x18\x03 \x01(\t\x12\x13\n\x0bnum_classes\x18\x04 \x01(\x05\x12\x16\n\x0emax_batch_size\x18\x05 \x01(\x05\x12\x11\n\tprecision\x18\x06 \x01(\t\x12\x12\n\nis_default\x18\x07 \x01(\x08\x12\x10\n\x08versions\x18\x08 \x03(\t\x12\x0f\n\x07kernels\x18\t \x01(\t\x12\x18\n\x10served_precision\x18\n \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x0b \x01(\t\"#\n\x12ReloadModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\"U\n\x13ReloadModelResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07serving\x18\x02 \x03(\t\x12\r\n\x05\x61\x64\x64\x65\x64\x18\x03 \x03(\t\x12\x0f\n\x07retired\x18\x04 \x03(\t2\x9a\x02\n\nClassifier\x12S\n\x08\x43lassify\x12\".resnet_serving.v1.ClassifyRequest\x1a#.resnet_serving.v1.ClassifyResponse\x12Y\n\nListModels\x12$.resnet_serving.v1.ListModelsRequest\x1a%.resnet_serving.v1.ListModelsResponse\x12\\\n\x0bReloadModel\x12%.resnet_serving.v1.ReloadModelRequest\x1a&.resnet_serving.v1.ReloadModelResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -44,11 +44,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTMODELSRESPONSE']._serialized_start=411
   _globals['_LISTMODELSRESPONSE']._serialized_end=477
   _globals['_MODELINFO']._serialized_start=480
-  _globals['_MODELINFO']._serialized_end=655
-  _globals['_RELOADMODELREQUEST']._serialized_start=657
-  _globals['_RELOADMODELREQUEST']._serialized_end=692
-  _globals['_RELOADMODELRESPONSE']._serialized_start=694
-  _globals['_RELOADMODELRESPONSE']._serialized_end=779
-  _globals['_CLASSIFIER']._serialized_start=782
-  _globals['_CLASSIFIER']._serialized_end=1064
+  _globals['_MODELINFO']._serialized_end=698
+  _globals['_RELOADMODELREQUEST']._serialized_start=700
+  _globals['_RELOADMODELREQUEST']._serialized_end=735
+  _globals['_RELOADMODELRESPONSE']._serialized_start=737
+  _globals['_RELOADMODELRESPONSE']._serialized_end=822
+  _globals['_CLASSIFIER']._serialized_start=825
+  _globals['_CLASSIFIER']._serialized_end=1107
 # @@protoc_insertion_point(module_scope)

@@ -86,7 +86,9 @@ def methods(runtime: Runtime) -> dict[str, Method]:
     ) -> pb.ModelMetadataResponse:
         plane = runtime.admit()
         spec = plane.spec(request.name, request.version or None)
-        return _message(oi.model_metadata(plane, spec), pb.ModelMetadataResponse())
+        metadata = oi.model_metadata(plane, spec)
+        del metadata["parameters"]  # not a field of Triton's message (openinference says)
+        return _message(metadata, pb.ModelMetadataResponse())
 
     async def model_config(
         request: pb.ModelConfigRequest, context: Context

@@ -29,6 +29,7 @@ from service.transports.http.error_responses import install_error_handlers
 from service.transports.http.kserve_http import v2, v2_models
 from service.transports.http.middleware import Admission, Admit, BodyLimit, Observe
 from service.transports.http.ops import ops
+from service.transports.http.pages import pages_router
 from service.transports.http.rest_v1 import admin, api
 
 if TYPE_CHECKING:
@@ -89,12 +90,17 @@ def create_app(
         version=__version__,
         description=DESCRIPTION,
         lifespan=lifespan,
+        # FastAPI's own /docs and /redoc load Swagger UI and ReDoc from a CDN: ours serve them
+        # from the gateway (service.transports.http.pages), at the same paths.
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.runtime = runtime
     app.state.startup_error = None
     install_error_handlers(app)
     for router in (api, admin, ops, v2, v2_models):
         app.include_router(router)
+    app.include_router(pages_router(app.title, bool(settings.api_keys), settings.try_page))
     # By operation id (a renamed route fails here, at start).
     routes = {
         r.operation_id: r

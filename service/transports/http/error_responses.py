@@ -6,10 +6,16 @@ shape, ``{"error": "message", "code": "..."}``; everything else in the gateway's
 the same fault. This is also the one place that sets Retry-After, makes the code the
 request's outcome (``resnet_serve_requests_total{outcome=code}``, the log line) and turns
 anything unexpected into a generic 500 (logged, never echoed).
+
+Error bodies are ASCII: what a message echoes of the request (a model name in any script)
+goes out as JSON escapes (``\u00f1``), so every client reads back the characters it sent,
+whatever charset it assumes for ``application/json`` (one that assumed Latin-1 showed a
+UTF-8 name as mojibake).
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -45,15 +51,29 @@ def error_response(
     err = as_service_error(exc, f"HTTP {path[:200]}")
     if (record := observe.current()) is not None:
         record.outcome = err.code
-    body: dict[str, Any]
-    if is_kserve(path):
-        body = {"error": err.message, "code": err.code}
-    else:
-        body = {"error": {"code": err.code, "message": err.message}}
     headers = dict(headers or {})
     if (retry_after := err.retry_after_header()) is not None:
         headers["Retry-After"] = retry_after
-    return JSONResponse(body, err.http_status, headers=headers)
+    return ErrorJSON(error_body(err, path), err.http_status, headers=headers)
+
+
+def error_body(err: ServiceError, path: str) -> dict[str, Any]:
+    """``err`` in the dialect of ``path``."""
+    if is_kserve(path):
+        return {"error": err.message, "code": err.code}
+    return {"error": {"code": err.code, "message": err.message}}
+
+
+class ErrorJSON(JSONResponse):
+    """An error body: JSON, in ASCII (the module's docstring says why)."""
+
+    def render(self, content: Any) -> bytes:
+        return error_json(content)
+
+
+def error_json(body: dict[str, Any]) -> bytes:
+    """An error body's bytes: compact JSON, ASCII (the module's docstring says why)."""
+    return json.dumps(body, allow_nan=False, separators=(",", ":")).encode("ascii")
 
 
 def _as_service_error(exc: Exception, request: Request) -> BaseException:
@@ -69,6 +89,8 @@ def _as_service_error(exc: Exception, request: Request) -> BaseException:
     if isinstance(exc, ClientDisconnect):
         if getattr(request.state, "body_timed_out", False):  # see service.transports.http.guard
             return RequestTimeout("request body not received in time")
+        if (malformed := getattr(request.state, "malformed", None)) is not None:
+            return malformed  # a body the HTTP parser refused (service.transports.http.guard)
         return ClientClosed("the client closed the connection before the request was read")
     if isinstance(exc, StarletteHTTPException):
         if exc.status_code == 404:

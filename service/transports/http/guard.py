@@ -15,6 +15,11 @@ and buffers an unterminated header of any size.
   headers, or more than ``max_headers`` header lines: 431 and close, the rest unread;
 * a connection limit: past ``max_connections`` open connections, 503 + Retry-After and
   close at once;
+* malformed framing: bytes the HTTP parser refuses (a negative or repeated Content-Length,
+  Content-Length with Transfer-Encoding, CR, LF or NUL inside a header, a bad chunk size,
+  an unknown method or HTTP version) are answered 400 ``invalid_request`` in the envelope,
+  saying what the parser found, and the connection is closed (uvicorn's own answer is a
+  plain-text "Invalid HTTP request received.");
 * refusals before the app: a classify request its model cannot take now (the app's own
   admission check, ``service.transports.http.middleware.Admission.refuse_early``) is answered 503 as
   soon as its headers are parsed, without an ASGI task, the app's middleware or reading
@@ -36,18 +41,29 @@ from __future__ import annotations
 
 import asyncio
 import http
-import json
 import random
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import (
+    STATUS_LINE,
+    HttpToolsProtocol,
+    RequestResponseCycle,
+)
 
-from service.errors import HeaderTooLarge, Overloaded, RequestTimeout, ServiceError
+from service.errors import (
+    HeaderTooLarge,
+    InvalidRequest,
+    Overloaded,
+    RequestTimeout,
+    ServiceError,
+)
 from service.observability import observe
 from service.observability.metrics import Metrics
+from service.transports.http.error_responses import error_body, error_json
 
 #: The longest a connection is left unread after a 503 (see the module's docstring).
 MAX_PAUSE_S = 2.0
@@ -120,6 +136,11 @@ class GuardedProtocol(HttpToolsProtocol):
         self._header_count = 0
         self._refused = False
         self._pause_s = 0.0  # after this response: its 503's Retry-After
+        # Framing the parser refused (send_400_response): the error, and the request whose
+        # body it was in (None: it was in a request line or headers).
+        self._in_body = False
+        self._malformed: InvalidRequest | None = None
+        self._failing: RequestResponseCycle | None = None
         self._rng = random.Random()
 
     # --- connection ---------------------------------------------------------------
@@ -151,6 +172,7 @@ class GuardedProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._in_headers = True
+        self._in_body = False
         self._header_count = 0
         if self._timer is None:  # a keep-alive connection's next request
             self._arm(self.guard.limits.header_timeout_s, self._headers_too_slow)
@@ -167,6 +189,7 @@ class GuardedProtocol(HttpToolsProtocol):
             self._refuse(HeaderTooLarge(f"more than {self.guard.limits.max_headers} header lines"))
             return
         super().on_headers_complete()
+        self._in_body = True
         self._watch_status()
         self._arm(self.guard.limits.body_idle_timeout_s, self._body_too_slow)
         self._body_deadline = self.loop.call_later(
@@ -182,6 +205,7 @@ class GuardedProtocol(HttpToolsProtocol):
     def on_message_complete(self) -> None:
         if self._refused:
             return
+        self._in_body = False
         self._disarm()
         super().on_message_complete()
 
@@ -226,6 +250,9 @@ class GuardedProtocol(HttpToolsProtocol):
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
+        if self._malformed is not None:
+            self._answer_malformed()
+            return
         if self._pause_s and not self.transport.is_closing():
             self.transport.pause_reading()
             # A quarter to a half of it: a client that waits as asked (even with the
@@ -293,15 +320,57 @@ class GuardedProtocol(HttpToolsProtocol):
             self.cycle.scope["state"]["body_timed_out"] = True
         self.transport.close()
 
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's answer to bytes its HTTP parser refuses (it calls this while handling
+        the parser's error): that error's reason, in the envelope (the module's docstring),
+        after every earlier request's answer. Nothing more is read."""
+        self._refused = True
+        self._disarm()
+        self._malformed = malformed(sys.exc_info()[1])
+        cycle = self.cycle
+        if self._in_body and cycle is not None:
+            # The body of the newest request: its app (running, or queued behind earlier
+            # requests) is told the client went away, and why (its outcome is this error:
+            # service.transports.http.error_responses); it answers nothing more.
+            cycle.scope["state"]["malformed"] = self._malformed
+            cycle.disconnected = True
+            cycle.message_event.set()
+            if cycle.response_started:
+                self.transport.close()  # it has an answer, or part of one: nothing to add
+                return
+            self._failing = cycle
+        self._answer_malformed()
+
+    def _answer_malformed(self) -> None:
+        """Answer the malformed request and close, once every request before it has had its
+        answer (answers go out in order; on_response_complete calls again until then)."""
+        cycle = self.cycle
+        if self.pipeline or not (
+            cycle is None or cycle.response_complete or cycle is self._failing
+        ):
+            return
+        assert self._malformed is not None
+        if self._failing is None:
+            self._refuse(self._malformed)  # counted here: no app saw it
+        else:  # its app's account counts it
+            self.transport.write(closing_answer(self._malformed, self._failing.scope["path"]))
+            self.transport.close()
+
     def _refuse(self, err: ServiceError) -> None:
-        """Answer before any route is known (so in the /v1 envelope) and close."""
+        """Answer before any route is known and close."""
         self._refused = True
         self._disarm()
         record = observe.Record("http", "unmatched", observe.request_id(None))
         record.outcome, record.status = err.code, str(err.http_status)
         record.finish(self.guard.metrics)
-        self.transport.write(closing_answer(err))
+        self.transport.write(closing_answer(err, self._path()))
         self.transport.close()
+
+    def _path(self) -> str:
+        """The path of the request being read, as far as it has come (what chooses an error's
+        dialect: ``/v2...`` is KServe's); "" before its request line."""
+        url: bytes = getattr(self, "url", b"")  # set by uvicorn as a request begins
+        return url.split(b"?", 1)[0].decode("latin-1")
 
 
 def guarded_protocol(guard: Guard) -> type[GuardedProtocol]:
@@ -311,10 +380,19 @@ def guarded_protocol(guard: Guard) -> type[GuardedProtocol]:
     return protocol
 
 
-def closing_answer(err: ServiceError) -> bytes:
+def malformed(exc: BaseException | None) -> InvalidRequest:
+    """The error for bytes the HTTP parser refused with ``exc`` (httptools'
+    ``HttpParserError``, whose message is llhttp's reason: "Invalid character in
+    Content-Length", "Transfer-Encoding can't be present with Content-Length", ...)."""
+    reason = str(exc).strip() if exc is not None else ""
+    return InvalidRequest(f"malformed HTTP request: {reason or 'the parser refused it'}"[:200])
+
+
+def closing_answer(err: ServiceError, path: str = "") -> bytes:
     """The whole response to a request refused before any route is known: ``err`` in the
-    /v1 envelope, with its Retry-After, closing the connection."""
-    body = json.dumps({"error": {"code": err.code, "message": err.message}}).encode()
+    dialect of ``path`` (the /v1 envelope, or KServe v2's), with its Retry-After, closing
+    the connection."""
+    body = error_json(error_body(err, path))
     head = [
         f"HTTP/1.1 {err.http_status} {http.HTTPStatus(err.http_status).phrase}",
         "content-type: application/json",

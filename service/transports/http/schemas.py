@@ -172,6 +172,11 @@ class ModelMetadata(BaseModel):
     platform: str
     inputs: list[TensorMetadata]
     outputs: list[TensorMetadata]
+    parameters: dict[str, str] = Field(
+        description="What runs the version: backend (onnxruntime, openvino, triton), "
+        "precision (as export proved it), served_precision (what its batches are computed "
+        "in), kernels."
+    )
 
 
 class ModelStatisticsList(BaseModel):

@@ -8,7 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from service.host.cpus import CpuBudget, cpu_budget, cpu_isa, usable_cpus
+from service.host.cpus import (
+    CpuBudget,
+    bf16_isa,
+    cpu_budget,
+    cpu_isa,
+    has_bf16,
+    usable_cpus,
+)
+from tests.helpers.engines import ENGINES, embedded
 
 
 class Host:
@@ -189,18 +197,20 @@ def test_this_machine():
     assert usable_cpus() == budget.usable
 
 
-def test_thread_counts_follow_the_usable_cpus(monkeypatch):
-    import service.backends.onnxruntime as ort_backend
+@pytest.mark.parametrize("engine", ENGINES)
+def test_thread_counts_follow_the_usable_cpus(monkeypatch, engine):
+    import service.backends.embedded as embedded_module
 
-    monkeypatch.setattr(ort_backend, "usable_cpus", lambda: 6)
-    assert ort_backend.OnnxRuntimeBackend()._threads == 6
-    assert ort_backend.OnnxRuntimeBackend(parallel_batches=4)._threads == 1
-    assert ort_backend.OnnxRuntimeBackend(intra_op_threads=3)._threads == 3
+    monkeypatch.setattr(embedded_module, "usable_cpus", lambda: 6)
+    assert embedded(engine)._threads == 6
+    assert embedded(engine, parallel_batches=4)._threads == 1
+    assert embedded(engine, intra_op_threads=3)._threads == 3
 
 
 @pytest.mark.external
-async def test_gateway_start_logs_and_sizes_from_the_budget(tiny, monkeypatch, caplog):
-    import service.backends.onnxruntime as ort_backend
+@pytest.mark.parametrize("engine", ENGINES)
+async def test_gateway_start_logs_and_sizes_from_the_budget(tiny, monkeypatch, caplog, engine):
+    import service.backends.embedded as embedded_module
     import service.runtime.core as runtime_module
     from service.dataplane import plane as dataplane
     from service.observability.metrics import Metrics
@@ -210,14 +220,14 @@ async def test_gateway_start_logs_and_sizes_from_the_budget(tiny, monkeypatch, c
     budget = CpuBudget(usable=3, affinity=64, quota=3.0, node=64)
     monkeypatch.setattr(runtime_module, "cpu_budget", lambda: budget)
     monkeypatch.setattr(dataplane, "usable_cpus", lambda: budget.usable)
-    monkeypatch.setattr(ort_backend, "usable_cpus", lambda: budget.usable)
-    runtime = Runtime(Settings(repository=tiny.repository), Metrics())
+    monkeypatch.setattr(embedded_module, "usable_cpus", lambda: budget.usable)
+    runtime = Runtime(Settings(repository=tiny.repository, engine=engine), Metrics())
     with caplog.at_level(logging.INFO, logger="service.runtime.core"):
         await runtime.start()
     try:
         assert runtime.plane is not None and runtime.plane.decoder.workers == 3
-        assert isinstance(runtime.backend, ort_backend.OnnxRuntimeBackend)
-        assert runtime.backend._threads == 3
+        assert isinstance(runtime.backend, embedded_module.EmbeddedBackend)
+        assert runtime.backend.name == engine and runtime.backend._threads == 3
         lines = [r.getMessage() for r in caplog.records if "sizing threads" in r.getMessage()]
         assert lines == [
             "sizing threads for 3 CPUs (cgroup quota 3.0, of 64 on the node, affinity mask 64)"
@@ -226,22 +236,31 @@ async def test_gateway_start_logs_and_sizes_from_the_budget(tiny, monkeypatch, c
         await runtime.close()
 
 
-# Flags as /proc/cpuinfo lists them on each kind (trimmed to what decides the kernel path).
+# Flags as /proc/cpuinfo lists them on each kind (trimmed to what decides the kernel path
+# and BF16).
 @pytest.mark.parametrize(
-    ("flags", "isa"),
+    ("flags", "isa", "bf16"),
     [
-        ("fpu sse4_1 avx2 avx512f avx512bw avx512_vnni amx_tile amx_int8 amx_bf16", "AMX"),
-        ("fpu sse4_1 avx2 avx512f avx512bw avx512_vnni", "AVX-512 VNNI"),  # Cascade Lake, Zen 4
-        ("fpu sse4_1 avx2 avx_vnni", "AVX-VNNI"),  # Alder Lake
-        ("fpu sse4_1 avx2 avx512f avx512bw", "AVX-512"),  # Skylake-SP: saturating, like AVX2
-        ("fpu sse4_1 avx2", "AVX2"),  # Zen 2/3
-        ("fpu sse4_1", "SSE4.1"),
+        (
+            "fpu sse4_1 avx2 avx512f avx512bw avx512_vnni avx512_bf16 amx_tile amx_int8 amx_bf16",
+            "AMX",
+            "AMX-BF16",
+        ),  # Sapphire Rapids
+        ("fpu sse4_1 avx2 avx512f avx512bw avx512_vnni avx512_bf16", "AVX-512 VNNI", "AVX512_BF16"),
+        ("fpu sse4_1 avx2 avx512f avx512bw avx512_vnni", "AVX-512 VNNI", None),  # Cascade Lake
+        ("fpu sse4_1 avx2 avx_vnni", "AVX-VNNI", None),  # Alder Lake
+        ("fpu sse4_1 avx2 avx512f avx512bw", "AVX-512", None),  # Skylake-SP: saturating INT8
+        ("fpu sse4_1 avx2", "AVX2", None),  # Zen 2/3
+        ("fpu sse4_1", "SSE4.1", None),
     ],
 )
-def test_cpu_isa_names_the_int8_kernel_path_from_the_flags(tmp_path, flags, isa):
+def test_cpu_isa_and_bf16_from_the_flags(tmp_path, flags, isa, bf16):
+    """The INT8 kernel path and the BF16 instructions (Zen 4 and Cooper Lake: AVX512_BF16)
+    are read from the first CPU's flags."""
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text(f"processor\t: 0\nmodel name\t: X\nflags\t\t: {flags}\n\nprocessor\t: 1\n")
     assert cpu_isa(cpuinfo) == isa
+    assert (bf16_isa(cpuinfo), has_bf16(cpuinfo)) == (bf16, bf16 is not None)
 
 
 def test_cpu_isa_without_x86_flags_is_the_architecture(tmp_path):
@@ -251,3 +270,4 @@ def test_cpu_isa_without_x86_flags_is_the_architecture(tmp_path):
     (tmp_path / "cpuinfo").write_text("processor\t: 0\nFeatures\t: fp asimd\n")
     assert cpu_isa(tmp_path / "cpuinfo") == platform.machine()
     assert cpu_isa(tmp_path / "missing") == platform.machine()
+    assert bf16_isa(tmp_path / "cpuinfo") is bf16_isa(tmp_path / "missing") is None

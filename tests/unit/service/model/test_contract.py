@@ -39,3 +39,16 @@ def test_an_input_dtype_goes_with_its_layout():
             )
     # Pixels and planes are different inputs: no shadow between them.
     assert not TINY_CONTRACT.same_io(pixels)
+
+
+def test_bf16_is_a_precision_of_its_own():
+    """A bf16 version (the FP32 graph, served in BF16 where the CPU has it) says so in its
+    contract; it has no INT8 scheme, and a precision the gateway does not know is refused."""
+    bf16 = PreprocessContract.model_validate({**TINY_CONTRACT.model_dump(), "precision": "bf16"})
+    assert PreprocessContract.model_validate_json(bf16.to_json()).precision == "bf16"
+    # Only what the weights compute in differs: a bf16 version may shadow an fp32 one.
+    assert TINY_CONTRACT.same_io(bf16)
+    with pytest.raises(ValidationError, match="int8_scheme is for INT8 models, not bf16"):
+        PreprocessContract.model_validate({**bf16.model_dump(), "int8_scheme": "u8s8-reduce-range"})
+    with pytest.raises(ValidationError, match="precision"):
+        PreprocessContract.model_validate({**TINY_CONTRACT.model_dump(), "precision": "fp8"})

@@ -42,6 +42,7 @@ from service.observability.metrics import Metrics
 from service.runtime.lifecycle import Lifecycle, Reload, fingerprint
 from service.settings import Settings
 from tests.helpers.doubles import SlowBackend
+from tests.helpers.engines import ENGINES, embedded
 from tests.helpers.metrics import counted
 from tests.helpers.timing import on_virtual_clock, until
 
@@ -64,10 +65,13 @@ class Served:
 
 
 @contextlib.asynccontextmanager
-async def serving(repo: Path, backend: Backend | None = None, **settings) -> AsyncIterator[Served]:
-    """The repository served as the runtime serves it, less the running data plane."""
+async def serving(
+    repo: Path, backend: Backend | None = None, engine: str = "onnxruntime", **settings
+) -> AsyncIterator[Served]:
+    """The repository served as the runtime serves it, less the running data plane (by
+    ``backend``, else the embedded ``engine``)."""
     config = Settings(repository=repo, **settings)
-    backend = backend or OnnxRuntimeBackend(intra_op_threads=1)
+    backend = backend or embedded(engine, intra_op_threads=1)
     specs = load_repository(repo)
     await backend.start(specs)
     metrics = Metrics()
@@ -147,8 +151,9 @@ async def test_a_model_that_is_not_served_cannot_be_reloaded(repo):
 # --- new versions, retired versions, rollback -------------------------------------------------
 
 
-async def test_a_retired_version_keeps_answering_until_its_last_request_is_past(repo):
-    async with serving(repo) as served:
+@pytest.mark.parametrize("engine", ENGINES)
+async def test_a_retired_version_keeps_answering_until_its_last_request_is_past(repo, engine):
+    async with serving(repo, engine=engine) as served:
         old = served.version("1")
         old.last_deadline = time.perf_counter() + 3600  # a request planned on it, still running
         publish(repo)
@@ -168,9 +173,10 @@ async def test_a_retired_version_keeps_answering_until_its_last_request_is_past(
         assert served.count("resnet_serve_traffic_weight", version="2") == 1
 
 
-async def test_a_retired_version_is_released_once_past_its_last_deadline(repo):
+@pytest.mark.parametrize("engine", ENGINES)
+async def test_a_retired_version_is_released_once_past_its_last_deadline(repo, engine):
     gauges = ("resnet_serve_model_info", "resnet_serve_queue_capacity")
-    async with serving(repo) as served:
+    async with serving(repo, engine=engine) as served:
         old = served.version("1")  # no request planned on it: its last deadline is long past
         assert all(served.count(g, version="1") > 0 for g in gauges)
         publish(repo)
@@ -231,14 +237,15 @@ async def test_the_rollouts_weights_and_shadow_become_the_routing(repo):
         assert served.plane.routing("tiny").shares() == {"3": 1.0}
 
 
-async def test_canary_weights_on_a_version_that_cannot_load_go_to_the_newest_served(repo):
-    async with serving(repo) as served:
+@pytest.mark.parametrize("engine", ENGINES)
+async def test_canary_weights_on_a_version_that_cannot_load_go_to_the_newest_served(repo, engine):
+    async with serving(repo, engine=engine) as served:
         publish(repo)
         truncate_model(repo, "2")
         write_rollout(repo / "tiny", Rollout(weights={"1": 1, "2": 1}))
         result = await served.lifecycle.reload("tiny")
         assert not result.ok and result.serving == ["1"] and result.retired == []
-        assert "ONNX Runtime cannot load it" in result.failed["2"]
+        assert f"{served.backend.engine} cannot load it" in result.failed["2"]
         assert result.failed[""] == (
             "model 'tiny': canary weights for version 2, which is not served; unpinned "
             "traffic goes to the newest served version"
@@ -281,10 +288,11 @@ async def test_a_version_whose_backend_answers_garbage_fails_its_probe_and_is_un
             await backend.inner.infer(spec2, np.zeros((1, 3, 32, 32), np.float32), 5.0)
 
 
-async def test_a_version_published_without_a_probe_is_served(repo):
+@pytest.mark.parametrize("engine", ENGINES)
+async def test_a_version_published_without_a_probe_is_served(repo, engine):
     """An older export has no probe.npz: a blank image must give finite logits of the
     model's shape, nothing more is asked."""
-    async with serving(repo) as served:
+    async with serving(repo, engine=engine) as served:
         publish(repo)
         (repo / "tiny" / "2" / PROBE_FILENAME).unlink()
         result = await served.lifecycle.reload("tiny")

@@ -248,13 +248,20 @@ def test_headers_not_received_in_time_are_answered_408_and_an_idle_connection_cl
     on_virtual_clock(main())
 
 
-def test_a_body_that_stops_coming_closes_the_connection_and_marks_its_request():
-    scopes: list[dict] = []
+def reads_until_disconnect(scopes: list[dict]):
+    """An app that records its scope and reads its request until the client is gone."""
 
     async def app(scope, receive, send):
         scopes.append(scope)
         while (await receive())["type"] != "http.disconnect":
             pass
+
+    return app
+
+
+def test_a_body_that_stops_coming_closes_the_connection_and_marks_its_request():
+    scopes: list[dict] = []
+    app = reads_until_disconnect(scopes)
 
     async def main():
         protocol, transport = open_connection(Bounded, app)
@@ -273,11 +280,7 @@ def test_a_body_that_stops_coming_closes_the_connection_and_marks_its_request():
 
 def test_a_body_that_trickles_past_its_whole_time_closes_the_connection():
     scopes: list[dict] = []
-
-    async def app(scope, receive, send):
-        scopes.append(scope)
-        while (await receive())["type"] != "http.disconnect":
-            pass
+    app = reads_until_disconnect(scopes)
 
     async def main():
         protocol, transport = open_connection(Bounded, app)
@@ -291,3 +294,57 @@ def test_a_body_that_trickles_past_its_whole_time_closes_the_connection():
         protocol.connection_lost(None)
 
     on_virtual_clock(main())
+
+
+# --- framing the HTTP parser refuses ------------------------------------------------------------
+
+
+async def test_framing_the_parser_refuses_is_answered_400_in_the_envelope():
+    before = answered("invalid_request")
+    protocol, transport = open_connection(Bounded, never_called)
+    protocol.data_received(b"POST /v1/classify HTTP/1.1\r\nhost: x\r\ncontent-length: -1\r\n\r\n")
+    status, headers, body = refused(transport)
+    assert status == "HTTP/1.1 400 Bad Request" and headers["content-type"] == "application/json"
+    assert body == {
+        "error": {
+            "code": "invalid_request",
+            "message": "malformed HTTP request: Invalid character in Content-Length",
+        }
+    }
+    assert answered("invalid_request") == before + 1
+    protocol.data_received(b"GET / HTTP/1.1\r\n\r\n")  # nothing more is read
+    assert len(transport.writes) == 1
+
+
+async def test_on_a_kserve_path_the_answer_is_in_kserves_shape():
+    protocol, transport = open_connection(Bounded, never_called)
+    protocol.data_received(b"GET /v2/models/x HTTP/1.1\r\nhost: x\r\nx-a: a\x00b\r\n\r\n")
+    _, _, body = refused(transport)
+    assert body == {
+        "error": "malformed HTTP request: Invalid header value char",
+        "code": "invalid_request",
+    }
+
+
+async def test_a_body_the_parser_refuses_ends_its_request_with_that_error():
+    """The app reading the body is told the client went away, and why (its outcome); the
+    client gets the 400, once."""
+    seen: list[dict] = []
+    done = asyncio.Event()
+
+    async def app(scope, receive, send):
+        seen.append(scope)
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        await send({"type": "http.response.start", "status": 499, "headers": []})
+        done.set()
+
+    protocol, transport = open_connection(Bounded, app)
+    protocol.data_received(b"POST / HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n")
+    await until(lambda: seen)  # the app is waiting for the body
+    protocol.data_received(b"zz\r\n")  # not a chunk size
+    _, _, body = refused(transport)
+    assert body["error"]["message"] == "malformed HTTP request: Invalid character in chunk size"
+    assert seen[0]["state"]["malformed"].code == "invalid_request"
+    await asyncio.wait_for(done.wait(), 10)  # the app ends; what it sent went nowhere
+    assert len(transport.writes) == 1
