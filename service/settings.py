@@ -183,13 +183,14 @@ class Settings(BaseSettings):
         "onnxruntime). One that is not available stops the gateway at start.",
     )
     ort_parallel_batches: int = Field(
-        1,
-        ge=1,
+        0,
+        ge=0,
         le=64,
         description="Batches of one model the embedded engine runs at once (OpenVINO: its "
-        "streams). 1: each batch on all cores (lowest latency). 2 on a 2-core machine: one "
-        "single-threaded batch per core (more throughput when decoding competes for the "
-        "cores).",
+        "streams). 0: the engine's choice: ONNX Runtime one batch on all cores (lowest "
+        "latency); OpenVINO the streams its THROUGHPUT hint picks (2 single-threaded ones on "
+        "2 cores: more throughput when decoding competes for the cores, twice the latency of "
+        "a lone request).",
     )
     openvino_cache_dir: Path | None = Field(
         None,
@@ -197,11 +198,13 @@ class Settings(BaseSettings):
         "that the next load of a version skips compiling (default: none, every load "
         "compiles).",
     )
-    exclusive_cpus: bool = Field(
-        False,
-        description="Decoding and ONNX Runtime never hold more of the usable CPUs than "
-        "there are: a decode waits while a batch holds its threads' cores. Off (measured "
-        "better on 2 cores): a decoding process may take a core from a batch's thread.",
+    exclusive_cpus: bool | None = Field(
+        None,
+        description="Decoding and the embedded engine never hold more of the usable CPUs "
+        "than there are: a decode waits while batches hold their threads' cores. Unset: on "
+        "where a batch holds fewer than all of them (parallel batches, OpenVINO's streams: "
+        "decodes take the cores no batch holds), off where one batch holds all of them "
+        "(a decode would wait for every batch; measured better on 2 cores).",
     )
     jpeg_draft: bool = Field(
         True,

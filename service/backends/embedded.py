@@ -50,16 +50,18 @@ class EmbeddedBackend(Backend):
     #: The engine's name as messages give it ("ONNX Runtime").
     engine: ClassVar[str]
 
-    def __init__(self, intra_op_threads: int = 0, parallel_batches: int = 1) -> None:
+    def __init__(self, intra_op_threads: int = 0, parallel_batches: int = 0) -> None:
         """``intra_op_threads`` per batch (default: the usable CPUs,
-        :func:`service.host.cpus.usable_cpus`, divided among the parallel batches). One
-        batch on all cores gives the lowest latency; several single-threaded batches avoid
-        stalling a whole batch whenever a decoding process takes one of its cores, which
-        gives more throughput under load."""
+        :func:`service.host.cpus.usable_cpus`, divided among the parallel batches).
+        ``parallel_batches``: 0 is the engine's choice (:meth:`_size`); one batch on all
+        cores gives the lowest latency; several batches on fewer threads each avoid stalling
+        a whole batch whenever a decoding process takes one of its cores, which gives more
+        throughput under load."""
         super().__init__()
-        self.max_inflight_batches = max(1, parallel_batches)
-        self._threads = intra_op_threads or max(1, usable_cpus() // self.max_inflight_batches)
-        self.cpus_per_batch = self._threads
+        self._intra_op_threads = intra_op_threads
+        #: The CPUs this process may use, read once: every sizing divides the same number.
+        self.cpus = usable_cpus()
+        self._size(parallel_batches or 1)
         self.kernels = cpu_isa()
         # Per (model, version): versions of one model are served side by side.
         self._runners: dict[tuple[str, str], Runner] = {}
@@ -67,10 +69,19 @@ class EmbeddedBackend(Backend):
         self._executors: dict[tuple[str, str], ThreadPoolExecutor] = {}
         self._ready = False
 
+    def _size(self, parallel_batches: int) -> None:
+        """Run ``parallel_batches`` batches at once, each on ``intra_op_threads`` threads
+        or its share of the usable CPUs. An engine whose choice depends on the model
+        (OpenVINO's) calls it again when it compiles its first version, before any batch."""
+        self.max_inflight_batches = max(1, parallel_batches)
+        self._threads = self._intra_op_threads or max(1, self.cpus // self.max_inflight_batches)
+        self.cpus_per_batch = self._threads
+
     @abc.abstractmethod
     def _open(self, spec: ModelSpec) -> Runner:
-        """Compile the version's model.onnx (on one of its threads); raise RepositoryError
-        (:func:`refusal`, :func:`check_tensors`) if this engine cannot serve it."""
+        """Compile the version's model.onnx (on a thread of its own, not the event loop's);
+        raise RepositoryError (:func:`refusal`, :func:`check_tensors`) if this engine
+        cannot serve it."""
 
     def loaded(self, spec: ModelSpec) -> bool:
         return (spec.name, spec.version) in self._runners
@@ -84,12 +95,13 @@ class EmbeddedBackend(Backend):
 
     async def load(self, spec: ModelSpec) -> None:
         key = (spec.name, spec.version)
+        runner = await asyncio.to_thread(self._open, spec)
+        # After compiling: the first version may have sized the engine (_size).
         executor = ThreadPoolExecutor(
             self.max_inflight_batches, thread_name_prefix=f"{self.name}-{spec.name}-{spec.version}"
         )
         try:
             loop = asyncio.get_running_loop()
-            runner = await loop.run_in_executor(executor, self._open, spec)
 
             def run(batch: np.ndarray) -> asyncio.Future[np.ndarray]:
                 return loop.run_in_executor(executor, runner, batch)
@@ -101,14 +113,20 @@ class EmbeddedBackend(Backend):
             raise
         self._executors[key], self._runners[key] = executor, runner
         log.info(
-            "%s: loaded %s version %s (%s), computing in %s on %s kernels",
+            "%s: loaded %s version %s (%s), computing in %s on %s kernels, %s",
             self.name,
             spec.name,
             spec.version,
             spec.precision,
             self.served_precision(spec),
             self.kernels,
+            self.sizing(),
         )
+
+    def sizing(self) -> str:
+        """How the engine splits the cores: ``2 batches at once, 1 thread each``."""
+        n, t = self.max_inflight_batches, self._threads
+        return f"{n} batch{'es' if n > 1 else ''} at once, {t} thread{'s' if t > 1 else ''} each"
 
     async def unload(self, spec: ModelSpec) -> None:
         key = (spec.name, spec.version)

@@ -3,8 +3,9 @@ those installed, measured at start.
 
 ``auto`` decides once per gateway, on the first version it serves: that version is
 compiled and warmed up with each engine in turn, the same batch of the largest size
-timed on each (service.backends.base.Backend.warm_up), and the faster engine serves every
-version from then on (the other is closed). Once per gateway, not per version: a reload
+timed on each (service.backends.base.Backend.warm_up), and the engine with more images a
+second (that batch's cost over the batches it runs at once) serves every version from then
+on (the other is closed). Once per gateway, not per version: a reload
 happens under live traffic, where a second compile and warm-up would take the cores the
 served versions need and the timing would measure the traffic as much as the engine; and
 one engine per process keeps one thread sizing and one ``backend`` label per gateway.
@@ -80,13 +81,23 @@ async def start_fastest(
     if not timed:
         raise refused[0]
     size = max(timed[0].warm_costs(first))
-    fastest = min(timed, key=lambda b: b.warm_costs(first)[size])
+
+    def per_s(backend: EmbeddedBackend) -> float:
+        # Images a second with every batch slot busy: engines may split the cores
+        # differently (one batch on all of them, or streams of their own side by side).
+        return backend.max_inflight_batches * size / backend.warm_costs(first)[size]
+
+    fastest = max(timed, key=per_s)
     log.info(
         "engine auto: a batch of %d of %s version %s took %s: serving with %s",
         size,
         first.name,
         first.version,
-        ", ".join(f"{b.name} {b.warm_costs(first)[size] * 1000:.1f} ms" for b in timed),
+        ", ".join(
+            f"{b.name} {b.warm_costs(first)[size] * 1000:.1f} ms, {b.max_inflight_batches} "
+            f"at once ({per_s(b):.1f} images/s)"
+            for b in timed
+        ),
         fastest.name,
     )
     for backend in timed:

@@ -64,15 +64,20 @@ class OpenVinoBackend(EmbeddedBackend):
     def __init__(
         self,
         intra_op_threads: int = 0,
-        parallel_batches: int = 1,
+        parallel_batches: int = 0,
         cache_dir: Path | None = None,
         cpuinfo: Path = Path("/proc/cpuinfo"),
     ) -> None:
         """``parallel_batches`` are OpenVINO's streams (one infer request each), each
-        batch on ``intra_op_threads`` threads (see :class:`EmbeddedBackend`).
+        batch on ``intra_op_threads`` threads (see :class:`EmbeddedBackend`). 0: as many as
+        OpenVINO's THROUGHPUT hint picks for the first version over the usable CPUs (one
+        single-threaded stream per core on 2 cores): a batch split over several threads in
+        OpenVINO waits for the one a decoding process holds up, streams of their own do not
+        (measured on 2 cores: docs/benchmarks.md, "Engines").
         ``cache_dir``: where OpenVINO keeps compiled models (a writable directory; None: every
         load compiles). ``cpuinfo``: where the CPU's flags are read."""
         super().__init__(intra_op_threads, parallel_batches)
+        self._streams_from_hint = parallel_batches == 0
         self.kernels = cpu_isa(cpuinfo)
         self._bf16 = has_bf16(cpuinfo)
         self._cache_dir = cache_dir
@@ -83,18 +88,48 @@ class OpenVinoBackend(EmbeddedBackend):
             return "bf16"
         return super().served_precision(spec)
 
-    def _config(self, spec: ModelSpec) -> dict[str, Any]:
+    def _config(self, spec: ModelSpec, hint: bool = False) -> dict[str, Any]:
+        """How a version is compiled: its precision, and this engine's streams and threads
+        (``hint``: the streams left to OpenVINO's THROUGHPUT hint over the usable CPUs)."""
+        sizing: dict[str, Any] = (
+            {"PERFORMANCE_HINT": "THROUGHPUT", "INFERENCE_NUM_THREADS": self.cpus}
+            if hint
+            else {
+                "NUM_STREAMS": self.max_inflight_batches,
+                "INFERENCE_NUM_THREADS": self._threads * self.max_inflight_batches,
+            }
+        )
         config: dict[str, Any] = {
             "INFERENCE_PRECISION_HINT": "bf16" if self.served_precision(spec) == "bf16" else "f32",
-            "NUM_STREAMS": self.max_inflight_batches,
-            "INFERENCE_NUM_THREADS": self._threads * self.max_inflight_batches,
+            **sizing,
             # A pinned thread waits while a decoding process holds its core; unpinned, the
-            # scheduler moves it (ONNX Runtime's threads are not pinned either).
+            # scheduler moves it (ONNX Runtime's threads are not pinned either; pinned
+            # streams measured no faster here).
             "ENABLE_CPU_PINNING": False,
+            # A batch on several threads: its work handed out as the threads come free, not
+            # in equal parts up front, so that a thread a decoding process holds up does not
+            # stall the whole batch (measured on 2 cores: docs/benchmarks.md, "Engines").
+            "TBB_PARTITIONER": "AUTO",
         }
         if self._cache_dir is not None:
             config["CACHE_DIR"] = str(self._cache_dir)
         return config
+
+    def _compile(self, spec: ModelSpec, model: ov.Model) -> ov.CompiledModel:
+        """The version compiled, the engine sized first where OpenVINO chooses its streams
+        (the first version only: every later one gets the same streams and threads)."""
+        try:
+            if self._streams_from_hint:
+                compiled = self._core.compile_model(model, "CPU", self._config(spec, hint=True))
+                self._size(int(compiled.get_property("NUM_STREAMS")))
+                self._streams_from_hint = False
+                if self._threads * self.max_inflight_batches == int(
+                    compiled.get_property("INFERENCE_NUM_THREADS")
+                ):
+                    return compiled  # as sized: ORT_INTRA_OP_THREADS unset
+            return self._core.compile_model(model, "CPU", self._config(spec))
+        except RuntimeError as exc:  # OpenVINO raises RuntimeError for every failure
+            raise refusal(spec, self.engine, _reason(exc)) from exc
 
     def _open(self, spec: ModelSpec) -> Runner:
         try:
@@ -102,10 +137,7 @@ class OpenVinoBackend(EmbeddedBackend):
         except RuntimeError as exc:  # OpenVINO raises RuntimeError for every failure
             raise refusal(spec, self.engine, _reason(exc)) from exc
         check_tensors(spec, _sigs(model.inputs), _sigs(model.outputs))
-        try:
-            compiled = self._core.compile_model(model, "CPU", self._config(spec))
-        except RuntimeError as exc:
-            raise refusal(spec, self.engine, _reason(exc)) from exc
+        compiled = self._compile(spec, model)
         # One infer request per stream: each batch takes one that is free. The version has
         # as many threads as streams, so one is always free for the thread that asks.
         requests: queue.SimpleQueue[ov.InferRequest] = queue.SimpleQueue()

@@ -96,6 +96,17 @@ class Classification:
     predictions: list[list[Prediction]]
 
 
+def exclusive_cpus(setting: bool | None, cpus_per_batch: int, cpus: int) -> bool:
+    """Whether batches hold their threads' CPUs against decoding: as ``setting`` says, or
+    unset, where a batch leaves some of the ``cpus`` free (parallel batches, OpenVINO's
+    streams: decodes take the cores no batch holds). Not where one batch holds them all:
+    every decode would wait for every batch. Not where batches run elsewhere (a GPU, a
+    server: ``cpus_per_batch`` 0)."""
+    if setting is not None:
+        return setting
+    return 0 < cpus_per_batch < cpus
+
+
 class DataPlane:
     """The served versions of every model, and every request's way through them."""
 
@@ -119,12 +130,11 @@ class DataPlane:
         workers = settings.preprocess_workers or cpus
         # EXCLUSIVE_CPUS: a batch holds its threads' CPUs, decodes the rest
         # (service.dataplane.decode_scheduler).
-        self.decoder = DecodePool(
-            DecoderProcesses(workers), cpus if settings.exclusive_cpus else workers
-        )
+        exclusive = exclusive_cpus(settings.exclusive_cpus, backend.cpus_per_batch, cpus)
+        self.decoder = DecodePool(DecoderProcesses(workers), cpus if exclusive else workers)
         limits = DecodeLimits(max_pixels=settings.max_image_pixels, jpeg_draft=settings.jpeg_draft)
         self.request_decoder = RequestDecoder(self.decoder, limits, metrics)
-        self._batch_cpus = backend.cpus_per_batch if settings.exclusive_cpus else 0
+        self._batch_cpus = backend.cpus_per_batch if exclusive else 0
         self._started = False
         self.models: dict[str, Routing] = {}
         for spec in specs:

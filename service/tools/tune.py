@@ -38,11 +38,12 @@ Launcher = Callable[[dict[str, Any]], AbstractContextManager[str]]
 
 
 def candidates(cpus: int, engines: list[str]) -> list[dict[str, Any]]:
-    """The first round: each engine with one batch on all the cores (the gateway's default),
-    then with single-threaded batches side by side, one per usable CPU."""
+    """The first round: each engine with one batch on all the cores, then with
+    single-threaded batches side by side, one per usable CPU (both named: which of them is
+    an engine's own choice differs, ORT_PARALLEL_BATCHES=0)."""
     out: list[dict[str, Any]] = []
     for engine in engines:
-        out.append({"engine": engine})
+        out.append({"engine": engine, "ort_parallel_batches": 1})
         if cpus > 1:  # on one CPU parallel batches are one batch: nothing to try
             out.append({"engine": engine, "ort_parallel_batches": cpus})
     return out
@@ -50,13 +51,14 @@ def candidates(cpus: int, engines: list[str]) -> list[dict[str, Any]]:
 
 def refinements(best: dict[str, Any], cpus: int, slo_p99_ms: float) -> list[dict[str, Any]]:
     """The second round: ``best`` (the first round's winner) with one more change each. The
-    budget as the batcher's latency target; exclusive CPUs; one-image batches where batches
-    run side by side (each on its own core), else a batch cap of 4; no batch delay; half the
-    decoding processes."""
+    budget as the batcher's latency target; CPUs exclusive or not, whichever the winner
+    does not have by default (exclusive where batches run side by side); one-image batches
+    where batches run side by side (each on its own core), else a batch cap of 4; no batch
+    delay; half the decoding processes."""
     parallel = best.get("ort_parallel_batches", 1) > 1
     changes: list[dict[str, Any]] = [
         {"target_p99_ms": slo_p99_ms},
-        {"exclusive_cpus": True},
+        {"exclusive_cpus": not parallel},
         {"max_batch_size": 1 if parallel else 4},
         {"max_batch_delay_ms": 0.0},
         {"preprocess_workers": max(1, cpus // 2)},

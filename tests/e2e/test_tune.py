@@ -89,8 +89,10 @@ def test_tune_finds_the_known_best_engine_and_setting(tiny, tmp_path):
     ]
     rates = {json.dumps(r["settings"]): r["slo"]["max_rate_per_s"] for r in rows}
     best = {"engine": "openvino", "ort_parallel_batches": 2}
+    # Which candidate is best is the finding (the next best has half its capacity); by how
+    # much depends on how busy the machine is: the sleeps are exact, the gateway's own work
+    # around them is not.
     assert summary["best"]["settings"] == summary["recommended"] == best, rates
-    assert rates[json.dumps(best)] > 1.4 * max(v for k, v in rates.items() if k != json.dumps(best))
     assert (out / "tune.env").read_text().splitlines()[1:] == [
         "RESNET_SERVE_ENGINE=openvino",
         "RESNET_SERVE_ORT_PARALLEL_BATCHES=2",

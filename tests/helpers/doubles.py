@@ -45,11 +45,15 @@ class SlowBackend(Backend):
     def __init__(self, inner: Backend, delay_s: float) -> None:
         self.inner = inner
         self.name = inner.name  # type: ignore[misc]
-        self.max_inflight_batches = inner.max_inflight_batches
         self.delay_s = delay_s
         self.batches: list[int] = []
         self.hold = threading.Event()
         self.hold.set()
+
+    @property  # type: ignore[override]
+    def max_inflight_batches(self) -> int:
+        """The inner backend's, read when asked: OpenVINO sizes itself as it starts."""
+        return self.inner.max_inflight_batches
 
     async def start(self, specs: list[ModelSpec]) -> None:
         await self.inner.start(specs)

@@ -77,8 +77,10 @@ def test_every_api_says_which_engine_computes_a_bf16_version_in_what(bf16_repo, 
         caplog.at_level(logging.INFO, logger="service.backends.embedded"),
         serve(bf16_repo, engine=engine, grpc_port=0, admin_keys=["k"]) as client,
     ):
+        backend = client.app.state.runtime.backend  # type: ignore[attr-defined]
         assert (
-            f"{engine}: loaded tiny version 1 (bf16), computing in {served} on {cpu_isa()} kernels"
+            f"{engine}: loaded tiny version 1 (bf16), computing in {served} on {cpu_isa()} "
+            f"kernels, {backend.sizing()}"
         ) in caplog.messages
         summary = client.get("/v1/models/tiny").json()
         assert (summary["backend"], summary["precision"], summary["served_precision"]) == (
@@ -108,7 +110,9 @@ def test_every_api_says_which_engine_computes_a_bf16_version_in_what(bf16_repo, 
 
 
 async def test_auto_keeps_the_faster_engine_and_logs_both_figures(tiny, caplog):
-    """Whichever is faster here: the one kept is the one whose figure is the smaller."""
+    """Whichever is faster here: the one kept is the one with more images a second (its
+    batch's cost over the batches it runs at once), and the figures say how each split the
+    cores."""
     runtime = Runtime(Settings(repository=tiny.repository, engine="auto"), Metrics())
     with caplog.at_level(logging.INFO, logger="service.backends.engines"):
         await runtime.start()
@@ -118,10 +122,14 @@ async def test_auto_keeps_the_faster_engine_and_logs_both_figures(tiny, caplog):
             r"engine auto: a batch of 8 of tiny version 1 took (.+): serving with (\w+)", line
         )
         assert match, line
-        figures = {name: float(ms) for name, ms in re.findall(r"(\w+) ([\d.]+) ms", match[1])}
-        assert sorted(figures) == sorted(installed_engines())
+        found = re.findall(r"(\w+) ([\d.]+) ms, (\d+) at once \(([\d.]+) images/s\)", match[1])
+        assert sorted(name for name, *_ in found) == sorted(installed_engines()), line
+        rates = {name: float(per_s) for name, _, _, per_s in found}
         assert runtime.backend is not None and runtime.backend.name == match[2]
-        assert figures[match[2]] == min(figures.values())
+        assert rates[match[2]] == max(rates.values())
+        assert runtime.backend.max_inflight_batches == int(
+            next(at_once for name, _, at_once, _ in found if name == match[2])
+        )
         assert runtime.not_ready_reason() is None
     finally:
         await runtime.close()
@@ -138,8 +146,8 @@ async def test_auto_without_openvino_serves_with_onnx_runtime(tiny, caplog, monk
         assert runtime.backend is not None and runtime.backend.name == "onnxruntime"
         (line,) = [m for m in caplog.messages if m.startswith("engine auto:")]
         assert re.fullmatch(
-            r"engine auto: a batch of 8 of tiny version 1 took onnxruntime [\d.]+ ms: serving "
-            r"with onnxruntime",
+            r"engine auto: a batch of 8 of tiny version 1 took onnxruntime [\d.]+ ms, 1 at once "
+            r"\([\d.]+ images/s\): serving with onnxruntime",
             line,
         ), line
     finally:

@@ -44,12 +44,9 @@ def test_the_defaults():
     assert (s.request_timeout_s, s.target_p99_ms, s.default_top_k) == (10.0, None, 5)
     assert (s.poll_interval_s, s.drain_seconds) == (0.0, 0.0)  # no polling, no drain
     assert (s.max_body_bytes, s.max_images_per_request) == (20 * 1024 * 1024, 64)
-    assert (s.log_level, s.log_format, s.jpeg_draft, s.exclusive_cpus) == (
-        "info",
-        "text",
-        True,
-        False,
-    )
+    assert (s.log_level, s.log_format, s.jpeg_draft) == ("info", "text", True)
+    # The engine's choice of how batches and decoding share the cores (service.backends).
+    assert (s.ort_parallel_batches, s.exclusive_cpus) == (0, None)
 
 
 def test_every_field_is_read_from_its_prefixed_upper_case_variable(monkeypatch):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from service.backends.embedded import EmbeddedBackend
-from service.host.cpus import cpu_flags, cpu_isa, has_bf16
+from service.host.cpus import cpu_flags, cpu_isa, has_bf16, usable_cpus
 from service.model.repository import (
     MODEL_FILENAME,
     RepositoryError,
@@ -69,6 +69,46 @@ async def test_parallel_batches_are_streams_each_with_its_request(repo, parallel
             np.testing.assert_array_equal(got, await backend.infer(specs[0], x, 10.0))
     finally:
         await backend.close()
+
+
+@NEEDS_OPENVINO
+async def test_by_default_openvino_runs_the_streams_its_throughput_hint_picks(repo):
+    """ORT_PARALLEL_BATCHES=0: as many streams as OpenVINO's THROUGHPUT hint picks for the
+    model over the usable CPUs, the CPUs shared among them, every later version the same;
+    ORT_INTRA_OP_THREADS, where set, is still each stream's threads."""
+    import openvino as ov
+
+    hint = ov.Core().compile_model(
+        str(repo / "tiny" / "1" / MODEL_FILENAME),
+        "CPU",
+        {"PERFORMANCE_HINT": "THROUGHPUT", "INFERENCE_NUM_THREADS": usable_cpus()},
+    )
+    streams = int(hint.get_property("NUM_STREAMS"))
+    shutil.copytree(repo / "tiny" / "1", repo / "tiny" / "2")
+    for threads in (0, 1):
+        backend = embedded("openvino", intra_op_threads=threads)
+        await backend.start(load_repository(repo))
+        try:
+            assert backend.max_inflight_batches == streams
+            assert backend.cpus_per_batch == (threads or max(1, usable_cpus() // streams))
+        finally:
+            await backend.close()
+    # ONNX Runtime's choice: one batch on all the cores.
+    ort_default = embedded("onnxruntime")
+    assert (ort_default.max_inflight_batches, ort_default.cpus_per_batch) == (1, usable_cpus())
+
+
+@NEEDS_OPENVINO
+async def test_a_batch_split_over_threads_as_they_come_free_answers_as_on_one_thread(repo):
+    """The work of a batch on two threads is handed out as they come free (so that a thread
+    a decoding process holds up does not stall the batch): which thread computes which part
+    may change from run to run, the answers may not."""
+    x = inputs(8)
+    one = await logits(embedded("openvino", intra_op_threads=1), repo, x)
+    for _ in range(3):
+        np.testing.assert_array_equal(
+            await logits(embedded("openvino", intra_op_threads=2), repo, x), one
+        )
 
 
 @NEEDS_OPENVINO

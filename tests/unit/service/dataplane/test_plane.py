@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from service.backends.base import Backend
-from service.dataplane.plane import Classification, DataPlane, Prediction
+from service.dataplane.plane import Classification, DataPlane, Prediction, exclusive_cpus
 from service.dataplane.routing import Routing
 from service.errors import ModelNotFound, ValidationFailed
 from service.host.processes import wait_until
@@ -207,3 +207,21 @@ def test_the_rest_answer_is_the_json_of_its_classification_byte_for_byte(specs, 
     result.predictions[1][0] = Prediction(1, spec.labels[1], float("nan"))
     with pytest.raises(ValueError, match="Out of range float values are not JSON compliant"):
         _response(result, spec.labels_json)  # refused as JSONResponse refuses it
+
+
+@pytest.mark.parametrize(
+    ("setting", "cpus_per_batch", "cpus", "exclusive"),
+    [
+        (None, 1, 2, True),  # two single-threaded batches (OpenVINO's streams on 2 cores)
+        (None, 4, 16, True),
+        (None, 2, 2, False),  # one batch on all the cores (ONNX Runtime's default)
+        (None, 1, 1, False),
+        (None, 0, 2, False),  # batches on a GPU or a server hold no CPU here
+        (True, 2, 2, True),  # set: as set
+        (False, 1, 2, False),
+    ],
+)
+def test_cpus_are_exclusive_where_a_batch_leaves_cores_for_decoding(
+    setting, cpus_per_batch, cpus, exclusive
+):
+    assert exclusive_cpus(setting, cpus_per_batch, cpus) is exclusive
