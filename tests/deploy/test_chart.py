@@ -225,9 +225,10 @@ def test_values_map_one_to_one_onto_the_settings(chart) -> None:
     )
     env = env_of(container(component(render(chart), "Deployment", "gateway"), "gateway"))
     names = {n.removeprefix("RESNET_SERVE_").lower() for n in env if n.startswith("RESNET_SERVE_")}
-    # null values (defaultModel, maxBatchSize, targetP99Ms, openvinoCacheDir) stay unset;
-    # without Triton or keys, so do those.
-    null = {"default_model", "max_batch_size", "target_p99_ms", "openvino_cache_dir"}
+    # null values (defaultModel, maxBatchSize, exclusiveCpus...) stay unset: the gateway's
+    # own default decides; without Triton or keys, so do those.
+    null = {f for f in fields - CHART_OWNED if config[helm_key(f)] is None}
+    assert {"default_model", "exclusive_cpus"} <= null
     assert names == fields - {"api_keys", "admin_keys", "triton_url", "triton_admin_key", *null}
     # The rendered environment is one the gateway accepts, and means what values.yaml says.
     settings = Settings.model_validate(
