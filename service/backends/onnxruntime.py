@@ -55,10 +55,10 @@ class OnnxRuntimeBackend(EmbeddedBackend):
         providers: list[str] | None = None,
     ) -> None:
         """``parallel_batches`` runs of one session at once, each with ``intra_op_threads``
-        (see :class:`EmbeddedBackend`; 0: one, on all the cores, the lowest latency and
-        within the noise of two single-threaded runs in throughput: docs/benchmarks.md);
-        ``providers``: ONNX Runtime's execution
-        providers, in order of preference (default: its CPU kernels)."""
+        (see :class:`EmbeddedBackend`; 0: one, on all the cores: the lowest latency, and
+        throughput within the noise of two single-threaded runs, docs/benchmarks.md);
+        ``providers``: ONNX Runtime's execution providers, in order of preference (default:
+        its CPU kernels)."""
         super().__init__(intra_op_threads, parallel_batches)
         self._providers = providers or ["CPUExecutionProvider"]
         self._preloaded = False
