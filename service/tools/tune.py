@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from service.dataplane.plane import exclusive_cpus
 from service.settings import ENV_PREFIX, Settings, helm_key
 from service.tools.bench import BenchError, report
 from service.tools.bench.run import BenchConfig, read_images, run
@@ -52,13 +53,15 @@ def candidates(cpus: int, engines: list[str]) -> list[dict[str, Any]]:
 def refinements(best: dict[str, Any], cpus: int, slo_p99_ms: float) -> list[dict[str, Any]]:
     """The second round: ``best`` (the first round's winner) with one more change each. The
     budget as the batcher's latency target; CPUs exclusive or not, whichever the winner
-    does not have by default (exclusive where batches run side by side); one-image batches
-    where batches run side by side (each on its own core), else a batch cap of 4; no batch
-    delay; half the decoding processes."""
+    does not have by default (service.dataplane.plane.exclusive_cpus: exclusive where
+    batches run side by side); one-image batches where batches run side by side (each on
+    its own core), else a batch cap of 4; no batch delay; half the decoding processes."""
     parallel = best.get("ort_parallel_batches", 1) > 1
+    # The first round's batches: one on every CPU, or single-threaded ones side by side.
+    by_default = exclusive_cpus(None, 1 if parallel else cpus, cpus)
     changes: list[dict[str, Any]] = [
         {"target_p99_ms": slo_p99_ms},
-        {"exclusive_cpus": not parallel},
+        {"exclusive_cpus": not by_default},
         {"max_batch_size": 1 if parallel else 4},
         {"max_batch_delay_ms": 0.0},
         {"preprocess_workers": max(1, cpus // 2)},
