@@ -118,6 +118,8 @@ def test_a_blank_entry_never_becomes_an_empty_api_key(monkeypatch):
         ({"MAX_BODY_BYTES": "1023"}, "RESNET_SERVE_MAX_BODY_BYTES=1023: Input should be greater than or equal to 1024"),
         ({"LOG_LEVEL": "trace"}, "RESNET_SERVE_LOG_LEVEL=trace: Input should be 'debug', 'info', 'warning' or 'error'"),
         ({"ORT_PARALLEL_BATCHES": "65"}, "RESNET_SERVE_ORT_PARALLEL_BATCHES=65: Input should be less than or equal to 64"),
+        ({"ORT_PARALLEL_BATCHES": "-1"}, "RESNET_SERVE_ORT_PARALLEL_BATCHES=-1: Input should be greater than or equal to 0"),
+        ({"EXCLUSIVE_CPUS": "maybe"}, "RESNET_SERVE_EXCLUSIVE_CPUS=maybe: Input should be a valid boolean"),
     ],
 )  # fmt: skip
 def test_a_bad_value_is_refused_naming_its_variable(env, told):
@@ -134,6 +136,9 @@ def test_a_bad_value_is_refused_naming_its_variable(env, told):
         ({"MAX_BATCH_DELAY_MS": "0"}, 0.0),
         ({"POLL_INTERVAL_S": "3600"}, 3600.0),
         ({"REQUEST_TIMEOUT_S": "600"}, 600.0),
+        ({"ORT_PARALLEL_BATCHES": "0"}, 0),  # the engine's choice
+        ({"EXCLUSIVE_CPUS": "false"}, False),  # set either way, it overrides the rule
+        ({"EXCLUSIVE_CPUS": "true"}, True),
     ],
 )
 def test_the_bounds_themselves_are_accepted(monkeypatch, env, value):
