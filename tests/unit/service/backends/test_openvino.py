@@ -102,12 +102,15 @@ async def test_by_default_openvino_runs_the_streams_its_throughput_hint_picks(re
 async def test_a_batch_split_over_threads_as_they_come_free_answers_as_on_one_thread(repo):
     """The work of a batch on two threads is handed out as they come free (so that a thread
     a decoding process holds up does not stall the batch): which thread computes which part
-    may change from run to run, the answers may not."""
+    may change from run to run, the answers may not. Against one thread, FP32's tolerance:
+    oneDNN may pick another kernel for another thread count on some CPUs."""
     x = inputs(8)
     one = await logits(embedded("openvino", intra_op_threads=1), repo, x)
+    two = await logits(embedded("openvino", intra_op_threads=2), repo, x)
+    np.testing.assert_allclose(two, one, rtol=1e-4, atol=1e-5)
     for _ in range(3):
         np.testing.assert_array_equal(
-            await logits(embedded("openvino", intra_op_threads=2), repo, x), one
+            await logits(embedded("openvino", intra_op_threads=2), repo, x), two
         )
 
 
