@@ -198,6 +198,25 @@ def test_imagenet_default_labels(tmp_path):
     assert labels[0] == "tench" and labels[207] == "Golden Retriever"
 
 
+def test_random_weights_are_the_same_from_run_to_run(tmp_path, labels5):
+    """`--weights random` (for benchmarks) draws from a fixed seed: two runs publish the same
+    weights, so what a benchmark measures, and INT8's verdict on it, does not change."""
+    import onnx
+    from onnx import numpy_helper
+
+    weights = []
+    for run in ("first", "second"):
+        repo = tmp_path / run
+        proc = _export(repo, "--arch", "resnet18", "--weights", "random", "--num-classes", "5",
+                       "--labels", str(labels5), "--resize", "36", "--crop", "32")  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        graph = onnx.load(str(repo / "m" / "1" / "model.onnx")).graph
+        weights.append({t.name: numpy_helper.to_array(t) for t in graph.initializer})
+    assert weights[0].keys() == weights[1].keys() and len(weights[0]) > 20
+    for name, values in weights[0].items():
+        np.testing.assert_array_equal(values, weights[1][name], err_msg=name)
+
+
 def test_validate_reports_problems(tmp_path, r18_ckpt, labels5):
     repo = tmp_path / "repo"
     run_cli(

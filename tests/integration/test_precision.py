@@ -468,24 +468,15 @@ def test_bf16_without_openvino_is_one_line_naming_the_extra(tmp_path, command):
 
 def test_int8_without_openvino_skips_its_check_and_says_so(tmp_path):
     """A gateway without OpenVINO serves INT8 with ONNX Runtime, which the export checks;
-    the report says OpenVINO's kernels were not."""
-    for folder, seeds in (("calib", range(8)), ("sample", range(8, 12))):
-        (tmp_path / folder).mkdir()
-        for seed in seeds:
-            (tmp_path / folder / f"{seed}.png").write_bytes(image_bytes(seed=seed))
-    labels = tmp_path / "labels.txt"
-    labels.write_text("\n".join(TINY_LABELS) + "\n")
+    the report says OpenVINO's kernels were not. The trained demo, as `int8_repo` makes it:
+    untrained weights' near-tied logits put the kernel check itself at the probe's
+    tolerance (measured: 0.008-0.022 against 0.02), which is not what this test is about."""
     repo = tmp_path / "repo"
-    proc = run_cli(
-        "resnet-export", "export", "--arch", "resnet18", "--weights", "random", "--name", "m",
-        "-r", str(repo), "--num-classes", "10", "--labels", str(labels), "--resize", "36",
-        "--crop", "32", "--precision", "int8", "--calibration-dir", str(tmp_path / "calib"),
-        "--sample-images", str(tmp_path / "sample"), "--min-agreement", "0",
-        env=without_package("openvino", tmp_path),
-    )  # fmt: skip
+    proc = run_cli("resnet-export", "demo", "--precision", "int8", "-r", str(repo),
+                   env=without_package("openvino", tmp_path))  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert "INT8 through OpenVINO: skipped (OpenVINO is not installed)" in proc.stdout
-    report = json.loads((repo / "m" / "1" / "export_report.json").read_text())
+    report = json.loads((repo / "digits" / "1" / "export_report.json").read_text())
     assert report["openvino_vs_exact"] == {
         "skipped": "OpenVINO is not installed (the openvino extra)"
     }
