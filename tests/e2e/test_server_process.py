@@ -25,7 +25,7 @@ from tests.helpers.metrics import rss_mb, scrape
 PNG = {"content-type": "image/png"}
 
 REQUESTS = "resnet_serve_requests_total"
-DRAIN_S = 5  # the drain window of the SIGTERM test
+DRAIN_S = 10  # the drain window of the SIGTERM test: its checks within it take ~1 s
 
 
 @pytest.fixture(scope="module")

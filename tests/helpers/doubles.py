@@ -5,17 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 
 import numpy as np
 
 from service.backends.base import Backend
+from service.host.processes import wait_until
 from service.model.repository import ModelSpec
-
-if TYPE_CHECKING:
-    pass
 
 
 class ThreadWorkers:
@@ -82,3 +80,26 @@ class SlowBackend(Backend):
 
     async def close(self) -> None:
         await self.inner.close()
+
+    @contextmanager
+    def holding(
+        self, first: Callable[[], object], *behind: Callable[[], object]
+    ) -> Iterator[list[Future[object]]]:
+        """Call ``first`` (a request, from a thread) until its batch is in this backend,
+        held there, then ``behind``: inside the block they meet the busy model however
+        late their threads run (the test waits there on what it expects: requests queued,
+        refusals answered), not within a batch delay a busy machine may miss. Leaving
+        releases the batch and waits for every call, re-raising a call's failure."""
+        started = len(self.batches)
+        futures: list[Future[object]] = []
+        self.hold.clear()
+        with ThreadPoolExecutor(1 + len(behind)) as pool:
+            try:
+                futures.append(pool.submit(first))
+                wait_until(lambda: len(self.batches) > started, 30, "the held batch never started")
+                futures += [pool.submit(call) for call in behind]
+                yield futures
+            finally:
+                self.hold.set()
+        for future in futures:
+            future.result()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import threading
 
 import grpc
 import pytest
@@ -215,18 +214,9 @@ def test_overload_and_deadline_codes(tiny, pngs):
         # The first call's batch stays in the backend until the refusals are in; of the four
         # behind it, one queues (the limit) and three are refused at once, however and
         # whenever they arrive.
-        backend.batches.clear()
-        backend.hold.clear()
-        threads = [threading.Thread(target=call) for _ in range(5)]
-        threads[0].start()
-        wait_until(lambda: backend.batches == [1], 30, "the first batch never started")
-        for t in threads[1:]:
-            t.start()
-        wait_until(lambda: len(codes) == 3, 30, "the three refusals never came")
-        assert set(codes) == {grpc.StatusCode.RESOURCE_EXHAUSTED}, codes
-        backend.hold.set()
-        for t in threads:
-            t.join()
+        with backend.holding(call, *[call] * 4):
+            wait_until(lambda: len(codes) == 3, 30, "the three refusals never came")
+            assert set(codes) == {grpc.StatusCode.RESOURCE_EXHAUSTED}, codes
         assert sorted(c.name for c in codes) == ["OK"] * 2 + ["RESOURCE_EXHAUSTED"] * 3, codes
         # Batches are known to take ~0.4 s now: a call with 0.1 s left cannot be served even
         # by an idle model, and is told so at once, before any work. The answer is the

@@ -6,8 +6,6 @@ import base64
 import io
 import json
 import re
-import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import numpy as np
@@ -505,18 +503,9 @@ def test_full_queue_is_503_and_hopeless_deadlines_504_at_once(tiny, images):
         # The first request's batch stays in the backend until the refusals are in; of the
         # five behind it, two queue (the limit) and three are refused at once, however and
         # whenever they arrive.
-        backend.batches.clear()
-        backend.hold.clear()
-        threads = [threading.Thread(target=call) for _ in range(6)]
-        threads[0].start()
-        wait_until(lambda: backend.batches == [1], 30, "the first batch never started")
-        for t in threads[1:]:
-            t.start()
-        wait_until(lambda: len(results) == 3, 30, "the three refusals never came")
-        assert {r.status_code for r in results} == {503}
-        backend.hold.set()
-        for t in threads:
-            t.join()
+        with backend.holding(call, *[call] * 5):
+            wait_until(lambda: len(results) == 3, 30, "the three refusals never came")
+            assert {r.status_code for r in results} == {503}
         codes = sorted(r.status_code for r in results)
         assert codes == [200] * 3 + [503] * 3, codes
         rejected = next(r for r in results if r.status_code == 503)
@@ -586,7 +575,6 @@ def test_concurrent_requests_share_a_backend_call(tiny, images):
     with TestClient(create_app(settings, backend=backend)) as c:
         registry = c.app.state.runtime.metrics.registry
         backend.batches.clear()
-        backend.hold.clear()
 
         def post() -> None:
             resp = c.post("/v1/classify", content=images[0], headers={"content-type": "image/png"})
@@ -595,14 +583,8 @@ def test_concurrent_requests_share_a_backend_call(tiny, images):
         def queued() -> float:
             return counted(registry, "resnet_serve_queue_depth", model="tiny")
 
-        with ThreadPoolExecutor(3) as pool:
-            first = pool.submit(post)  # its batch stays in the backend until released
-            wait_until(lambda: backend.batches == [1], 30, "the first batch never started")
-            pair = [pool.submit(post) for _ in range(2)]
+        with backend.holding(post, post, post):
             wait_until(lambda: queued() == 2, 30, "the two requests never queued together")
-            backend.hold.set()
-            for f in [first, *pair]:
-                f.result()
         assert backend.batches == [1, 2]
 
 

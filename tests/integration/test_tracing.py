@@ -5,7 +5,7 @@ concurrent requests, and the traceparent the gateway sends to a (scripted) Trito
 from __future__ import annotations
 
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 
 import grpc
 import numpy as np
@@ -26,6 +26,7 @@ from service.transports.grpc import classifier_pb2 as cpb
 from service.transports.http.app import create_app
 from tests.helpers.doubles import SlowBackend
 from tests.helpers.images import image_bytes
+from tests.helpers.metrics import counted
 from tests.helpers.triton import SPEC, started
 
 TRACE = "0af7651916cd43dd8448eb211c80319c"
@@ -44,9 +45,9 @@ def recorder() -> tuple[TracerProvider, InMemorySpanExporter]:
 @pytest.fixture(scope="module")
 def traced(tiny):
     provider, exporter = recorder()
-    # Every batch takes 0.2 s: requests sent together share one.
-    backend = SlowBackend(OnnxRuntimeBackend(), 0.2)
-    settings = Settings(repository=tiny.repository, grpc_port=0, max_batch_delay_ms=100)
+    # A backend a test may hold a batch in, to queue requests together behind it.
+    backend = SlowBackend(OnnxRuntimeBackend(), 0.0)
+    settings = Settings(repository=tiny.repository, grpc_port=0)
     with TestClient(create_app(settings, backend, provider)) as client:
         yield client, exporter
 
@@ -135,28 +136,43 @@ def test_a_grpc_request_continues_the_callers_trace(traced):
 
 
 def test_one_batch_span_is_linked_from_every_request_in_it(traced):
+    """Two requests queued together behind a batch held in the backend (the queue's depth
+    says when both are there) go to it as one batch, whose span both traces reach."""
     client, exporter = traced
+    backend: SlowBackend = client.app.state.runtime.backend
+    registry = client.app.state.runtime.metrics.registry
     exporter.clear()
 
-    def post(seed: int) -> int:
-        return client.post(
-            "/v1/classify",
-            content=image_bytes(seed=seed),
-            headers={"content-type": "image/png"},
-        ).status_code
+    def post(seed: int) -> Callable[[], None]:
+        def call() -> None:
+            resp = client.post(
+                "/v1/classify",
+                content=image_bytes(seed=seed),
+                headers={"content-type": "image/png"},
+            )
+            assert resp.status_code == 200, resp.text
 
-    with ThreadPoolExecutor(2) as pool:
-        assert list(pool.map(post, (1, 2))) == [200, 200]
-    wait_until(lambda: len(servers(exporter)) == 2, 10, "two server spans")
-    first, second = servers(exporter)
-    assert first.context.trace_id != second.context.trace_id  # two traces
-    batches = [s for s in exporter.get_finished_spans() if s.name == "batch"]
-    assert len(batches) == 1 and batches[0].attributes["resnet_serve.batch_size"] == 2
-    batch = batches[0]
-    # A child of one request, linked from the other: both traces reach the one batch.
-    parent_id = batch.parent.span_id
-    linked = {link.context.span_id for link in batch.links}
-    assert {parent_id, *linked} == {first.context.span_id, second.context.span_id}
+        return call
+
+    def both_queued() -> bool:
+        return counted(registry, "resnet_serve_queue_depth", model="tiny") == 2
+
+    with backend.holding(post(0), post(1), post(2)):
+        wait_until(both_queued, 30, "the two requests never queued together")
+    wait_until(lambda: len(servers(exporter)) == 3, 10, "three server spans")
+    requests = {s.context.span_id for s in servers(exporter)}
+    assert len({s.context.trace_id for s in servers(exporter)}) == 3  # three traces
+    batches = sorted(
+        (s for s in exporter.get_finished_spans() if s.name == "batch"),
+        key=lambda s: s.attributes["resnet_serve.batch_size"],
+    )
+    assert [b.attributes["resnet_serve.batch_size"] for b in batches] == [1, 2]
+    held, pair = batches
+    # The pair's batch: a child of one request, linked from the other; both traces reach it.
+    parent_id = pair.parent.span_id
+    linked = {link.context.span_id for link in pair.links}
+    assert parent_id not in linked and len(linked) == 1
+    assert {parent_id, *linked} == requests - {held.parent.span_id}
 
 
 def servers(exporter: InMemorySpanExporter) -> list[ReadableSpan]:

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import base64
 import dataclasses
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import grpc
@@ -201,32 +201,24 @@ def down(tiny):
     yield from gateway(tiny, TritonBackend(f"127.0.0.1:{free_port()}"))
 
 
-def fill_queue(gw: Gateway) -> Callable[[], None]:
-    """Occupy the (slow) backend with one request and the queue with another; return a join."""
+@contextmanager
+def full_queue(gw: Gateway) -> Iterator[None]:
+    """One request held in the (slow) backend and another in the queue for as long as the
+    block runs (the call under test)."""
     backend: SlowBackend = gw.client.app.state.runtime.backend
     registry = gw.client.app.state.runtime.metrics.registry
-    calls = len(backend.batches)
 
     def classify() -> None:
         resp = gw.client.post("/v1/classify", content=GOOD, headers={"content-type": "image/png"})
         assert resp.status_code == 200, resp.text
 
-    running = threading.Thread(target=classify)
-    running.start()
-    wait_until(lambda: len(backend.batches) > calls, 5, "the first request never ran")
-    queued = threading.Thread(target=classify)
-    queued.start()
-    wait_until(
-        lambda: counted(registry, "resnet_serve_queue_depth", model="tiny") == 1,
-        5,
-        "the second request never queued",
-    )
-
-    def join() -> None:
-        running.join()
-        queued.join()
-
-    return join
+    with backend.holding(classify, classify):
+        wait_until(
+            lambda: counted(registry, "resnet_serve_queue_depth", model="tiny") == 1,
+            30,
+            "the second request never queued",
+        )
+        yield
 
 
 # (gateway fixture, the call, HTTP status, gRPC status, code)
@@ -253,17 +245,13 @@ def test_every_fault_maps_alike_on_every_transport(request, case, transport):
     call = dataclasses.replace(
         call, images=[slow_to_decode() if i == "slow" else i for i in call.images]
     )
-    join = fill_queue(gw) if fixture == "busy" else None
     # Timed before the call: what the 504 must not wait for.
     decode_s = request.getfixturevalue("slow_decode_s") if code == "deadline_exceeded" else 0
     before = gw.rejections(code)
-    t0 = time.perf_counter()
-    try:
+    with full_queue(gw) if fixture == "busy" else nullcontext():
+        t0 = time.perf_counter()
         answer = getattr(gw, transport)(call)
         elapsed = time.perf_counter() - t0
-    finally:
-        if join:
-            join()
     expected = (
         http_status if "http" in transport or transport == "rest" else grpc.StatusCode[grpc_status]
     )

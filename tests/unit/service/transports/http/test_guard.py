@@ -130,7 +130,10 @@ async def test_an_early_answer_skips_the_app_and_the_body_and_keeps_the_connecti
     assert transport.paused == 0  # within the refusal budget: no pause
 
 
-async def test_past_the_refusal_budget_a_refused_connection_is_paused():
+async def test_past_the_refusal_budget_a_refused_connection_is_paused(monkeypatch):
+    # The clock stands still: no refill between draining the budget and the refusal, however
+    # long this process waits for a core in between.
+    monkeypatch.setattr(http_guard.time, "monotonic", lambda: 100.0)
     budget = RefusalBudget(share=0.05)
     while budget.spend(0.01):  # refusals have taken their share of the CPU
         pass
