@@ -400,6 +400,13 @@ def demo(
     precision: PrecisionOption = PrecisionOpt.fp32,
     min_agreement: MinAgreementOpt = DEFAULT_MIN_AGREEMENT,
     input: InputOption = InputOpt.float32,
+    checkpoint_out: Annotated[
+        Path | None,
+        typer.Option(
+            help="Also save the trained weights (a state_dict that `export --weights` reads) "
+            "to this file."
+        ),
+    ] = None,
 ) -> None:
     """Train the demo model (ResNet-18 on scikit-learn's digits, offline); export as 'digits'.
 
@@ -424,6 +431,7 @@ def demo(
             precision=precision.value,
             min_agreement=min_agreement,
             input_dtype=input.value,
+            checkpoint_out=checkpoint_out,
             log=typer.echo,
         )
         acc = result.report["training"]["heldout_accuracy_torch"]

@@ -29,6 +29,7 @@ from export.plan import PrecisionPlan, check_precision
 from export.publish import ExportResult
 from export.quantize import DEFAULT_CALIBRATION_COUNT, Precision
 from export.repository import Flavor, ServingConfig, ensure_writable
+from export.trt_node import write_atomic
 from service.dataplane.preprocess import preprocess
 from service.host.cpus import usable_cpus
 from service.model.contract import PreprocessContract, input_fields
@@ -171,9 +172,14 @@ def run_demo(
     precision: Precision = "fp32",
     min_agreement: float = DEFAULT_MIN_AGREEMENT,
     input_dtype: str = "float32",
+    checkpoint_out: Path | None = None,
     log: Callable[[str], None] = print,
 ) -> ExportResult:
     ensure_writable(repository)  # before a minute of training, not after
+    if checkpoint_out is not None:
+        if checkpoint_out.is_dir():
+            raise ExportError(f"--checkpoint-out {checkpoint_out} is a directory, not a file")
+        ensure_writable(checkpoint_out.parent, "--checkpoint-out's directory")
     check_precision(precision)
     split = load_split(seed)
     log(
@@ -226,4 +232,36 @@ def run_demo(
     if images_out is not None:
         n = write_images(split, images_out)
         log(f"wrote {n} held-out PNGs to {images_out}/<label>/<n>.png")
+    if checkpoint_out is not None:
+        write_checkpoint(model, contract, checkpoint_out, repository / DEMO_NAME, log)
     return result
+
+
+def write_checkpoint(
+    model: nn.Module,
+    contract: PreprocessContract,
+    path: Path,
+    model_dir: Path,
+    log: Callable[[str], None],
+) -> None:
+    """The trained weights as a checkpoint ``resnet-export export --weights`` reads (a
+    state_dict), whole or not at all, and the command that exports them as the demo did:
+    a real checkpoint to try the export path on."""
+    buf = io.BytesIO()
+    torch.save({"state_dict": model.state_dict()}, buf)
+    write_atomic(path, buf.getbuffer())
+    command = " ".join(export_command(contract, path, model_dir / "labels.txt"))
+    log(f"wrote the trained weights to {path}; exported as the demo was by: {command}")
+
+
+def export_command(contract: PreprocessContract, weights: Path, labels: Path) -> list[str]:
+    """``resnet-export export`` publishing ``weights`` under the demo's ``contract`` (add
+    ``--name`` and ``--repository``)."""
+    return [
+        "resnet-export", "export", "--arch", contract.arch, "--weights", str(weights),
+        "--num-classes", str(contract.num_classes), "--labels", str(labels),
+        "--channels", contract.channels, "--resize", str(contract.resize),
+        "--crop", str(contract.crop), "--interpolation", contract.interpolation,
+        "--mean", ",".join(map(str, contract.mean)), "--std", ",".join(map(str, contract.std)),
+        "--input", contract.dtype,
+    ]  # fmt: skip

@@ -140,8 +140,9 @@ def render_config(cfg: mc.ModelConfig) -> str:
     return header + text_format.MessageToString(cfg)
 
 
-def ensure_writable(repository: Path) -> None:
-    """Fail early (before any work, creating nothing) if the repository cannot be written."""
+def ensure_writable(repository: Path, what: str = "repository") -> None:
+    """Fail early (before any work, creating nothing) if the repository (or the directory
+    ``what`` names) cannot be written."""
     probe_dir = repository
     while not probe_dir.exists() and probe_dir != probe_dir.parent:
         probe_dir = probe_dir.parent
@@ -151,9 +152,7 @@ def ensure_writable(repository: Path) -> None:
         with tempfile.NamedTemporaryFile(dir=probe_dir, prefix=".resnet-export-probe-"):
             pass
     except OSError as exc:
-        raise ExportError(
-            f"repository {repository} is not writable ({exc.strerror or exc})"
-        ) from exc
+        raise ExportError(f"{what} {repository} is not writable ({exc.strerror or exc})") from exc
 
 
 @contextlib.contextmanager

@@ -15,12 +15,14 @@ from tests.helpers.models import TINY_CONTRACT, Demo, Tiny, publish_tiny
 
 @pytest.fixture(scope="session")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> Demo:
-    """`resnet-export demo` run once, for real: trains ResNet-18 on the digits and exports it."""
+    """`resnet-export demo` run once, for real: trains ResNet-18 on the digits and exports it
+    (and keeps its trained weights: what tests export with other options)."""
     base = tmp_path_factory.mktemp("demo")
-    repo, images = base / "repo", base / "digits_png"
-    proc = run_cli("resnet-export", "demo", "--repository", str(repo), "--images-out", str(images))
+    repo, images, checkpoint = base / "repo", base / "digits_png", base / "digits.pth"
+    proc = run_cli("resnet-export", "demo", "--repository", str(repo), "--images-out",
+                   str(images), "--checkpoint-out", str(checkpoint))  # fmt: skip
     assert proc.returncode == 0, proc.stderr
-    return Demo(repo, images, proc.stdout)
+    return Demo(repo, images, checkpoint, proc.stdout)
 
 
 @pytest.fixture(scope="session")

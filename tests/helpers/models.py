@@ -29,6 +29,7 @@ def tree_digest(path: Path) -> dict[str, str]:
 class Demo:
     repository: Path
     images: Path
+    checkpoint: Path  # the trained weights (`demo --checkpoint-out`)
     stdout: str
 
     @property
@@ -41,6 +42,15 @@ class Demo:
 
     def pngs(self) -> list[tuple[Path, int]]:
         return sorted((p, int(p.parent.name)) for p in self.images.rglob("*.png"))
+
+    def export_command(self, repository: Path, name: str) -> list[str]:
+        """``resnet-export export`` publishing the trained weights as the demo did, as
+        ``name`` in ``repository`` (the command demo's own log gives)."""
+        from export.demo import export_command
+
+        labels = self.model_dir / "labels.txt"
+        command = export_command(self.contract, self.checkpoint, labels)
+        return [*command, "--name", name, "--repository", str(repository)]
 
 
 TINY_LABELS = [

@@ -355,24 +355,12 @@ def test_the_gate_refuses_a_corrupted_quantization_and_publishes_nothing(tmp_pat
 def test_int8_cli_calibrates_on_a_folder_and_holds_images_apart(tmp_path, demo):
     """`export --precision int8 --calibration-dir`: a folder with corrupt files among real
     images; the gate judges the share held apart from calibration."""
-    import torch
-
-    ckpt = tmp_path / "digits.pth"
-    model = _digits_like()
-    torch.save(model.state_dict(), ckpt)
     calib = tmp_path / "calib"
     shutil.copytree(demo.images, calib)
     (calib / "3" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
-    labels = tmp_path / "labels.txt"
-    labels.write_text("\n".join(str(i) for i in range(10)) + "\n")
     repo = tmp_path / "repo"
-    proc = run_cli(
-        "resnet-export", "export", "--arch", "resnet18", "--weights", str(ckpt), "--name",
-        "d8", "--repository", str(repo), "--num-classes", "10", "--labels", str(labels),
-        "--channels", "L", "--resize", "32", "--crop", "32", "--mean", "0.2", "--std", "0.3",
-        "--precision", "int8", "--calibration-dir", str(calib), "--calibration-count", "1000",
-        "--min-agreement", "0",
-    )  # fmt: skip
+    proc = run_cli(*demo.export_command(repo, "d8"), "--precision", "int8",
+                   "--calibration-dir", str(calib), "--calibration-count", "1000")  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert "warning: skipping" in proc.stderr and "broken.png" in proc.stderr
     report = json.loads((repo / "d8" / "1" / "export_report.json").read_text())
@@ -383,15 +371,6 @@ def test_int8_cli_calibrates_on_a_folder_and_holds_images_apart(tmp_path, demo):
     assert report["accuracy_gate"]["images_source"].startswith("held-out images from")
     # The published graph answers like the FP32 one on the images it was judged by.
     assert load_spec(repo / "d8").precision == "int8"
-
-
-def _digits_like():
-    import torch
-
-    from export.models import build_model
-
-    torch.manual_seed(0)
-    return build_model("resnet18", num_classes=10, in_chans=1)
 
 
 @pytest.mark.parametrize(
@@ -466,17 +445,18 @@ def test_bf16_without_openvino_is_one_line_naming_the_extra(tmp_path, command):
     assert not repo.exists()
 
 
-def test_int8_without_openvino_skips_its_check_and_says_so(tmp_path):
+def test_int8_without_openvino_skips_its_check_and_says_so(tmp_path, demo):
     """A gateway without OpenVINO serves INT8 with ONNX Runtime, which the export checks;
-    the report says OpenVINO's kernels were not. The trained demo, as `int8_repo` makes it:
-    untrained weights' near-tied logits put the kernel check itself at the probe's
-    tolerance (measured: 0.008-0.022 against 0.02), which is not what this test is about."""
+    the report says OpenVINO's kernels were not. Trained weights: untrained ones' near-tied
+    logits put the kernel check itself at the probe's tolerance (measured: 0.008-0.022
+    against 0.02), which is not what this test is about."""
     repo = tmp_path / "repo"
-    proc = run_cli("resnet-export", "demo", "--precision", "int8", "-r", str(repo),
+    proc = run_cli(*demo.export_command(repo, "m"), "--precision", "int8",
+                   "--calibration-dir", str(demo.images),
                    env=without_package("openvino", tmp_path))  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert "INT8 through OpenVINO: skipped (OpenVINO is not installed)" in proc.stdout
-    report = json.loads((repo / "digits" / "1" / "export_report.json").read_text())
+    report = json.loads((repo / "m" / "1" / "export_report.json").read_text())
     assert report["openvino_vs_exact"] == {
         "skipped": "OpenVINO is not installed (the openvino extra)"
     }
