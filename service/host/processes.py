@@ -108,6 +108,26 @@ class GatewayProcess:
         env: dict[str, str] | None = None,
         timeout_s: float = 120,
     ) -> GatewayProcess:
+        # The ports are free when picked and bound seconds later, once the model is loaded:
+        # another process may take one in between. Then the gateway exits saying so, and
+        # is started again on other ports.
+        for attempt in range(1, 4):
+            try:
+                return cls._launch(log, args, grpc, env, timeout_s)
+            except WaitFailed as exc:
+                if attempt == 3 or "address already in use" not in str(exc).lower():
+                    raise
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+    @classmethod
+    def _launch(
+        cls,
+        log: Path,
+        args: tuple[str, ...],
+        grpc: bool,
+        env: dict[str, str] | None,
+        timeout_s: float,
+    ) -> GatewayProcess:
         import httpx
 
         port, second = free_ports(2)

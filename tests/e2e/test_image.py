@@ -17,7 +17,7 @@ import httpx
 import numpy as np
 import pytest
 
-from service.host.processes import free_port, wait_until
+from service.host.processes import free_port, free_ports, wait_until
 from service.transports.grpc import classifier_pb2 as pb
 from service.transports.grpc import classifier_pb2_grpc as pbg
 from tests.helpers import containers
@@ -35,7 +35,7 @@ def container(gateway_image, demo, tmp_path_factory):
     shutil.copytree(demo.repository, models)  # the modes export gave it: 0755 directories
     models.chmod(0o755)  # what a volume's root is
     name = f"resnet-image-test-{free_port()}"
-    port, grpc_port = free_port(), free_port()
+    port, grpc_port = free_ports(2)
     containers.podman(
         "run", "--detach", "--name", name,
         "--read-only", "--tmpfs", "/tmp", "--user", UID,

@@ -247,6 +247,32 @@ def test_sigterm_drains_rest_and_grpc_alike(tiny, tmp_path):
         gw.stop()
 
 
+@pytest.mark.parametrize("taken", ["http", "grpc"])
+def test_a_port_taken_before_the_gateway_binds_it_is_left_for_others(
+    tiny, tmp_path, monkeypatch, taken
+):
+    """The ports are picked free and bound seconds later: one another process takes in
+    between makes the gateway exit saying so, and GatewayProcess starts it on others."""
+    from service.host import processes
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        held = holder.getsockname()[1]
+        picks = [
+            (held, processes.free_port()) if taken == "http" else (processes.free_port(), held)
+        ]
+        real = processes.free_ports
+        monkeypatch.setattr(processes, "free_ports", lambda n: picks.pop() if picks else real(n))
+        gw = GatewayProcess.start(tmp_path / "gw.log", "--repository", str(tiny.repository),
+                                  grpc=True)  # fmt: skip
+        try:
+            assert not picks and held not in (int(gw.url.rsplit(":", 1)[1]), gw.grpc_port)
+            assert httpx.get(gw.url + "/readyz").status_code == 200
+        finally:
+            gw.stop()
+
+
 def test_cli_refuses_a_bad_repository(tmp_path):
     proc = run_cli("resnet-serve", "serve", "--repository", str(tmp_path / "none"), timeout=60)
     assert proc.returncode == 1

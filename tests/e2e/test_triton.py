@@ -19,7 +19,7 @@ import tritonclient.http as triton_http
 
 from service.backends.triton.backend import TritonBackend
 from service.dataplane.preprocess import preprocess
-from service.host.processes import GatewayProcess, free_port, wait_until
+from service.host.processes import GatewayProcess, free_port, free_ports, wait_until
 from service.settings import Settings
 from service.transports.grpc import classifier_pb2, classifier_pb2_grpc
 from tests.helpers.cli import run_cli
@@ -252,7 +252,7 @@ def test_triton_binds_loopback_by_default(triton):
 
 def test_triton_dies_then_recovers_without_restart(triton_repo, tiny, tmp_path):
     """Kill Triton: 503s at once and not ready; start it again: the same gateway recovers."""
-    ports = (free_port(), free_port(), free_port())
+    ports = tuple(free_ports(3))
     server = start_real_triton(triton_repo, tmp_path / "t1.log", ports)
     gw = GatewayProcess.start(
         tmp_path / "gw.log",
