@@ -17,7 +17,7 @@ from deploy.benchmarks.common import NAME, log, start_gateway
 from deploy.benchmarks.cpu_accounting import cpu_ms_of, server_cpu_per_request
 from deploy.benchmarks.inputs import test_jpeg
 from deploy.benchmarks.peers import PEERS, peer_server
-from service.host.processes import free_port
+from service.host.processes import free_ports
 
 #: The images of "gateway cost per image": (key, how it is made). 12 MP is a phone's photo.
 COST_IMAGES: tuple[tuple[str, tuple[int, int] | None], ...] = (
@@ -171,7 +171,8 @@ def _behind_triton(measure: Callable[..., None], root: Path, names: dict[str, st
     for dtype, name in names.items():
         republish(root / dtype / name, trepo, "python-ort")
     log("starting tritonserver (CPU, python backend + ORT) ...")
-    tritond = start_triton(trepo, free_port(), free_port(), free_port(), log_path=root / "t.log")
+    http, grpc, metrics = free_ports(3)
+    tritond = start_triton(trepo, http, grpc, metrics, log_path=root / "t.log")
     try:
         tritond.wait_ready(180)
         shm = {"RESNET_SERVE_TRITON_SHARED_MEMORY": "true"}

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from deploy.benchmarks.common import NAME, gateway_clients16, log
-from service.host.processes import free_port
+from service.host.processes import free_ports
 
 
 def bench_triton(repo: Path, body: bytes, seconds: float, bare8: float) -> dict[str, Any]:
@@ -17,8 +17,8 @@ def bench_triton(repo: Path, body: bytes, seconds: float, bare8: float) -> dict[
     trepo = repo.parent / "triton-repo"
     republish(repo / NAME, trepo, "python-ort")
     log("starting tritonserver (CPU, python backend + ORT) ...")
-    tports = (free_port(), free_port(), free_port())
-    triton = start_triton(trepo, *tports, log_path=repo.parent / "triton.log")
+    http, grpc, metrics = free_ports(3)
+    triton = start_triton(trepo, http, grpc, metrics, log_path=repo.parent / "triton.log")
     try:
         triton.wait_ready(180)
         rt = gateway_clients16(
