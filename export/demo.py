@@ -10,6 +10,7 @@ from is byte-for-byte what it will be served.
 from __future__ import annotations
 
 import io
+import shlex
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -250,7 +251,7 @@ def write_checkpoint(
     buf = io.BytesIO()
     torch.save({"state_dict": model.state_dict()}, buf)
     write_atomic(path, buf.getbuffer())
-    command = " ".join(export_command(contract, path, model_dir / "labels.txt"))
+    command = shlex.join(export_command(contract, path, model_dir / "labels.txt"))
     log(f"wrote the trained weights to {path}; exported as the demo was by: {command}")
 
 
